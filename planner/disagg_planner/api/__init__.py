@@ -1,0 +1,18 @@
+"""Typed API of disagg: the spec tree (source of the CRD), the plan, and the latency-profile format."""
+
+from .base import ApiModel
+from .cluster import GPU_PRESETS, ClusterSpec, GPUSpec
+from .deploy import ReplanSpec, RuntimeSpec, SchedulingSpec, Toleration
+from .model import MODEL_PRESETS, ModelRef, ModelSpec
+from .plan import InstancePlacement, PhasePlan, Plan
+from .profile import DecodeSample, LatencyProfile, PrefillSample, ShapeProfile
+from .slo import SearchBounds, SLOSpec
+from .spec import DisaggServingSpec
+from .workload import LengthHistogram, WorkloadSpec
+
+__all__ = [
+    "ApiModel", "ClusterSpec", "DecodeSample", "DisaggServingSpec", "GPUSpec", "GPU_PRESETS",
+    "InstancePlacement", "LatencyProfile", "LengthHistogram", "MODEL_PRESETS", "ModelRef", "ModelSpec",
+    "PhasePlan", "Plan", "PrefillSample", "ReplanSpec", "RuntimeSpec", "SLOSpec", "SchedulingSpec",
+    "SearchBounds", "ShapeProfile", "Toleration", "WorkloadSpec",
+]

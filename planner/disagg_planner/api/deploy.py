@@ -1,0 +1,56 @@
+"""How the operator rolls a plan out: runtime image, scheduling, and drift-driven re-planning."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import ApiModel
+
+
+class RuntimeSpec(ApiModel):
+    """The runtime pods (router, prefill and decode workers)."""
+
+    image: str = Field(default="ghcr.io/disagg/runtime:0.1.0", min_length=1, max_length=512)
+    kv_channel: Literal["auto", "nccl", "ipc", "tcp"] = Field(
+        default="auto", description="auto picks per prefill-decode pair by where the ends sit."
+    )
+    kv_compression: Literal["none", "fp8"] = "none"
+    prefill_token_budget: int = Field(default=4096, ge=16, le=1 << 20, description="Tokens per prefill batch.")
+    max_prompt_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    router_replicas: int = Field(default=1, ge=1, le=64)
+
+
+class Toleration(ApiModel):
+    """A pod toleration, passed through to every runtime pod."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+
+class SchedulingSpec(ApiModel):
+    """Where runtime pods may go."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
+    gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name for GPUs.")
+
+
+class ReplanSpec(ApiModel):
+    """Periodic re-planning against the workload Prometheus observes."""
+
+    enabled: bool = False
+    interval_seconds: int = Field(default=300, ge=10, le=86400)
+    prometheus_url: str | None = Field(default=None, max_length=2048)
+    window_seconds: int = Field(default=600, ge=30, le=86400, description="Look-back for rates and histograms.")
+    rate_change: float = Field(default=0.2, gt=0, le=10, description="Relative arrival-rate change that is drift.")
+    length_change: float = Field(
+        default=0.2, gt=0, le=10, description="Relative change of mean input or output length that is drift."
+    )
+    stable_intervals: int = Field(
+        default=2, ge=1, le=100, description="Consecutive drifted readings before a re-plan (hysteresis)."
+    )

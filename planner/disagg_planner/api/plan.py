@@ -1,0 +1,60 @@
+"""Plan: the search's answer, reported in the CR status and rendered into workloads."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import ApiModel
+
+Phase = Literal["prefill", "decode", "colocated"]
+
+
+class PhasePlan(ApiModel):
+    """One phase's instance shape and count."""
+
+    tp: int = Field(ge=1, description="Tensor (intra-op) parallel degree.")
+    pp: int = Field(ge=1, description="Pipeline (inter-op) parallel degree.")
+    replicas: int = Field(ge=1)
+    instance_goodput_rps: float = Field(ge=0, description="Goodput of one instance alone, req/s.")
+
+    @property
+    def gpus_per_instance(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_instance * self.replicas
+
+
+class InstancePlacement(ApiModel):
+    """Where one pipeline stage of one instance sits: a node and GPU indices on it."""
+
+    phase: Phase
+    instance: int = Field(ge=0)
+    stage: int = Field(ge=0)
+    node: int = Field(ge=0)
+    gpus: list[int]
+
+
+class Plan(ApiModel):
+    """A placement with its predicted goodput; `mode` says which of the phase fields are set."""
+
+    mode: Literal["disaggregated", "colocated"]
+    affinity: Literal["high", "low"] = Field(
+        description="high: instances placed independently; low: same-stage prefill/decode share a node."
+    )
+    prefill: PhasePlan | None = None
+    decode: PhasePlan | None = None
+    colocated: PhasePlan | None = None
+    placement: list[InstancePlacement] = Field(default_factory=list)
+    gpus: int = Field(ge=1)
+    target_rate_rps: float = Field(ge=0, description="Workload rate the plan was made for.")
+    goodput_rps: float = Field(ge=0, description="Highest rate meeting the attainment target.")
+    per_gpu_goodput: float = Field(ge=0)
+    predicted_attainment: float = Field(ge=0, le=1, description="Simulated attainment at the target rate.")
+    colocated_per_gpu_goodput: float | None = Field(default=None, ge=0, description="Best colocated baseline.")
+    gain_over_colocated: float | None = Field(default=None, ge=0)
+    latency_source: Literal["profile", "analytic"] = "analytic"
+    spec_hash: str = ""

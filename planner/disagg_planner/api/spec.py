@@ -1,0 +1,50 @@
+"""The DisaggServing spec: the one tree that the CLI reads and the CRD schema is generated from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import Field, model_validator
+
+from .base import ApiModel
+from .cluster import ClusterSpec
+from .deploy import ReplanSpec, RuntimeSpec, SchedulingSpec
+from .model import ModelRef
+from .slo import SearchBounds, SLOSpec
+from .workload import WorkloadSpec
+
+
+class DisaggServingSpec(ApiModel):
+    """What to serve, on what hardware, for which workload and SLOs; how to roll it out."""
+
+    model: ModelRef
+    cluster: ClusterSpec
+    workload: WorkloadSpec
+    slo: SLOSpec
+    search: SearchBounds = Field(default_factory=SearchBounds)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    replan: ReplanSpec = Field(default_factory=ReplanSpec)
+    paused: bool = Field(default=False, description="Plan and report only; apply nothing (what-if mode).")
+
+    @model_validator(mode="after")
+    def _budget_within_cluster(self) -> DisaggServingSpec:
+        budget = self.search.gpu_budget
+        if budget is not None and budget > self.cluster.total_gpus:
+            raise ValueError(
+                f"search.gpuBudget {budget} exceeds the cluster's {self.cluster.total_gpus} GPUs"
+            )
+        return self
+
+    @property
+    def gpu_budget(self) -> int:
+        return self.search.gpu_budget or self.cluster.total_gpus
+
+    def planning_hash(self) -> str:
+        """Hash of the fields that change the plan (not the image, scheduling or replan settings)."""
+        keys = ("model", "cluster", "workload", "slo", "search")
+        payload = {k: getattr(self, k).model_dump(mode="json") for k in keys}
+        payload["model"].pop("path", None)
+        payload["prefill_token_budget"] = self.runtime.prefill_token_budget  # the simulator batches by it
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
