@@ -1,0 +1,242 @@
+"""Render a plan into the child objects of one DisaggServing (plain dicts, ready for server-side apply).
+
+Children, in apply order: ServiceAccount, ConfigMap (plan, model shape, endpoints, latency profile),
+per worker group a headless Service and a StatefulSet, then the router Deployment and its Service.
+Everything carries the common labels and a controller owner reference, so a real cluster's garbage
+collector removes the children with their owner.
+
+Runtime contract (`disagg serve`): `--role prefill|decode|colocated|router`, `--tp`, `--pp`, `--stage`
+(pipeline stage of a node-segment pod), `--port`, `--kv-channel`, `--prefill-token-budget`,
+`--model-path` when the spec names one. The ConfigMap is mounted at /etc/disagg: `plan.json`,
+`model.json` (the model shape, for random weights when there is no path), `endpoints.json` (worker
+URLs for the router) and, when planning used one, `profile.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from disagg_planner.api import DisaggServingSpec, LatencyProfile, Plan
+
+from . import labels as lb
+from . import topology
+from .topology import Segment, WorkerGroup
+
+CONFIG_DIR = "/etc/disagg"
+ROLE_PORTS = {"prefill": 8000, "decode": 8001, "colocated": 8000, "router": 8000}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DisaggServing that owns the children."""
+
+    api_version: str
+    kind: str
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {"apiVersion": self.api_version, "kind": self.kind, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """Operator-wide knobs (from its command line), not per resource."""
+
+    gpu_product_label: str = "nvidia.com/gpu.product"
+    image_pull_policy: str = "IfNotPresent"
+
+
+@dataclass(frozen=True)
+class RenderInput:
+    """Everything one render needs."""
+
+    owner: Owner
+    spec: DisaggServingSpec
+    plan: Plan
+    plan_hash: str
+    profile: LatencyProfile | None = None
+    settings: RenderSettings = RenderSettings()
+
+
+def render_children(inp: RenderInput) -> list[dict[str, Any]]:
+    """All children for one plan, in apply order."""
+    groups = topology.worker_groups(inp.plan, inp.spec)
+    children: list[dict[str, Any]] = [_service_account(inp), _config_map(inp, groups)]
+    for group in groups:
+        children.append(_headless_service(inp, group))
+        children.append(_stateful_set(inp, group))
+    children.append(_router_deployment(inp))
+    children.append(_router_service(inp))
+    return children
+
+
+def child_key(obj: dict[str, Any]) -> str:
+    """`Kind/name`, as listed in the status."""
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def _meta(inp: RenderInput, name: str, component: str, phase: str | None = None) -> dict[str, Any]:
+    labels = {**lb.common_labels(inp.owner.name, inp.plan_hash), lb.COMPONENT: component}
+    if phase:
+        labels[lb.PHASE] = phase
+    return {"name": name, "namespace": inp.owner.namespace, "labels": labels,
+            "ownerReferences": [inp.owner.reference()]}
+
+
+def _service_account(inp: RenderInput) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": _meta(inp, lb.child_name(inp.owner.name, "runtime"), "runtime"),
+            # The runtime never talks to the API server; no token in its pods.
+            "automountServiceAccountToken": False}
+
+
+def _config_name(inp: RenderInput) -> str:
+    return lb.child_name(inp.owner.name, "plan")
+
+
+def _config_map(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, Any]:
+    data = {
+        "plan.json": json.dumps(inp.plan.to_wire(), sort_keys=True, indent=1),
+        "model.json": json.dumps(inp.spec.model.spec.to_wire(), sort_keys=True, indent=1),
+        "endpoints.json": json.dumps(_endpoints(inp, groups), sort_keys=True, indent=1),
+    }
+    if inp.profile is not None:
+        data["profile.json"] = inp.profile.model_dump_json(by_alias=True)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(inp, _config_name(inp), "config"),
+            "data": data}
+
+
+def _endpoints(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, list[str]]:
+    """Worker URLs the router dispatches to (stage-0 pods are a pipelined instance's entry)."""
+    out: dict[str, list[str]] = {"prefill": [], "decode": [], "colocated": []}
+    ns = inp.owner.namespace
+    for group in groups:
+        name = lb.child_name(inp.owner.name, group.component)
+        for seg in group.segments:
+            if seg.stage not in (None, 0):
+                continue
+            out[seg.role] += [f"http://{name}-{i}.{name}.{ns}.svc:{ROLE_PORTS[seg.role]}" for i in range(group.replicas)]
+    return {k: v for k, v in out.items() if v}
+
+
+def _headless_service(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
+    name = lb.child_name(inp.owner.name, group.component)
+    ports = [{"name": seg.role, "port": ROLE_PORTS[seg.role], "targetPort": seg.role} for seg in group.segments]
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(inp, name, group.component, group.phase),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "ports": ports,
+                     "selector": lb.selector_labels(inp.owner.name, group.component)}}
+
+
+def _stateful_set(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
+    name = lb.child_name(inp.owner.name, group.component)
+    selector = lb.selector_labels(inp.owner.name, group.component)
+    pod_labels = {**lb.common_labels(inp.owner.name, inp.plan_hash), **selector, lb.PHASE: group.phase}
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": lb.child_name(inp.owner.name, "runtime"),
+        "containers": [_worker_container(inp, seg) for seg in group.segments],
+        "volumes": _volumes(inp),
+        "topologySpreadConstraints": topology.spread_constraints(selector),
+    }
+    _add_scheduling(inp, pod_spec)
+    return {
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(inp, name, group.component, group.phase),
+        "spec": {
+            "serviceName": name,
+            "replicas": group.replicas,
+            # Instances are independent; ordered start would serialise minutes-long model loads.
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": pod_labels, "annotations": _scrape(group.segments[0].role)},
+                         "spec": pod_spec},
+        },
+    }
+
+
+def _worker_container(inp: RenderInput, seg: Segment) -> dict[str, Any]:
+    rt = inp.spec.runtime
+    args = ["serve", "--role", seg.role, "--tp", str(seg.tp), "--pp", str(seg.pp),
+            "--port", str(ROLE_PORTS[seg.role]), "--kv-channel", rt.kv_channel,
+            "--prefill-token-budget", str(rt.prefill_token_budget)]
+    if seg.stage is not None:
+        args += ["--stage", str(seg.stage)]
+    if inp.spec.model.path:
+        args += ["--model-path", inp.spec.model.path]
+    container = _container(inp, seg.role, args)
+    if topology.uses_gpus(inp.spec):
+        gpus = {inp.spec.scheduling.gpu_resource: str(seg.gpus)}
+        container["resources"] = {"requests": dict(gpus), "limits": dict(gpus)}
+    return container
+
+
+def _container(inp: RenderInput, role: str, args: list[str]) -> dict[str, Any]:
+    port = ROLE_PORTS[role]
+    return {
+        "name": role,
+        "image": inp.spec.runtime.image,
+        "imagePullPolicy": inp.settings.image_pull_policy,
+        "command": ["disagg"],
+        "args": args,
+        "ports": [{"name": role, "containerPort": port, "protocol": "TCP"}],
+        "env": [
+            {"name": "DISAGG_PLAN", "value": f"{CONFIG_DIR}/plan.json"},
+            {"name": "DISAGG_MODEL_SPEC", "value": f"{CONFIG_DIR}/model.json"},
+            {"name": "DISAGG_ENDPOINTS", "value": f"{CONFIG_DIR}/endpoints.json"},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
+        "readinessProbe": {"tcpSocket": {"port": role}, "periodSeconds": 5},
+        "volumeMounts": [{"name": "plan", "mountPath": CONFIG_DIR, "readOnly": True},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+
+
+def _volumes(inp: RenderInput) -> list[dict[str, Any]]:
+    return [{"name": "plan", "configMap": {"name": _config_name(inp)}},
+            # NCCL and CUDA IPC need more shared memory than the container runtime's 64 MiB default.
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+
+
+def _scrape(role: str) -> dict[str, str]:
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(ROLE_PORTS[role]),
+            "prometheus.io/path": "/metrics"}
+
+
+def _add_scheduling(inp: RenderInput, pod_spec: dict[str, Any]) -> None:
+    selector = topology.node_selector(inp.spec, inp.settings.gpu_product_label)
+    if selector:
+        pod_spec["nodeSelector"] = selector
+    tolerations = topology.tolerations(inp.spec)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+
+
+def _router_deployment(inp: RenderInput) -> dict[str, Any]:
+    name = lb.child_name(inp.owner.name, "router")
+    selector = lb.selector_labels(inp.owner.name, "router")
+    pod_labels = {**lb.common_labels(inp.owner.name, inp.plan_hash), **selector, lb.PHASE: "router"}
+    container = _container(inp, "router", ["serve", "--role", "router", "--port", str(ROLE_PORTS["router"])])
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": lb.child_name(inp.owner.name, "runtime"),
+        "containers": [container],
+        "volumes": _volumes(inp)[:1],
+    }
+    container["volumeMounts"] = container["volumeMounts"][:1]
+    if inp.spec.scheduling.tolerations:
+        pod_spec["tolerations"] = topology.tolerations(inp.spec)
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(inp, name, "router", "router"),
+        "spec": {"replicas": inp.spec.runtime.router_replicas, "selector": {"matchLabels": selector},
+                 "template": {"metadata": {"labels": pod_labels, "annotations": _scrape("router")},
+                              "spec": pod_spec}},
+    }
+
+
+def _router_service(inp: RenderInput) -> dict[str, Any]:
+    # Named after the DisaggServing itself: the one address clients use.
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(inp, inp.owner.name, "router", "router"),
+            "spec": {"type": "ClusterIP", "selector": lb.selector_labels(inp.owner.name, "router"),
+                     "ports": [{"name": "http", "port": 80, "targetPort": "router", "protocol": "TCP"}]}}

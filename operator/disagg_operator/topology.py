@@ -1,0 +1,147 @@
+"""From a plan to pod shapes and their scheduling constraints.
+
+High node-affinity plans (and colocated ones) place every instance on its own: one workload per
+phase, one pod per instance holding its `tp x pp` GPUs, spread across nodes with a
+`topologySpreadConstraint` on `kubernetes.io/hostname` (soft: `ScheduleAnyway`, so a cluster
+with fewer free nodes than instances still runs the plan, packed).
+
+Low node-affinity plans need the prefill and decode segments of the same pipeline stage on one
+node, so KV caches move over NVLink instead of the network. Two ways were weighed:
+
+- *pod affinity on a pairing label*: prefill and decode pods of a stage carry a pair label and
+  decode pods require affinity to the prefill pod with the same label. Rejected: a StatefulSet
+  template gives every pod the same labels, so per-pair labels need one workload per pair; and
+  the scheduler places the two pods one at a time, so the first can take a node with no room for
+  the second and leave it Pending for good (no gang scheduling).
+- *one pod per node-segment* (chosen): a pod per (unit, stage) holds two containers, the prefill
+  segment and the decode segment of that stage, requesting both GPU sets at once. A pod always
+  lands on one node, so co-location holds by construction, scheduling is atomic, and the two
+  containers share the pod's IPC namespace (CUDA IPC / NCCL over NVLink without `hostIPC`).
+  One StatefulSet per stage, with one replica per prefill-decode unit.
+
+GPU node selectors come from the cluster's GPU name (`nvidia.com/gpu.product` by default) merged
+with `spec.scheduling.nodeSelector` (the user's keys win); a CPU "cluster" requests no GPUs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from disagg_planner.api import DisaggServingSpec, PhasePlan, Plan
+
+from .errors import RenderError
+
+Role = Literal["prefill", "decode", "colocated"]
+HOSTNAME_KEY = "kubernetes.io/hostname"
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """What one container of a worker pod runs: a whole instance, or one pipeline stage of it."""
+
+    role: Role
+    tp: int
+    pp: int
+    stage: int | None = None
+
+    @property
+    def gpus(self) -> int:
+        return self.tp if self.stage is not None else self.tp * self.pp
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """One StatefulSet: `replicas` identical pods, each running `segments` side by side."""
+
+    component: str
+    phase: str  # the disagg.io/phase label: prefill, decode, colocated or paired
+    replicas: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def gpus_per_pod(self) -> int:
+        return sum(s.gpus for s in self.segments)
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_pod * self.replicas
+
+
+def worker_groups(plan: Plan, spec: DisaggServingSpec) -> list[WorkerGroup]:
+    """The worker StatefulSets a plan needs, in a stable order."""
+    per_node = spec.cluster.gpus_per_node
+    if plan.mode == "colocated":
+        groups = [_whole_instances("colocated", _need(plan.colocated, "colocated"))]
+    elif plan.affinity == "high":
+        groups = [_whole_instances("prefill", _need(plan.prefill, "prefill")),
+                  _whole_instances("decode", _need(plan.decode, "decode"))]
+    else:
+        groups = _paired_segments(_need(plan.prefill, "prefill"), _need(plan.decode, "decode"))
+    for group in groups:
+        if group.gpus_per_pod > per_node:
+            raise RenderError(
+                f"{group.component} pods need {group.gpus_per_pod} GPUs but nodes have {per_node}; "
+                f"lower search.maxTp/search.maxPp or describe bigger nodes in cluster.gpusPerNode"
+            )
+    return groups
+
+
+def _need(phase: PhasePlan | None, name: str) -> PhasePlan:
+    if phase is None:
+        raise RenderError(f"the plan has no {name} phase; it cannot be rendered (planner bug: report it)")
+    return phase
+
+
+def _whole_instances(role: Role, phase: PhasePlan) -> WorkerGroup:
+    return WorkerGroup(component=role, phase=role, replicas=phase.replicas,
+                       segments=(Segment(role, phase.tp, phase.pp),))
+
+
+def _paired_segments(prefill: PhasePlan, decode: PhasePlan) -> list[WorkerGroup]:
+    if prefill.pp != decode.pp or prefill.replicas != decode.replicas:
+        raise RenderError(
+            "a low node-affinity plan must pair prefill and decode instances one to one with the same "
+            f"pipeline depth; got prefill {prefill.replicas}x pp{prefill.pp}, decode {decode.replicas}x pp{decode.pp}"
+        )
+    return [
+        WorkerGroup(component=f"segment-s{stage}", phase="paired", replicas=prefill.replicas,
+                    segments=(Segment("prefill", prefill.tp, prefill.pp, stage),
+                              Segment("decode", decode.tp, decode.pp, stage)))
+        for stage in range(prefill.pp)
+    ]
+
+
+def node_selector(spec: DisaggServingSpec, gpu_product_label: str) -> dict[str, str]:
+    """The GPU-type selector merged with the user's node selector (the user's keys win)."""
+    user = dict(spec.scheduling.node_selector)
+    gpu = spec.cluster.gpu_spec
+    if uses_gpus(spec) and gpu_product_label and gpu_product_label not in user:
+        if not _LABEL_VALUE.match(gpu.name) or len(gpu.name) > 63:
+            raise RenderError(
+                f"GPU name {gpu.name!r} is not a valid label value for {gpu_product_label}; set "
+                f"spec.scheduling.nodeSelector[{gpu_product_label!r}] to the value your nodes carry"
+            )
+        return {gpu_product_label: gpu.name, **user}
+    return user
+
+
+def uses_gpus(spec: DisaggServingSpec) -> bool:
+    """False for the CPU preset: pods then request no accelerator at all (kind, CI clusters)."""
+    return spec.cluster.gpu_spec.name != "CPU"
+
+
+def spread_constraints(selector: dict[str, str]) -> list[dict[str, Any]]:
+    """Spread one workload's pods over nodes, softly (see the module docstring)."""
+    return [{
+        "maxSkew": 1,
+        "topologyKey": HOSTNAME_KEY,
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": dict(selector)},
+    }]
+
+
+def tolerations(spec: DisaggServingSpec) -> list[dict[str, Any]]:
+    return [t.to_wire() for t in spec.scheduling.tolerations]
