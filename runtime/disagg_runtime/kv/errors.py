@@ -1,0 +1,20 @@
+"""Errors raised while moving KV caches between instances; all carry the request id where one exists."""
+
+from __future__ import annotations
+
+from .payload import KVMismatchError
+
+
+class KVChannelError(RuntimeError):
+    """A KV link failed (peer gone, protocol violation, unusable channel kind)."""
+
+
+class KVTimeout(KVChannelError, TimeoutError):
+    """A KV transfer step did not complete within the channel's timeout."""
+
+
+class KVNotFound(KVChannelError, LookupError):
+    """The prefill side holds no KV for the requested id (never prefilled, expired, or already pulled)."""
+
+
+__all__ = ["KVChannelError", "KVMismatchError", "KVNotFound", "KVTimeout"]

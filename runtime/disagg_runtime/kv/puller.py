@@ -1,0 +1,85 @@
+"""Decode end: pulls a request's KV from the prefill instance that holds it (the paper's pull model)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .channel import KVChannel, TransferStats
+from .codec import CodecName
+from .errors import KVChannelError, KVNotFound
+from .framing import FramedStream
+from .links import ChannelChoice, Endpoint, open_link
+from .payload import KVHeader, KVPayload
+
+
+@dataclass(frozen=True)
+class KVAddress:
+    """Where a prefill instance serves KV."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class _Link:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    channel: KVChannel | None = None
+
+
+class KVPuller:
+    """Keeps one link per prefill instance; pulls on a link are serialised (a link is one byte pipe)."""
+
+    def __init__(self, *, local: Endpoint, device: torch.device | str = "cpu", channel: ChannelChoice = "auto",
+                 codec: CodecName = "none", timeout: float = 30.0,
+                 on_transfer: Callable[[TransferStats], None] | None = None) -> None:
+        self.local = local
+        self.device = torch.device(device)
+        self.channel = channel
+        self.codec = codec
+        self.timeout = timeout
+        self.on_transfer = on_transfer
+        self._links: dict[KVAddress, _Link] = {}
+
+    async def pull(self, address: KVAddress, request_id: str,
+                   expect: Callable[[KVHeader], None] | None = None) -> KVPayload:
+        """Fetch `request_id`'s KV from `address`; raises KVNotFound, KVMismatchError, KVTimeout, KVChannelError."""
+        link = self._links.setdefault(address, _Link())
+        async with link.lock:
+            if link.channel is None or link.channel.broken:
+                if link.channel is not None:
+                    await link.channel.close()
+                stream = await FramedStream.connect(address.host, address.port, timeout=self.timeout)
+                try:
+                    link.channel = await open_link(stream, local=self.local, device=self.device,
+                                                   override=self.channel, codec=self.codec)
+                except BaseException:
+                    await stream.close()
+                    raise
+            channel = link.channel
+            try:
+                await channel.stream.send_json({"type": "pull", "requestId": request_id})
+                payload, stats = await channel.recv(expect=expect, device=self.device)
+            except KVNotFound:
+                raise
+            except BaseException:
+                channel.broken = True
+                raise
+        if self.on_transfer is not None:
+            self.on_transfer(stats)
+        return payload
+
+    async def close(self) -> None:
+        for link in self._links.values():
+            if link.channel is not None:
+                await link.channel.close()
+        self._links.clear()
+
+
+__all__ = ["KVAddress", "KVChannelError", "KVPuller"]

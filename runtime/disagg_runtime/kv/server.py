@@ -1,0 +1,110 @@
+"""Prefill end: a KV server that hands each parked request's KV to the decode end that pulls it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .channel import KVChannel, LayerStream, TransferStats
+from .errors import KVChannelError, KVNotFound
+from .framing import FramedStream
+from .links import Endpoint, accept_link
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KVLease:
+    """One request's KV checked out for sending; `release(True)` after the receiver acked frees it."""
+
+    header: object  # KVHeader; typed loosely to keep this dataclass free of pydantic generics
+    layers: LayerStream
+    release: Callable[[bool], Awaitable[None]]
+
+
+class KVSource(Protocol):
+    """What the KV server sends from (the prefill worker's parked requests)."""
+
+    async def checkout(self, request_id: str) -> KVLease:
+        """The request's KV, waiting (bounded) while its prefill runs; KVNotFound if there is none."""
+        ...
+
+
+class KVServer:
+    """Accepts links from decode ends and answers their pulls, one at a time per link."""
+
+    def __init__(self, source: KVSource, *, local: Endpoint, device: torch.device | str = "cpu",
+                 host: str = "0.0.0.0", port: int = 0, timeout: float = 30.0,
+                 on_transfer: Callable[[TransferStats], None] | None = None) -> None:
+        self.source = source
+        self.local = local
+        self.device = torch.device(device)
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.on_transfer = on_transfer
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        """Listen; returns the bound port (useful with port 0)."""
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._links.add(task)
+        stream = FramedStream(reader, writer, timeout=self.timeout)
+        channel: KVChannel | None = None
+        try:
+            channel = await accept_link(stream, local=self.local, device=self.device)
+            await self._serve(channel)
+        except KVChannelError as e:
+            log.warning("KV link from %s ended: %s", stream.peer, e)
+        except Exception:
+            log.exception("KV link from %s failed", stream.peer)
+        finally:
+            self._links.discard(task)
+            if channel is not None:
+                await channel.close()
+            else:
+                await stream.close()
+
+    async def _serve(self, channel: KVChannel) -> None:
+        while True:
+            try:
+                msg = await channel.stream.recv_json(wait_forever=True)
+            except KVChannelError:
+                return  # the decode end closed its link
+            if msg.get("type") != "pull" or not isinstance(msg.get("requestId"), str):
+                raise KVChannelError(f"expected a pull, got {msg!r}")
+            try:
+                lease = await self.source.checkout(msg["requestId"])
+            except KVNotFound as e:
+                await channel.send_error("not_found", str(e))
+                continue
+            except KVChannelError as e:
+                await channel.send_error("internal", str(e))
+                continue
+            ok = False
+            try:
+                stats = await channel.send(lease.header, lease.layers)  # type: ignore[arg-type]
+                ok = True
+            finally:
+                await lease.release(ok)
+            if self.on_transfer is not None:
+                self.on_transfer(stats)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._links):
+            task.cancel()
+        await asyncio.gather(*self._links, return_exceptions=True)

@@ -1,0 +1,60 @@
+"""Test and benchmark helpers: random payloads, a parked-KV source, and a connected stream pair."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from .channel import payload_layers
+from .errors import KVNotFound
+from .framing import FramedStream
+from .payload import TORCH_DTYPES, KVHeader, KVPayload
+from .server import KVLease
+
+
+def make_payload(request_id: str = "r1", *, layers: int = 3, tokens: int = 37, heads: int = 2, dim: int = 8,
+                 dtype: str = "bfloat16", seed: int = 0, model_id: str = "m") -> KVPayload:
+    """Random K/V of the given shape; the same seed gives the same tensors in any process."""
+    g = torch.Generator().manual_seed(seed)
+    header = KVHeader(request_id=request_id, model_id=model_id, num_layers=layers, num_kv_heads=heads,
+                      head_dim=dim, dtype=dtype, num_tokens=tokens)
+    t = TORCH_DTYPES[dtype]
+    keys = [torch.randn(tokens, heads, dim, generator=g).to(t) for _ in range(layers)]
+    values = [torch.randn(tokens, heads, dim, generator=g).to(t) for _ in range(layers)]
+    return KVPayload(header, keys, values)
+
+
+class DictSource:
+    """KV parked by request id; a successful send removes it, as the prefill worker does."""
+
+    def __init__(self, payloads: list[KVPayload] | None = None) -> None:
+        self.parked = {p.header.request_id: p for p in payloads or []}
+        self.released: list[tuple[str, bool]] = []
+
+    async def checkout(self, request_id: str) -> KVLease:
+        if request_id not in self.parked:
+            raise KVNotFound(f"no KV parked for {request_id}")
+        payload = self.parked[request_id]
+
+        async def release(ok: bool) -> None:
+            self.released.append((request_id, ok))
+            if ok:
+                self.parked.pop(request_id, None)
+
+        return KVLease(payload.header, payload_layers(payload), release)
+
+
+async def stream_pair(timeout: float = 5.0) -> tuple[FramedStream, FramedStream]:
+    """Two FramedStreams connected over loopback TCP: (server end, client end)."""
+    accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_conn(r, w):
+        accepted.set_result(FramedStream(r, w, timeout=timeout))
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await FramedStream.connect("127.0.0.1", port, timeout=timeout)
+    srv = await accepted
+    server.close()
+    return srv, client
