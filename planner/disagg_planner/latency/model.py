@@ -1,0 +1,177 @@
+"""LatencyModel: step times of one model on one GPU type, from a fitted profile or the roofline."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+from ..api.cluster import GPUSpec
+from ..api.model import ModelSpec
+from ..api.profile import LatencyProfile
+from . import analytic
+from .fit import LinearFit, ProfileError, fit_decode, fit_prefill
+from .memory import kv_capacity_tokens
+from .shape import StageShape, allreduce_time, stage_shape
+
+Shape = tuple[int, int]
+
+
+def kv_transfer_time(model: ModelSpec, tokens: int, link_gbps: float) -> float:
+    """Seconds to ship `tokens` tokens of KV cache (all layers) over a `link_gbps` GB/s link."""
+    if link_gbps <= 0:
+        raise ValueError(f"link bandwidth must be positive, got {link_gbps} GB/s")
+    return tokens * model.kv_bytes_per_token / (link_gbps * 1e9)
+
+
+class LatencyModel:
+    """Step-time model for one model on one GPU type; seconds.
+
+    Times are for ONE pipeline stage (the slowest, holding ceil(layers / pp) layers) of a (tp, pp)
+    instance; `pipeline_latency` turns a stage time into the end-to-end time through all stages.
+
+    With a profile (`from_profile`), each profiled (tp, pp) shape gets its own least-squares fit
+    (prefill ~ a + b·Σlen + c·Σlen², decode ~ a + b·batch + c·Σcontext). A shape that was not profiled is
+    derived from the nearest profiled one (in log2 tp and pp): that shape's tensor-parallel all-reduce
+    time (estimated, see `shape.allreduce_time`) is taken out, the rest is scaled by tp0/tp and to the
+    stage's share of layers, and the new shape's all-reduce time is added back. Without a profile
+    (`analytic`), the roofline of `analytic.py` is used.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        gpu: GPUSpec,
+        intra_node_gbps: float,
+        source: Literal["profile", "analytic"],
+        prefill_fits: dict[Shape, LinearFit] | None = None,
+        decode_fits: dict[Shape, LinearFit] | None = None,
+    ) -> None:
+        if intra_node_gbps <= 0:
+            raise ValueError(f"intra_node_gbps must be positive, got {intra_node_gbps}")
+        self.model = model
+        self.gpu = gpu
+        self.intra_node_gbps = intra_node_gbps
+        self.source: Literal["profile", "analytic"] = source
+        self.prefill_fits: dict[Shape, LinearFit] = dict(prefill_fits or {})
+        self.decode_fits: dict[Shape, LinearFit] = dict(decode_fits or {})
+        if source == "profile" and not (self.prefill_fits and self.decode_fits):
+            raise ProfileError("a profile-based latency model needs prefill and decode fits")
+        self._stages: dict[Shape, StageShape] = {}
+        self._capacity: dict[tuple[int, int, float], int] = {}
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def analytic(cls, model: ModelSpec, gpu: GPUSpec, intra_node_gbps: float) -> LatencyModel:
+        """Roofline model from the model's shape and the GPU's peak FLOP/s and HBM bandwidth."""
+        return cls(model, gpu, intra_node_gbps, "analytic")
+
+    @classmethod
+    def from_profile(cls, profile: LatencyProfile, gpu: GPUSpec, intra_node_gbps: float) -> LatencyModel:
+        """Fit every profiled shape. Samples are whole-instance step times (all stages of that shape)."""
+        if profile.gpu != gpu.name:
+            raise ProfileError(
+                f"profile was measured on {profile.gpu!r} but the cluster's GPU is {gpu.name!r}; "
+                "profile this GPU type or drop the profile to use the analytic model"
+            )
+        prefill: dict[Shape, LinearFit] = {}
+        decode: dict[Shape, LinearFit] = {}
+        for shape in profile.shapes:
+            key = (shape.tp, shape.pp)
+            where = f"profile shape tp={shape.tp} pp={shape.pp}"
+            if key in prefill or key in decode:
+                raise ProfileError(f"{where} appears twice; merge its samples into one entry")
+            if shape.prefill:
+                prefill[key] = fit_prefill(shape.prefill, f"{where} prefill")
+            if shape.decode:
+                decode[key] = fit_decode(shape.decode, f"{where} decode")
+        if not prefill or not decode:
+            missing = "prefill" if not prefill else "decode"
+            raise ProfileError(f"profile has no {missing} samples in any shape; the planner needs both phases")
+        return cls(profile.model, gpu, intra_node_gbps, "profile", prefill, decode)
+
+    # -- shapes and memory --------------------------------------------------------------------------
+    def stage(self, tp: int, pp: int) -> StageShape:
+        key = (tp, pp)
+        found = self._stages.get(key)
+        if found is None:
+            found = self._stages[key] = stage_shape(self.model, tp, pp)
+        return found
+
+    def kv_capacity_tokens(self, tp: int, pp: int, mem_util: float = 0.9) -> int:
+        """KV tokens an instance holds after weights and activations; 0 if the model does not fit."""
+        key = (tp, pp, mem_util)
+        found = self._capacity.get(key)
+        if found is None:
+            found = self._capacity[key] = kv_capacity_tokens(self.model, self.gpu, tp, pp, mem_util)
+        return found
+
+    def fits(self, tp: int, pp: int) -> bool:
+        """True when the shape is valid and leaves KV room for at least one full-context sequence."""
+        return self.kv_capacity_tokens(tp, pp) >= self.model.max_context
+
+    # -- step times ---------------------------------------------------------------------------------
+    def prefill_time(self, tp: int, pp: int, lengths: Sequence[int]) -> float:
+        """ONE pipeline stage's time to prefill this batch of prompts."""
+        if not lengths:
+            raise ValueError("a prefill batch needs at least one prompt")
+        return self.prefill_stage_time(tp, pp, len(lengths), sum(lengths), sum(n * n for n in lengths))
+
+    def prefill_stage_time(self, tp: int, pp: int, batch: int, sum_tokens: int, sum_sq_tokens: int) -> float:
+        """`prefill_time` from the batch's sufficient statistics (what the simulator tracks)."""
+        stage = self.stage(tp, pp)
+        if self.source == "analytic":
+            return analytic.prefill_stage_time(stage, self.gpu, self.intra_node_gbps, batch, sum_tokens, sum_sq_tokens)
+        key, fit = self._nearest(self.prefill_fits, tp, pp)
+        measured = fit(sum_tokens, sum_sq_tokens)
+        return self._rescale(key, stage, measured, sum_tokens)
+
+    def decode_coefficients(self, tp: int, pp: int, batch: int) -> tuple[float, float]:
+        """(base, per-context-token) seconds of ONE stage's decode step: time = base + per_ctx·Σcontext."""
+        if batch < 1:
+            raise ValueError(f"a decode step needs at least one sequence, got batch={batch}")
+        stage = self.stage(tp, pp)
+        if self.source == "analytic":
+            return analytic.decode_stage_coefficients(stage, self.gpu, self.intra_node_gbps, batch)
+        key, fit = self._nearest(self.decode_fits, tp, pp)
+        base = self._rescale(key, stage, fit.a + fit.b * batch, batch)
+        return base, fit.c * self._compute_scale(key, stage)
+
+    def decode_time(self, tp: int, pp: int, batch: int, sum_context: int) -> float:
+        """ONE stage's time for one decode step of `batch` sequences holding `sum_context` tokens."""
+        base, per_context = self.decode_coefficients(tp, pp, batch)
+        return base + per_context * sum_context
+
+    @staticmethod
+    def pipeline_latency(stage_time: float, pp: int, act_bytes: int, link_gbps: float) -> float:
+        """End-to-end time through pp equal stages, with pp-1 activation sends of `act_bytes` between them."""
+        if pp == 1:
+            return stage_time
+        return pp * stage_time + (pp - 1) * act_bytes / (link_gbps * 1e9)
+
+    # -- profile scaling ----------------------------------------------------------------------------
+    def _nearest(self, fits: dict[Shape, LinearFit], tp: int, pp: int) -> tuple[Shape, LinearFit]:
+        exact = fits.get((tp, pp))
+        if exact is not None:
+            return (tp, pp), exact
+
+        def distance(key: Shape) -> tuple[float, bool, int, int]:
+            t0, p0 = key
+            return abs(math.log2(tp / t0)) + abs(math.log2(pp / p0)), t0 != tp, t0, p0
+
+        key = min(fits, key=distance)
+        return key, fits[key]
+
+    def _compute_scale(self, key: Shape, stage: StageShape) -> float:
+        """Factor from the profiled shape's whole-instance compute to one stage of the target shape."""
+        tp0, _ = key
+        return tp0 / stage.tp * stage.layers / self.model.num_layers
+
+    def _rescale(self, key: Shape, stage: StageShape, measured: float, tokens: int) -> float:
+        if key == (stage.tp, stage.pp):
+            return measured * stage.layers / self.model.num_layers
+        profiled = self.stage(*key)
+        # The profiled time includes that shape's all-reduces over all its stages; take them out.
+        comm0 = allreduce_time(profiled, tokens, self.intra_node_gbps) * key[1]
+        compute = max(measured - comm0, 0.0)
+        return compute * self._compute_scale(key, stage) + allreduce_time(stage, tokens, self.intra_node_gbps)
