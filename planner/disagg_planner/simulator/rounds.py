@@ -1,0 +1,64 @@
+"""Closed-form decode rounds: how long k rounds take while a batch stays fixed.
+
+One round gives every running sequence one token. With a batch of B sequences whose contexts sum to S,
+a round takes base(B) + slope·S, and each round adds B to S. So k rounds take
+    k·base + slope·(k·S + B·k(k-1)/2),
+which lets the simulators jump from one batch change to the next instead of looping per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..latency import LatencyModel
+
+
+class RoundCost:
+    """Round times of one decode (or colocated) instance shape, with base(B) cached per batch size.
+
+    With pp stages, the running set is split into pp micro-batches that follow each other through the
+    stages, so a round lasts pp stage-times of a ceil(B/pp) micro-batch plus pp-1 activation sends.
+    """
+
+    __slots__ = ("_base", "_latency", "_link", "pp", "slope", "tp")
+
+    def __init__(self, latency: LatencyModel, tp: int, pp: int, stage_link_gbps: float | None) -> None:
+        self._latency = latency
+        self.tp, self.pp = tp, pp
+        self._link = stage_link_gbps or latency.intra_node_gbps
+        self._base: list[float] = [0.0]
+        _, per_context = latency.decode_coefficients(tp, pp, 1)
+        self.slope = per_context  # pp stages x (1/pp of the context each) = one stage's slope per token
+
+    def base(self, batch: int) -> float:
+        cache = self._base
+        while len(cache) <= batch:
+            b = len(cache)
+            micro = -(-b // self.pp)
+            stage_base, _ = self._latency.decode_coefficients(self.tp, self.pp, micro)
+            act = micro * self._latency.stage(self.tp, self.pp).hidden_bytes_per_token
+            cache.append(LatencyModel.pipeline_latency(stage_base, self.pp, act, self._link))
+        return cache[batch]
+
+    def elapsed(self, batch: int, sum_context: int, rounds: int) -> float:
+        """Seconds for `rounds` rounds starting from (batch, sum_context)."""
+        return rounds * self.base(batch) + self.slope * (rounds * sum_context + batch * rounds * (rounds - 1) / 2)
+
+    def rounds_until(self, batch: int, sum_context: int, seconds: float) -> int:
+        """Fewest rounds (>= 1) whose total time reaches `seconds`."""
+        if seconds <= 0:
+            return 1
+        base = self.base(batch)
+        a = self.slope * batch / 2
+        b = base + self.slope * sum_context - a
+        if a <= 0:
+            k = math.ceil(seconds / b) if b > 0 else 1
+        else:
+            k = math.ceil((-b + math.sqrt(b * b + 4 * a * seconds)) / (2 * a))
+        k = max(k, 1)
+        # The float solution can be off by one either way at the boundary; settle it exactly.
+        while k > 1 and self.elapsed(batch, sum_context, k - 1) >= seconds:
+            k -= 1
+        while self.elapsed(batch, sum_context, k) < seconds:
+            k += 1
+        return k

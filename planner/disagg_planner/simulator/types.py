@@ -1,0 +1,153 @@
+"""Simulator inputs (instance shapes, configurations) and outputs (per-request latencies)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+
+class SimulationError(ValueError):
+    """A configuration or trace the simulator cannot run."""
+
+
+class ModelDoesNotFitError(SimulationError):
+    """The model's weights (plus workspace) leave no KV memory on an instance of this shape."""
+
+
+class RequestTooLargeError(SimulationError):
+    """A request whose KV cache can never fit on the instance that must hold it."""
+
+
+@dataclass(frozen=True)
+class PhaseShape:
+    """`instances` identical instances of tp x pp GPUs.
+
+    `stage_link_gbps` is the bandwidth between pipeline stages (activation sends); None means the
+    latency model's intra-node bandwidth.
+    """
+
+    tp: int
+    pp: int
+    instances: int
+    stage_link_gbps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1 or self.instances < 1:
+            raise SimulationError(f"tp, pp and instances must be >= 1, got {self}")
+        if self.stage_link_gbps is not None and self.stage_link_gbps <= 0:
+            raise SimulationError(f"stage_link_gbps must be positive, got {self.stage_link_gbps}")
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.instances
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    """Prefill and decode instances, the link KV moves over (GB/s), and the prefill batch token budget."""
+
+    prefill: PhaseShape
+    decode: PhaseShape
+    kv_link_gbps: float
+    prefill_token_budget: int = 4096
+    mem_util: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.kv_link_gbps <= 0:
+            raise SimulationError(f"kv_link_gbps must be positive, got {self.kv_link_gbps}")
+        if self.prefill_token_budget < 1:
+            raise SimulationError(f"prefill_token_budget must be >= 1, got {self.prefill_token_budget}")
+
+    @property
+    def gpus(self) -> int:
+        return self.prefill.gpus + self.decode.gpus
+
+
+@dataclass(frozen=True)
+class ColocatedConfig:
+    """Replicas that each run both phases (continuous batching, prefill first), like vLLM."""
+
+    shape: PhaseShape
+    prefill_token_budget: int = 4096
+    mem_util: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.prefill_token_budget < 1:
+            raise SimulationError(f"prefill_token_budget must be >= 1, got {self.prefill_token_budget}")
+
+    @property
+    def gpus(self) -> int:
+        return self.shape.gpus
+
+
+@dataclass
+class RequestResult:
+    """Seconds. tpot = (e2e - ttft) / (output_len - 1), 0 for a single-token output."""
+
+    ttft: float
+    tpot: float
+    e2e: float
+
+
+@dataclass
+class SimResult:
+    """Per-request latencies in the trace's order, plus memory peaks (KV tokens) for inspection."""
+
+    results: list[RequestResult]
+    peak_kv_tokens: list[int] = field(default_factory=list)  # per decode (or colocated) instance
+    kv_capacity_tokens: int = 0  # of one such instance
+
+    @classmethod
+    def from_arrays(
+        cls, ttft: np.ndarray, tpot: np.ndarray, e2e: np.ndarray, peak_kv_tokens: list[int], kv_capacity_tokens: int
+    ) -> SimResult:
+        results = [RequestResult(a, b, c) for a, b, c in zip(ttft.tolist(), tpot.tolist(), e2e.tolist(), strict=True)]
+        out = cls(results, peak_kv_tokens, kv_capacity_tokens)
+        out.__dict__["_arrays"] = (ttft, tpot, e2e)  # pre-fill the cached_property below
+        return out
+
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        arr = np.array([(r.ttft, r.tpot, r.e2e) for r in self.results], dtype=float).reshape(-1, 3)
+        return arr[:, 0], arr[:, 1], arr[:, 2]
+
+    @property
+    def ttfts(self) -> np.ndarray:
+        return self._arrays[0]
+
+    @property
+    def tpots(self) -> np.ndarray:
+        return self._arrays[1]
+
+    @property
+    def e2es(self) -> np.ndarray:
+        return self._arrays[2]
+
+    def attainment(self, ttft_slo: float, tpot_slo: float) -> float:
+        """Share of requests meeting BOTH objectives (seconds)."""
+        if not self.results:
+            return 0.0
+        ok = (self.ttfts <= ttft_slo) & (self.tpots <= tpot_slo)
+        return float(np.count_nonzero(ok)) / len(self.results)
+
+    @property
+    def mean_ttft(self) -> float:
+        return float(self.ttfts.mean())
+
+    @property
+    def p90_ttft(self) -> float:
+        return float(np.percentile(self.ttfts, 90))
+
+    @property
+    def mean_tpot(self) -> float:
+        return float(self.tpots.mean())
+
+    @property
+    def p90_tpot(self) -> float:
+        return float(np.percentile(self.tpots, 90))
+
+    @property
+    def mean_e2e(self) -> float:
+        return float(self.e2es.mean())
