@@ -121,6 +121,30 @@ def test_reference_silu_and_mul_matches_llama_mlp():
         assert _rel(out, mlp(x)) < 1e-6
 
 
+def _masked_attention(q, k, v, lens, scale):
+    """Independent check: one dense attention over the whole packed batch with a block-diagonal causal mask."""
+    total = q.shape[0]
+    seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    idx = torch.arange(total)
+    allowed = (seq[:, None] == seq[None, :]) & (idx[None, :] <= idx[:, None])
+    group = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("thd,shd->hts", q.double(), kk.double()) * scale
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.einsum("hts,shd->thd", probs, vv.double())
+
+
+def test_reference_varlen_attention_matches_block_diagonal_mask():
+    gen = torch.Generator().manual_seed(4)
+    lens = [5, 1, 12]
+    q = torch.randn(sum(lens), 6, 16, generator=gen, dtype=torch.float64)
+    k = torch.randn(sum(lens), 2, 16, generator=gen, dtype=torch.float64)
+    v = torch.randn(sum(lens), 2, 16, generator=gen, dtype=torch.float64)
+    cu = torch.tensor([0, 5, 6, 18], dtype=torch.int32)
+    out = ref.varlen_causal_attention_ref(q, k, v, cu, 0.3)
+    assert _rel(out, _masked_attention(q, k, v, lens, 0.3)) < 1e-12
+
+
 # ---------------------------------------------------------------- GPU: Triton against the references
 
 
@@ -227,3 +251,21 @@ def test_triton_rope_and_store_matches_reference_on_fused_qkv_views():
     assert _rel(a, b) < 1e-2
     assert _rel(caches[0], caches[2]) < 1e-2 and torch.equal(caches[1], caches[3])
     assert bool((caches[0].view(-1, hkv, d)[4:40] == 7.0).all())
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("lens", [[1], [300], [17, 1, 128, 513]])
+def test_flash_varlen_attention_matches_float64_on_fused_qkv_views(lens):
+    from disagg_runtime.kernels import varlen_causal_attention
+
+    hq, hkv, d = 32, 8, 128
+    total = sum(lens)
+    qkv = torch.randn(total, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
+    q = qkv[:, : hq * d].view(total, hq, d)
+    k = qkv[:, hq * d: (hq + hkv) * d].view(total, hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(total, hkv, d)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    out = varlen_causal_attention(q, k, v, cu, max(lens), d ** -0.5)
+    want = ref.varlen_causal_attention_ref(q.double(), k.double(), v.double(), cu, d ** -0.5)
+    assert out.shape == (total, hq, d) and _rel(out, want) < 1e-2

@@ -79,3 +79,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
     return reference.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_seqlen: int, scale: float) -> torch.Tensor:
+    """Prefill attention over packed prompts (q [T, Hq, D], k/v [T, Hkv, D], int32 cu_seqlens [n + 1]).
+
+    On CUDA in half precision this is FlashAttention-2's varlen kernel as PyTorch ships it: one
+    launch for the whole batch, GQA without repeating K/V, no padding. Elsewhere one SDPA per prompt.
+    """
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256:
+        out = torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                      0.0, True, False, scale=scale)[0]
+        return out
+    return reference.varlen_causal_attention_ref(q, k, v, cu_seqlens, scale)

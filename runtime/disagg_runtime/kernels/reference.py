@@ -8,6 +8,7 @@ modules (float32 inside, one cast back to the activation dtype), so a CPU float3
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -83,4 +84,19 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         scores = torch.einsum("hgd,thd->hgt", qb, keys) * scale
         probs = torch.softmax(scores, dim=-1)
         out[b] = torch.einsum("hgt,thd->hgd", probs, vals).reshape(num_q_heads, head_dim).to(q.dtype)
+    return out
+
+
+def varlen_causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                                scale: float) -> torch.Tensor:
+    """Causal self-attention of packed prompts: q [T, Hq, D], k/v [T, Hkv, D], prompt i is rows
+    cu_seqlens[i]:cu_seqlens[i+1]. One SDPA per prompt, so no FLOPs go to padding."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        if group > 1:
+            ks, vs = ks.repeat_interleave(group, dim=0), vs.repeat_interleave(group, dim=0)
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
     return out
