@@ -1,0 +1,197 @@
+"""One reconcile of a DisaggServing: validate -> plan (cached) -> render -> apply -> prune -> observe.
+
+Independent of kopf: it takes the resource body and returns an `Outcome`; `handlers.py` turns that
+into status, events and kopf's retry semantics.
+
+Idempotence: every child carries a `disagg.io/applied-hash` annotation, the digest of what was
+last applied. A child whose live copy has that digest and still contains every desired field is
+left alone, so a second reconcile sends no writes at all (and the resourceVersions stay put).
+Any other child is server-side applied, which also removes fields the operator stopped setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from disagg_planner.api import DisaggServingSpec, Plan
+from pydantic import ValidationError
+
+from . import labels as lb
+from .crd import API_VERSION, KIND, PLURAL, VERSION
+from .errors import InvalidSpecError
+from .kube import CHILD_KINDS, Kind, KubeClient, kind_of
+from .planning import PlanningService, ProfileStore
+from .render import Owner, RenderInput, RenderSettings, child_key, render_children
+
+APPLIED_HASH = "disagg.io/applied-hash"
+DISAGG_KIND = Kind(API_VERSION, KIND, PLURAL)
+DISAGG_CHILD = {kind.kind: kind for kind in CHILD_KINDS}
+_FIRST = ("ServiceAccount", "ConfigMap")  # referenced by the pods: apply them before the workloads
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconcile decided and did."""
+
+    spec: DisaggServingSpec
+    plan: Plan
+    plan_hash: str
+    plan_cached: bool
+    plan_changed: bool
+    paused: bool
+    children: tuple[str, ...]
+    applied: tuple[str, ...]
+    pruned: tuple[str, ...]
+    ready: bool
+
+
+def parse_spec(raw: Mapping[str, Any] | None) -> DisaggServingSpec:
+    """Validate a CR's spec with the planner's pydantic tree; errors name the field (camelCase)."""
+    try:
+        return DisaggServingSpec.model_validate(dict(raw or {}))
+    except ValidationError as exc:
+        fields, parts = [], []
+        for err in exc.errors():
+            path = ".".join(["spec", *(str(p) for p in err["loc"])])
+            fields.append(path)
+            parts.append(f"{path}: {err['msg']}")
+        raise InvalidSpecError("; ".join(parts), tuple(fields)) from None
+
+
+def owner_of(body: Mapping[str, Any]) -> Owner:
+    meta = body["metadata"]
+    return Owner(api_version=body.get("apiVersion", f"disagg.io/{VERSION}"), kind=body.get("kind", KIND),
+                 name=meta["name"], namespace=meta.get("namespace") or "default", uid=meta.get("uid", ""))
+
+
+def applied_hash(obj: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def contains(live: Any, desired: Any) -> bool:
+    """True when every field of `desired` is in `live` with the same value (lists: same length)."""
+    if isinstance(desired, Mapping):
+        return isinstance(live, Mapping) and all(k in live and contains(live[k], v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return isinstance(live, list) and len(live) == len(desired) and all(map(contains, live, desired))
+    return live == desired
+
+
+def is_ready(obj: Mapping[str, Any]) -> bool:
+    """A workload whose controller has caught up with its spec and has every replica ready."""
+    if obj.get("kind") not in ("StatefulSet", "Deployment"):
+        return True
+    status = obj.get("status") or {}
+    generation = obj.get("metadata", {}).get("generation")
+    caught_up = generation is None or status.get("observedGeneration", -1) >= generation
+    return caught_up and status.get("readyReplicas", 0) >= obj.get("spec", {}).get("replicas", 1)
+
+
+def controlled_by(obj: Mapping[str, Any], owner: Owner) -> bool:
+    """Owned by this resource (by uid when both sides have one; by name otherwise)."""
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == owner.kind and ref.get("controller"):
+            return ref.get("uid") == owner.uid if (owner.uid and ref.get("uid")) else ref.get("name") == owner.name
+    return False
+
+
+class Reconciler:
+    """Drives one DisaggServing's children towards its plan."""
+
+    def __init__(self, kube: KubeClient, planning: PlanningService, profiles: ProfileStore,
+                 settings: RenderSettings) -> None:
+        self._kube = kube
+        self._planning = planning
+        self._profiles = profiles
+        self._settings = settings
+
+    async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
+        spec = parse_spec(body.get("spec"))
+        owner = owner_of(body)
+        status = body.get("status") or {}
+        profile = self._profiles.find(spec)
+        key = self._planning.key(spec, profile)
+        if status.get("planHash") == key and status.get("plan"):
+            # Survives operator restarts: a resource planned before is not searched again.
+            self._planning.remember(key, Plan.model_validate(status["plan"]))
+        result = await self._planning.plan(spec, profile)
+        desired = render_children(RenderInput(owner=owner, spec=spec, plan=result.plan, plan_hash=key,
+                                              profile=profile, settings=self._settings))
+        keys = tuple(child_key(o) for o in desired)
+        common = dict(spec=spec, plan=result.plan, plan_hash=key, plan_cached=result.cached,
+                      plan_changed=status.get("planHash") != key, children=keys)
+        if spec.paused:
+            return Outcome(**common, paused=True, applied=(), pruned=(), ready=False)
+
+        for obj in desired:
+            obj["metadata"].setdefault("annotations", {})[APPLIED_HASH] = applied_hash(obj)
+        first = [o for o in desired if o["kind"] in _FIRST]
+        rest = [o for o in desired if o["kind"] not in _FIRST]
+        live_first = await asyncio.gather(*(self._converge(o) for o in first))
+        live_rest = await asyncio.gather(*(self._converge(o) for o in rest))
+        results = [*live_first, *live_rest]
+        applied = tuple(child_key(o) for o, (_, changed) in zip([*first, *rest], results, strict=True) if changed)
+        pruned = await self._prune(owner, set(keys))
+        ready = all(is_ready(live) for live, _ in results)
+        return Outcome(**common, paused=False, applied=applied, pruned=pruned, ready=ready)
+
+    async def _converge(self, desired: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        meta = desired["metadata"]
+        live = await self._kube.get(kind_of(desired), meta["namespace"], meta["name"])
+        if live is not None and contains(live, desired):
+            return live, False
+        return await self._kube.apply(desired), True
+
+    async def _prune(self, owner: Owner, keep: set[str]) -> tuple[str, ...]:
+        """Delete this resource's children that the current plan no longer has (e.g. a dropped phase)."""
+        selector = {lb.NAME: lb.APP_NAME, lb.INSTANCE: owner.name, lb.MANAGED: lb.MANAGED_BY}
+        stale: list[tuple[Kind, str]] = []
+        for kind in CHILD_KINDS:
+            for obj in await self._kube.list(kind, owner.namespace, selector):
+                name = obj["metadata"]["name"]
+                if f"{kind.kind}/{name}" not in keep and controlled_by(obj, owner):
+                    stale.append((kind, name))
+        await asyncio.gather(*(self._kube.delete(kind, owner.namespace, name) for kind, name in stale))
+        return tuple(f"{kind.kind}/{name}" for kind, name in stale)
+
+    async def observe_ready(self, body: Mapping[str, Any]) -> bool | None:
+        """Whether every workload of the applied plan is ready; None when nothing was applied yet."""
+        owner = owner_of(body)
+        children = (body.get("status") or {}).get("children") or []
+        workloads = [c.split("/", 1) for c in children if c.split("/", 1)[0] in ("StatefulSet", "Deployment")]
+        if not workloads:
+            return None
+        lives = await asyncio.gather(*(self._kube.get(DISAGG_CHILD[k], owner.namespace, n) for k, n in workloads))
+        return all(live is not None and is_ready(live) for live in lives)
+
+    async def delete_children(self, body: Mapping[str, Any]) -> tuple[str, ...]:
+        """Delete every child of a deleted resource (garbage collection does it too on real clusters)."""
+        return await self._prune(owner_of(body), keep=set())
+
+    async def sweep_orphans(self, namespaces: tuple[str, ...]) -> tuple[str, ...]:
+        """Delete children whose DisaggServing is gone (e.g. deleted while the operator was down)."""
+        scopes: tuple[str | None, ...] = namespaces or (None,)
+        owners: set[str] = set()
+        for ns in scopes:
+            for cr in await self._kube.list(DISAGG_KIND, ns, {}):
+                owners.add(cr["metadata"].get("uid") or f"{cr['metadata'].get('namespace')}/{cr['metadata']['name']}")
+        selector = {lb.NAME: lb.APP_NAME, lb.MANAGED: lb.MANAGED_BY}
+        orphans: list[tuple[Kind, str, str]] = []
+        for ns in scopes:
+            for kind in CHILD_KINDS:
+                for obj in await self._kube.list(kind, ns, selector):
+                    meta = obj["metadata"]
+                    refs = [r for r in meta.get("ownerReferences") or [] if r.get("kind") == KIND and r.get("controller")]
+                    if not refs:
+                        continue
+                    ident = refs[0].get("uid") or f"{meta.get('namespace')}/{refs[0].get('name')}"
+                    if ident not in owners:
+                        orphans.append((kind, meta.get("namespace") or "default", meta["name"]))
+        await asyncio.gather(*(self._kube.delete(kind, ns, name) for kind, ns, name in orphans))
+        return tuple(f"{kind.kind}/{name}" for kind, _, name in orphans)
+
