@@ -1,0 +1,77 @@
+"""Colocated (vLLM-style) simulation: interference, prefill priority, memory bound, replicas."""
+
+from __future__ import annotations
+
+import pytest
+from disagg_planner.api import GPU_PRESETS, MODEL_PRESETS, WorkloadSpec
+from disagg_planner.latency import LatencyModel
+from disagg_planner.simulator import (
+    ColocatedConfig,
+    DisaggConfig,
+    PhaseShape,
+    RequestTooLargeError,
+    simulate_colocated,
+    simulate_disaggregated,
+)
+from disagg_planner.workloads import SimRequest, clip_requests, sample_requests
+
+OPT13 = MODEL_PRESETS["opt-13b"]
+LAT = LatencyModel.analytic(OPT13, GPU_PRESETS["A100-80GB"], 300.0)
+ONE = ColocatedConfig(PhaseShape(1, 1, 1))
+
+
+def test_lone_request_is_one_prefill_then_decode_rounds() -> None:
+    res = simulate_colocated(ONE, LAT, [SimRequest(1.0, 800, 3)]).results[0]
+    prefill = LAT.prefill_time(1, 1, [800])
+    assert res.ttft == pytest.approx(prefill)
+    assert res.e2e == pytest.approx(prefill + LAT.decode_time(1, 1, 1, 801) + LAT.decode_time(1, 1, 1, 802))
+
+
+def test_interleaved_prefills_slow_down_decoding() -> None:
+    long_answer = SimRequest(0.0, 200, 400)
+    alone = simulate_colocated(ONE, LAT, [long_answer]).results[0]
+    # Prompts that only need prefill keep arriving while the long answer decodes.
+    others = [SimRequest(0.5 + 0.25 * i, 1500, 1) for i in range(30)]
+    mixed = simulate_colocated(ONE, LAT, [long_answer, *others]).results[0]
+    assert mixed.tpot > 1.5 * alone.tpot
+    # Disaggregated, the same prompts run on other GPUs and the answer's pace is untouched.
+    cfg = DisaggConfig(PhaseShape(1, 1, 1), PhaseShape(1, 1, 1), kv_link_gbps=25.0)
+    split = simulate_disaggregated(cfg, LAT, [long_answer, *others]).results[0]
+    split_alone = simulate_disaggregated(cfg, LAT, [long_answer]).results[0]
+    assert split.tpot == pytest.approx(split_alone.tpot)
+
+
+def test_prefill_has_priority_over_running_decodes() -> None:
+    decoding = SimRequest(0.0, 100, 1000)
+    arriving = SimRequest(1.0, 100, 1)
+    res = simulate_colocated(ONE, LAT, [decoding, arriving]).results[1]
+    # It waits at most for the decode round in progress, then prefills alone.
+    assert res.ttft <= LAT.prefill_time(1, 1, [100]) + LAT.decode_time(1, 1, 1, 2000)
+
+
+def test_kv_memory_bounds_the_running_batch() -> None:
+    cfg = ColocatedConfig(PhaseShape(1, 1, 1), mem_util=0.4)
+    burst = [SimRequest(0.0, 1000, 1000) for _ in range(40)]
+    res = simulate_colocated(cfg, LAT, burst)
+    assert 0 < res.peak_kv_tokens[0] <= res.kv_capacity_tokens < 40 * 2000
+    assert all(r.e2e > r.ttft for r in res.results)
+
+
+def test_replicas_share_the_load_and_results_repeat() -> None:
+    reqs = clip_requests(sample_requests(WorkloadSpec(rate=1.0), 4.0, 600, seed=2), OPT13.max_context)
+    one = simulate_colocated(ONE, LAT, reqs)
+    two = simulate_colocated(ColocatedConfig(PhaseShape(1, 1, 2)), LAT, reqs)
+    assert two.mean_ttft < one.mean_ttft and len(two.peak_kv_tokens) == 2
+    assert simulate_colocated(ONE, LAT, reqs).results == one.results
+
+
+def test_tensor_parallel_replica_is_faster() -> None:
+    reqs = clip_requests(sample_requests(WorkloadSpec(rate=1.0), 2.0, 400, seed=8), OPT13.max_context)
+    tp1 = simulate_colocated(ONE, LAT, reqs)
+    tp2 = simulate_colocated(ColocatedConfig(PhaseShape(2, 1, 1)), LAT, reqs)
+    assert tp2.mean_ttft < tp1.mean_ttft and tp2.mean_tpot < tp1.mean_tpot
+
+
+def test_request_larger_than_memory_is_rejected() -> None:
+    with pytest.raises(RequestTooLargeError, match="colocated instance holds"):
+        simulate_colocated(ONE, LAT, [SimRequest(0.0, 100_000, 10)])
