@@ -129,3 +129,17 @@ def test_attainment_counts_both_objectives() -> None:
     assert loose == 1.0
     assert res.attainment(res.p90_ttft, 10.0) == pytest.approx(0.9, abs=0.01)
     assert res.attainment(res.p90_ttft, res.p90_tpot) <= res.attainment(res.p90_ttft, 10.0)
+
+
+def test_a_fitted_profile_drives_the_simulation() -> None:
+    from disagg_planner.api import DecodeSample, LatencyProfile, PrefillSample, ShapeProfile
+
+    # A profile that says prefill costs 1 ms per token and a decode step 10 ms flat.
+    prefill = [PrefillSample(batch_size=1, sum_tokens=n, sum_sq_tokens=n * n, seconds=n * 1e-3) for n in (10, 100, 1000)]
+    decode = [DecodeSample(batch_size=b, sum_context=b * 100, seconds=0.01) for b in (1, 4, 16)]
+    profile = LatencyProfile(model=OPT13, gpu="A100-80GB", shapes=[ShapeProfile(prefill=prefill, decode=decode)])
+    lat = LatencyModel.from_profile(profile, GPU_PRESETS["A100-80GB"], 300.0)
+    cfg = DisaggConfig(PhaseShape(1, 1, 1), PhaseShape(1, 1, 1), kv_link_gbps=1e6)
+    res = simulate_disaggregated(cfg, lat, [SimRequest(0.0, 500, 11)]).results[0]
+    assert res.ttft == pytest.approx(0.5, rel=1e-6)
+    assert res.tpot == pytest.approx(0.01, rel=1e-3)
