@@ -67,6 +67,10 @@ class KVServer:
             await self._serve(channel)
         except KVChannelError as e:
             log.warning("KV link from %s ended: %s", stream.peer, e)
+        except asyncio.CancelledError:
+            # Only close() cancels links; asyncio's start_server callback would log a cancelled task as
+            # an error, so the link ends quietly here instead.
+            pass
         except Exception:
             log.exception("KV link from %s failed", stream.peer)
         finally:

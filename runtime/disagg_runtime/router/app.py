@@ -1,0 +1,219 @@
+"""The router's HTTP server: OpenAI-compatible completions and chat completions, streamed or not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from ..metrics import Outcome, RequestMetrics, render
+from ..workers.http import BadRequest, error_response, read_body
+from .flow import Aborter, RequestFlow, UpstreamError
+from .openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Kind,
+    ResponseWriter,
+    chat_prompt,
+    error_body,
+    sse,
+)
+from .pool import NoCapacity, NoWorkers, WorkerPool
+
+# Lines of a worker's reply can carry a long prompt's token ids; aiohttp's default line limit is 128 KiB.
+_READ_BUFSIZE = 4 << 20
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Where the workers are and the router's own limits."""
+
+    prefill: list[str]
+    decode: list[str]
+    max_body_bytes: int = 4 << 20
+    max_in_flight: int = 4096
+    default_chat_max_tokens: int = 256
+    heartbeat_timeout_s: float = 10.0
+    poll_s: float = 0.5
+    served_model_name: str | None = None
+
+
+def _outcome(status: int) -> Outcome:
+    return {400: "invalid", 429: "rejected"}.get(status, "error")
+
+
+class Router:
+    """Holds the worker pool, the HTTP session to the workers and the request metrics."""
+
+    def __init__(self, config: RouterConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = RequestMetrics.create(self.registry)
+        self.in_flight = 0
+        self.session: aiohttp.ClientSession | None = None
+        self.pool: WorkerPool | None = None
+        self.aborter: Aborter | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes + 1)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_handler)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, _app: web.Application) -> None:
+        # No total timeout: streams are long; liveness comes from the workers' heartbeats instead.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        connector = aiohttp.TCPConnector(limit=0)
+        self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, read_bufsize=_READ_BUFSIZE)
+        self.pool = WorkerPool(self.session, prefill=self.config.prefill, decode=self.config.decode,
+                               poll_s=self.config.poll_s)
+        self.aborter = Aborter(self.session)
+        await self.pool.start()
+
+    async def _stop(self, _app: web.Application) -> None:
+        await self.pool.close()
+        await self.aborter.wait()
+        await self.session.close()
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or (self.pool.model_id if self.pool else None) or "disagg"
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        prefill, decode = len(self.pool.ready("prefill")), len(self.pool.ready("decode"))
+        body = {"prefill": prefill, "decode": decode}
+        return web.json_response(body, status=200 if prefill and decode else 503)
+
+    async def metrics_handler(self, _request: web.Request) -> web.Response:
+        data, content_type = render(self.registry)
+        return web.Response(body=data, headers={"Content-Type": content_type})
+
+    async def models(self, _request: web.Request) -> web.Response:
+        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "disagg",
+                "max_model_len": self.pool.max_context}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "completion")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "chat")
+
+    def _reject(self, status: int, message: str, *, type_: str, retry_after: str | None = None) -> web.Response:
+        self.metrics.ended(_outcome(status))
+        headers = {"Retry-After": retry_after} if retry_after else None
+        return error_response(status, message, type_=type_, headers=headers)
+
+    def _flow(self, kind: Kind, body: bytes) -> tuple[RequestFlow, bool, bool]:
+        """Parse the body into (flow, stream?, include usage?); BadRequest for anything a client must fix."""
+        try:
+            if kind == "completion":
+                req = CompletionRequest.model_validate_json(body)
+                prompt, prompt_ids = req.prompt_parts()
+                max_tokens = req.max_tokens or 16
+            else:
+                req = ChatCompletionRequest.model_validate_json(body)
+                prompt, prompt_ids = chat_prompt(req.messages), None
+                max_tokens = req.requested_max_tokens or self.config.default_chat_max_tokens
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise BadRequest(f"{where}: {first['msg']}") from e
+        prefix = "cmpl" if kind == "completion" else "chatcmpl"
+        flow = RequestFlow(session=self.session, pool=self.pool, aborter=self.aborter,
+                           request_id=f"{prefix}-{uuid.uuid4().hex}", prompt=prompt, prompt_ids=prompt_ids,
+                           sampling=req.sampling(max_tokens), heartbeat_timeout_s=self.config.heartbeat_timeout_s)
+        return flow, req.stream, req.include_usage
+
+    async def _serve(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        arrival = time.monotonic()
+        if self.in_flight >= self.config.max_in_flight:
+            return self._reject(429, f"the router is serving {self.in_flight} requests, its limit",
+                                type_="rate_limit_error", retry_after="1")
+        try:
+            flow, stream, include_usage = self._flow(kind, await read_body(request, self.config.max_body_bytes))
+        except BadRequest as e:
+            self.metrics.ended("invalid")
+            return e.response
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        events = flow.events()
+        outcome: Outcome | None = "error"  # None once `finished` recorded the request
+        try:
+            try:
+                first = await events.__anext__()
+            except NoCapacity as e:
+                outcome = "rejected"
+                return error_response(429, str(e), type_="rate_limit_error",
+                                      headers={"Retry-After": str(e.retry_after)})
+            except NoWorkers as e:
+                return error_response(503, str(e), type_="server_error")
+            except UpstreamError as e:
+                outcome = _outcome(e.status)
+                headers = {"Retry-After": e.retry_after or "1"} if e.status == 429 else None
+                return error_response(e.status, str(e), type_=e.type, headers=headers)
+            ttft = time.monotonic() - arrival
+            writer = ResponseWriter(kind, flow.request_id, self.model_name)
+            if stream:
+                response, count, ok = await self._stream(request, writer, flow, first, events, include_usage)
+            else:
+                response, count, ok = await self._collect(writer, flow, first, events)
+            if ok:
+                self.metrics.finished(prompt_tokens=flow.prompt_tokens, output_tokens=count, ttft=ttft,
+                                      e2e=time.monotonic() - arrival)
+                outcome = None
+            return response
+        except (asyncio.CancelledError, ConnectionResetError):
+            outcome = "aborted"  # the client went away; closing `events` aborts the request downstream
+            raise
+        finally:
+            await events.aclose()
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+            if outcome is not None:
+                self.metrics.ended(outcome)
+
+    async def _stream(self, request, writer: ResponseWriter, flow: RequestFlow, first, events, include_usage):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Request-Id": flow.request_id})
+        await response.prepare(request)
+        count, event, ok = 1, first, False
+        await response.write(sse(writer.chunk(first.text, first.finish_reason if first.finished else None)))
+        try:
+            async for event in events:
+                count += 1
+                await response.write(sse(writer.chunk(event.text, event.finish_reason if event.finished else None)))
+            ok = event.finished
+        except UpstreamError as e:
+            await response.write(sse(error_body(str(e), type_=e.type, code=e.status)))
+        if ok and include_usage:
+            await response.write(sse(writer.usage_chunk(flow.prompt_tokens, count)))
+        await response.write(sse("[DONE]"))
+        await response.write_eof()
+        return response, count, ok
+
+    async def _collect(self, writer: ResponseWriter, flow: RequestFlow, first, events):
+        pieces, count, event = [first.text], 1, first
+        try:
+            async for event in events:
+                pieces.append(event.text)
+                count += 1
+        except UpstreamError as e:
+            return error_response(e.status, str(e), type_=e.type), count, False
+        body = writer.full("".join(pieces), event.finish_reason, flow.prompt_tokens, count)
+        return web.json_response(body, headers={"X-Request-Id": flow.request_id}), count, True

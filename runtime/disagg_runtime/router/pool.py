@@ -1,0 +1,194 @@
+"""The router's view of its workers: polled load, health, and the choice of instance per request.
+
+Prefill: the instance with the shortest queue (requests, then tokens). Decode: the instance with the
+most free KV blocks. Between polls the router counts what it dispatched itself, so a burst does not pile
+onto the instance that looked best at the last poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+from pydantic import ValidationError
+
+from ..workers.protocol import WorkerStats
+
+log = logging.getLogger(__name__)
+Role = Literal["prefill", "decode"]
+
+
+class NoCapacity(Exception):
+    """Every instance of a role is at its queue limit (answer 429 with Retry-After)."""
+
+    def __init__(self, role: Role, retry_after: int = 1) -> None:
+        super().__init__(f"all {role} instances are at their queue limit; retry in {retry_after}s")
+        self.role = role
+        self.retry_after = retry_after
+
+
+class NoWorkers(Exception):
+    """No healthy, ready instance of a role (answer 503)."""
+
+    def __init__(self, role: Role) -> None:
+        super().__init__(f"no {role} instance is ready")
+        self.role = role
+
+
+@dataclass
+class Worker:
+    """One instance as last polled."""
+
+    role: Role
+    url: str
+    stats: WorkerStats | None = None
+    healthy: bool = False
+    failures: int = 0
+    dispatched: int = 0  # requests sent since the last poll
+    dispatched_blocks: int = 0
+    outstanding: int = 0  # requests the router is waiting on right now
+    last_ok: float = field(default=0.0)
+
+    @property
+    def host(self) -> str:
+        return self.url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def usable(self) -> bool:
+        return self.healthy and self.stats is not None and self.stats.ready and not self.stats.draining
+
+
+def _split(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"worker endpoint {endpoint!r} must be host:port")
+    return host.strip("[]"), int(port)
+
+
+class WorkerPool:
+    """Polls `/stats` of every endpoint; DNS names are re-resolved each poll (headless services)."""
+
+    def __init__(self, session: aiohttp.ClientSession, *, prefill: list[str], decode: list[str],
+                 poll_s: float = 0.5, poll_timeout_s: float = 2.0) -> None:
+        for e in prefill + decode:
+            _split(e)
+        self.session = session
+        self.endpoints: dict[Role, list[str]] = {"prefill": prefill, "decode": decode}
+        self.workers: dict[str, Worker] = {}
+        self.poll_s = poll_s
+        self.poll_timeout_s = poll_timeout_s
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.refresh()
+            except Exception:  # a poll failure must never stop polling
+                log.exception("worker poll failed")
+
+    async def _resolve(self, endpoint: str) -> list[str]:
+        host, port = _split(endpoint)
+        try:
+            ipaddress.ip_address(host)
+            return [f"http://{host}:{port}"]
+        except ValueError:
+            pass
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return [f"http://{host}:{port}"]  # keep polling by name; it reports unhealthy until it resolves
+        addrs = sorted({i[4][0] for i in infos})
+        return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addrs]
+
+    async def refresh(self) -> None:
+        """Resolve endpoints and poll every worker once."""
+        seen: set[str] = set()
+        for role, endpoints in self.endpoints.items():
+            for endpoint in endpoints:
+                for url in await self._resolve(endpoint):
+                    seen.add(url)
+                    self.workers.setdefault(url, Worker(role=role, url=url))
+        for url in list(self.workers):
+            if url not in seen:
+                del self.workers[url]
+        await asyncio.gather(*(self._poll(w) for w in self.workers.values()))
+
+    async def _poll(self, worker: Worker) -> None:
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.poll_timeout_s)
+            async with self.session.get(f"{worker.url}/stats", timeout=timeout) as resp:
+                resp.raise_for_status()
+                worker.stats = WorkerStats.model_validate_json(await resp.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValidationError, OSError) as e:
+            if worker.healthy:
+                log.warning("%s worker %s is unreachable: %s", worker.role, worker.url, e)
+            worker.healthy = False
+            worker.failures += 1
+            return
+        worker.healthy = True
+        worker.failures = 0
+        worker.last_ok = time.monotonic()
+        worker.dispatched = 0
+        worker.dispatched_blocks = 0
+
+    def mark_failed(self, worker: Worker) -> None:
+        """A request to `worker` failed at the connection level: stop choosing it until it polls healthy."""
+        worker.healthy = False
+        worker.failures += 1
+
+    def of(self, role: Role) -> list[Worker]:
+        return [w for w in self.workers.values() if w.role == role]
+
+    def ready(self, role: Role) -> list[Worker]:
+        return [w for w in self.of(role) if w.usable]
+
+    @property
+    def model_id(self) -> str | None:
+        return next((w.stats.model_id for w in self.workers.values() if w.stats is not None), None)
+
+    @property
+    def max_context(self) -> int | None:
+        contexts = [w.stats.max_context for w in self.workers.values() if w.stats is not None]
+        return min(contexts) if contexts else None
+
+    def pick_prefill(self) -> Worker:
+        """Shortest queue among ready prefill instances with room; NoWorkers / NoCapacity otherwise."""
+        ready = self.ready("prefill")
+        if not ready:
+            raise NoWorkers("prefill")
+        open_ = [w for w in ready if w.stats.queue_depth + w.dispatched < w.stats.max_queue]
+        if not open_:
+            raise NoCapacity("prefill")
+        best = min(open_, key=lambda w: (w.stats.queue_depth + w.dispatched, w.stats.queued_tokens))
+        best.dispatched += 1
+        return best
+
+    def pick_decode(self, tokens: int, exclude: set[str] = frozenset()) -> Worker:
+        """Most free KV among ready decode instances whose wait queue has room."""
+        ready = [w for w in self.ready("decode") if w.url not in exclude]
+        if not ready:
+            raise NoWorkers("decode")
+        open_ = [w for w in ready if w.stats.queue_depth + w.dispatched < w.stats.max_queue]
+        if not open_:
+            raise NoCapacity("decode")
+        best = max(open_, key=lambda w: w.stats.free_blocks - w.dispatched_blocks)
+        best.dispatched += 1
+        best.dispatched_blocks += math.ceil(tokens / max(best.stats.block_size, 1))
+        return best

@@ -1,0 +1,253 @@
+"""Decode worker: continuous batching over requests whose KV it pulls from prefill workers.
+
+A request waits (FIFO) until the engine has blocks for its whole life; only then is its KV pulled
+(the paper's pull model: a burst of prefills cannot overrun decode memory, the KV waits on the prefill
+side). Blocks promised to pulls still in flight count as taken, so admission never overcommits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from ..engine import (
+    EngineError,
+    GenerationRequest,
+    InvalidRequest,
+    RequestTooLarge,
+    SamplingParams,
+    StepOutput,
+    blocks_for,
+)
+from ..kv import Endpoint, KVAddress, KVChannelError, KVHeader, KVMismatchError, KVPuller, TransferStats
+from .base import Worker
+from .engine_thread import EngineThreadStopped
+from .http import BadRequest, error_response, read_model, stream_ndjson
+from .protocol import DecodeRequest, ErrorEvent, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    request: GenerationRequest
+    first_token: int
+    source: KVAddress
+    blocks: int
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    state: str = "waiting"  # waiting -> pulling -> running -> done
+    aborted: bool = False
+
+
+class DecodeWorker(Worker):
+    """POST /decode (NDJSON: heartbeats and tokens), POST /abort."""
+
+    role = "decode"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.jobs: dict[str, _Job] = {}
+        self.waiting: deque[_Job] = deque()
+        self.reserved_blocks = 0  # promised to pulls in flight, not yet taken from the engine
+        self.pulling = 0
+        self.puller = KVPuller(local=Endpoint.here(self.engine.device), device=self.engine.device,
+                               channel=self.config.kv_channel, codec=self.config.kv_compression,
+                               timeout=self.config.kv_timeout_s, on_transfer=self._transferred)
+        self._wakeup = asyncio.Event()
+        self._admitter: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def _on_start(self) -> None:
+        self._admitter = asyncio.create_task(self._admit_forever())
+
+    async def _on_stop(self) -> None:
+        if self._admitter is not None:
+            self._admitter.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.puller.close()
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_post("/decode", self.decode_handler)
+        app.router.add_post("/abort", self.abort_handler)
+
+    def _idle(self) -> bool:
+        return not self.jobs
+
+    def _load(self) -> tuple[int, int, int]:
+        queued_tokens = sum(len(j.request.prompt_ids) for j in self.waiting)
+        return len(self.waiting), queued_tokens, len(self.jobs) - len(self.waiting)
+
+    # ---- engine thread --------------------------------------------------------------------------
+    def _step(self) -> bool:
+        if not self.engine.num_running:
+            return False
+        start = time.perf_counter()
+        batch = self.engine.num_running
+        try:
+            outputs = self.engine.decode()
+        except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving new ones
+            log.exception("decode step failed")
+            failed = self.engine.request_ids
+            for rid in failed:
+                self.engine.abort(rid)
+            self.loop.call_soon_threadsafe(self._fail, failed, f"decode step failed: {e}")
+            return True
+        self.metrics.stepped(seconds=time.perf_counter() - start, tokens=batch)
+        if outputs:
+            self.loop.call_soon_threadsafe(self._dispatch, outputs)
+        return True
+
+    def _fail(self, request_ids: list[str], message: str) -> None:
+        for rid in request_ids:
+            job = self.jobs.get(rid)
+            if job is not None:
+                job.events.put_nowait(ErrorEvent(message=message, code=500))
+                self._end(job)
+        self._wakeup.set()
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        finished = False
+        for out in outputs:
+            job = self.jobs.get(out.request_id)
+            if job is None:
+                continue
+            job.events.put_nowait(TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
+                                             finish_reason=out.finish_reason))
+            if out.finished:
+                self._end(job)
+                finished = True
+        if finished:
+            self._wakeup.set()  # the engine released their blocks: someone waiting may fit now
+
+    # ---- admission and pulls --------------------------------------------------------------------
+    async def _admit_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self.waiting:
+                job = self.waiting[0]
+                running = len(self.jobs) - len(self.waiting)
+                if running >= self.config.max_batch:
+                    break
+                if self.reserved_blocks + job.blocks > self.engine.free_blocks:
+                    break
+                self.waiting.popleft()
+                job.state = "pulling"
+                self.reserved_blocks += job.blocks
+                task = asyncio.create_task(self._pull(job))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def _expect(self, job: _Job):
+        engine = self.engine
+
+        def check(header: KVHeader) -> None:
+            if header.num_tokens != len(job.request.prompt_ids):
+                raise KVMismatchError(f"request {header.request_id}: KV holds {header.num_tokens} tokens, "
+                                      f"the prompt has {len(job.request.prompt_ids)}")
+            if header.model_id != engine.model_id or header.dtype != engine.dtype_name:
+                raise KVMismatchError(f"request {header.request_id}: KV from model {header.model_id} "
+                                      f"({header.dtype}); this worker serves {engine.model_id} ({engine.dtype_name})")
+
+        return check
+
+    async def _pull(self, job: _Job) -> None:
+        rid = job.request.request_id
+        try:
+            payload = await self.puller.pull(job.source, rid, expect=self._expect(job))
+            if job.aborted:
+                return
+            await self.thread.submit(lambda: self.engine.import_kv(job.request, payload, job.first_token))
+            job.state = "running"
+            if job.aborted:  # aborted while importing: free what import took
+                await self.thread.submit(lambda: self.engine.abort(rid))
+            else:
+                self.thread.wake()
+        except (KVChannelError, EngineError, EngineThreadStopped, InvalidRequest, RequestTooLarge,
+                KVMismatchError) as e:
+            log.warning("request %s failed before decoding: %s", rid, e)
+            job.events.put_nowait(ErrorEvent(message=f"KV from {job.source} unusable: {e}", code=502))
+            self._end(job)
+        finally:
+            self.reserved_blocks -= job.blocks
+            self._wakeup.set()
+
+    def _end(self, job: _Job) -> None:
+        job.state = "done"
+        self.jobs.pop(job.request.request_id, None)
+
+    # ---- HTTP -----------------------------------------------------------------------------------
+    def _job(self, msg: DecodeRequest) -> _Job:
+        params = SamplingParams(**msg.sampling.model_dump())
+        try:
+            params.validate()
+            self.engine.check_admissible(len(msg.prompt_ids), params.max_tokens)
+        except (InvalidRequest, RequestTooLarge) as e:
+            raise BadRequest(str(e)) from e
+        if msg.request_id in self.jobs:
+            raise BadRequest(f"request id {msg.request_id} is already in use")
+        request = GenerationRequest(msg.request_id, list(msg.prompt_ids), params)
+        need = self.engine.kv_tokens(len(msg.prompt_ids), params.max_tokens)
+        return _Job(request, msg.first_token_id, KVAddress(msg.kv.host, msg.kv.port),
+                    blocks_for(need, self.engine.block_size))
+
+    async def decode_handler(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            return error_response(503, "decode worker is draining", type_="server_error")
+        if len(self.waiting) >= self.config.max_queue:
+            return error_response(429, f"decode worker has {len(self.waiting)} requests waiting for KV",
+                                  type_="rate_limit_error", headers={"Retry-After": "1"})
+        try:
+            job = self._job(await read_model(request, DecodeRequest, self.config.max_body_bytes))
+        except BadRequest as e:
+            return e.response
+        self.jobs[job.request.request_id] = job
+        self.waiting.append(job)
+        self._wakeup.set()
+        try:
+            return await stream_ndjson(request, self._events(job), heartbeat_s=self.config.heartbeat_s)
+        finally:
+            if job.state != "done":  # the router went away mid-stream
+                await self.abort(job.request.request_id)
+
+    async def _events(self, job: _Job):
+        while True:
+            event = await job.events.get()
+            yield event
+            if isinstance(event, ErrorEvent) or event.finished:
+                return
+
+    async def abort_handler(self, request: web.Request) -> web.Response:
+        try:
+            rid = str((await request.json())["request_id"])
+        except (ValueError, KeyError, TypeError):
+            return error_response(400, "body must be {\"request_id\": \"...\"}")
+        return web.json_response({"aborted": await self.abort(rid)})
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is (waiting, pulling or decoding); False if unknown or done."""
+        job = self.jobs.get(request_id)
+        if job is None:
+            return False
+        job.aborted = True
+        state = job.state
+        self._end(job)
+        if state == "waiting":
+            self.waiting.remove(job)
+        elif state == "running":
+            try:
+                await self.thread.submit(lambda: self.engine.abort(request_id))
+            except EngineThreadStopped:
+                pass  # nothing left to free
+            self._wakeup.set()
+        return True
+
+    def _transferred(self, stats: TransferStats) -> None:
+        self.metrics.transferred(channel=stats.channel, wire_bytes=stats.wire_bytes, seconds=stats.seconds)

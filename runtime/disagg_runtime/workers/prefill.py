@@ -1,0 +1,253 @@
+"""Prefill worker: FCFS prompt batches under a token budget; each request's KV waits here until pulled.
+
+The KV stays in the engine's cache after prefill ("parked") and is exported only when a decode
+worker pulls it, so a decode instance without room simply pulls later (the paper's pull model) and
+prefill memory is the buffer. KV nobody pulls within `kv_ttl_s` (the decode worker died) is freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ..engine import (
+    EngineError,
+    GenerationRequest,
+    InvalidRequest,
+    RequestTooLarge,
+    SamplingParams,
+    StepOutput,
+    blocks_for,
+)
+from ..kv import Endpoint, KVLease, KVNotFound, KVServer, TransferStats, payload_layers
+from .base import Worker
+from .engine_thread import EngineThreadStopped
+from .http import BadRequest, error_response, read_model, stream_ndjson
+from .prefill_queue import PrefillQueue, QueueFull
+from .protocol import ErrorEvent, KVSourceRef, PrefillRequest, PrefillResult, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class RequestAborted(Exception):
+    """The router aborted the request while it waited."""
+
+
+@dataclass
+class _Job:
+    request: GenerationRequest
+    done: asyncio.Future[StepOutput]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Parked:
+    since: float
+    leased: bool = False
+
+
+class PrefillWorker(Worker):
+    """POST /prefill (NDJSON: heartbeats, then the first token), POST /abort, and the KV server."""
+
+    role = "prefill"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue: PrefillQueue[_Job] = PrefillQueue(token_budget=self.config.prefill_token_budget,
+                                                      max_queue=self.config.max_queue)
+        self.parked: dict[str, _Parked] = {}
+        self.kv_server = KVServer(self, local=Endpoint.here(self.engine.device), device=self.engine.device,
+                                  port=self.config.kv_port, timeout=self.config.kv_timeout_s,
+                                  on_transfer=self._transferred)
+        self._reaper: asyncio.Task | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def _on_start(self) -> None:
+        await self.kv_server.start()
+        self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def _on_stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await self.kv_server.close()
+
+    @property
+    def kv_port(self) -> int | None:
+        return self.kv_server.port
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_post("/prefill", self.prefill_handler)
+        app.router.add_post("/abort", self.abort_handler)
+
+    def _idle(self) -> bool:
+        return not len(self.queue) and not self.parked
+
+    def _load(self) -> tuple[int, int, int]:
+        return len(self.queue), self.queue.queued_tokens, len(self.parked)
+
+    # ---- engine thread --------------------------------------------------------------------------
+    def _fits(self, lengths: list[int]) -> bool:
+        need = sum(blocks_for(n, self.engine.block_size) for n in lengths)
+        return need <= self.engine.free_blocks
+
+    def _step(self) -> bool:
+        batch = self.queue.take_batch(self._fits)
+        if not batch:
+            return False
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.prefill([j.request for j in batch], reserve_decode=False)
+        except Exception as e:  # noqa: BLE001 - the batch's requests fail; the worker goes on
+            log.exception("prefill batch of %d failed", len(batch))
+            for j in batch:
+                j.loop.call_soon_threadsafe(_fail, j.done, e)
+            return True
+        self.metrics.stepped(seconds=time.perf_counter() - start,
+                             tokens=sum(len(j.request.prompt_ids) for j in batch))
+        for job, out in zip(batch, outputs, strict=True):
+            if out.finished:
+                self.engine.release(out.request_id)  # nothing left to decode: no KV to park
+            job.loop.call_soon_threadsafe(self._prefilled, job, out)
+        return True
+
+    def _prefilled(self, job: _Job, out: StepOutput) -> None:
+        """On the event loop: park the KV (unless finished) and wake the waiting handler."""
+        if job.done.done():  # aborted while its batch ran
+            if not out.finished:
+                self.thread.submit(lambda: self.engine.abort(out.request_id))
+            return
+        if not out.finished:
+            self.parked[out.request_id] = _Parked(since=time.monotonic())
+        job.done.set_result(out)
+
+    # ---- HTTP -----------------------------------------------------------------------------------
+    async def _tokenize(self, msg: PrefillRequest) -> list[int]:
+        if msg.prompt_ids is not None:
+            return list(msg.prompt_ids)
+        return await asyncio.to_thread(self.engine.tokenizer.encode, msg.prompt)
+
+    def _check(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        limit = self.config.max_prompt_tokens
+        if limit is not None and len(prompt_ids) > limit:
+            raise BadRequest(f"prompt has {len(prompt_ids)} tokens; this deployment accepts at most {limit}")
+        if not prompt_ids:
+            raise BadRequest("prompt is empty")
+        vocab = self.engine.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise BadRequest(f"prompt token ids must be in [0, {vocab})")
+        try:
+            params.validate()
+            self.engine.check_admissible(len(prompt_ids), params.max_tokens)
+        except (InvalidRequest, RequestTooLarge) as e:
+            raise BadRequest(str(e)) from e
+        if rid in self.parked:
+            raise BadRequest(f"request id {rid} is already in use")
+
+    async def prefill_handler(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            return error_response(503, "prefill worker is draining", type_="server_error")
+        try:
+            msg = await read_model(request, PrefillRequest, self.config.max_body_bytes)
+            prompt_ids = await self._tokenize(msg)
+            params = SamplingParams(**msg.sampling.model_dump())
+            self._check(msg.request_id, prompt_ids, params)
+        except BadRequest as e:
+            return e.response
+        loop = asyncio.get_running_loop()
+        job = _Job(GenerationRequest(msg.request_id, prompt_ids, params), loop.create_future(), loop)
+        try:
+            self.queue.push(msg.request_id, len(prompt_ids), job)
+            self.thread.wake()
+        except QueueFull as e:
+            return error_response(429, str(e), type_="rate_limit_error", headers={"Retry-After": "1"})
+        try:
+            return await stream_ndjson(request, self._result(job, prompt_ids), heartbeat_s=self.config.heartbeat_s)
+        finally:
+            if not job.done.done():  # the router went away before the first token
+                await self.abort(msg.request_id)
+
+    async def _result(self, job: _Job, prompt_ids: list[int]):
+        try:
+            out = await job.done
+        except RequestAborted:
+            return
+        except (EngineError, EngineThreadStopped, ValueError, RuntimeError) as e:
+            yield ErrorEvent(message=f"prefill failed: {e}", code=500)
+            return
+        kv = None
+        if not out.finished:
+            kv = KVSourceRef(host=self.config.advertise_host or "", port=self.kv_server.port)
+        first = TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
+                           finish_reason=out.finish_reason)
+        yield PrefillResult(request_id=out.request_id, prompt_ids=prompt_ids, first=first, kv=kv)
+
+    async def abort_handler(self, request: web.Request) -> web.Response:
+        try:
+            rid = str((await request.json())["request_id"])
+        except (ValueError, KeyError, TypeError):
+            return error_response(400, "body must be {\"request_id\": \"...\"}")
+        return web.json_response({"aborted": await self.abort(rid)})
+
+    async def abort(self, request_id: str) -> bool:
+        """Drop a queued request or free its parked KV; False if neither."""
+        job = self.queue.remove(request_id)
+        if job is not None:
+            _fail(job.done, RequestAborted(request_id))
+            return True
+        parked = self.parked.get(request_id)
+        if parked is not None and not parked.leased:
+            await self._free(request_id)
+            return True
+        return False
+
+    # ---- KV source (called by the KV server) -----------------------------------------------------
+    async def checkout(self, request_id: str) -> KVLease:
+        parked = self.parked.get(request_id)
+        if parked is None:
+            raise KVNotFound(f"prefill worker holds no KV for {request_id} (never prefilled, expired or pulled)")
+        if parked.leased:
+            raise KVNotFound(f"KV of {request_id} is being sent to another decode worker")
+        parked.leased = True
+        try:
+            payload = await self.thread.submit(lambda: self.engine.export_kv(request_id))
+        except BaseException:
+            parked.leased = False
+            raise
+
+        async def release(ok: bool) -> None:
+            parked.leased = False
+            if ok:
+                await self._free(request_id)
+
+        return KVLease(payload.header, payload_layers(payload), release)
+
+    async def _free(self, request_id: str) -> None:
+        if self.parked.pop(request_id, None) is None:
+            return
+        try:
+            await self.thread.submit(lambda: self.engine.abort(request_id))
+        except EngineThreadStopped:
+            pass  # the engine is gone, and its memory with it
+
+    def _transferred(self, stats: TransferStats) -> None:
+        self.metrics.transferred(channel=stats.channel, wire_bytes=stats.wire_bytes, seconds=stats.seconds)
+
+    async def _reap_forever(self) -> None:
+        period = min(1.0, self.config.kv_ttl_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            cutoff = time.monotonic() - self.config.kv_ttl_s
+            for rid, parked in list(self.parked.items()):
+                if parked.since < cutoff and not parked.leased:
+                    log.warning("freeing KV of %s: no decode worker pulled it within %.0fs", rid,
+                                self.config.kv_ttl_s)
+                    await self._free(rid)
+
+
+def _fail(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
