@@ -36,7 +36,11 @@ class DecodeSample(ApiModel):
 
 
 class ShapeProfile(ApiModel):
-    """Samples for one instance shape."""
+    """Samples for one instance shape.
+
+    `seconds` is the wall time of one step through the whole instance: all `pp` stages, with their
+    activation sends, and the tensor-parallel collectives of all `tp` ranks.
+    """
 
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
