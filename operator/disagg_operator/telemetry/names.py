@@ -37,9 +37,6 @@ class ScrapeLabels:
     instance: str = "app_kubernetes_io_instance"
     namespace: str = "namespace"
 
-    def matchers(self, instance: str, namespace: str) -> dict[str, str]:
-        return {self.instance: instance, self.namespace: namespace}
-
 
 def selector(matchers: Mapping[str, str]) -> str:
     """`{a="x",b="y"}` with PromQL string escaping; an equality matcher per entry, sorted."""
