@@ -1,0 +1,1 @@
+"""`disagg bench`: Poisson load from a workload's length distributions against an OpenAI-compatible server."""

@@ -1,0 +1,169 @@
+"""`disagg serve --local`: router + prefill + decode workers as child processes on this machine.
+
+Workers start first on free ports and announce them on stdout; the router is then pointed at them.
+Each child is a `python -m disagg_runtime.serve --role ...` process, exactly what a pod runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .model_cache import tiny_model
+from .options import ServeError
+
+_WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-channel",
+                 "--kv-compression", "--kv-timeout", "--prefill-token-budget", "--max-queue", "--max-batch",
+                 "--max-prompt-tokens", "--max-body-bytes", "--log-level")
+_ROUTER_FLAGS = ("--max-in-flight", "--max-body-bytes", "--heartbeat-timeout", "--served-model-name",
+                 "--log-level")
+
+
+def _forward(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+@dataclass
+class LocalCluster:
+    """Child processes of one local deployment; `start()` returns the router URL."""
+
+    model_dir: Path
+    port: int = 8000
+    host: str = "127.0.0.1"
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    worker_args: list[str] = field(default_factory=list)
+    router_args: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 120.0
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        cmd = [sys.executable, "-m", "disagg_runtime.serve", *args]
+        # stdout carries one announcement line; logs go to our stderr.
+        self.processes[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+    def _announced_port(self, name: str, deadline: float) -> int:
+        proc = self.processes[name]
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+            if ready:
+                line = proc.stdout.readline()
+                if line:
+                    return int(json.loads(line)["port"])
+            if proc.poll() is not None:
+                raise ServeError(f"{name} exited with code {proc.returncode} while starting (its log is above)")
+        raise ServeError(f"{name} did not start within {self.startup_timeout_s:.0f}s")
+
+    def start(self) -> str:
+        """Start every process and wait until the router is ready; returns its base URL."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        try:
+            common = ["--model-path", str(self.model_dir), "--host", self.host, "--port", "0", *self.worker_args]
+            for role, count in (("prefill", self.prefill_workers), ("decode", self.decode_workers)):
+                for i in range(count):
+                    self._spawn(f"{role}-{i}", ["--role", role, *common])
+            for name in list(self.processes):
+                self.ports[name] = self._announced_port(name, deadline)
+            endpoints = {role: ",".join(f"{self.host}:{p}" for n, p in self.ports.items() if n.startswith(role))
+                         for role in ("prefill", "decode")}
+            self._spawn("router", ["--role", "router", "--host", self.host, "--port", str(self.port),
+                                   "--prefill-endpoints", endpoints["prefill"],
+                                   "--decode-endpoints", endpoints["decode"], *self.router_args])
+            self.ports["router"] = self._announced_port("router", deadline)
+            self._wait_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.ports['router']}"
+
+    def _wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if self.processes["router"].poll() is not None:
+                raise ServeError("the router exited while starting (its log is above)")
+            time.sleep(0.1)
+        raise ServeError(f"the router did not see ready workers within {self.startup_timeout_s:.0f}s")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM every process (workers drain), then SIGKILL whatever is left after `timeout`."""
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.processes.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGHUP reached the launcher."""
+
+
+def _raise_stop(_signum: int, _frame: object) -> None:
+    raise _Stop
+
+
+def run_local(args: argparse.Namespace) -> int:
+    """Start a local deployment, print its URL and a curl line, serve until Ctrl-C or SIGTERM."""
+    # Without this a SIGTERM would kill the launcher and orphan its children.
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGHUP, _raise_stop)
+    model_dir = Path(args.model_path) if args.model_path else tiny_model(args.cache_dir)
+    worker_args = _forward(args, _WORKER_FLAGS)
+    cluster = LocalCluster(model_dir=model_dir, port=args.port, host=args.host or "127.0.0.1",
+                           prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+                           worker_args=worker_args, router_args=_forward(args, _ROUTER_FLAGS))
+    try:
+        url = cluster.start()
+    except (KeyboardInterrupt, _Stop):
+        return 0
+    print(f"disagg: serving {model_dir} at {url}  (router + {args.prefill_workers} prefill + "
+          f"{args.decode_workers} decode; Ctrl-C stops)", flush=True)
+    print(f"  curl -N {url}/v1/completions -H 'Content-Type: application/json' "
+          """-d '{"prompt": "Hello", "max_tokens": 32, "stream": true}'""", flush=True)
+    try:
+        while all(p.poll() is None for p in cluster.processes.values()):
+            time.sleep(0.5)
+        dead = [n for n, p in cluster.processes.items() if p.poll() is not None]
+        print(f"disagg: {', '.join(dead)} exited; stopping", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        return 0
+    finally:
+        cluster.stop()

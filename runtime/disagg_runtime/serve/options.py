@@ -1,0 +1,98 @@
+"""The flags of `disagg serve` (shared by the CLI and `python -m disagg_runtime.serve`); argparse only."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class ServeError(Exception):
+    """A serve setup a user must fix (bad flags, missing model, a process that failed to start)."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {value}")
+    return value
+
+
+def _endpoints(text: str) -> list[str]:
+    items = [e.strip() for e in text.split(",") if e.strip()]
+    for e in items:
+        host, _, port = e.rpartition(":")
+        if not host or not port.isdigit():
+            raise argparse.ArgumentTypeError(f"endpoint {e!r} must be host:port")
+    return items
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag of `disagg serve`; the operator renders pods with the role flags."""
+    mode = parser.add_argument_group("mode")
+    mode.add_argument("--local", action="store_true",
+                      help="run router + prefill + decode workers as local processes (CPU, tiny random model "
+                           "unless --model)")
+    mode.add_argument("--role", choices=["prefill", "decode", "router"], help="run one role in this process")
+
+    model = parser.add_argument_group("model and engine")
+    model.add_argument("--model", "--model-path", dest="model_path", metavar="PATH",
+                       help="HF-style model directory (config.json, safetensors, tokenizer.json)")
+    model.add_argument("--cache-dir", metavar="DIR", help="--local: where the tiny random model is written "
+                       "(default $DISAGG_CACHE or ~/.cache/disagg)")
+    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    model.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    model.add_argument("--block-size", type=_positive, default=16, help="KV-cache block size, tokens")
+    model.add_argument("--num-kv-blocks", type=_positive, help="KV-cache blocks (default: from memory)")
+    model.add_argument("--kv-memory-fraction", type=float, default=0.9)
+    model.add_argument("--tp", type=_positive, default=1, help="tensor-parallel degree of this instance")
+    model.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel degree of this instance")
+
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default=None, help="bind address (default 0.0.0.0; 127.0.0.1 with --local)")
+    net.add_argument("--port", type=_port, default=8000, help="HTTP port (0 picks a free one)")
+    net.add_argument("--kv-port", type=_port, default=0, help="prefill: KV server port (0 picks a free one)")
+    net.add_argument("--advertise-host", help="prefill: host decode workers use for its KV server "
+                     "(default: the address the router reaches it at)")
+
+    work = parser.add_argument_group("workers")
+    work.add_argument("--kv-channel", choices=["auto", "tcp", "ipc", "nccl"], default="auto",
+                      help="KV transport (auto: ipc on one node's GPUs, nccl across nodes, tcp on CPU)")
+    work.add_argument("--kv-compression", choices=["none", "fp8"], default="none")
+    work.add_argument("--kv-timeout", type=float, default=30.0, help="seconds per KV transfer step")
+    work.add_argument("--prefill-token-budget", type=_positive, default=4096, help="prompt tokens per batch")
+    work.add_argument("--max-queue", type=_positive, default=256, help="waiting requests before 429")
+    work.add_argument("--max-batch", type=_positive, default=256, help="decode: running requests at most")
+    work.add_argument("--max-prompt-tokens", type=_positive, help="longest prompt accepted (400 beyond)")
+
+    router = parser.add_argument_group("router")
+    router.add_argument("--prefill-endpoints", type=_endpoints, default=[], metavar="HOST:PORT,...",
+                        help="prefill workers (DNS names are re-resolved: a headless service works)")
+    router.add_argument("--decode-endpoints", type=_endpoints, default=[], metavar="HOST:PORT,...")
+    router.add_argument("--max-in-flight", type=_positive, default=4096)
+    router.add_argument("--max-body-bytes", type=_positive, default=4 << 20)
+    router.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                        help="seconds of worker silence before a request fails")
+    router.add_argument("--served-model-name", help="model name in responses (default: the workers' model id)")
+
+    local = parser.add_argument_group("--local")
+    local.add_argument("--prefill-workers", type=_positive, default=1)
+    local.add_argument("--decode-workers", type=_positive, default=1)
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def check_serve_arguments(args: argparse.Namespace) -> None:
+    """Cross-flag rules argparse cannot express; ServeError says what to change."""
+    if args.local == bool(args.role):
+        raise ServeError("give either --local or --role prefill|decode|router")
+    if args.role in ("prefill", "decode") and not args.model_path:
+        raise ServeError(f"--role {args.role} needs --model-path")
+    if args.role == "router" and not (args.prefill_endpoints and args.decode_endpoints):
+        raise ServeError("--role router needs --prefill-endpoints and --decode-endpoints")
+    if not 0 < args.kv_memory_fraction <= 1:
+        raise ServeError(f"--kv-memory-fraction must be in (0, 1], got {args.kv_memory_fraction}")

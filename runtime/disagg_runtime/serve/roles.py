@@ -1,0 +1,81 @@
+"""One role per process: load the engine (workers) or connect to the workers (router), then serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from .options import ServeError
+from .runner import serve_until_stopped
+
+log = logging.getLogger(__name__)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ServeError(f"--device {name} but this torch build sees no CUDA device; use --device cpu")
+    return name
+
+
+def load_engine(args: argparse.Namespace):
+    """The engine for --model-path with the engine flags applied."""
+    import torch
+
+    from ..engine import Engine
+
+    if args.tp * args.pp != 1:
+        raise ServeError(
+            f"--tp {args.tp} --pp {args.pp}: multi-GPU instances need one process per GPU rank, which this "
+            "worker does not launch yet; serve tp=1, pp=1 instances (the planner can be bounded with "
+            "search.maxTp=1, maxPp=1)"
+        )
+    model_dir = Path(args.model_path)
+    if not (model_dir / "config.json").is_file():
+        raise ServeError(f"{model_dir}: no config.json; --model-path must be an HF-style model directory")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    return Engine.load(model_dir, device=_device(args.device), dtype=dtype, block_size=args.block_size,
+                       num_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction)
+
+
+def worker_config(args: argparse.Namespace):
+    from ..workers.base import WorkerConfig
+
+    return WorkerConfig(max_queue=args.max_queue, prefill_token_budget=args.prefill_token_budget,
+                        max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
+                        max_body_bytes=args.max_body_bytes, kv_port=args.kv_port, kv_channel=args.kv_channel,
+                        kv_compression=args.kv_compression, kv_timeout_s=args.kv_timeout,
+                        advertise_host=args.advertise_host)
+
+
+async def _serve_worker(args: argparse.Namespace) -> None:
+    from ..workers.decode import DecodeWorker
+    from ..workers.prefill import PrefillWorker
+
+    engine = load_engine(args)
+    cls = PrefillWorker if args.role == "prefill" else DecodeWorker
+    worker = cls(engine, worker_config(args))
+    await serve_until_stopped(worker.app(), args.host or "0.0.0.0", args.port, drain=worker.start_drain,
+                              drained=worker.drained, extra=lambda: {"role": args.role, "kvPort": worker.kv_port})
+
+
+async def _serve_router(args: argparse.Namespace) -> None:
+    from ..router.app import Router, RouterConfig
+
+    config = RouterConfig(prefill=args.prefill_endpoints, decode=args.decode_endpoints,
+                          max_body_bytes=args.max_body_bytes, max_in_flight=args.max_in_flight,
+                          heartbeat_timeout_s=args.heartbeat_timeout, served_model_name=args.served_model_name)
+    await serve_until_stopped(Router(config).app(), args.host or "0.0.0.0", args.port,
+                              extra=lambda: {"role": "router"})
+
+
+def run_role(args: argparse.Namespace) -> None:
+    """Serve `args.role` until SIGINT, or until drained after SIGTERM / POST /drain."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve = _serve_router if args.role == "router" else _serve_worker
+    asyncio.run(serve(args))
