@@ -1,0 +1,97 @@
+"""Goodput of ONE instance shape serving one phase in isolation, by simulation and bisection on rate.
+
+These are the units of work the search farms out to worker processes, so they are plain module-level
+functions of picklable arguments.
+
+Isolation (DistServe §4.1): a prefill instance is judged on TTFT alone, with requests that stop after their
+first token (no decode work at all); a decode instance on TPOT alone, fed by enough prefill instances of
+its own shape to keep them at most half busy and an instant KV link, so that only its own batching and
+memory decide the result. A colocated instance is judged on both SLOs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from ..simulator import ColocatedConfig, DisaggConfig, PhaseShape, simulate_colocated, simulate_disaggregated
+from .capacity import colocated_capacity, decode_capacity, prefill_capacity
+from .goodput import goodput
+from .problem import IDEAL_LINK_GBPS, MEM_UTIL, SearchProblem
+from .shapes import Shape
+
+Kind = Literal["prefill", "decode", "colocated"]
+# The bisection brackets goodput in [LO_FRACTION, 1] x the capacity bound. Past capacity a queue only
+# grows; a finite run would still pass there, so the bound is a ceiling, never extrapolated.
+LO_FRACTION = 0.3
+
+
+@dataclass(frozen=True)
+class PhaseTask:
+    """Find the goodput of ONE instance of `shape` serving phase `kind`; `link` joins its stages."""
+
+    kind: Kind
+    shape: Shape
+    link: float
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    task: PhaseTask
+    goodput: float  # req/s of one instance
+    simulations: int
+
+
+def capacity(problem: SearchProblem, task: PhaseTask) -> float:
+    """Steady-state rate bound of the task's instance (see capacity.py)."""
+    lat, stats, shape = problem.latency, problem.stats, task.shape
+    if task.kind == "prefill":
+        return prefill_capacity(lat, shape, stats, problem.token_budget)
+    if task.kind == "decode":
+        return decode_capacity(lat, shape, stats, problem.tpot_s, task.link, MEM_UTIL)
+    return colocated_capacity(lat, shape, stats, problem.token_budget, problem.tpot_s, task.link, MEM_UTIL)
+
+
+def phase_goodput(problem: SearchProblem, task: PhaseTask) -> PhaseResult:
+    """Bisection on rate over single-instance simulations of the task's phase."""
+    bound = capacity(problem, task)
+    if bound <= 0:
+        return PhaseResult(task, 0.0, 0)
+    count = problem.instance_requests(bound, _time_inside(problem, task.kind))
+    calls = 0
+
+    def attainment(rate: float) -> float:
+        nonlocal calls
+        calls += 1
+        return phase_attainment(problem, task, rate, count)
+
+    found = goodput(attainment, problem.target, LO_FRACTION * bound, bound, rel_tol=problem.rel_tol, max_expand=0)
+    return PhaseResult(task, found, calls)
+
+
+def _time_inside(problem: SearchProblem, kind: Kind) -> float:
+    """How long a request stays in an instance of this phase, at most (what a run must span several of)."""
+    if kind == "prefill":
+        return problem.ttft_s
+    if kind == "decode":
+        return problem.stats.mean_output * problem.tpot_s
+    return problem.lifetime_s
+
+
+def phase_attainment(problem: SearchProblem, task: PhaseTask, rate: float, count: int) -> float:
+    """Steady-state attainment of one isolated instance at `rate` over `count` requests."""
+    lat, shape = problem.latency, task.shape
+    one = PhaseShape(shape.tp, shape.pp, 1, task.link)
+    if task.kind == "prefill":
+        cfg = DisaggConfig(one, one, IDEAL_LINK_GBPS, problem.token_budget, MEM_UTIL)
+        result = simulate_disaggregated(cfg, lat, problem.at_rate(rate, count, first_token_only=True))
+        return problem.attainment(result, tpot_s=math.inf)
+    requests = problem.at_rate(rate, count)
+    if task.kind == "decode":
+        feeders = max(1, math.ceil(2 * rate / prefill_capacity(lat, shape, problem.stats, problem.token_budget)))
+        feed = PhaseShape(shape.tp, shape.pp, feeders, task.link)
+        cfg = DisaggConfig(feed, one, IDEAL_LINK_GBPS, problem.token_budget, MEM_UTIL)
+        return problem.attainment(simulate_disaggregated(cfg, lat, requests), ttft_s=math.inf)
+    colo = ColocatedConfig(one, problem.token_budget, MEM_UTIL)
+    return problem.attainment(simulate_colocated(colo, lat, requests))

@@ -1,0 +1,240 @@
+"""The placement search (DistServe §4, Algorithms 1 and 2) and its colocated baseline.
+
+1. Per-instance goodput of every shape, a phase at a time, by simulation + bisection on rate, skipping
+   shapes dominated by cheaper ones (runner.branch_and_bound).
+2. Replica counts for every combination of shapes under the GPU budget (allocate.py), ranked by goodput
+   capped at the target rate, then fewest GPUs.
+3. The best few that pack onto the nodes are simulated whole (both phases, KV over the link the placement
+   implies) and grown where they miss the target (system.py); the best measured one is the plan.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
+
+from ..api.plan import PhasePlan, Plan
+from ..api.profile import LatencyProfile
+from ..api.spec import DisaggServingSpec
+from ..errors import NoFeasiblePlan, PlannerError
+from ..latency import LatencyModel, ProfileError
+from .affinity import Affinity, choose_affinity
+from .allocate import Candidate, colocated_candidates, disaggregated_candidates, ranked, unit_candidates
+from .evaluate import PhaseTask, capacity
+from .feasibility import require_shapes, require_slos
+from .problem import SearchProblem
+from .runner import Item, PhaseCache, Progress, TaskPool, branch_and_bound
+from .shapes import Segments, Shape, instance_shapes, segment_units
+from .system import Layout, Measured, measure, place
+
+# Whole-system simulations per search: the best-ranked candidates that pack onto the nodes.
+SYSTEM_CANDIDATES = 4
+COLOCATED_CANDIDATES = 2
+
+
+def latency_model(spec: DisaggServingSpec, profile: LatencyProfile | None) -> LatencyModel:
+    """The profile's fitted model when given (it must be of the spec's model), else the analytic roofline."""
+    gpu, intra = spec.cluster.gpu_spec, spec.cluster.intra_node_gbps
+    if profile is None:
+        return LatencyModel.analytic(spec.model.spec, gpu, intra)
+    if profile.model.model_dump(exclude={"name"}) != spec.model.spec.model_dump(exclude={"name"}):
+        raise PlannerError(
+            f"the latency profile is of {profile.model.name}, whose shape differs from the spec's model "
+            f"{spec.model.spec.name}; profile the spec's model or drop --profile"
+        )
+    try:
+        return LatencyModel.from_profile(profile, gpu, intra)
+    except ProfileError as exc:
+        raise PlannerError(f"latency profile unusable: {exc}") from None
+
+
+@dataclass
+class _Session:
+    """One search's shared state: the problem, the worker pool, the phase-goodput cache and progress."""
+
+    spec: DisaggServingSpec
+    problem: SearchProblem
+    pool: TaskPool
+    progress: Progress | None
+    cache: PhaseCache = field(default_factory=PhaseCache)
+    total: int = 0
+    done: int = 0
+
+    @property
+    def layout(self) -> Layout:
+        c = self.spec.cluster
+        return Layout(c.nodes, c.gpus_per_node, self.spec.gpu_budget)
+
+    def shapes(self) -> list[Shape]:
+        c, lat = self.spec.cluster, self.problem.latency
+        return instance_shapes(lat, self.spec.search, c.gpus_per_node, self.spec.gpu_budget, lat.model.num_layers)
+
+    def units(self) -> list[Segments]:
+        c, lat = self.spec.cluster, self.problem.latency
+        return segment_units(lat, self.spec.search, c.gpus_per_node, self.spec.gpu_budget, lat.model.num_layers)
+
+    # -- progress ------------------------------------------------------------------------------------
+    def expect(self, items: int) -> None:
+        self.total += items
+        self._report()
+
+    def tick(self, n: int) -> None:
+        self.done += n
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+
+    # -- step 1: per-instance goodputs ----------------------------------------------------------------
+    def _item(self, key: object, gpus: int, tasks: tuple[PhaseTask, ...]) -> Item:
+        return Item(key, gpus, min(capacity(self.problem, t) for t in tasks), tasks)
+
+    def phase_goodputs(self, kind: Literal["prefill", "decode", "colocated"], shapes: list[Shape]) -> dict:
+        items = [self._item(s, s.gpus, (PhaseTask(kind, s, self.problem.stage_link(s.gpus)),)) for s in shapes]
+        self.expect(len(items))
+        return branch_and_bound(items, self.problem, self.cache, self.pool, self.tick)
+
+    def unit_goodputs(self, units: list[Segments]) -> dict[Segments, tuple[float, float]]:
+        items = []
+        for u in units:
+            link = self.problem.stage_link((u.prefill_tp + u.decode_tp) * u.pp)
+            items.append(self._item(u, u.gpus, (PhaseTask("prefill", u.prefill, link),
+                                                 PhaseTask("decode", u.decode, link))))
+        self.expect(len(items))
+        kept = branch_and_bound(items, self.problem, self.cache, self.pool, self.tick)
+        return {it.key: (self.cache.goodput[it.tasks[0]], self.cache.goodput[it.tasks[1]])
+                for it in items if it.key in kept}
+
+    # -- steps 2-3: replicate, place, simulate whole --------------------------------------------------
+    def measure_best(self, candidates: list[Candidate], limit: int) -> list[Measured]:
+        """Whole-system measurements of the `limit` best-ranked candidates that pack onto the nodes."""
+        layout = self.layout
+        chosen = []
+        for cand in ranked(candidates, self.problem.target_rate):
+            if place(cand, layout) is not None:
+                chosen.append(cand)
+            if len(chosen) == limit:
+                break
+        self.expect(len(chosen))
+        measured = self.pool.map(partial(measure, self.problem, layout), chosen)
+        self.tick(len(chosen))
+        return [m for m in measured if m is not None]
+
+    def best(self, measured: list[Measured]) -> Measured | None:
+        """Meets the target first, then fewest GPUs, then most goodput; None when nothing has goodput."""
+        useful = [m for m in measured if m.goodput > 0]
+        if not useful:
+            return None
+        rate, target = self.problem.target_rate, self.problem.target
+
+        def key(m: Measured) -> tuple[bool, float, int, float]:
+            return m.meets(target), min(m.goodput, rate), -m.candidate.gpus, m.goodput
+
+        return max(useful, key=key)  # max keeps the first (best-ranked) among equals
+
+
+def _open(spec: DisaggServingSpec, profile: LatencyProfile | None, workers: int | None,
+          progress: Progress | None, seed: int) -> _Session:
+    problem = SearchProblem.of(spec, latency_model(spec, profile), seed)
+    return _Session(spec, problem, TaskPool(workers if workers is not None else (os.cpu_count() or 1)), progress)
+
+
+def _colocated(session: _Session, shapes: list[Shape]) -> Measured:
+    goodputs = session.phase_goodputs("colocated", shapes)
+    candidates = colocated_candidates(goodputs, session.problem.target_rate, session.spec.gpu_budget)
+    best = session.best(session.measure_best(candidates, COLOCATED_CANDIDATES))
+    if best is None:
+        raise NoFeasiblePlan(
+            f"no colocated configuration within the budget of {session.spec.gpu_budget} GPUs reaches "
+            f"{session.problem.target:.0%} SLO attainment at any rate; relax the SLOs or raise search.gpuBudget"
+        )
+    return best
+
+
+def _phase_plan(shape: Shape, replicas: int, goodput: float) -> PhasePlan:
+    return PhasePlan(tp=shape.tp, pp=shape.pp, replicas=replicas, instance_goodput_rps=goodput)
+
+
+def _plan(session: _Session, m: Measured, colocated_per_gpu: float | None) -> Plan:
+    cand = m.candidate
+    per_gpu = m.goodput / cand.gpus
+    common = dict(
+        placement=m.placement, gpus=cand.gpus, target_rate_rps=session.problem.target_rate,
+        goodput_rps=m.goodput, per_gpu_goodput=per_gpu, predicted_attainment=m.attainment_at_target,
+        colocated_per_gpu_goodput=colocated_per_gpu,
+        gain_over_colocated=(per_gpu / colocated_per_gpu) if colocated_per_gpu else None,
+        latency_source=session.problem.latency.source, spec_hash=session.spec.planning_hash(),
+    )
+    if cand.mode == "colocated":
+        return Plan(mode="colocated", affinity="high",
+                    colocated=_phase_plan(cand.prefill, cand.n_prefill, cand.prefill_goodput), **common)
+    return Plan(mode="disaggregated", affinity=cand.affinity,
+                prefill=_phase_plan(cand.prefill, cand.n_prefill, cand.prefill_goodput),
+                decode=_phase_plan(cand.decode, cand.n_decode, cand.decode_goodput), **common)
+
+
+def find_colocated_plan(
+    spec: DisaggServingSpec, profile: LatencyProfile | None = None, *, workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None, seed: int = 0,
+) -> Plan:
+    """The best colocated plan (DistServe's "vLLM++": the same search over one instance type running both phases)."""
+    session = _open(spec, profile, workers, progress, seed)
+    with session.pool:
+        shapes = session.shapes()
+        require_shapes(shapes, session.problem, spec.gpu_budget, 1)
+        require_slos(shapes, session.problem)
+        best = _colocated(session, shapes)
+    return _plan(session, best, best.goodput / best.candidate.gpus)
+
+
+def find_plan(
+    spec: DisaggServingSpec, profile: LatencyProfile | None = None, *, workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None, seed: int = 0, affinity: Affinity | None = None,
+) -> Plan:
+    """The disaggregated plan with the highest per-GPU goodput, with its colocated baseline filled in.
+
+    `affinity` forces DistServe's high or low node-affinity algorithm (default: chosen from the network,
+    see affinity.py). `seed` picks the simulated request sample; the same seed gives the same plan whatever
+    `workers` is. Raises NoFeasiblePlan when the model does not fit the budget or an SLO is below the
+    unloaded latency, PlannerError for an unusable profile.
+    """
+    session = _open(spec, profile, workers, progress, seed)
+    problem, budget = session.problem, spec.gpu_budget
+    with session.pool:
+        shapes = session.shapes()
+        require_shapes(shapes, problem, budget, 2)
+        require_slos(shapes, problem)
+        chosen = affinity or choose_affinity(problem, spec.cluster.nodes).affinity
+        if chosen == "high":
+            smallest = min(s.gpus for s in shapes)  # the other phase needs at least this many
+            pair_shapes = [s for s in shapes if s.gpus + smallest <= budget]
+            prefill = session.phase_goodputs("prefill", pair_shapes)
+            decode = session.phase_goodputs("decode", pair_shapes)
+            candidates = disaggregated_candidates(prefill, decode, problem.target_rate, budget)
+        else:
+            units = session.units()
+            if not units:
+                raise NoFeasiblePlan(
+                    f"low node-affinity placement puts a prefill and a decode segment of each stage on one "
+                    f"{spec.cluster.gpus_per_node}-GPU node, and no such split of {problem.latency.model.name} "
+                    f"fits memory within search.maxPp={spec.search.max_pp} and the budget of {budget} GPUs; "
+                    "raise search.maxPp or the budget"
+                )
+            candidates = unit_candidates(session.unit_goodputs(units), problem.target_rate, budget)
+        best = session.best(session.measure_best(candidates, SYSTEM_CANDIDATES))
+        if best is None:
+            raise NoFeasiblePlan(
+                f"no disaggregated configuration within the budget of {budget} GPUs reaches "
+                f"{problem.target:.0%} SLO attainment at any rate ({chosen} node-affinity); relax the SLOs "
+                "or raise search.gpuBudget"
+            )
+        try:
+            colocated = _colocated(session, shapes)
+            baseline = colocated.goodput / colocated.candidate.gpus
+        except NoFeasiblePlan:
+            baseline = 0.0  # colocation cannot meet the SLOs at all: the gain is unbounded, reported as none
+    return _plan(session, best, baseline)
