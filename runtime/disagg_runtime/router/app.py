@@ -119,8 +119,8 @@ class Router:
         headers = {"Retry-After": retry_after} if retry_after else None
         return error_response(status, message, type_=type_, headers=headers)
 
-    def _flow(self, kind: Kind, body: bytes) -> tuple[RequestFlow, bool, bool]:
-        """Parse the body into (flow, stream?, include usage?); BadRequest for anything a client must fix."""
+    def _flow(self, kind: Kind, body: bytes) -> tuple[RequestFlow, CompletionRequest | ChatCompletionRequest]:
+        """Parse the body into a flow and the request; BadRequest for anything a client must fix."""
         try:
             if kind == "completion":
                 req = CompletionRequest.model_validate_json(body)
@@ -138,7 +138,7 @@ class Router:
         flow = RequestFlow(session=self.session, pool=self.pool, aborter=self.aborter,
                            request_id=f"{prefix}-{uuid.uuid4().hex}", prompt=prompt, prompt_ids=prompt_ids,
                            sampling=req.sampling(max_tokens), heartbeat_timeout_s=self.config.heartbeat_timeout_s)
-        return flow, req.stream, req.include_usage
+        return flow, req
 
     async def _serve(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         arrival = time.monotonic()
@@ -146,7 +146,7 @@ class Router:
             return self._reject(429, f"the router is serving {self.in_flight} requests, its limit",
                                 type_="rate_limit_error", retry_after="1")
         try:
-            flow, stream, include_usage = self._flow(kind, await read_body(request, self.config.max_body_bytes))
+            flow, req = self._flow(kind, await read_body(request, self.config.max_body_bytes))
         except BadRequest as e:
             self.metrics.ended("invalid")
             return e.response
@@ -168,9 +168,9 @@ class Router:
                 headers = {"Retry-After": e.retry_after or "1"} if e.status == 429 else None
                 return error_response(e.status, str(e), type_=e.type, headers=headers)
             ttft = time.monotonic() - arrival
-            writer = ResponseWriter(kind, flow.request_id, self.model_name)
-            if stream:
-                response, count, ok = await self._stream(request, writer, flow, first, events, include_usage)
+            writer = ResponseWriter(kind, flow.request_id, self.model_name, token_ids=req.return_token_ids)
+            if req.stream:
+                response, count, ok = await self._stream(request, writer, flow, first, events, req.include_usage)
             else:
                 response, count, ok = await self._collect(writer, flow, first, events)
             if ok:
@@ -193,11 +193,11 @@ class Router:
                                                "X-Request-Id": flow.request_id})
         await response.prepare(request)
         count, event, ok = 1, first, False
-        await response.write(sse(writer.chunk(first.text, first.finish_reason if first.finished else None)))
+        await response.write(sse(writer.chunk(first.text, first.finish_reason, first.token_id)))
         try:
             async for event in events:
                 count += 1
-                await response.write(sse(writer.chunk(event.text, event.finish_reason if event.finished else None)))
+                await response.write(sse(writer.chunk(event.text, event.finish_reason, event.token_id)))
             ok = event.finished
         except UpstreamError as e:
             await response.write(sse(error_body(str(e), type_=e.type, code=e.status)))
@@ -208,12 +208,12 @@ class Router:
         return response, count, ok
 
     async def _collect(self, writer: ResponseWriter, flow: RequestFlow, first, events):
-        pieces, count, event = [first.text], 1, first
+        pieces, ids, event = [first.text], [first.token_id], first
         try:
             async for event in events:
                 pieces.append(event.text)
-                count += 1
+                ids.append(event.token_id)
         except UpstreamError as e:
-            return error_response(e.status, str(e), type_=e.type), count, False
-        body = writer.full("".join(pieces), event.finish_reason, flow.prompt_tokens, count)
-        return web.json_response(body, headers={"X-Request-Id": flow.request_id}), count, True
+            return error_response(e.status, str(e), type_=e.type), len(ids), False
+        body = writer.full("".join(pieces), event.finish_reason, flow.prompt_tokens, ids)
+        return web.json_response(body, headers={"X-Request-Id": flow.request_id}), len(ids), True

@@ -26,6 +26,7 @@ class _Request(BaseModel):
     stream_options: dict | None = None
     n: int = Field(default=1, ge=1, le=1, description="One choice per request.")
     ignore_eos: bool = Field(default=False, description="Extension (as in vLLM): generate exactly max_tokens.")
+    return_token_ids: bool = Field(default=False, description="Extension (as in vLLM): output token ids too.")
 
     @field_validator("stop")
     @classmethod
@@ -114,8 +115,9 @@ Kind = Literal["completion", "chat"]
 class ResponseWriter:
     """Builds the JSON bodies of one request's response, streamed or not, in the OpenAI shapes."""
 
-    def __init__(self, kind: Kind, request_id: str, model: str) -> None:
+    def __init__(self, kind: Kind, request_id: str, model: str, *, token_ids: bool = False) -> None:
         self.kind = kind
+        self.token_ids = token_ids
         self.id = request_id
         self.model = model
         self.created = int(time.time())
@@ -124,22 +126,26 @@ class ResponseWriter:
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str, finish_reason: str | None) -> dict:
+    def chunk(self, text: str, finish_reason: str | None, token_id: int) -> dict:
         if self.kind == "completion":
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            return {**self._base("text_completion"), "choices": [choice]}
-        delta: dict = {"content": text} if text or not finish_reason else {}
-        if not self._role_sent:
-            delta = {"role": "assistant", **delta}
-            self._role_sent = True
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._base("chat.completion.chunk"), "choices": [choice]}
+            obj = "text_completion"
+        else:
+            delta: dict = {"content": text} if text or not finish_reason else {}
+            if not self._role_sent:
+                delta = {"role": "assistant", **delta}
+                self._role_sent = True
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            obj = "chat.completion.chunk"
+        if self.token_ids:
+            choice["token_ids"] = [token_id]
+        return {**self._base(obj), "choices": [choice]}
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"
         return {**self._base(obj), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
-    def full(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict:
+    def full(self, text: str, finish_reason: str | None, prompt_tokens: int, token_ids: list[int]) -> dict:
         if self.kind == "completion":
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             obj = "text_completion"
@@ -147,7 +153,9 @@ class ResponseWriter:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": finish_reason}
             obj = "chat.completion"
-        return {**self._base(obj), "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+        if self.token_ids:
+            choice["token_ids"] = token_ids
+        return {**self._base(obj), "choices": [choice], "usage": usage(prompt_tokens, len(token_ids))}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
