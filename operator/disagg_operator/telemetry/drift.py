@@ -156,7 +156,8 @@ class DriftDetector:
         if streak < self.stable_intervals:
             reason = f"drifting ({streak} of {self.stable_intervals} readings): {moved}"
             return DriftDecision("drifting", reason, DriftState(streak, anchor), reading, reference, changes)
-        reason = f"workload drifted for {streak} consecutive readings: {moved}"
+        held = f" for {streak} consecutive readings" if streak > 1 else ""
+        reason = f"workload drifted{held}: {moved}"
         return DriftDecision("confirmed", reason, DriftState(), reading, reference, changes,
                              workload=obs.to_workload(planned))
 
