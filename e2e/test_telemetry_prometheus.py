@@ -13,19 +13,31 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import kubernetes
 import pytest
+from disagg_operator import labels as lb
+from disagg_operator import reporting
+from disagg_operator.crd import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from disagg_operator.kube import KINDS, KubeClient, load_api_client
+from disagg_operator.planning import PlanningService, ProfileStore
+from disagg_operator.reconcile import DISAGG_KIND, Reconciler
+from disagg_operator.render import RenderSettings
 from disagg_operator.telemetry import (
     DriftDetector,
     MetricNames,
     PrometheusTelemetry,
+    ReplanEvent,
     ScrapeLabels,
     replan_tick,
     telemetry_for,
 )
+from disagg_operator.telemetry.loop import ReplanLoop
 from disagg_planner.api import DisaggServingSpec
 from prometheus_client import CollectorRegistry, start_http_server
 
+from .conftest import Cluster
 from .prometheus import PrometheusServer, ScrapeTarget, free_port, prometheus_binary
+from .specs import small
 
 pytestmark = [
     pytest.mark.slow,
@@ -169,3 +181,56 @@ async def test_replan_tick_confirms_drift_from_live_metrics(driven: Driven) -> N
     observed = decision.status.observed_workload
     assert observed is not None and observed.input_lengths is not None
     assert observed.input_lengths.edges == [65, 129]  # trimmed to the one bin that saw traffic
+
+
+async def test_the_replan_loop_rolls_out_a_plan_for_the_observed_workload(driven: Driven, cluster: Cluster,
+                                                                          api: kubernetes.client.ApiClient) -> None:
+    """Operator side, end to end: CR -> plan -> children; live traffic drifts -> new plan applied."""
+    if cluster.real:
+        pytest.skip("the driven traffic comes from in-process exporters, not from router pods in the cluster")
+    router = ROUTERS[0]
+    manifest = {"apiVersion": API_VERSION, "kind": KIND,
+                "metadata": {"name": router.instance, "namespace": router.namespace},
+                "spec": small(workload={"rate": 1.0, "dataset": "chatbot"}, replan={
+                    "enabled": True, "prometheusUrl": driven.prom.url, "windowSeconds": 30, "stableIntervals": 1})}
+    kubernetes.client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, router.namespace, PLURAL, manifest)
+    kube = KubeClient(load_api_client(str(cluster.kubeconfig)))
+    planning = PlanningService(workers=1)
+    reconciler = Reconciler(kube, planning, ProfileStore(None), RenderSettings())
+    events: list[ReplanEvent] = []
+    loop = ReplanLoop(kube, reconciler, namespaces=(router.namespace,), min_requests=20,
+                      post_event=lambda _body, event: events.append(event))
+    try:
+        # the first rollout, as the operator's create handler does it
+        cr = await kube.get(DISAGG_KIND, router.namespace, router.instance)
+        assert cr is not None
+        first = await reconciler.reconcile(cr)
+        await kube.patch_status(DISAGG_KIND, router.namespace, router.instance, reporting.to_patch(
+            reporting.success_status(reporting.previous_status(cr), first, cr["metadata"]["generation"])))
+
+        [checked] = await loop.check_all(now=driven.t_end)
+        assert checked.decision.result == "Replanned", checked.decision.status.message
+        assert checked.written and checked.error is None and checked.rollout is not None
+        assert checked.rollout.plan_hash != first.plan_hash and checked.rollout.applied
+
+        cr = await kube.get(DISAGG_KIND, router.namespace, router.instance)
+        assert cr is not None
+        status = cr["status"]
+        observed = status["replan"]["observedWorkload"]
+        assert observed["rate"] == pytest.approx(checked.decision.observation.rate_rps)
+        assert observed["inputLengths"]["edges"] == [65, 129]
+        assert status["replan"]["replanPlanHash"] == status["planHash"] == checked.rollout.plan_hash
+        assert status["plan"]["targetRateRps"] == pytest.approx(observed["rate"])
+        assert cr["spec"]["workload"] == {"rate": 1.0, "dataset": "chatbot"}  # the spec is not rewritten
+        assert [e.reason for e in events] == ["WorkloadDrift", "Planned"]
+        # the children now carry the new plan
+        sts = await kube.list(KINDS["StatefulSet"], router.namespace, {lb.INSTANCE: router.instance})
+        assert sts and {s["metadata"]["labels"][lb.PLAN_HASH] for s in sts} == {checked.rollout.plan_hash}
+        assert await loop.check_all(now=driven.t_end + 1) == []  # the next check waits for intervalSeconds
+    finally:
+        await reconciler.delete_children(manifest)  # the emulator does no owner-reference garbage collection
+        kubernetes.client.CustomObjectsApi(api).delete_namespaced_custom_object(
+            GROUP, VERSION, router.namespace, PLURAL, router.instance)
+        planning.close()
+        kube.close()
