@@ -75,6 +75,8 @@ async def stream_ndjson(request: web.Request, events: AsyncIterator[BaseModel], 
     finally:
         if not pending.done():
             pending.cancel()
+        elif not pending.cancelled():
+            pending.exception()  # retrieved, so a peer that hung up early leaves no "never retrieved" noise
     await response.write_eof()
     return response
 
