@@ -96,6 +96,11 @@ def decode_capacity(
     return lo / (round_time(lo) * max(stats.mean_output - 1, 1.0))
 
 
+def kv_link_capacity(latency: LatencyModel, stats: LengthStats, link_gbps: float) -> float:
+    """Requests/s whose KV cache one decode instance's link can take in (transfers run one after another)."""
+    return link_gbps * 1e9 / (stats.mean_input * latency.model.kv_bytes_per_token)
+
+
 def colocated_capacity(
     latency: LatencyModel, shape: Shape, stats: LengthStats, token_budget: int, tpot_slo_s: float, link: float,
     mem_util: float,

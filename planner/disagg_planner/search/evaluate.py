@@ -5,8 +5,8 @@ functions of picklable arguments.
 
 Isolation (DistServe §4.1): a prefill instance is judged on TTFT alone, with requests that stop after their
 first token (no decode work at all); a decode instance on TPOT alone, fed by enough prefill instances of
-its own shape to keep them at most half busy and an instant KV link, so that only its own batching and
-memory decide the result. A colocated instance is judged on both SLOs.
+its own shape to keep them at most half busy, over the KV link it will have in the plan, so that only its
+own batching, memory and link decide the result. A colocated instance is judged on both SLOs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..simulator import ColocatedConfig, DisaggConfig, PhaseShape, simulate_colocated, simulate_disaggregated
-from .capacity import colocated_capacity, decode_capacity, prefill_capacity
+from .capacity import colocated_capacity, decode_capacity, kv_link_capacity, prefill_capacity
 from .goodput import goodput
 from .problem import IDEAL_LINK_GBPS, MEM_UTIL, SearchProblem
 from .shapes import Shape
@@ -29,11 +29,15 @@ LO_FRACTION = 0.3
 
 @dataclass(frozen=True)
 class PhaseTask:
-    """Find the goodput of ONE instance of `shape` serving phase `kind`; `link` joins its stages."""
+    """Find the goodput of ONE instance of `shape` serving phase `kind`.
+
+    `link` joins its pipeline stages; `kv_link` (decode only) is the link its KV cache arrives over.
+    """
 
     kind: Kind
     shape: Shape
     link: float
+    kv_link: float = IDEAL_LINK_GBPS
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,8 @@ def capacity(problem: SearchProblem, task: PhaseTask) -> float:
     if task.kind == "prefill":
         return prefill_capacity(lat, shape, stats, problem.token_budget)
     if task.kind == "decode":
-        return decode_capacity(lat, shape, stats, problem.tpot_s, task.link, MEM_UTIL)
+        return min(decode_capacity(lat, shape, stats, problem.tpot_s, task.link, MEM_UTIL),
+                   kv_link_capacity(lat, stats, task.kv_link))
     return colocated_capacity(lat, shape, stats, problem.token_budget, problem.tpot_s, task.link, MEM_UTIL)
 
 
@@ -91,7 +96,7 @@ def phase_attainment(problem: SearchProblem, task: PhaseTask, rate: float, count
     if task.kind == "decode":
         feeders = max(1, math.ceil(2 * rate / prefill_capacity(lat, shape, problem.stats, problem.token_budget)))
         feed = PhaseShape(shape.tp, shape.pp, feeders, task.link)
-        cfg = DisaggConfig(feed, one, IDEAL_LINK_GBPS, problem.token_budget, MEM_UTIL)
+        cfg = DisaggConfig(feed, one, task.kv_link, problem.token_budget, MEM_UTIL)
         return problem.attainment(simulate_disaggregated(cfg, lat, requests), ttft_s=math.inf)
     colo = ColocatedConfig(one, problem.token_budget, MEM_UTIL)
     return problem.attainment(simulate_colocated(colo, lat, requests))

@@ -19,13 +19,13 @@ from typing import Literal
 from ..api.plan import PhasePlan, Plan
 from ..api.profile import LatencyProfile
 from ..api.spec import DisaggServingSpec
-from ..errors import NoFeasiblePlan, PlannerError
-from ..latency import LatencyModel, ProfileError
+from ..errors import NoFeasiblePlan
 from .affinity import Affinity, choose_affinity
 from .allocate import Candidate, colocated_candidates, disaggregated_candidates, ranked, unit_candidates
 from .evaluate import PhaseTask, capacity
 from .feasibility import require_shapes, require_slos
-from .problem import SearchProblem
+from .latency_source import latency_model
+from .problem import IDEAL_LINK_GBPS, SearchProblem
 from .runner import Item, PhaseCache, Progress, TaskPool, branch_and_bound
 from .shapes import Segments, Shape, instance_shapes, segment_units
 from .system import Layout, Measured, measure, place
@@ -33,22 +33,6 @@ from .system import Layout, Measured, measure, place
 # Whole-system simulations per search: the best-ranked candidates that pack onto the nodes.
 SYSTEM_CANDIDATES = 4
 COLOCATED_CANDIDATES = 2
-
-
-def latency_model(spec: DisaggServingSpec, profile: LatencyProfile | None) -> LatencyModel:
-    """The profile's fitted model when given (it must be of the spec's model), else the analytic roofline."""
-    gpu, intra = spec.cluster.gpu_spec, spec.cluster.intra_node_gbps
-    if profile is None:
-        return LatencyModel.analytic(spec.model.spec, gpu, intra)
-    if profile.model.model_dump(exclude={"name"}) != spec.model.spec.model_dump(exclude={"name"}):
-        raise PlannerError(
-            f"the latency profile is of {profile.model.name}, whose shape differs from the spec's model "
-            f"{spec.model.spec.name}; profile the spec's model or drop --profile"
-        )
-    try:
-        return LatencyModel.from_profile(profile, gpu, intra)
-    except ProfileError as exc:
-        raise PlannerError(f"latency profile unusable: {exc}") from None
 
 
 @dataclass
@@ -93,8 +77,12 @@ class _Session:
     def _item(self, key: object, gpus: int, tasks: tuple[PhaseTask, ...]) -> Item:
         return Item(key, gpus, min(capacity(self.problem, t) for t in tasks), tasks)
 
-    def phase_goodputs(self, kind: Literal["prefill", "decode", "colocated"], shapes: list[Shape]) -> dict:
-        items = [self._item(s, s.gpus, (PhaseTask(kind, s, self.problem.stage_link(s.gpus)),)) for s in shapes]
+    def phase_goodputs(
+        self, kind: Literal["prefill", "decode", "colocated"], shapes: list[Shape], kv_link: float = IDEAL_LINK_GBPS
+    ) -> dict:
+        """Instance goodput of every shape not dominated; decode instances receive KV over `kv_link`."""
+        link = self.problem.stage_link
+        items = [self._item(s, s.gpus, (PhaseTask(kind, s, link(s.gpus), kv_link),)) for s in shapes]
         self.expect(len(items))
         return branch_and_bound(items, self.problem, self.cache, self.pool, self.tick)
 
@@ -103,7 +91,7 @@ class _Session:
         for u in units:
             link = self.problem.stage_link((u.prefill_tp + u.decode_tp) * u.pp)
             items.append(self._item(u, u.gpus, (PhaseTask("prefill", u.prefill, link),
-                                                 PhaseTask("decode", u.decode, link))))
+                                                 PhaseTask("decode", u.decode, link, self.problem.intra_node_gbps))))
         self.expect(len(items))
         kept = branch_and_bound(items, self.problem, self.cache, self.pool, self.tick)
         return {it.key: (self.cache.goodput[it.tasks[0]], self.cache.goodput[it.tasks[1]])
@@ -213,7 +201,9 @@ def find_plan(
             smallest = min(s.gpus for s in shapes)  # the other phase needs at least this many
             pair_shapes = [s for s in shapes if s.gpus + smallest <= budget]
             prefill = session.phase_goodputs("prefill", pair_shapes)
-            decode = session.phase_goodputs("decode", pair_shapes)
+            # KV crosses the network unless the whole cluster is one node.
+            kv_link = problem.intra_node_gbps if spec.cluster.nodes == 1 else problem.inter_node_gbps
+            decode = session.phase_goodputs("decode", pair_shapes, kv_link)
             candidates = disaggregated_candidates(prefill, decode, problem.target_rate, budget)
         else:
             units = session.units()

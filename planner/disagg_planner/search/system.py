@@ -21,7 +21,7 @@ from ..simulator import (
     simulate_disaggregated,
 )
 from .allocate import Candidate
-from .capacity import colocated_capacity, decode_capacity, prefill_capacity
+from .capacity import colocated_capacity, decode_capacity, kv_link_capacity, prefill_capacity
 from .goodput import goodput
 from .placement import InstanceRequest, UnitRequest, nodes_used, pack_colocated, pack_instances, pack_units
 from .problem import MEM_UTIL, SearchProblem
@@ -95,8 +95,10 @@ def rate_bound(problem: SearchProblem, c: Candidate) -> float:
         return c.n_prefill * one
     together = (c.prefill.tp + c.decode.tp) * c.prefill.pp if c.affinity == "low" else c.decode.gpus
     pre = c.n_prefill * prefill_capacity(lat, c.prefill, stats, p.token_budget)
-    dec = c.n_decode * decode_capacity(lat, c.decode, stats, p.tpot_s, p.stage_link(together), MEM_UTIL)
-    return min(pre, dec)
+    kv_link = p.intra_node_gbps if c.affinity == "low" else p.inter_node_gbps
+    one = min(decode_capacity(lat, c.decode, stats, p.tpot_s, p.stage_link(together), MEM_UTIL),
+              kv_link_capacity(lat, stats, kv_link))
+    return min(pre, c.n_decode * one)
 
 
 def simulate(problem: SearchProblem, cfg: SystemConfig, rate: float, count: int) -> SimResult:

@@ -1,0 +1,78 @@
+"""Replaying a Plan in the simulator: its configuration, and its SLO attainment over a sweep of rates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..api.plan import Plan
+from ..api.profile import LatencyProfile
+from ..api.spec import DisaggServingSpec
+from ..errors import PlannerError
+from ..simulator import ColocatedConfig, DisaggConfig, PhaseShape
+from .latency_source import latency_model
+from .problem import MEM_UTIL, WARMUP_SHARE, SearchProblem
+from .system import SystemConfig, simulate
+
+
+@dataclass(frozen=True)
+class RatePoint:
+    """Steady-state attainment of a plan at one arrival rate (both SLOs, and each alone)."""
+
+    rate: float
+    attainment: float
+    ttft_attainment: float
+    tpot_attainment: float
+    p90_ttft_s: float
+    p90_tpot_s: float
+
+
+def plan_config(problem: SearchProblem, plan: Plan) -> SystemConfig:
+    """The simulator configuration a plan describes (links as the search assumed them)."""
+    p = problem
+    if plan.mode == "colocated":
+        if plan.colocated is None:
+            raise PlannerError("a colocated plan needs its `colocated` phase")
+        c = plan.colocated
+        return ColocatedConfig(PhaseShape(c.tp, c.pp, c.replicas, p.stage_link(c.tp * c.pp)), p.token_budget,
+                               MEM_UTIL)
+    if plan.prefill is None or plan.decode is None:
+        raise PlannerError("a disaggregated plan needs both `prefill` and `decode` phases")
+    pre, dec = plan.prefill, plan.decode
+    if plan.affinity == "low":
+        link = p.stage_link((pre.tp + dec.tp) * pre.pp)
+        return DisaggConfig(PhaseShape(pre.tp, pre.pp, pre.replicas, link), PhaseShape(dec.tp, dec.pp, dec.replicas, link),
+                            p.intra_node_gbps, p.token_budget, MEM_UTIL)
+    one_node = len({s.node for s in plan.placement}) <= 1
+    return DisaggConfig(
+        PhaseShape(pre.tp, pre.pp, pre.replicas, p.stage_link(pre.tp * pre.pp)),
+        PhaseShape(dec.tp, dec.pp, dec.replicas, p.stage_link(dec.tp * dec.pp)),
+        p.intra_node_gbps if one_node else p.inter_node_gbps, p.token_budget, MEM_UTIL,
+    )
+
+
+def attainment_curve(
+    spec: DisaggServingSpec, plan: Plan, rates: list[float], profile: LatencyProfile | None = None, seed: int = 0,
+) -> list[RatePoint]:
+    """Simulate the plan at each rate (the search's request sample, scaled to the rate)."""
+    problem = SearchProblem.of(spec, latency_model(spec, profile), seed)
+    cfg = plan_config(problem, plan)
+    count = problem.system_requests(max(rates))
+    points = []
+    for rate in rates:
+        result = simulate(problem, cfg, rate, count)
+        skip = int(len(result.results) * WARMUP_SHARE)
+        points.append(RatePoint(
+            rate=rate,
+            attainment=problem.attainment(result),
+            ttft_attainment=problem.attainment(result, tpot_s=float("inf")),
+            tpot_attainment=problem.attainment(result, ttft_s=float("inf")),
+            p90_ttft_s=float(_p90(result.ttfts[skip:])),
+            p90_tpot_s=float(_p90(result.tpots[skip:])),
+        ))
+    return points
+
+
+def _p90(values: np.ndarray) -> float:
+    return float(np.percentile(values, 90)) if len(values) else 0.0
