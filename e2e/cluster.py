@@ -4,8 +4,8 @@ kmock's `KubernetesEmulator` stores objects and serves list/watch/get/create/pat
 HTTP, but leaves the bookkeeping a real API server does to the user ("inherit and implement for
 your cases", its docs say). `ApiServerEmulator` adds exactly that bookkeeping, nothing more:
 `metadata.uid`, `namespace`, `creationTimestamp`, a `resourceVersion` that grows with every write,
-a `generation` that grows when `spec` changes (what `observedGeneration` is compared with), and
-201 Created for creates.
+a `generation` that grows when `spec` changes (what `observedGeneration` is compared with), names
+for `generateName` (kopf's Events use it), and 201 Created for creates.
 Not emulated, and handled by the operator in a way real clusters also accept: owner-reference
 garbage collection (the operator deletes children itself), label selectors (the operator
 re-filters lists), create-on-apply (the operator creates when an apply finds nothing).
@@ -37,13 +37,33 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.__versions = itertools.count(1)
+        # Seconds each write to a resource (by plural) takes: lets tests stop an operator mid-reconcile.
+        self.write_latency: dict[str, float] = {}
+        self.__in_flight: set[int] = set()
 
     async def _handle(self, request: kmock.Request) -> Any:
+        # kmock logs every request for assertions and routes each new one by scanning that log, which
+        # makes a long session quadratic (seconds per request after a few thousand). Nothing here asserts
+        # on the log, so it keeps only the requests still being served (watch streams, mostly).
+        self.__in_flight.add(id(request))
+        self._requests[:] = [r for r in self._requests if id(r) in self.__in_flight]
+        try:
+            return await self.__handle(request)
+        finally:
+            self.__in_flight.discard(id(request))
+
+    async def __handle(self, request: kmock.Request) -> Any:
+        if request.resource is not None and request.method in (kmock.method.POST, kmock.method.PATCH, kmock.method.PUT):
+            delay = self.write_latency.get(request.resource.plural or "", 0.0)
+            if delay:
+                await asyncio.sleep(delay)
         data = request.data
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if request.action == kmock.action.CREATE:
                 meta.setdefault("namespace", request.namespace)
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("creationTimestamp", _now())
                 meta["generation"] = 1

@@ -123,7 +123,7 @@ def start_operator(cluster: Cluster, namespace: str) -> Iterator[Callable[..., O
     def start(**overrides: Any) -> OperatorHandle:
         plan_fn = overrides.pop("plan_fn", None)
         config = OperatorConfig(namespaces=(namespace,), kubeconfig=str(cluster.kubeconfig), plan_workers=1,
-                                readiness_interval=overrides.pop("readiness_interval", 0.5), **overrides)
+                                **overrides)
         handle = OperatorHandle(config=config, thread=threading.Thread(), stop_flag=threading.Event(),
                                 ready_flag=threading.Event())
 

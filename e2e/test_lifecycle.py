@@ -119,7 +119,7 @@ def test_paused_plans_and_applies_nothing(kubectl, start_operator):
 def test_ready_once_workloads_report_ready(kubectl, start_operator, cluster):
     if cluster.real:
         pytest.skip("needs the emulator: on a real cluster readiness depends on GPUs and images")
-    start_operator(readiness_interval=0.2)
+    start_operator()
     cr = kubectl.create("sum", small(workload={"rate": 1.0, "dataset": "summarization"}))
     status = wait_for(lambda: _rolled_out(kubectl, "sum", cr["metadata"]["generation"]), what="rollout")
     assert status["phase"] == "Progressing"
@@ -138,3 +138,37 @@ def _without_server_fields(obj: dict) -> dict:
     meta = {k: v for k, v in obj["metadata"].items()
             if k not in ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields")}
     return {**{k: v for k, v in obj.items() if k != "status"}, "metadata": meta}
+
+
+def _two_then_one_shape(spec, profile=None, *, workers=None, progress=None):
+    """Planner stand-in for the pruning test: disaggregated below 3 req/s, colocated from 3 req/s.
+
+    The real planner's choice depends on its models; this test is about what the operator does
+    when a plan drops a phase, so the plans are fixed here.
+    """
+    from disagg_planner.api import PhasePlan, Plan
+
+    rate = spec.workload.rate
+    one = PhasePlan(tp=1, pp=1, replicas=2, instance_goodput_rps=2.0)
+    if rate >= 3:
+        return Plan(mode="colocated", affinity="high", colocated=one, gpus=2, target_rate_rps=rate,
+                    goodput_rps=4.0, per_gpu_goodput=2.0, predicted_attainment=0.95)
+    return Plan(mode="disaggregated", affinity="high", prefill=one, decode=one, gpus=4, target_rate_rps=rate,
+                goodput_rps=4.0, per_gpu_goodput=1.0, predicted_attainment=0.95)
+
+
+def test_plan_dropping_a_phase_deletes_its_children(kubectl, start_operator):
+    start_operator(plan_fn=_two_then_one_shape)
+    cr = kubectl.create("shrink", small(workload={"rate": 1.0, "dataset": "chatbot"}))
+    wait_for(lambda: _rolled_out(kubectl, "shrink", cr["metadata"]["generation"]), what="rollout")
+    before = set(kubectl.children("shrink"))
+    assert {"StatefulSet/shrink-prefill", "StatefulSet/shrink-decode"} <= before
+
+    cr = kubectl.patch_spec("shrink", {"workload": {"rate": 3.5}})
+    status = wait_for(lambda: _rolled_out(kubectl, "shrink", cr["metadata"]["generation"]), what="re-plan")
+    after = set(kubectl.children("shrink"))
+    assert after == set(status["children"])
+    assert "StatefulSet/shrink-colocated" in after
+    assert not after & {"StatefulSet/shrink-prefill", "StatefulSet/shrink-decode", "Service/shrink-prefill",
+                        "Service/shrink-decode"}
+    assert status["prefillShape"] == status["decodeShape"] == "2x tp1pp1 (colocated)"

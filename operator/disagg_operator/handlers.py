@@ -3,7 +3,8 @@
 - create / update / resume -> `Reconciler.reconcile` -> status (+ Events when the plan changes);
 - invalid specs, infeasible SLOs and unrenderable plans are permanent errors (kopf stops retrying
   until the spec changes); API failures are temporary, retried with growing delays;
-- a readiness timer moves Progressing -> Ready as workloads report ready replicas;
+- events of the operator's StatefulSets/Deployments move the owner Progressing <-> Ready (no timer:
+  kopf guards timers with a finalizer, which would block deletions while the operator is down);
 - deletion: children carry owner references (garbage collection on real clusters) and are also
   deleted explicitly on the DELETED watch event, without a finalizer, so a resource never hangs
   in Terminating when the operator is down; an orphan sweep at start-up catches those deletions.
@@ -19,11 +20,13 @@ from typing import Any
 import kopf
 from disagg_planner.errors import NoFeasiblePlan, PlannerError
 
+from . import labels as lb
 from . import reporting
 from .crd import GROUP, PLURAL, VERSION
 from .errors import InvalidSpecError, KubeApiError, RenderError
 from .kube import KubeClient
 from .planning import PlanningService
+from .readiness import refresh_readiness
 from .reconcile import Reconciler
 from .status import DisaggServingStatus
 
@@ -39,7 +42,6 @@ class OperatorContext:
     planning: PlanningService
     reconciler: Reconciler
     namespaces: tuple[str, ...]
-    readiness_interval: float
 
 
 def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
@@ -67,29 +69,27 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
     for cause, decorator in (("create", kopf.on.create), ("update", kopf.on.update), ("resume", kopf.on.resume)):
         decorator(*RESOURCE, id=f"reconcile-{cause}", registry=registry)(reconcile)
 
-    @kopf.on.event(*RESOURCE, registry=registry)
-    async def on_deleted(type: str | None, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
-        if type == "DELETED":
-            gone = await ctx.reconciler.delete_children(body)
-            logger.info("deleted %d children with their DisaggServing", len(gone))
+    @kopf.on.event(*RESOURCE, registry=registry, when=lambda type, **_: type == "DELETED")
+    async def on_deleted(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        gone = await ctx.reconciler.delete_children(body)
+        logger.info("deleted %d children with their DisaggServing", len(gone))
 
-    @kopf.timer(*RESOURCE, interval=ctx.readiness_interval, initial_delay=ctx.readiness_interval,
-                registry=registry, when=_rolled_out)
-    async def readiness(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        ready = await ctx.reconciler.observe_ready(body)
-        prev = reporting.previous_status(body)
-        if ready is None or (prev.phase == "Ready") == ready:
-            return
-        status = reporting.readiness_status(prev, ready, body.metadata.get("generation"))
-        patch.status.update(reporting.to_patch(status))
-        kopf.info(body, reason="Ready" if ready else "NotReady",
-                  message="all workloads ready" if ready else "workloads lost ready replicas")
+    async def workload_changed(namespace: str | None, labels: Mapping[str, str], logger: logging.Logger,
+                               **_: Any) -> None:
+        instance = labels.get(lb.INSTANCE)
+        if namespace and instance:
+            moved = await refresh_readiness(ctx.kube, namespace, instance)
+            if moved is not None:
+                phase, owner = moved
+                logger.info("DisaggServing %s/%s is now %s", namespace, instance, phase)
+                kopf.info(owner, reason=phase, message="all workloads ready" if phase == "Ready"
+                          else "workloads are missing ready replicas")
+
+    for plural in ("statefulsets", "deployments"):
+        kopf.on.event("apps", "v1", plural, labels={lb.MANAGED: lb.MANAGED_BY}, id=f"readiness-{plural}",
+                      registry=registry)(workload_changed)
 
     return registry
-
-
-def _rolled_out(status: Mapping[str, Any], **_: Any) -> bool:
-    return (status or {}).get("phase") in ("Progressing", "Ready")
 
 
 async def _reconcile(ctx: OperatorContext, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,

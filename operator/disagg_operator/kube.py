@@ -128,8 +128,24 @@ class KubeClient:
         except KubeApiError as exc:
             if exc.status != 404:
                 raise
-        return await self._call("POST", kind.path(meta.get("namespace")), query=[("fieldManager", field_manager)],
-                                body=obj)
+        try:
+            return await self._call("POST", kind.path(meta.get("namespace")),
+                                    query=[("fieldManager", field_manager)], body=obj)
+        except KubeApiError as exc:
+            if exc.status != 409:
+                raise
+        # Created meanwhile by someone else (e.g. a previous operator process still finishing): apply over it.
+        return await self._call("PATCH", kind.path(meta.get("namespace"), meta["name"]), query=query, body=obj,
+                                content_type="application/apply-patch+yaml")
+
+    async def patch_status(self, kind: Kind, namespace: str | None, name: str, status: dict[str, Any], *,
+                           resource_version: str | None = None) -> dict[str, Any]:
+        """Merge-patch the status subresource; with `resource_version`, fail (409) if the object moved on."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return await self._call("PATCH", kind.path(namespace, name, "status"), body=body,
+                                content_type="application/merge-patch+json")
 
     async def delete(self, kind: Kind, namespace: str | None, name: str) -> bool:
         """Delete in the background (dependents too); False when it was already gone."""

@@ -159,16 +159,6 @@ class Reconciler:
         await asyncio.gather(*(self._kube.delete(kind, owner.namespace, name) for kind, name in stale))
         return tuple(f"{kind.kind}/{name}" for kind, name in stale)
 
-    async def observe_ready(self, body: Mapping[str, Any]) -> bool | None:
-        """Whether every workload of the applied plan is ready; None when nothing was applied yet."""
-        owner = owner_of(body)
-        children = (body.get("status") or {}).get("children") or []
-        workloads = [c.split("/", 1) for c in children if c.split("/", 1)[0] in ("StatefulSet", "Deployment")]
-        if not workloads:
-            return None
-        lives = await asyncio.gather(*(self._kube.get(DISAGG_CHILD[k], owner.namespace, n) for k, n in workloads))
-        return all(live is not None and is_ready(live) for live in lives)
-
     async def delete_children(self, body: Mapping[str, Any]) -> tuple[str, ...]:
         """Delete every child of a deleted resource (garbage collection does it too on real clusters)."""
         return await self._prune(owner_of(body), keep=set())

@@ -63,7 +63,7 @@ def success_status(prev: DisaggServingStatus, outcome: Outcome, generation: int 
 
 
 def readiness_status(prev: DisaggServingStatus, ready: bool, generation: int | None) -> DisaggServingStatus:
-    """The status after a readiness poll (only the rollout conditions and the phase move)."""
+    """The status after workloads changed readiness (only the rollout conditions and the phase move)."""
     conds = _rollout_conditions(prev.conditions, ready, len(prev.children), generation)
     return prev.model_copy(update={"phase": "Ready" if ready else "Progressing", "conditions": conds})
 

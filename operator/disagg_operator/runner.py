@@ -34,7 +34,6 @@ class OperatorConfig:
     plan_workers: int = 1
     plan_threads: int = 2
     profiles_dir: Path | None = None
-    readiness_interval: float = 15.0
     liveness_endpoint: str | None = None
     render: RenderSettings = field(default_factory=RenderSettings)
 
@@ -63,8 +62,7 @@ def build_context(config: OperatorConfig, *, plan_fn: PlanFn | None = None) -> O
     kube = KubeClient(load_api_client(config.kubeconfig, config.context))
     planning = PlanningService(plan_fn, workers=config.plan_workers, threads=config.plan_threads)
     reconciler = Reconciler(kube, planning, ProfileStore(config.profiles_dir), config.render)
-    return OperatorContext(kube=kube, planning=planning, reconciler=reconciler, namespaces=config.namespaces,
-                           readiness_interval=config.readiness_interval)
+    return OperatorContext(kube=kube, planning=planning, reconciler=reconciler, namespaces=config.namespaces)
 
 
 async def run_operator(config: OperatorConfig, *, stop_flag: asyncio.Event | threading.Event | None = None,
