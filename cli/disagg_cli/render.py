@@ -1,0 +1,96 @@
+"""Rich rendering shared by the planning subcommands: the plan table and a progress bar on stderr."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from disagg_planner.api import Plan
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+@contextmanager
+def search_progress(label: str, console: Console) -> Iterator[Callable[[int, int], None]]:
+    """A callback for the search's progress(done, total), drawn on `console` while the block runs.
+
+    On a non-terminal (CI logs, pipes) nothing is drawn: a bar there is only noise.
+    """
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=not console.is_terminal,
+    )
+    task = progress.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def plan_table(plan: Plan) -> Table:
+    """Per phase: shape, replicas, GPUs and instance goodput."""
+    table = Table(title=f"{plan.mode} plan, {plan.affinity} node-affinity", title_justify="left")
+    for column in ("phase", "tp", "pp", "replicas", "GPUs", "instance goodput (req/s)"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for name in ("prefill", "decode", "colocated"):
+        phase = getattr(plan, name)
+        if phase is not None:
+            table.add_row(name, str(phase.tp), str(phase.pp), str(phase.replicas), str(phase.gpus),
+                          f"{phase.instance_goodput_rps:.2f}")
+    return table
+
+
+def placement_summary(plan: Plan) -> list[str]:
+    """One line per node: which instance stage holds which GPUs (P = prefill, D = decode, C = colocated)."""
+    letters = {"prefill": "P", "decode": "D", "colocated": "C"}
+    by_node: dict[int, list[str]] = {}
+    for p in sorted(plan.placement, key=lambda p: (p.node, p.gpus[0] if p.gpus else 0)):
+        gpus = f"{p.gpus[0]}-{p.gpus[-1]}" if len(p.gpus) > 1 else str(p.gpus[0])
+        stage = f"s{p.stage}" if _stages(plan, p.phase) > 1 else ""
+        by_node.setdefault(p.node, []).append(f"{letters[p.phase]}{p.instance}{stage}[{gpus}]")
+    return [f"node {node}: " + " ".join(items) for node, items in sorted(by_node.items())]
+
+
+def _stages(plan: Plan, phase: str) -> int:
+    shape = getattr(plan, phase)
+    return shape.pp if shape is not None else 1
+
+
+def summary_table(plan: Plan) -> Table:
+    """Goodput, attainment and the colocated baseline, as label/value rows."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("GPUs", str(plan.gpus)),
+        ("target rate", f"{plan.target_rate_rps:.2f} req/s"),
+        ("goodput", f"{plan.goodput_rps:.2f} req/s"),
+        ("per-GPU goodput", f"{plan.per_gpu_goodput:.3f} req/s"),
+        ("attainment at target", f"{plan.predicted_attainment:.1%}"),
+    ]
+    if plan.colocated_per_gpu_goodput is not None and plan.mode == "disaggregated":
+        rows.append(("colocated baseline", f"{plan.colocated_per_gpu_goodput:.3f} req/s per GPU"))
+        gain = f"{plan.gain_over_colocated:.2f}x" if plan.gain_over_colocated is not None else "n/a (baseline 0)"
+        rows.append(("gain over colocated", gain))
+    rows.append(("latency model", plan.latency_source))
+    rows.append(("spec hash", plan.spec_hash))
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    """The plan as a person reads it: phases, numbers, placement, and a warning when it misses the target."""
+    console.print(plan_table(plan))
+    console.print(summary_table(plan))
+    console.print("[bold]placement[/bold]")
+    for line in placement_summary(plan):
+        console.print(f"  {line}")
+    if plan.goodput_rps < plan.target_rate_rps:
+        console.print(
+            f"[yellow]warning: the GPU budget buys {plan.goodput_rps:.2f} req/s of goodput, below the target "
+            f"{plan.target_rate_rps:.2f} req/s; raise search.gpuBudget or relax the SLOs[/yellow]"
+        )
