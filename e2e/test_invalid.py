@@ -57,7 +57,7 @@ def test_fixing_an_invalid_spec_recovers(api, namespace, start_operator):
     kubectl.create("fixme", small(search={"maxTp": 3, "maxPp": 1}))
     wait_for(lambda: _degraded(kubectl, "fixme"), what="Degraded")
 
-    cr = kubectl.patch_spec("fixme", {"search": {"maxTp": 2}})
+    cr = kubectl.patch_spec("fixme", {"search": {"maxTp": 1}})
     status = wait_for(lambda: (s := kubectl.status("fixme")).get("phase") == "Progressing"
                       and s.get("observedGeneration") == cr["metadata"]["generation"] and s,
                       what="recovery after the fix")

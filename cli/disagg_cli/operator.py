@@ -7,9 +7,10 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from disagg_operator.render import RenderSettings
-from disagg_operator.runner import OperatorConfig, run_operator
+if TYPE_CHECKING:
+    from disagg_operator.runner import OperatorConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -38,6 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    from disagg_operator.render import RenderSettings
+    from disagg_operator.runner import OperatorConfig
+
     if args.plan_workers < 1 or args.plan_threads < 1:
         raise SystemExit("--plan-workers and --plan-threads must be at least 1")
     return OperatorConfig(
@@ -49,6 +53,9 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # kopf and the kubernetes client load only when the operator actually runs (see disagg_cli.main).
+    from disagg_operator.runner import run_operator
+
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

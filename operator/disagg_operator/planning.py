@@ -79,6 +79,7 @@ class PlanningService:
         self._inflight: dict[str, asyncio.Future[Plan]] = {}
         self.searches = 0  # searches actually run (observability and tests)
         self.hits = 0  # answers served from the cache
+        self.search_seconds = 0.0  # wall time spent in searches
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -108,7 +109,11 @@ class PlanningService:
         try:
             plan_fn = self._plan_fn or default_plan_fn()
             self.searches += 1
-            plan = await loop.run_in_executor(self._pool, partial(plan_fn, spec, profile, workers=self._workers))
+            started = loop.time()
+            try:
+                plan = await loop.run_in_executor(self._pool, partial(plan_fn, spec, profile, workers=self._workers))
+            finally:
+                self.search_seconds += loop.time() - started
             future.set_result(plan)
             self.remember(key, plan)
             return PlanResult(plan, cached=False)

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time as wallclock
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ from .replan import (
     telemetry_for,
 )
 
-EventPoster = Callable[[Mapping[str, Any], ReplanEvent], None]
+EventPoster = Callable[[Mapping[str, Any], ReplanEvent], Awaitable[None]]
 _ROLLED_OUT = ("Progressing", "Ready")
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class ReplanLoop:
     min_requests: float = DEFAULT_MIN_REQUESTS
     names: MetricNames = field(default_factory=MetricNames)
     labels: ScrapeLabels = field(default_factory=ScrapeLabels)
-    post_event: EventPoster | None = None  # kopf.event in the operator; events are only logged without it
+    post_event: EventPoster | None = None  # a KubeEventPoster in the operator; without one, events are logged
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Check all resources every `tick_s` until `stop` is set (or the task is cancelled)."""
@@ -142,7 +142,7 @@ class ReplanLoop:
             rollout, error, patch = await self._roll_out(cr, status, decision)
         written = await self._write(namespace, name, meta.get("resourceVersion"), patch)
         if written:
-            self._announce(cr, decision, rollout, error)
+            await self._announce(cr, decision, rollout, error)
         return CheckOutcome(namespace, name, decision, rollout, error, written)
 
     async def _roll_out(self, cr: Mapping[str, Any], status: Mapping[str, Any],
@@ -174,7 +174,7 @@ class ReplanLoop:
             raise
         return True
 
-    def _announce(self, cr: Mapping[str, Any], decision: ReplanDecision, rollout: Outcome | None,
+    async def _announce(self, cr: Mapping[str, Any], decision: ReplanDecision, rollout: Outcome | None,
                   error: str | None) -> None:
         events = [decision.event] if decision.event is not None else []
         if error is not None:
@@ -186,7 +186,7 @@ class ReplanLoop:
             log.info("%s/%s: %s: %s", cr["metadata"].get("namespace"), cr["metadata"]["name"], event.reason,
                      event.message)
             if self.post_event is not None:
-                self.post_event(cr, event)
+                await self.post_event(cr, event)
 
 
 def _json(obj: Any) -> Any:
