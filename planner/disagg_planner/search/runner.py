@@ -1,17 +1,18 @@
-"""Running search tasks on worker processes, in fixed-size waves with branch-and-bound pruning between them.
+"""Running search tasks on worker processes, with branch-and-bound pruning as results come in.
 
-Waves have a fixed size whatever the worker count, so which shapes get pruned, and so the plan, does not
-depend on how many cores ran the search.
+Pruning drops only items that are dominated (see `branch_and_bound`), and the dominated items that did get
+evaluated are dropped at the end, so the surviving set, and so the plan, does not depend on how many cores
+ran the search or in which order results arrived.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TypeVar
 
 from .evaluate import PhaseResult, PhaseTask, phase_goodput
@@ -20,7 +21,6 @@ from .problem import SearchProblem
 T = TypeVar("T")
 R = TypeVar("R")
 
-WAVE = 4  # items evaluated between pruning decisions
 Progress = Callable[[int, int], None]
 
 
@@ -34,14 +34,24 @@ class TaskPool:
     def map(self, fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
         if self.workers == 1 or len(tasks) <= 1:
             return [fn(t) for t in tasks]
+        return list(self._pool().map(fn, tasks))
+
+    def submit(self, fn: Callable[..., R], *args: object) -> Future:
+        """Run `fn(*args)` on a worker; with one worker, right here (the future is already done)."""
+        if self.workers == 1:
+            done: Future = Future()
+            done.set_result(fn(*args))
+            return done
+        return self._pool().submit(fn, *args)
+
+    def _pool(self) -> Executor:
         if self._executor is None:
             # fork is cheapest and safe in a single-threaded process; a threaded host (the operator) gets
             # forkserver, whose children do not inherit other threads' locks.
             method = "fork" if threading.active_count() == 1 else "forkserver"
             context = multiprocessing.get_context(method)
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
-        chunk = max(1, len(tasks) // (self.workers * 2))
-        return list(self._executor.map(fn, tasks, chunksize=chunk))
+        return self._executor
 
     def close(self) -> None:
         if self._executor is not None:
@@ -62,12 +72,9 @@ class PhaseCache:
     goodput: dict[PhaseTask, float] = field(default_factory=dict)
     simulations: int = 0
 
-    def fill(self, problem: SearchProblem, tasks: Iterable[PhaseTask], pool: TaskPool) -> None:
-        todo = list(dict.fromkeys(t for t in tasks if t not in self.goodput))
-        results: list[PhaseResult] = pool.map(partial(phase_goodput, problem), todo)
-        for result in results:
-            self.goodput[result.task] = result.goodput
-            self.simulations += result.simulations
+    def record(self, result: PhaseResult) -> None:
+        self.goodput[result.task] = result.goodput
+        self.simulations += result.simulations
 
 
 @dataclass(frozen=True)
@@ -89,44 +96,53 @@ class Item:
 def branch_and_bound(
     items: list[Item], problem: SearchProblem, cache: PhaseCache, pool: TaskPool, tick: Callable[[int], None]
 ) -> dict[object, float]:
-    """Goodput of every item that could matter; the rest are dropped as dominated.
+    """Goodput of every item that is not dominated by another.
 
-    An item A is dominated once some evaluated item B, replicated floor(A.gpus / B.gpus) times, serves at
-    least A's rate bound: any allocation using A does as well with those copies of B, on no more GPUs.
-    Items are visited smallest first, so the cheap shapes that dominate most are known early.
+    An item A is dominated when some item B, replicated floor(A.gpus / B.gpus) times, serves at least A's
+    rate: any allocation using A does as well with those copies of B, on no more GPUs. Before evaluation
+    A's rate is its capacity bound (goodput never exceeds it), afterwards its goodput. Items are visited
+    smallest first, so the cheap shapes that dominate most are known early; up to two tasks per worker are
+    in flight, so the workers stay busy while results prune the queue.
     """
-    order = sorted(items, key=lambda it: (it.gpus, -it.bound))
+    queue = deque(sorted(items, key=lambda it: (it.gpus, -it.bound)))
     values: dict[object, float] = {}
     found: list[tuple[int, float]] = []  # (gpus, goodput) of evaluated items
-    for wave in _waves(order, values, found, tick):
-        cache.fill(problem, (t for it in wave for t in it.tasks), pool)
-        for it in wave:
-            values[it.key] = it.value(cache)
-            found.append((it.gpus, values[it.key]))
-        tick(len(wave))
-    return values
+    running: dict[PhaseTask, Future] = {}
+    waiting: list[Item] = []
+    while queue or waiting:
+        while queue and len(running) < 2 * pool.workers:
+            item = queue.popleft()
+            if _dominated(item.gpus, item.bound, found):
+                tick(1)
+                continue
+            for task in item.tasks:
+                if task not in cache.goodput and task not in running:
+                    running[task] = pool.submit(phase_goodput, problem, task)
+            waiting.append(item)
+        if running:
+            done, _ = wait(running.values(), return_when=FIRST_COMPLETED)
+            for task in [t for t, f in running.items() if f in done]:
+                cache.record(running.pop(task).result())
+        for item in [it for it in waiting if all(t in cache.goodput for t in it.tasks)]:
+            waiting.remove(item)
+            values[item.key] = item.value(cache)
+            found.append((item.gpus, values[item.key]))
+            tick(1)
+    by_key = {it.key: it for it in items}
+    others = [(by_key[k].gpus, v, k) for k, v in values.items()]
+    return {
+        k: v for k, v in values.items()
+        if v > 0 and not _dominated(by_key[k].gpus, v, [(g, w) for g, w, key in others if key != k], strict=True)
+    }
 
 
-def _waves(
-    order: list[Item], values: dict[object, float], found: list[tuple[int, float]], tick: Callable[[int], None]
-) -> Iterator[list[Item]]:
-    pending = list(order)
-    while pending:
-        wave: list[Item] = []
-        rest: list[Item] = []
-        for it in pending:
-            if len(wave) < WAVE and not _dominated(it, found):
-                wave.append(it)
-            elif len(wave) >= WAVE:
-                rest.append(it)
-            else:
-                tick(1)  # pruned
-        if wave:
-            yield wave
-        pending = rest
-
-
-def _dominated(item: Item, found: list[tuple[int, float]]) -> bool:
-    if item.bound <= 0:
+def _dominated(gpus: int, rate: float, found: Iterable[tuple[int, float]], strict: bool = False) -> bool:
+    """Replicas of a found item fitting in `gpus` serve at least `rate` (more than it, if `strict`)."""
+    if rate <= 0:
         return True
-    return any(g <= item.gpus and (item.gpus // g) * v >= item.bound for g, v in found if v > 0)
+    for g, v in found:
+        if v > 0 and g <= gpus:
+            copies = (gpus // g) * v
+            if copies > rate or (not strict and copies >= rate):
+                return True
+    return False
