@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .errors import RenderError
+
 APP_NAME = "disagg"
 MANAGED_BY = "disagg-operator"
 FIELD_MANAGER = "disagg-operator"
@@ -57,7 +59,7 @@ def child_name(instance: str, component: str) -> str:
     """`<instance>-<component>`, cut to the 63 characters a Service/label value allows."""
     name = f"{instance}-{component}"
     if len(name) > 63:
-        raise ValueError(
+        raise RenderError(
             f"child name {name!r} is longer than 63 characters; use a shorter DisaggServing name "
             f"(at most {63 - len(component) - 1} characters)"
         )

@@ -1,0 +1,160 @@
+"""Rendered children: valid Kubernetes objects with the plan's shapes, GPUs, topology and ownership."""
+
+from __future__ import annotations
+
+import json
+
+import kubernetes_validate
+import pytest
+from disagg_operator import labels as lb
+from disagg_operator.errors import RenderError
+from disagg_operator.render import RenderSettings, child_key, render_children
+from operator_plans import OWNER, colocated_plan, high_plan, low_plan, render_input, spec
+
+K8S_VERSIONS = ("1.29", "1.33")
+
+
+def _by_key(objs):
+    return {child_key(o): o for o in objs}
+
+
+def _pod(obj):
+    return obj["spec"]["template"]["spec"]
+
+
+def _gpus(obj):
+    return {c["name"]: int(c["resources"]["limits"]["nvidia.com/gpu"]) for c in _pod(obj)["containers"]}
+
+
+@pytest.mark.parametrize("plan", [high_plan(), low_plan(), colocated_plan()], ids=["high", "low", "colocated"])
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_child_validates_against_the_kubernetes_schemas(plan, version):
+    for obj in render_children(render_input(plan)):
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_schema_validation_catches_a_broken_child():
+    obj = _by_key(render_children(render_input(high_plan())))["StatefulSet/chat-prefill"]
+    obj["spec"]["replicas"] = "three"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(obj, "1.33", strict=True)
+
+
+def test_high_affinity_one_statefulset_per_phase_with_tp_times_pp_gpus():
+    children = _by_key(render_children(render_input(high_plan())))
+    assert sorted(children) == sorted([
+        "ServiceAccount/chat-runtime", "ConfigMap/chat-plan", "Service/chat-prefill", "StatefulSet/chat-prefill",
+        "Service/chat-decode", "StatefulSet/chat-decode", "Deployment/chat-router", "Service/chat",
+    ])
+    prefill, decode = children["StatefulSet/chat-prefill"], children["StatefulSet/chat-decode"]
+    assert prefill["spec"]["replicas"] == 3 and _gpus(prefill) == {"prefill": 2}
+    assert decode["spec"]["replicas"] == 1 and _gpus(decode) == {"decode": 4}  # tp2 x pp2
+    args = _pod(decode)["containers"][0]["args"]
+    assert args[:8] == ["serve", "--role", "decode", "--tp", "2", "--pp", "2", "--port"]
+    assert "--stage" not in args
+    spread = _pod(prefill)["topologySpreadConstraints"][0]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["maxSkew"] == 1
+    assert spread["labelSelector"]["matchLabels"] == prefill["spec"]["selector"]["matchLabels"]
+
+
+def test_low_affinity_pairs_same_stage_segments_in_one_pod():
+    children = _by_key(render_children(render_input(low_plan())))
+    segments = sorted(k for k in children if k.startswith("StatefulSet/"))
+    assert segments == ["StatefulSet/chat-segment-s0", "StatefulSet/chat-segment-s1"]
+    for stage, key in enumerate(segments):
+        sts = children[key]
+        assert sts["spec"]["replicas"] == 2  # one pod per prefill-decode unit
+        assert _gpus(sts) == {"prefill": 2, "decode": 1}  # one stage: tp GPUs of each phase, on one node
+        for container in _pod(sts)["containers"]:
+            assert container["args"][-2:] == ["--stage", str(stage)]
+        assert sts["metadata"]["labels"][lb.PHASE] == "paired"
+    # The GPUs of one instance add up to tp x pp across its stage pods.
+    assert sum(_gpus(children[k])["prefill"] for k in segments) == 2 * 2
+
+
+def test_colocated_plan_has_one_workload():
+    children = _by_key(render_children(render_input(colocated_plan())))
+    sts = [k for k in children if k.startswith("StatefulSet/")]
+    assert sts == ["StatefulSet/chat-colocated"]
+    assert children[sts[0]]["spec"]["replicas"] == 4 and _gpus(children[sts[0]]) == {"colocated": 1}
+
+
+def test_every_child_is_owned_and_labelled():
+    for obj in render_children(render_input(high_plan())):
+        meta = obj["metadata"]
+        assert meta["namespace"] == "serving"
+        assert meta["ownerReferences"] == [OWNER.reference()]
+        assert meta["ownerReferences"][0]["controller"] is True
+        labels = meta["labels"]
+        assert labels[lb.NAME] == "disagg" and labels[lb.INSTANCE] == "chat"
+        assert labels[lb.MANAGED] == "disagg-operator" and labels[lb.PLAN_HASH] == "0123456789abcdef-analytic"
+        assert labels[lb.COMPONENT]
+
+
+def test_workload_selectors_do_not_move_with_the_plan():
+    a = _by_key(render_children(render_input(high_plan())))["StatefulSet/chat-prefill"]
+    other = render_input(high_plan())
+    b_input = type(other)(owner=other.owner, spec=other.spec, plan=other.plan, plan_hash="feedfacefeedface-analytic")
+    b = _by_key(render_children(b_input))["StatefulSet/chat-prefill"]
+    assert a["spec"]["selector"] == b["spec"]["selector"]
+    assert lb.PLAN_HASH not in a["spec"]["selector"]["matchLabels"]
+    assert a["spec"]["template"]["metadata"]["labels"][lb.PLAN_HASH] != b["spec"]["template"]["metadata"]["labels"][lb.PLAN_HASH]
+
+
+def test_scheduling_gpu_selector_user_selector_and_tolerations():
+    s = spec(scheduling={"nodeSelector": {"pool": "serving"},
+                         "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+    pod = _pod(_by_key(render_children(render_input(high_plan(), s)))["StatefulSet/chat-decode"])
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "A100-80GB", "pool": "serving"}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    # The user's value for the GPU label wins (real nodes carry e.g. NVIDIA-A100-SXM4-80GB).
+    s2 = spec(scheduling={"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}})
+    pod2 = _pod(_by_key(render_children(render_input(high_plan(), s2)))["StatefulSet/chat-decode"])
+    assert pod2["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+
+
+def test_cpu_cluster_requests_no_gpus_and_custom_gpu_resource_name():
+    cpu = spec(model={"preset": "tiny-llama"}, cluster={"nodes": 1, "gpusPerNode": 8, "gpuType": "CPU"})
+    pod = _pod(_by_key(render_children(render_input(high_plan(), cpu)))["StatefulSet/chat-prefill"])
+    assert "resources" not in pod["containers"][0] and "nodeSelector" not in pod
+    amd = spec(scheduling={"gpuResource": "amd.com/gpu"})
+    pod = _pod(_by_key(render_children(render_input(high_plan(), amd)))["StatefulSet/chat-prefill"])
+    assert pod["containers"][0]["resources"]["limits"] == {"amd.com/gpu": "2"}
+
+
+def test_config_map_carries_plan_model_and_router_endpoints():
+    cm = _by_key(render_children(render_input(low_plan())))["ConfigMap/chat-plan"]
+    assert json.loads(cm["data"]["plan.json"])["affinity"] == "low"
+    assert json.loads(cm["data"]["model.json"])["name"] == "facebook/opt-13b"
+    endpoints = json.loads(cm["data"]["endpoints.json"])
+    # Entry points of pipelined instances: stage-0 pods only, one per unit.
+    assert endpoints["prefill"] == [f"http://chat-segment-s0-{i}.chat-segment-s0.serving.svc:8000" for i in range(2)]
+    assert endpoints["decode"] == [f"http://chat-segment-s0-{i}.chat-segment-s0.serving.svc:8001" for i in range(2)]
+    assert "profile.json" not in cm["data"]
+
+
+def test_image_pull_policy_and_model_path_reach_the_pods():
+    s = spec(model={"preset": "opt-13b", "path": "/models/opt-13b"}, runtime={"image": "registry/rt:2"})
+    objs = render_children(render_input(high_plan(), s, settings=RenderSettings(image_pull_policy="Always")))
+    container = _pod(_by_key(objs)["StatefulSet/chat-prefill"])["containers"][0]
+    assert container["image"] == "registry/rt:2" and container["imagePullPolicy"] == "Always"
+    assert container["args"][-2:] == ["--model-path", "/models/opt-13b"]
+
+
+def test_instances_larger_than_a_node_are_refused_with_a_fix():
+    small_nodes = spec(cluster={"nodes": 4, "gpusPerNode": 2, "gpuType": "A100-80GB"})
+    with pytest.raises(RenderError, match=r"decode pods need 4 GPUs but nodes have 2; lower search.maxTp"):
+        render_children(render_input(high_plan(), small_nodes))
+
+
+def test_unpaired_low_affinity_plan_is_refused():
+    plan = low_plan().model_copy(update={"decode": low_plan().decode.model_copy(update={"replicas": 3})})
+    with pytest.raises(RenderError, match="pair prefill and decode instances one to one"):
+        render_children(render_input(plan))
+
+
+def test_names_too_long_for_kubernetes_are_refused():
+    from disagg_operator.labels import child_name
+
+    with pytest.raises(RenderError, match="at most 52 characters"):
+        child_name("x" * 60, "segment-s0")
