@@ -10,7 +10,8 @@ each one back on its own: rate within 20 %, lengths in the bins of the driven le
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import kubernetes
@@ -19,20 +20,22 @@ from disagg_operator import labels as lb
 from disagg_operator import reporting
 from disagg_operator.crd import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from disagg_operator.kube import KINDS, KubeClient, load_api_client
-from disagg_operator.planning import PlanningService, ProfileStore
-from disagg_operator.reconcile import DISAGG_KIND, Reconciler
+from disagg_operator.planning import PlanFn, PlanningService, ProfileStore
+from disagg_operator.reconcile import DISAGG_KIND, Outcome, Reconciler
 from disagg_operator.render import RenderSettings
 from disagg_operator.telemetry import (
     DriftDetector,
     MetricNames,
     PrometheusTelemetry,
-    ReplanEvent,
     ScrapeLabels,
     replan_tick,
     telemetry_for,
 )
+from disagg_operator.telemetry.events import KubeEventPoster
 from disagg_operator.telemetry.loop import ReplanLoop
-from disagg_planner.api import DisaggServingSpec
+from disagg_planner.api import DisaggServingSpec, LatencyProfile, Plan
+from disagg_planner.errors import NoFeasiblePlan
+from disagg_planner.search import find_plan
 from prometheus_client import CollectorRegistry, start_http_server
 
 from .conftest import Cluster
@@ -158,10 +161,11 @@ async def test_lengths_beyond_the_last_bucket_land_in_the_last_bin(driven: Drive
 
 
 async def test_a_deployment_younger_than_the_window_is_measured_over_its_age(driven: Driven) -> None:
-    obs = await _telemetry(driven, ROUTERS[0], window_s=600).observe(at=driven.t_end)
+    # 120 s: the age is measured in subquery steps of max(1 s, window / 200), so 1 s here
+    obs = await _telemetry(driven, ROUTERS[0], window_s=120).observe(at=driven.t_end)
     age = driven.t_end - driven.first_scrape  # each target's first scrape is within a second before it
     assert obs.covered_s == pytest.approx(age, abs=1.5)
-    assert obs.covered_s < 60
+    assert obs.covered_s < 30
     assert obs.rate_rps == pytest.approx(obs.requests / obs.covered_s)
     assert obs.requests == pytest.approx(driven.sent[ROUTERS[0]], rel=0.2)
 
@@ -183,24 +187,38 @@ async def test_replan_tick_confirms_drift_from_live_metrics(driven: Driven) -> N
     assert observed.input_lengths.edges == [65, 129]  # trimmed to the one bin that saw traffic
 
 
-async def test_the_replan_loop_rolls_out_a_plan_for_the_observed_workload(driven: Driven, cluster: Cluster,
-                                                                          api: kubernetes.client.ApiClient) -> None:
-    """Operator side, end to end: CR -> plan -> children; live traffic drifts -> new plan applied."""
+@dataclass
+class Operated:
+    """One DisaggServing for a driven router, rolled out once, with the operator's pieces around it."""
+
+    kube: KubeClient
+    reconciler: Reconciler
+    loop: ReplanLoop
+    first: Outcome
+    core: kubernetes.client.CoreV1Api
+
+    def events(self, router: Router) -> list[kubernetes.client.CoreV1Event]:
+        return [e for e in self.core.list_namespaced_event(router.namespace).items
+                if e.involved_object.name == router.instance and e.involved_object.kind == KIND]
+
+
+@asynccontextmanager
+async def operated(router: Router, driven: Driven, cluster: Cluster, api: kubernetes.client.ApiClient,
+                   plan_fn: PlanFn | None = None, min_requests: float = 20) -> AsyncIterator[Operated]:
     if cluster.real:
         pytest.skip("the driven traffic comes from in-process exporters, not from router pods in the cluster")
-    router = ROUTERS[0]
     manifest = {"apiVersion": API_VERSION, "kind": KIND,
                 "metadata": {"name": router.instance, "namespace": router.namespace},
                 "spec": small(workload={"rate": 1.0, "dataset": "chatbot"}, replan={
                     "enabled": True, "prometheusUrl": driven.prom.url, "windowSeconds": 30, "stableIntervals": 1})}
-    kubernetes.client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP, VERSION, router.namespace, PLURAL, manifest)
+    custom = kubernetes.client.CustomObjectsApi(api)
+    custom.create_namespaced_custom_object(GROUP, VERSION, router.namespace, PLURAL, manifest)
     kube = KubeClient(load_api_client(str(cluster.kubeconfig)))
-    planning = PlanningService(workers=1)
+    planning = PlanningService(plan_fn, workers=1)
     reconciler = Reconciler(kube, planning, ProfileStore(None), RenderSettings())
-    events: list[ReplanEvent] = []
-    loop = ReplanLoop(kube, reconciler, namespaces=(router.namespace,), min_requests=20,
-                      post_event=lambda _body, event: events.append(event))
+    poster = KubeEventPoster(kube.configuration)
+    loop = ReplanLoop(kube, reconciler, namespaces=(router.namespace,), min_requests=min_requests,
+                      post_event=poster)
     try:
         # the first rollout, as the operator's create handler does it
         cr = await kube.get(DISAGG_KIND, router.namespace, router.instance)
@@ -208,29 +226,64 @@ async def test_the_replan_loop_rolls_out_a_plan_for_the_observed_workload(driven
         first = await reconciler.reconcile(cr)
         await kube.patch_status(DISAGG_KIND, router.namespace, router.instance, reporting.to_patch(
             reporting.success_status(reporting.previous_status(cr), first, cr["metadata"]["generation"])))
+        yield Operated(kube, reconciler, loop, first, kubernetes.client.CoreV1Api(api))
+    finally:
+        await reconciler.delete_children(manifest)  # the emulator does no owner-reference garbage collection
+        custom.delete_namespaced_custom_object(GROUP, VERSION, router.namespace, PLURAL, router.instance)
+        planning.close()
+        poster.close()
+        kube.close()
 
-        [checked] = await loop.check_all(now=driven.t_end)
+
+async def test_the_replan_loop_rolls_out_a_plan_for_the_observed_workload(driven: Driven, cluster: Cluster,
+                                                                          api: kubernetes.client.ApiClient) -> None:
+    """Operator side, end to end: CR -> plan -> children; live traffic drifts -> new plan applied."""
+    router = ROUTERS[0]
+    async with operated(router, driven, cluster, api) as op:
+        [checked] = await op.loop.check_all(now=driven.t_end)
         assert checked.decision.result == "Replanned", checked.decision.status.message
         assert checked.written and checked.error is None and checked.rollout is not None
-        assert checked.rollout.plan_hash != first.plan_hash and checked.rollout.applied
+        assert checked.rollout.plan_hash != op.first.plan_hash and checked.rollout.applied
 
-        cr = await kube.get(DISAGG_KIND, router.namespace, router.instance)
+        cr = await op.kube.get(DISAGG_KIND, router.namespace, router.instance)
         assert cr is not None
         status = cr["status"]
         observed = status["replan"]["observedWorkload"]
+        assert checked.decision.observation is not None
         assert observed["rate"] == pytest.approx(checked.decision.observation.rate_rps)
         assert observed["inputLengths"]["edges"] == [65, 129]
         assert status["replan"]["replanPlanHash"] == status["planHash"] == checked.rollout.plan_hash
         assert status["plan"]["targetRateRps"] == pytest.approx(observed["rate"])
         assert cr["spec"]["workload"] == {"rate": 1.0, "dataset": "chatbot"}  # the spec is not rewritten
+        # the Events say why, on the resource
+        events = op.events(router)
         assert [e.reason for e in events] == ["WorkloadDrift", "Planned"]
+        assert "arrival rate" in events[0].message and "re-planning for" in events[0].message
         # the children now carry the new plan
-        sts = await kube.list(KINDS["StatefulSet"], router.namespace, {lb.INSTANCE: router.instance})
+        sts = await op.kube.list(KINDS["StatefulSet"], router.namespace, {lb.INSTANCE: router.instance})
         assert sts and {s["metadata"]["labels"][lb.PLAN_HASH] for s in sts} == {checked.rollout.plan_hash}
-        assert await loop.check_all(now=driven.t_end + 1) == []  # the next check waits for intervalSeconds
-    finally:
-        await reconciler.delete_children(manifest)  # the emulator does no owner-reference garbage collection
-        kubernetes.client.CustomObjectsApi(api).delete_namespaced_custom_object(
-            GROUP, VERSION, router.namespace, PLURAL, router.instance)
-        planning.close()
-        kube.close()
+        assert await op.loop.check_all(now=driven.t_end + 1) == []  # the next check waits for intervalSeconds
+
+
+async def test_a_re_plan_that_fails_keeps_the_running_plan(driven: Driven, cluster: Cluster,
+                                                           api: kubernetes.client.ApiClient) -> None:
+    """The observed workload has no feasible plan: nothing is applied, the spec's workload stays in force."""
+
+    def planner(spec: DisaggServingSpec, profile: LatencyProfile | None, **kw: object) -> Plan:
+        if spec.workload.rate > 1.2:  # the planner, with a GPU budget the observed ~2 req/s does not fit
+            raise NoFeasiblePlan(f"{spec.workload.rate:.2f} req/s needs more GPUs than the budget")
+        return find_plan(spec, profile, **kw)
+
+    router = ROUTERS[1]
+    async with operated(router, driven, cluster, api, plan_fn=planner, min_requests=10) as op:
+        [checked] = await op.loop.check_all(now=driven.t_end)
+        assert checked.decision.replan and checked.rollout is None and checked.written
+        assert checked.error is not None and "needs more GPUs" in checked.error
+        cr = await op.kube.get(DISAGG_KIND, router.namespace, router.instance)
+        assert cr is not None
+        replan = cr["status"]["replan"]
+        assert replan.get("observedWorkload") is None  # not adopted: later reconciles keep the working plan
+        assert replan["message"].startswith("re-plan for the observed workload failed, the running plan stays")
+        assert cr["status"]["planHash"] == op.first.plan_hash
+        [event] = op.events(router)
+        assert event.type == "Warning" and event.reason == "ReplanFailed"
