@@ -142,7 +142,7 @@ async def test_unpulled_kv_expires(model_dir):
         assert lines[-1]["type"] == "prefilled" and "orphan" in worker.parked
         assert worker.engine.free_blocks < worker.engine.total_blocks
         for _ in range(100):
-            if not worker.parked:
+            if not worker.parked and worker.engine.free_blocks == worker.engine.total_blocks:
                 break
             await asyncio.sleep(0.02)
         assert not worker.parked and worker.engine.free_blocks == worker.engine.total_blocks

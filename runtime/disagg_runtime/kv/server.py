@@ -14,6 +14,7 @@ from .channel import KVChannel, LayerStream, TransferStats
 from .errors import KVChannelError, KVNotFound
 from .framing import FramedStream
 from .links import Endpoint, accept_link
+from .payload import KVHeader
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 class KVLease:
     """One request's KV checked out for sending; `release(True)` after the receiver acked frees it."""
 
-    header: object  # KVHeader; typed loosely to keep this dataclass free of pydantic generics
+    header: KVHeader
     layers: LayerStream
     release: Callable[[bool], Awaitable[None]]
 
@@ -98,7 +99,7 @@ class KVServer:
                 continue
             ok = False
             try:
-                stats = await channel.send(lease.header, lease.layers)  # type: ignore[arg-type]
+                stats = await channel.send(lease.header, lease.layers)
                 ok = True
             finally:
                 await lease.release(ok)

@@ -7,6 +7,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -15,6 +16,9 @@ from ..kv.links import ChannelChoice
 from ..metrics import Role, WorkerMetrics, render
 from .engine_thread import EngineThread
 from .protocol import WorkerStats
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ class Worker(ABC):
 
     role: Role
 
-    def __init__(self, engine, config: WorkerConfig, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, engine: Engine, config: WorkerConfig, registry: CollectorRegistry | None = None) -> None:
         self.engine = engine
         self.config = config
         self.registry = registry or CollectorRegistry()
