@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import select
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 
 import aiohttp
 import pytest
@@ -128,3 +133,29 @@ async def test_overload_gives_429_not_timeouts(model_dir):
     assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses
     assert all(retry is not None for st, retry in results if st == 429)
     assert alive and elapsed < 60
+
+
+def test_disagg_serve_local_prints_a_url_that_streams_and_stops_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "disagg_cli.main", "serve", "--local", "--port", "0", "--cache-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "serving" not in line and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 1)[0]:
+                line = proc.stdout.readline()
+        url = re.search(r"at (http://\S+)", line).group(1)
+        body = json.dumps({"prompt": "Hello", "max_tokens": 8, "ignore_eos": True, "stream": True}).encode()
+        req = urllib.request.Request(f"{url}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            events = [ln for ln in resp.read().decode().splitlines() if ln.startswith("data: ")]
+        assert len(events) == 9 and events[-1] == "data: [DONE]"
+        assert (tmp_path / "models" / "tiny-llama-v1" / "model.safetensors").is_file()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    assert code == 0
+    # The launcher took its children with it.
+    left = subprocess.run(["pgrep", "-f", f"model-path {tmp_path}"], capture_output=True, text=True).stdout
+    assert left.strip() == ""

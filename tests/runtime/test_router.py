@@ -295,3 +295,19 @@ async def test_client_disconnect_aborts_the_request_downstream(cluster):
             break
         await asyncio.sleep(0.02)
     assert decode.aborts == [rid]
+
+
+async def test_drain_refuses_new_requests_and_finishes_running_ones(cluster):
+    url, router = await cluster([FakeWorker("prefill")], [FakeWorker("decode", tokens=30)])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{url}/v1/completions", json={"prompt": [5], "stream": True}) as resp:
+            await resp.content.readline()
+            router.start_drain()
+            assert not router.drained.is_set()
+            async with s.post(f"{url}/v1/completions", json={"prompt": [5]}) as refused:
+                assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+            async with s.get(f"{url}/readyz") as ready:
+                assert ready.status == 503
+            rest = await sse_events(resp)
+    assert rest[-2]["choices"][0]["finish_reason"] == "length" and rest[-1] == "[DONE]"
+    await asyncio.wait_for(router.drained.wait(), 2)

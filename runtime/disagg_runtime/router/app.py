@@ -42,6 +42,7 @@ class RouterConfig:
     heartbeat_timeout_s: float = 10.0
     poll_s: float = 0.5
     served_model_name: str | None = None
+    drain_timeout_s: float = 300.0
 
 
 def _outcome(status: int) -> Outcome:
@@ -56,6 +57,8 @@ class Router:
         self.registry = registry or CollectorRegistry()
         self.metrics = RequestMetrics.create(self.registry)
         self.in_flight = 0
+        self.draining = False
+        self.drained = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
         self.pool: WorkerPool | None = None
         self.aborter: Aborter | None = None
@@ -96,8 +99,16 @@ class Router:
 
     async def readyz(self, _request: web.Request) -> web.Response:
         prefill, decode = len(self.pool.ready("prefill")), len(self.pool.ready("decode"))
-        body = {"prefill": prefill, "decode": decode}
-        return web.json_response(body, status=200 if prefill and decode else 503)
+        body = {"prefill": prefill, "decode": decode, "draining": self.draining}
+        return web.json_response(body, status=200 if prefill and decode and not self.draining else 503)
+
+    def start_drain(self) -> None:
+        """Refuse new requests (503) and set `drained` once the in-flight ones have finished."""
+        self.draining = True
+        if self.in_flight == 0:
+            self.drained.set()
+        else:  # streams that outlive the grace period are cut rather than holding the rollout
+            asyncio.get_running_loop().call_later(self.config.drain_timeout_s, self.drained.set)
 
     async def metrics_handler(self, _request: web.Request) -> web.Response:
         data, content_type = render(self.registry)
@@ -142,6 +153,10 @@ class Router:
 
     async def _serve(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         arrival = time.monotonic()
+        if self.draining:
+            self.metrics.ended("rejected")
+            return error_response(503, "the router is shutting down; retry on another replica",
+                                  type_="server_error", headers={"Retry-After": "1"})
         if self.in_flight >= self.config.max_in_flight:
             return self._reject(429, f"the router is serving {self.in_flight} requests, its limit",
                                 type_="rate_limit_error", retry_after="1")
@@ -185,6 +200,8 @@ class Router:
             await events.aclose()
             self.in_flight -= 1
             self.metrics.in_flight.dec()
+            if self.draining and self.in_flight == 0:
+                self.drained.set()
             if outcome is not None:
                 self.metrics.ended(outcome)
 

@@ -70,8 +70,9 @@ async def _serve_router(args: argparse.Namespace) -> None:
     config = RouterConfig(prefill=args.prefill_endpoints, decode=args.decode_endpoints,
                           max_body_bytes=args.max_body_bytes, max_in_flight=args.max_in_flight,
                           heartbeat_timeout_s=args.heartbeat_timeout, served_model_name=args.served_model_name)
-    await serve_until_stopped(Router(config).app(), args.host or "0.0.0.0", args.port,
-                              extra=lambda: {"role": "router"})
+    router = Router(config)
+    await serve_until_stopped(router.app(), args.host or "0.0.0.0", args.port, drain=router.start_drain,
+                              drained=router.drained, extra=lambda: {"role": "router"})
 
 
 def run_role(args: argparse.Namespace) -> None:
