@@ -2,6 +2,10 @@
 
 Prometheus (router metrics) -> `WorkloadObservation` -> `DriftDetector` (with hysteresis, state in
 `status.replan`) -> `replan_tick` decides -> the operator re-plans for `effective_spec` and rolls out.
+
+`loop.ReplanLoop` (the operator-wide task that runs the checks) and `events.KubeEventPoster` import the
+reconciler; they are not re-exported here so that `reconcile.py` can import `effective_spec` from this
+package without an import cycle.
 """
 
 from .buckets import BucketHistogram, from_buckets, rebin, trimmed

@@ -1,7 +1,7 @@
-"""One re-planning check of a DisaggServing, as the operator's kopf timer runs it.
+"""One re-planning check of a DisaggServing, as the operator's re-planning loop (`loop.py`) runs it.
 
 `replan_tick` reads the workload, folds it into the drift state kept in `status.replan`, and says
-what to do: nothing, or plan again for the observed workload. It never touches Kubernetes: the timer
+what to do: nothing, or plan again for the observed workload. It never touches Kubernetes: the caller
 writes `ReplanDecision.status_patch()`, posts `ReplanDecision.event`, and on `replan` reconciles with
 `effective_spec`, which swaps in the observed workload. The CR's spec is never rewritten; a user who
 edits `spec.workload` voids the observed one (their edit wins), and so does disabling re-planning.
