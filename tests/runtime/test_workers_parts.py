@@ -44,7 +44,7 @@ def test_queue_limit_and_removal():
     fill(q, [1, 2])
     with pytest.raises(QueueFull, match="2 requests waiting"):
         q.push("r9", 1, "r9")
-    assert q.remove("r0") == "r0" and q.remove("r0") is None
+    assert q.has("r0") and q.remove("r0") == "r0" and q.remove("r0") is None and not q.has("r0")
     assert q.queued_tokens == 2 and len(q) == 1
 
 

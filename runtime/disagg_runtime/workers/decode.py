@@ -175,6 +175,10 @@ class DecodeWorker(Worker):
             log.warning("request %s failed before decoding: %s", rid, e)
             job.events.put_nowait(ErrorEvent(message=f"KV from {job.source} unusable: {e}", code=502))
             self._end(job)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the waiting stream must end
+            log.exception("request %s failed importing its KV", rid)
+            job.events.put_nowait(ErrorEvent(message=f"decode worker failed to import the KV: {e}", code=500))
+            self._end(job)
         finally:
             self.reserved_blocks -= job.blocks
             self._wakeup.set()

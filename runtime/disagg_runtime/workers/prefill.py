@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ..engine import (
-    EngineError,
     GenerationRequest,
     InvalidRequest,
     RequestTooLarge,
@@ -144,7 +143,7 @@ class PrefillWorker(Worker):
             self.engine.check_admissible(len(prompt_ids), params.max_tokens)
         except (InvalidRequest, RequestTooLarge) as e:
             raise BadRequest(str(e)) from e
-        if rid in self.parked:
+        if rid in self.parked or self.queue.has(rid):
             raise BadRequest(f"request id {rid} is already in use")
 
     async def prefill_handler(self, request: web.Request) -> web.StreamResponse:
@@ -175,7 +174,7 @@ class PrefillWorker(Worker):
             out = await job.done
         except RequestAborted:
             return
-        except (EngineError, EngineThreadStopped, ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - the batch failed; the router gets a reason, not a hang
             yield ErrorEvent(message=f"prefill failed: {e}", code=500)
             return
         kv = None

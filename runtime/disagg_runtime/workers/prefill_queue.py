@@ -56,6 +56,10 @@ class PrefillQueue(Generic[J]):
             self._items.append(Queued(request_id, tokens, item))
             self._tokens += tokens
 
+    def has(self, request_id: str) -> bool:
+        with self._lock:
+            return any(q.request_id == request_id for q in self._items)
+
     def remove(self, request_id: str) -> J | None:
         """Take a waiting request out (abort); None if it is not waiting."""
         with self._lock:
