@@ -93,6 +93,8 @@ class ReplanLoop:
                 await self.check_all()
             except KubeApiError as exc:  # the API server is away: the next pass retries
                 log.warning("re-planning pass failed: %s", exc)
+            except Exception:  # a background task that dies stops re-planning silently: log and go on
+                log.exception("re-planning pass failed")
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.tick_s)
             except asyncio.TimeoutError:
