@@ -9,6 +9,7 @@ more instance, while the budget and the nodes allow.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..api.plan import InstancePlacement
@@ -187,7 +188,12 @@ def _phase_steps(problem: SearchProblem, c: Candidate, result: SimResult) -> lis
     return [(1, 0), (0, 1)] if ttft_ok <= tpot_ok else [(0, 1), (1, 0)]
 
 
-def _shrink(problem, c, result, layout, at_target):  # noqa: ANN001, ANN202  (helper of measure)
+RunAtTarget = Callable[[Candidate, list[InstancePlacement]], SimResult]
+
+
+def _shrink(
+    problem: SearchProblem, c: Candidate, result: SimResult, layout: Layout, at_target: RunAtTarget
+) -> tuple[Candidate, list[InstancePlacement], SimResult] | None:
     """One instance fewer of the phase with the most slack that still meets the target; None if neither does."""
     for dp, dd in reversed(_phase_steps(problem, c, result)):
         if c.n_prefill - dp < 1 or (c.mode == "disaggregated" and c.n_decode - dd < 1):
