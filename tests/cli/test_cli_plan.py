@@ -126,3 +126,11 @@ def test_help_lists_every_registered_subcommand(capsys):
     out = capsys.readouterr().out
     for name in SUBCOMMANDS:
         assert name in out
+
+
+def test_invalid_profile_names_its_fields(tmp_path, capsys):
+    profile = tmp_path / "profile.json"
+    profile.write_text('{"version": 1, "gpu": "A100-80GB"}')
+    assert main(["plan", str(_write(tmp_path, SPEC)), "--profile", str(profile)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid latency profile" in err and "profile.model: Field required" in err

@@ -132,3 +132,18 @@ def test_low_affinity_plan_pairs_stages_on_nodes():
         if p.phase == "prefill":
             twin = [d for d in plan.placement if d.phase == "decode" and d.instance == p.instance and d.stage == p.stage]
             assert twin and twin[0].node == p.node
+
+
+def test_a_profile_of_the_spec_model_drives_the_latency_model():
+    from disagg_planner.api import MODEL_PRESETS, LatencyProfile, ShapeProfile
+    from disagg_planner.api.profile import DecodeSample, PrefillSample
+
+    samples = ShapeProfile(
+        prefill=[PrefillSample(batch_size=1, sum_tokens=n, sum_sq_tokens=n * n, seconds=0.02 + n * 1e-4)
+                 for n in (64, 256, 1024)],
+        decode=[DecodeSample(batch_size=b, sum_context=b * 100, seconds=0.02 + b * 1e-4) for b in (1, 8, 32)],
+    )
+    profile = LatencyProfile(model=MODEL_PRESETS["opt-13b"], gpu="A100-80GB", shapes=[samples])
+    model = latency_model(_spec(), profile)
+    assert model.source == "profile"
+    assert model.prefill_time(1, 1, [256]) == pytest.approx(0.02 + 256e-4, rel=1e-3)
