@@ -28,6 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--plan-threads", type=int, default=2, help="plan searches that may run at once")
     parser.add_argument("--profiles-dir", type=Path, default=None,
                         help="directory of latency-profile JSON files (matched by model shape and GPU name)")
+    parser.add_argument("--prometheus-url", default=None,
+                        help="Prometheus for drift re-planning of resources whose spec.replan names none")
+    parser.add_argument("--replan-tick", type=float, default=10.0,
+                        help="seconds between re-planning passes (each resource keeps its own interval)")
     parser.add_argument("--gpu-product-label", default="nvidia.com/gpu.product",
                         help="node label selecting the GPU type ('' to select by spec.scheduling only)")
     parser.add_argument("--image-pull-policy", default="IfNotPresent", choices=["Always", "IfNotPresent", "Never"])
@@ -47,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     return OperatorConfig(
         namespaces=tuple(args.namespaces), kubeconfig=args.kubeconfig, context=args.context,
         plan_workers=args.plan_workers, plan_threads=args.plan_threads, profiles_dir=args.profiles_dir,
-        liveness_endpoint=args.liveness,
+        liveness_endpoint=args.liveness, prometheus_url=args.prometheus_url, replan_tick=args.replan_tick,
         render=RenderSettings(gpu_product_label=args.gpu_product_label, image_pull_policy=args.image_pull_policy),
     )
 

@@ -58,11 +58,6 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         if orphans:
             logger.info("deleted %d orphaned children: %s", len(orphans), ", ".join(orphans))
 
-    @kopf.on.cleanup(registry=registry)
-    def close(**_: Any) -> None:
-        ctx.planning.close()
-        ctx.kube.close()
-
     async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, retry: int, **_: Any) -> None:
         await _reconcile(ctx, body, patch, logger, retry)
 

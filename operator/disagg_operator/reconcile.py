@@ -27,6 +27,7 @@ from .errors import InvalidSpecError
 from .kube import CHILD_KINDS, Kind, KubeClient, kind_of
 from .planning import PlanningService, ProfileStore
 from .render import Owner, RenderInput, RenderSettings, child_key, render_children
+from .telemetry.replan import effective_spec
 
 APPLIED_HASH = "disagg.io/applied-hash"
 DISAGG_KIND = Kind(API_VERSION, KIND, PLURAL)
@@ -111,9 +112,11 @@ class Reconciler:
         self._settings = settings
 
     async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
-        spec = parse_spec(body.get("spec"))
-        owner = owner_of(body)
         status = body.get("status") or {}
+        # A drift re-plan's observed workload (status.replan) stands in for spec.workload until the spec's
+        # workload is edited; without this a resume or an image change would undo the re-plan.
+        spec = effective_spec(parse_spec(body.get("spec")), status)
+        owner = owner_of(body)
         profile = self._profiles.find(spec)
         key = self._planning.key(spec, profile)
         if status.get("planHash") == key and status.get("plan"):

@@ -88,5 +88,11 @@ def failure_status(prev: DisaggServingStatus, reason: str, message: str, generat
 
 
 def to_patch(status: DisaggServingStatus) -> dict[str, Any]:
-    """The merge-patch body for `status`: every known field, None where unset (clears stale values)."""
-    return status.model_dump(mode="json", by_alias=True)
+    """The merge-patch body for `status`: every known field, None where unset (clears stale values).
+
+    `replan` belongs to the re-planning loop: left out unless set, so a reconcile never erases it.
+    """
+    patch = status.model_dump(mode="json", by_alias=True)
+    if patch.get("replan") is None:
+        patch.pop("replan", None)
+    return patch

@@ -2,7 +2,9 @@
 
 `run_operator` is a coroutine so tests (and the CLI) can start it in a thread with their own loop
 and stop it with a flag; nothing here touches process-wide state (no global kopf registry, no
-global kubernetes configuration, no environment variables).
+global kubernetes configuration, no environment variables). Beside kopf it runs the drift
+re-planning loop (telemetry/loop.py), one task for the whole operator; both share the clients,
+which are closed only after both have stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .kube import KubeClient, load_api_client
 from .planning import PlanFn, PlanningService, ProfileStore
 from .reconcile import Reconciler
 from .render import RenderSettings
+from .telemetry.events import KubeEventPoster
+from .telemetry.loop import ReplanLoop
 
 ANNOTATION_PREFIX = "disagg.io"
 
@@ -35,6 +39,8 @@ class OperatorConfig:
     plan_threads: int = 2
     profiles_dir: Path | None = None
     liveness_endpoint: str | None = None
+    prometheus_url: str | None = None  # for resources whose spec.replan names none
+    replan_tick: float = 10.0  # seconds between re-planning passes (each resource has its own interval)
     render: RenderSettings = field(default_factory=RenderSettings)
 
 
@@ -73,13 +79,30 @@ async def run_operator(config: OperatorConfig, *, stop_flag: asyncio.Event | thr
     ctx = build_context(config, plan_fn=plan_fn)
     if on_context is not None:
         on_context(ctx)
-    await kopf.operator(
-        registry=build_registry(ctx),
-        settings=operator_settings(config.namespaces),
-        clusterwide=not config.namespaces,
-        namespaces=config.namespaces,
-        standalone=True,
-        liveness_endpoint=config.liveness_endpoint,
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-    )
+    poster = KubeEventPoster(ctx.kube.configuration)
+    replan = ReplanLoop(ctx.kube, ctx.reconciler, namespaces=config.namespaces,
+                        default_prometheus_url=config.prometheus_url, tick_s=config.replan_tick, post_event=poster)
+    replan_stop = asyncio.Event()
+    replan_task = asyncio.create_task(replan.run(replan_stop), name="disagg-replan")
+    try:
+        await kopf.operator(
+            registry=build_registry(ctx),
+            settings=operator_settings(config.namespaces),
+            clusterwide=not config.namespaces,
+            namespaces=config.namespaces,
+            standalone=True,
+            liveness_endpoint=config.liveness_endpoint,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        replan_stop.set()
+        # kopf cancels leftover tasks of the loop when it stops, so the loop may be done (cancelled) already.
+        if not replan_task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(replan_task), timeout=10)
+            except asyncio.TimeoutError:
+                replan_task.cancel()
+        poster.close()
+        ctx.planning.close()
+        ctx.kube.close()

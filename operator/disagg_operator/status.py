@@ -13,6 +13,8 @@ from typing import Literal
 from disagg_planner.api import ApiModel, PhasePlan, Plan
 from pydantic import Field
 
+from .telemetry.status import ReplanStatus
+
 ConditionType = Literal["Planned", "Ready", "Progressing", "Degraded"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 Phase = Literal["Pending", "Paused", "Progressing", "Ready", "Degraded"]
@@ -44,6 +46,7 @@ class DisaggServingStatus(ApiModel):
     gpus: int | None = Field(default=None, ge=0)
     children: list[str] = Field(default_factory=list, description="Kind/name of every applied child.")
     conditions: list[Condition] = Field(default_factory=list)
+    replan: ReplanStatus | None = Field(default=None, description="Drift re-planning state (telemetry loop).")
 
     def condition(self, type_: ConditionType) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)
