@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import aiohttp
 import pytest
 from disagg_runtime.router.pool import NoCapacity, NoWorkers, Worker, WorkerPool
@@ -65,3 +67,19 @@ async def test_dns_endpoints_resolve_to_every_address_and_unreachable_ones_are_u
 def test_endpoints_must_be_host_port():
     with pytest.raises(ValueError, match="must be host:port"):
         WorkerPool(None, prefill=["nohost"], decode=[])  # type: ignore[arg-type]
+
+
+async def test_endpoints_file_is_reread_so_replans_reach_the_router(tmp_path):
+    path = tmp_path / "endpoints.json"
+    path.write_text(json.dumps({"prefill": ["http://127.0.0.1:9/"], "decode": []}))
+    async with aiohttp.ClientSession() as session:
+        pool = WorkerPool(session, prefill=[], decode=["127.0.0.1:8"], endpoints_file=str(path), poll_timeout_s=0.3)
+        await pool.refresh()
+        assert sorted(pool.workers) == ["http://127.0.0.1:8", "http://127.0.0.1:9"]
+        path.write_text(json.dumps({"prefill": ["127.0.0.1:10"], "decode": ["http://127.0.0.1:11"]}))
+        await pool.refresh()
+        assert sorted(pool.workers) == ["http://127.0.0.1:10", "http://127.0.0.1:11", "http://127.0.0.1:8"]
+        path.write_text("{broken")
+        await pool.refresh()  # a half-written file keeps the last good list
+        assert sorted(pool.workers) == ["http://127.0.0.1:10", "http://127.0.0.1:11", "http://127.0.0.1:8"]
+    assert {w.role for w in pool.workers.values() if w.url.endswith(":11")} == {"decode"}

@@ -36,6 +36,7 @@ class RouterConfig:
 
     prefill: list[str]
     decode: list[str]
+    endpoints_file: str | None = None
     max_body_bytes: int = 4 << 20
     max_in_flight: int = 4096
     default_chat_max_tokens: int = 256
@@ -81,7 +82,7 @@ class Router:
         connector = aiohttp.TCPConnector(limit=0)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, read_bufsize=_READ_BUFSIZE)
         self.pool = WorkerPool(self.session, prefill=self.config.prefill, decode=self.config.decode,
-                               poll_s=self.config.poll_s)
+                               endpoints_file=self.config.endpoints_file, poll_s=self.config.poll_s)
         self.aborter = Aborter(self.session)
         await self.pool.start()
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import math
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import aiohttp
@@ -66,21 +68,38 @@ class Worker:
 
 
 def _split(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
+    host, _, port = endpoint.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"worker endpoint {endpoint!r} must be host:port")
     return host.strip("[]"), int(port)
 
 
+def read_endpoints(path: str | Path) -> dict[Role, list[str]]:
+    """{"prefill": [...], "decode": [...]} from the operator's endpoints.json (URLs or host:port)."""
+    doc = json.loads(Path(path).read_text())
+    out: dict[Role, list[str]] = {"prefill": [], "decode": []}
+    for role in out:
+        for endpoint in doc.get(role, []):
+            _split(endpoint)
+            out[role].append(str(endpoint))
+    return out
+
+
 class WorkerPool:
-    """Polls `/stats` of every endpoint; DNS names are re-resolved each poll (headless services)."""
+    """Polls `/stats` of every endpoint; DNS names are re-resolved each poll (headless services).
+
+    With `endpoints_file` (the operator's ConfigMap) the endpoint list is re-read every poll too, so a
+    re-plan that adds or removes instances reaches the router without a restart.
+    """
 
     def __init__(self, session: aiohttp.ClientSession, *, prefill: list[str], decode: list[str],
-                 poll_s: float = 0.5, poll_timeout_s: float = 2.0) -> None:
+                 endpoints_file: str | None = None, poll_s: float = 0.5, poll_timeout_s: float = 2.0) -> None:
         for e in prefill + decode:
             _split(e)
         self.session = session
-        self.endpoints: dict[Role, list[str]] = {"prefill": prefill, "decode": decode}
+        self.static: dict[Role, list[str]] = {"prefill": list(prefill), "decode": list(decode)}
+        self.endpoints: dict[Role, list[str]] = {"prefill": list(prefill), "decode": list(decode)}
+        self.endpoints_file = endpoints_file
         self.workers: dict[str, Worker] = {}
         self.poll_s = poll_s
         self.poll_timeout_s = poll_timeout_s
@@ -117,8 +136,20 @@ class WorkerPool:
         addrs = sorted({i[4][0] for i in infos})
         return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addrs]
 
+    async def _reload(self) -> None:
+        if self.endpoints_file is None:
+            return
+        try:
+            listed = await asyncio.to_thread(read_endpoints, self.endpoints_file)
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("keeping the last endpoints: cannot read %s: %s", self.endpoints_file, e)
+            return
+        self.endpoints = {role: self.static[role] + [e for e in listed[role] if e not in self.static[role]]
+                          for role in self.static}
+
     async def refresh(self) -> None:
-        """Resolve endpoints and poll every worker once."""
+        """Re-read the endpoint list, resolve it, and poll every worker once."""
+        await self._reload()
         seen: set[str] = set()
         for role, endpoints in self.endpoints.items():
             for endpoint in endpoints:

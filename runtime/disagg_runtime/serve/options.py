@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 class ServeError(Exception):
@@ -43,6 +44,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and engine")
     model.add_argument("--model", "--model-path", dest="model_path", metavar="PATH",
                        help="HF-style model directory (config.json, safetensors, tokenizer.json)")
+    model.add_argument("--model-spec", default=os.environ.get("DISAGG_MODEL_SPEC"), metavar="JSON",
+                       help="without --model-path: random weights of this ModelSpec's shape (default "
+                            "$DISAGG_MODEL_SPEC)")
     model.add_argument("--cache-dir", metavar="DIR", help="--local: where the tiny random model is written "
                        "(default $DISAGG_CACHE or ~/.cache/disagg)")
     model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
@@ -52,6 +56,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--kv-memory-fraction", type=float, default=0.9)
     model.add_argument("--tp", type=_positive, default=1, help="tensor-parallel degree of this instance")
     model.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel degree of this instance")
+    model.add_argument("--stage", type=int, help="pipeline stage this pod serves (with --pp > 1)")
 
     net = parser.add_argument_group("network")
     net.add_argument("--host", default=None, help="bind address (default 0.0.0.0; 127.0.0.1 with --local)")
@@ -74,6 +79,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     router.add_argument("--prefill-endpoints", type=_endpoints, default=[], metavar="HOST:PORT,...",
                         help="prefill workers (DNS names are re-resolved: a headless service works)")
     router.add_argument("--decode-endpoints", type=_endpoints, default=[], metavar="HOST:PORT,...")
+    router.add_argument("--endpoints-file", default=os.environ.get("DISAGG_ENDPOINTS"), metavar="JSON",
+                        help='{"prefill": [URL, ...], "decode": [...]}, re-read every poll (default '
+                             "$DISAGG_ENDPOINTS: the operator's ConfigMap)")
     router.add_argument("--max-in-flight", type=_positive, default=4096)
     router.add_argument("--max-body-bytes", type=_positive, default=4 << 20)
     router.add_argument("--heartbeat-timeout", type=float, default=10.0,
@@ -90,9 +98,11 @@ def check_serve_arguments(args: argparse.Namespace) -> None:
     """Cross-flag rules argparse cannot express; ServeError says what to change."""
     if args.local == bool(args.role):
         raise ServeError("give either --local or --role prefill|decode|router")
-    if args.role in ("prefill", "decode") and not args.model_path:
-        raise ServeError(f"--role {args.role} needs --model-path")
-    if args.role == "router" and not (args.prefill_endpoints and args.decode_endpoints):
-        raise ServeError("--role router needs --prefill-endpoints and --decode-endpoints")
+    if args.role in ("prefill", "decode") and not (args.model_path or args.model_spec):
+        raise ServeError(f"--role {args.role} needs --model-path (or --model-spec for random weights)")
+    if args.role == "router" and not (args.prefill_endpoints and args.decode_endpoints or args.endpoints_file):
+        raise ServeError("--role router needs --prefill-endpoints and --decode-endpoints, or --endpoints-file")
+    if args.stage is not None and not 0 <= args.stage < args.pp:
+        raise ServeError(f"--stage {args.stage} is not a stage of a --pp {args.pp} pipeline")
     if not 0 < args.kv_memory_fraction <= 1:
         raise ServeError(f"--kv-memory-fraction must be in (0, 1], got {args.kv_memory_fraction}")

@@ -35,7 +35,12 @@ def load_engine(args: argparse.Namespace):
             "worker does not launch yet; serve tp=1, pp=1 instances (the planner can be bounded with "
             "search.maxTp=1, maxPp=1)"
         )
-    model_dir = Path(args.model_path)
+    if args.model_path:
+        model_dir = Path(args.model_path)
+    else:
+        from .model_cache import model_for_spec
+
+        model_dir = model_for_spec(args.model_spec, args.cache_dir)
     if not (model_dir / "config.json").is_file():
         raise ServeError(f"{model_dir}: no config.json; --model-path must be an HF-style model directory")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -68,6 +73,7 @@ async def _serve_router(args: argparse.Namespace) -> None:
     from ..router.app import Router, RouterConfig
 
     config = RouterConfig(prefill=args.prefill_endpoints, decode=args.decode_endpoints,
+                          endpoints_file=args.endpoints_file,
                           max_body_bytes=args.max_body_bytes, max_in_flight=args.max_in_flight,
                           heartbeat_timeout_s=args.heartbeat_timeout, served_model_name=args.served_model_name)
     router = Router(config)
