@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 SMALL: dict[str, Any] = {
-    "model": {"preset": "opt-13b"},
+    "model": {"preset": "opt-13b", "path": "/models/opt-13b"},
     "cluster": {"nodes": 2, "gpusPerNode": 4, "gpuType": "A100-80GB"},
     "workload": {"rate": 1.0, "dataset": "chatbot"},
     "slo": {"ttftMs": 2000, "tpotMs": 200},

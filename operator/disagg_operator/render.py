@@ -1,15 +1,18 @@
 """Render a plan into the child objects of one DisaggServing (plain dicts, ready for server-side apply).
 
-Children, in apply order: ServiceAccount, ConfigMap (plan, model shape, endpoints, latency profile),
-per worker group a headless Service and a StatefulSet, then the router Deployment and its Service.
-Everything carries the common labels and a controller owner reference, so a real cluster's garbage
-collector removes the children with their owner.
+Children, in apply order: ServiceAccount, ConfigMap (plan, model shape, latency profile), per worker
+group a headless Service and a StatefulSet, then the router Deployment and its Service. Everything
+carries the common labels and a controller owner reference, so a real cluster's garbage collector
+removes the children with their owner.
 
-Runtime contract (`disagg serve`): `--role prefill|decode|colocated|router`, `--tp`, `--pp`, `--stage`
-(pipeline stage of a node-segment pod), `--port`, `--kv-channel`, `--prefill-token-budget`,
-`--model-path` when the spec names one. The ConfigMap is mounted at /etc/disagg: `plan.json`,
-`model.json` (the model shape, for random weights when there is no path), `endpoints.json` (worker
-URLs for the router) and, when planning used one, `profile.json`.
+Runtime contract (`disagg serve`, runtime/disagg_runtime/serve/options.py): workers get `--role
+prefill|decode`, `--model-path`, `--tp`, `--pp`, `--port`, `--kv-channel`, `--kv-compression`,
+`--prefill-token-budget`, `--max-prompt-tokens`, and prefill a fixed `--kv-port`; the router gets
+`--prefill-endpoints`/`--decode-endpoints` naming the headless Services (the router re-resolves
+them, so it sees every pod). Two renderings go beyond today's runtime flags and fail fast in the
+pod if unsupported: `--stage k` (a pipeline stage of a multi-node low-affinity instance) and
+`--role colocated` (a colocated plan). The ConfigMap is mounted at /etc/disagg: `plan.json`,
+`model.json` and, when planning used one, `profile.json`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .topology import Segment, WorkerGroup
 
 CONFIG_DIR = "/etc/disagg"
 ROLE_PORTS = {"prefill": 8000, "decode": 8001, "colocated": 8000, "router": 8000}
+KV_PORT = 8100  # prefill's KV server, which decode workers pull from (fixed: network policies can name it)
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def render_children(inp: RenderInput) -> list[dict[str, Any]]:
     for group in groups:
         children.append(_headless_service(inp, group))
         children.append(_stateful_set(inp, group))
-    children.append(_router_deployment(inp))
+    children.append(_router_deployment(inp, router_endpoints(inp, groups)))
     children.append(_router_service(inp))
     return children
 
@@ -103,7 +107,6 @@ def _config_map(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, Any]:
     data = {
         "plan.json": json.dumps(inp.plan.to_wire(), sort_keys=True, indent=1),
         "model.json": json.dumps(inp.spec.model.spec.to_wire(), sort_keys=True, indent=1),
-        "endpoints.json": json.dumps(_endpoints(inp, groups), sort_keys=True, indent=1),
     }
     if inp.profile is not None:
         data["profile.json"] = inp.profile.model_dump_json(by_alias=True)
@@ -111,17 +114,15 @@ def _config_map(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, Any]:
             "data": data}
 
 
-def _endpoints(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, list[str]]:
-    """Worker URLs the router dispatches to (stage-0 pods are a pipelined instance's entry)."""
-    out: dict[str, list[str]] = {"prefill": [], "decode": [], "colocated": []}
-    ns = inp.owner.namespace
+def router_endpoints(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, list[str]]:
+    """`host:port` of the headless Services the router sends each phase to (stage 0 is an instance's entry)."""
+    out: dict[str, list[str]] = {}
     for group in groups:
-        name = lb.child_name(inp.owner.name, group.component)
+        host = f"{lb.child_name(inp.owner.name, group.component)}.{inp.owner.namespace}.svc"
         for seg in group.segments:
-            if seg.stage not in (None, 0):
-                continue
-            out[seg.role] += [f"http://{name}-{i}.{name}.{ns}.svc:{ROLE_PORTS[seg.role]}" for i in range(group.replicas)]
-    return {k: v for k, v in out.items() if v}
+            if seg.stage in (None, 0):
+                out.setdefault(seg.role, []).append(f"{host}:{ROLE_PORTS[seg.role]}")
+    return out
 
 
 def _headless_service(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
@@ -159,14 +160,18 @@ def _stateful_set(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
 
 def _worker_container(inp: RenderInput, seg: Segment) -> dict[str, Any]:
     rt = inp.spec.runtime
-    args = ["serve", "--role", seg.role, "--tp", str(seg.tp), "--pp", str(seg.pp),
-            "--port", str(ROLE_PORTS[seg.role]), "--kv-channel", rt.kv_channel,
-            "--prefill-token-budget", str(rt.prefill_token_budget)]
+    args = ["serve", "--role", seg.role, "--model-path", inp.spec.model.path or "", "--tp", str(seg.tp),
+            "--pp", str(seg.pp), "--port", str(ROLE_PORTS[seg.role]), "--kv-channel", rt.kv_channel,
+            "--kv-compression", rt.kv_compression, "--prefill-token-budget", str(rt.prefill_token_budget)]
+    if rt.max_prompt_tokens:
+        args += ["--max-prompt-tokens", str(rt.max_prompt_tokens)]
+    if seg.role == "prefill":
+        args += ["--kv-port", str(KV_PORT)]
     if seg.stage is not None:
         args += ["--stage", str(seg.stage)]
-    if inp.spec.model.path:
-        args += ["--model-path", inp.spec.model.path]
     container = _container(inp, seg.role, args)
+    if seg.role == "prefill":
+        container["ports"].append({"name": "kv", "containerPort": KV_PORT, "protocol": "TCP"})
     if topology.uses_gpus(inp.spec):
         gpus = {inp.spec.scheduling.gpu_resource: str(seg.gpus)}
         container["resources"] = {"requests": dict(gpus), "limits": dict(gpus)}
@@ -182,12 +187,6 @@ def _container(inp: RenderInput, role: str, args: list[str]) -> dict[str, Any]:
         "command": ["disagg"],
         "args": args,
         "ports": [{"name": role, "containerPort": port, "protocol": "TCP"}],
-        "env": [
-            {"name": "DISAGG_PLAN", "value": f"{CONFIG_DIR}/plan.json"},
-            {"name": "DISAGG_MODEL_SPEC", "value": f"{CONFIG_DIR}/model.json"},
-            {"name": "DISAGG_ENDPOINTS", "value": f"{CONFIG_DIR}/endpoints.json"},
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        ],
         "readinessProbe": {"tcpSocket": {"port": role}, "periodSeconds": 5},
         "volumeMounts": [{"name": "plan", "mountPath": CONFIG_DIR, "readOnly": True},
                          {"name": "dshm", "mountPath": "/dev/shm"}],
@@ -214,11 +213,17 @@ def _add_scheduling(inp: RenderInput, pod_spec: dict[str, Any]) -> None:
         pod_spec["tolerations"] = tolerations
 
 
-def _router_deployment(inp: RenderInput) -> dict[str, Any]:
+def _router_deployment(inp: RenderInput, endpoints: dict[str, list[str]]) -> dict[str, Any]:
     name = lb.child_name(inp.owner.name, "router")
     selector = lb.selector_labels(inp.owner.name, "router")
     pod_labels = {**lb.common_labels(inp.owner.name, inp.plan_hash), **selector, lb.PHASE: "router"}
-    container = _container(inp, "router", ["serve", "--role", "router", "--port", str(ROLE_PORTS["router"])])
+    args = ["serve", "--role", "router", "--port", str(ROLE_PORTS["router"])]
+    for role in ("prefill", "decode", "colocated"):
+        if role in endpoints:
+            args += [f"--{role}-endpoints", ",".join(endpoints[role])]
+    if inp.spec.runtime.max_prompt_tokens:
+        args += ["--max-prompt-tokens", str(inp.spec.runtime.max_prompt_tokens)]
+    container = _container(inp, "router", args)
     pod_spec: dict[str, Any] = {
         "serviceAccountName": lb.child_name(inp.owner.name, "runtime"),
         "containers": [container],

@@ -84,9 +84,21 @@ async def run_operator(config: OperatorConfig, *, stop_flag: asyncio.Event | thr
                         default_prometheus_url=config.prometheus_url, tick_s=config.replan_tick, post_event=poster)
     replan_stop = asyncio.Event()
     replan_task = asyncio.create_task(replan.run(replan_stop), name="disagg-replan")
+
+    async def stop_replan(**_: object) -> None:
+        # In kopf's cleanup, before kopf waits on (and then cancels) tasks it did not start.
+        replan_stop.set()
+        if not replan_task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(replan_task), timeout=10)
+            except asyncio.TimeoutError:
+                replan_task.cancel()
+
+    registry = build_registry(ctx)
+    kopf.on.cleanup(registry=registry, id="stop-replan")(stop_replan)
     try:
         await kopf.operator(
-            registry=build_registry(ctx),
+            registry=registry,
             settings=operator_settings(config.namespaces),
             clusterwide=not config.namespaces,
             namespaces=config.namespaces,
@@ -96,13 +108,7 @@ async def run_operator(config: OperatorConfig, *, stop_flag: asyncio.Event | thr
             ready_flag=ready_flag,
         )
     finally:
-        replan_stop.set()
-        # kopf cancels leftover tasks of the loop when it stops, so the loop may be done (cancelled) already.
-        if not replan_task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(replan_task), timeout=10)
-            except asyncio.TimeoutError:
-                replan_task.cancel()
+        await stop_replan()  # no-op when kopf's cleanup already did it
         poster.close()
         ctx.planning.close()
         ctx.kube.close()

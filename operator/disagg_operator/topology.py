@@ -13,11 +13,13 @@ node, so KV caches move over NVLink instead of the network. Two ways were weighe
   template gives every pod the same labels, so per-pair labels need one workload per pair; and
   the scheduler places the two pods one at a time, so the first can take a node with no room for
   the second and leave it Pending for good (no gang scheduling).
-- *one pod per node-segment* (chosen): a pod per (unit, stage) holds two containers, the prefill
-  segment and the decode segment of that stage, requesting both GPU sets at once. A pod always
-  lands on one node, so co-location holds by construction, scheduling is atomic, and the two
-  containers share the pod's IPC namespace (CUDA IPC / NCCL over NVLink without `hostIPC`).
-  One StatefulSet per stage, with one replica per prefill-decode unit.
+- *one pod per node-segment* (chosen): a pod holds two containers, the prefill segment and the
+  decode segment, requesting both GPU sets at once. A pod always lands on one node, so co-location
+  holds by construction, scheduling is atomic, and the two containers share the pod's IPC
+  namespace (CUDA IPC / NCCL over NVLink without `hostIPC`). When a whole prefill-decode unit fits
+  one node, the segment is the whole unit: one `unit` StatefulSet, one pod per unit, each container
+  running a whole instance. Otherwise one StatefulSet per pipeline stage (`segment-s<k>`), one pod
+  per unit, containers started with `--stage k`.
 
 GPU node selectors come from the cluster's GPU name (`nvidia.com/gpu.product` by default) merged
 with `spec.scheduling.nodeSelector` (the user's keys win); a CPU "cluster" requests no GPUs.
@@ -79,7 +81,7 @@ def worker_groups(plan: Plan, spec: DisaggServingSpec) -> list[WorkerGroup]:
         groups = [_whole_instances("prefill", _need(plan.prefill, "prefill")),
                   _whole_instances("decode", _need(plan.decode, "decode"))]
     else:
-        groups = _paired_segments(_need(plan.prefill, "prefill"), _need(plan.decode, "decode"))
+        groups = _paired_segments(_need(plan.prefill, "prefill"), _need(plan.decode, "decode"), per_node)
     for group in groups:
         if group.gpus_per_pod > per_node:
             raise RenderError(
@@ -100,12 +102,16 @@ def _whole_instances(role: Role, phase: PhasePlan) -> WorkerGroup:
                        segments=(Segment(role, phase.tp, phase.pp),))
 
 
-def _paired_segments(prefill: PhasePlan, decode: PhasePlan) -> list[WorkerGroup]:
+def _paired_segments(prefill: PhasePlan, decode: PhasePlan, per_node: int) -> list[WorkerGroup]:
     if prefill.pp != decode.pp or prefill.replicas != decode.replicas:
         raise RenderError(
             "a low node-affinity plan must pair prefill and decode instances one to one with the same "
             f"pipeline depth; got prefill {prefill.replicas}x pp{prefill.pp}, decode {decode.replicas}x pp{decode.pp}"
         )
+    if prefill.gpus_per_instance + decode.gpus_per_instance <= per_node:
+        return [WorkerGroup(component="unit", phase="paired", replicas=prefill.replicas,
+                            segments=(Segment("prefill", prefill.tp, prefill.pp),
+                                      Segment("decode", decode.tp, decode.pp)))]
     return [
         WorkerGroup(component=f"segment-s{stage}", phase="paired", replicas=prefill.replicas,
                     segments=(Segment("prefill", prefill.tp, prefill.pp, stage),

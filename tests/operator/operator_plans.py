@@ -13,7 +13,7 @@ OWNER = Owner(api_version="disagg.io/v1alpha1", kind="DisaggServing", name="chat
 
 def spec(**over: Any) -> DisaggServingSpec:
     base: dict[str, Any] = {
-        "model": {"preset": "opt-13b"},
+        "model": {"preset": "opt-13b", "path": "/models/opt-13b"},
         "cluster": {"nodes": 2, "gpusPerNode": 8, "gpuType": "A100-80GB"},
         "workload": {"rate": 4.0, "dataset": "chatbot"},
         "slo": {"ttftMs": 250, "tpotMs": 100},

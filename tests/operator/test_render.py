@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import kubernetes_validate
@@ -9,6 +10,7 @@ import pytest
 from disagg_operator import labels as lb
 from disagg_operator.errors import RenderError
 from disagg_operator.render import RenderSettings, child_key, render_children
+from disagg_runtime.serve.options import add_serve_arguments
 from operator_plans import OWNER, colocated_plan, high_plan, low_plan, render_input, spec
 
 K8S_VERSIONS = ("1.29", "1.33")
@@ -26,10 +28,15 @@ def _gpus(obj):
     return {c["name"]: int(c["resources"]["limits"]["nvidia.com/gpu"]) for c in _pod(obj)["containers"]}
 
 
-@pytest.mark.parametrize("plan", [high_plan(), low_plan(), colocated_plan()], ids=["high", "low", "colocated"])
+SMALL_NODES = {"cluster": {"nodes": 4, "gpusPerNode": 4, "gpuType": "A100-80GB"}}
+
+
+@pytest.mark.parametrize(("plan", "over"), [(high_plan(), {}), (low_plan(), {}), (low_plan(), SMALL_NODES),
+                                            (colocated_plan(), {})],
+                         ids=["high", "low-unit", "low-segments", "colocated"])
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_every_child_validates_against_the_kubernetes_schemas(plan, version):
-    for obj in render_children(render_input(plan)):
+def test_every_child_validates_against_the_kubernetes_schemas(plan, over, version):
+    for obj in render_children(render_input(plan, spec(**over))):
         kubernetes_validate.validate(obj, version, strict=True)
 
 
@@ -49,16 +56,48 @@ def test_high_affinity_one_statefulset_per_phase_with_tp_times_pp_gpus():
     prefill, decode = children["StatefulSet/chat-prefill"], children["StatefulSet/chat-decode"]
     assert prefill["spec"]["replicas"] == 3 and _gpus(prefill) == {"prefill": 2}
     assert decode["spec"]["replicas"] == 1 and _gpus(decode) == {"decode": 4}  # tp2 x pp2
-    args = _pod(decode)["containers"][0]["args"]
-    assert args[:8] == ["serve", "--role", "decode", "--tp", "2", "--pp", "2", "--port"]
-    assert "--stage" not in args
+    decode_args = _runtime_args(_pod(decode)["containers"][0])
+    assert (decode_args.role, decode_args.tp, decode_args.pp, decode_args.port) == ("decode", 2, 2, 8001)
+    assert decode_args.model_path == "/models/opt-13b" and decode_args.kv_channel == "auto"
+    prefill_args = _runtime_args(_pod(prefill)["containers"][0])
+    assert (prefill_args.role, prefill_args.kv_port, prefill_args.prefill_token_budget) == ("prefill", 8100, 4096)
     spread = _pod(prefill)["topologySpreadConstraints"][0]
     assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["maxSkew"] == 1
     assert spread["labelSelector"]["matchLabels"] == prefill["spec"]["selector"]["matchLabels"]
 
 
+def _runtime_args(container):
+    """The container's args parsed by the runtime's own `disagg serve` parser (the contract)."""
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert container["command"] == ["disagg"] and container["args"][0] == "serve"
+    return parser.parse_args(container["args"][1:])
+
+
+def test_router_is_pointed_at_the_worker_services():
+    children = _by_key(render_children(render_input(high_plan())))
+    args = _runtime_args(_pod(children["Deployment/chat-router"])["containers"][0])
+    assert args.role == "router" and args.port == 8000
+    assert args.prefill_endpoints == ["chat-prefill.serving.svc:8000"]
+    assert args.decode_endpoints == ["chat-decode.serving.svc:8001"]
+    assert children["Service/chat-prefill"]["spec"]["clusterIP"] == "None"
+    assert children["Service/chat"]["spec"]["ports"][0]["port"] == 80
+
+
+def test_low_affinity_unit_that_fits_a_node_is_one_pod_with_both_instances():
+    children = _by_key(render_children(render_input(low_plan())))  # 4 + 2 GPUs on 8-GPU nodes
+    assert [k for k in children if k.startswith("StatefulSet/")] == ["StatefulSet/chat-unit"]
+    unit = children["StatefulSet/chat-unit"]
+    assert unit["spec"]["replicas"] == 2 and _gpus(unit) == {"prefill": 4, "decode": 2}
+    roles = [_runtime_args(c).role for c in _pod(unit)["containers"]]
+    assert roles == ["prefill", "decode"]
+    router = _runtime_args(_pod(children["Deployment/chat-router"])["containers"][0])
+    assert router.prefill_endpoints == ["chat-unit.serving.svc:8000"]
+    assert router.decode_endpoints == ["chat-unit.serving.svc:8001"]
+
+
 def test_low_affinity_pairs_same_stage_segments_in_one_pod():
-    children = _by_key(render_children(render_input(low_plan())))
+    children = _by_key(render_children(render_input(low_plan(), spec(**SMALL_NODES))))
     segments = sorted(k for k in children if k.startswith("StatefulSet/"))
     assert segments == ["StatefulSet/chat-segment-s0", "StatefulSet/chat-segment-s1"]
     for stage, key in enumerate(segments):
@@ -126,19 +165,21 @@ def test_config_map_carries_plan_model_and_router_endpoints():
     cm = _by_key(render_children(render_input(low_plan())))["ConfigMap/chat-plan"]
     assert json.loads(cm["data"]["plan.json"])["affinity"] == "low"
     assert json.loads(cm["data"]["model.json"])["name"] == "facebook/opt-13b"
-    endpoints = json.loads(cm["data"]["endpoints.json"])
-    # Entry points of pipelined instances: stage-0 pods only, one per unit.
-    assert endpoints["prefill"] == [f"http://chat-segment-s0-{i}.chat-segment-s0.serving.svc:8000" for i in range(2)]
-    assert endpoints["decode"] == [f"http://chat-segment-s0-{i}.chat-segment-s0.serving.svc:8001" for i in range(2)]
     assert "profile.json" not in cm["data"]
+    pod = _pod(_by_key(render_children(render_input(low_plan())))["StatefulSet/chat-unit"])
+    assert pod["volumes"][0] == {"name": "plan", "configMap": {"name": "chat-plan"}}
+    assert {"name": "plan", "mountPath": "/etc/disagg", "readOnly": True} in pod["containers"][0]["volumeMounts"]
 
 
 def test_image_pull_policy_and_model_path_reach_the_pods():
-    s = spec(model={"preset": "opt-13b", "path": "/models/opt-13b"}, runtime={"image": "registry/rt:2"})
+    s = spec(model={"preset": "opt-13b", "path": "/weights/opt"}, runtime={
+        "image": "registry/rt:2", "kvCompression": "fp8", "maxPromptTokens": 2048, "prefillTokenBudget": 8192})
     objs = render_children(render_input(high_plan(), s, settings=RenderSettings(image_pull_policy="Always")))
     container = _pod(_by_key(objs)["StatefulSet/chat-prefill"])["containers"][0]
     assert container["image"] == "registry/rt:2" and container["imagePullPolicy"] == "Always"
-    assert container["args"][-2:] == ["--model-path", "/models/opt-13b"]
+    args = _runtime_args(container)
+    assert (args.model_path, args.kv_compression, args.max_prompt_tokens, args.prefill_token_budget) == (
+        "/weights/opt", "fp8", 2048, 8192)
 
 
 def test_instances_larger_than_a_node_are_refused_with_a_fix():
