@@ -116,10 +116,6 @@ class Reconciler:
         # A drift re-plan's observed workload (status.replan) stands in for spec.workload until the spec's
         # workload is edited; without this a resume or an image change would undo the re-plan.
         spec = effective_spec(parse_spec(body.get("spec")), status)
-        if not spec.paused and not spec.model.path:
-            raise InvalidSpecError(
-                "spec.model.path: required to roll out (the runtime's prefill and decode workers load the "
-                "weights from it); set it, or set spec.paused: true for a what-if plan", ("spec.model.path",))
         owner = owner_of(body)
         profile = self._profiles.find(spec)
         key = self._planning.key(spec, profile)

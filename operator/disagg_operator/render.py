@@ -6,13 +6,13 @@ carries the common labels and a controller owner reference, so a real cluster's 
 removes the children with their owner.
 
 Runtime contract (`disagg serve`, runtime/disagg_runtime/serve/options.py): workers get `--role
-prefill|decode`, `--model-path`, `--tp`, `--pp`, `--port`, `--kv-channel`, `--kv-compression`,
-`--prefill-token-budget`, `--max-prompt-tokens`, and prefill a fixed `--kv-port`; the router gets
-`--prefill-endpoints`/`--decode-endpoints` naming the headless Services (the router re-resolves
-them, so it sees every pod). Two renderings go beyond today's runtime flags and fail fast in the
-pod if unsupported: `--stage k` (a pipeline stage of a multi-node low-affinity instance) and
-`--role colocated` (a colocated plan). The ConfigMap is mounted at /etc/disagg: `plan.json`,
-`model.json` and, when planning used one, `profile.json`.
+prefill|decode`, `--model-path` (or, without one, `--model-spec model.json`: random weights of the
+shape), `--tp`, `--pp`, `--stage` (a pipeline stage of a multi-node low-affinity instance), `--port`,
+`--kv-channel`, `--kv-compression`, `--prefill-token-budget`, `--max-prompt-tokens`, and prefill a
+fixed `--kv-port`; the router gets `--endpoints-file endpoints.json`, per-pod URLs through the
+headless Services, which it re-reads, so a re-plan reaches it without a restart. The ConfigMap is
+mounted at /etc/disagg: `plan.json`, `model.json`, `endpoints.json` and, when planning used one,
+`profile.json`. A colocated plan renders `--role colocated`, which the runtime does not serve yet.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def render_children(inp: RenderInput) -> list[dict[str, Any]]:
     for group in groups:
         children.append(_headless_service(inp, group))
         children.append(_stateful_set(inp, group))
-    children.append(_router_deployment(inp, router_endpoints(inp, groups)))
+    children.append(_router_deployment(inp))
     children.append(_router_service(inp))
     return children
 
@@ -107,6 +107,7 @@ def _config_map(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, Any]:
     data = {
         "plan.json": json.dumps(inp.plan.to_wire(), sort_keys=True, indent=1),
         "model.json": json.dumps(inp.spec.model.spec.to_wire(), sort_keys=True, indent=1),
+        "endpoints.json": json.dumps(router_endpoints(inp, groups), sort_keys=True, indent=1),
     }
     if inp.profile is not None:
         data["profile.json"] = inp.profile.model_dump_json(by_alias=True)
@@ -115,13 +116,15 @@ def _config_map(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, Any]:
 
 
 def router_endpoints(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, list[str]]:
-    """`host:port` of the headless Services the router sends each phase to (stage 0 is an instance's entry)."""
+    """Per-pod worker URLs for the router, by role (stage-0 pods are a pipelined instance's entry)."""
     out: dict[str, list[str]] = {}
+    ns = inp.owner.namespace
     for group in groups:
-        host = f"{lb.child_name(inp.owner.name, group.component)}.{inp.owner.namespace}.svc"
+        name = lb.child_name(inp.owner.name, group.component)
         for seg in group.segments:
             if seg.stage in (None, 0):
-                out.setdefault(seg.role, []).append(f"{host}:{ROLE_PORTS[seg.role]}")
+                out.setdefault(seg.role, []).extend(
+                    f"http://{name}-{i}.{name}.{ns}.svc:{ROLE_PORTS[seg.role]}" for i in range(group.replicas))
     return out
 
 
@@ -160,8 +163,10 @@ def _stateful_set(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
 
 def _worker_container(inp: RenderInput, seg: Segment) -> dict[str, Any]:
     rt = inp.spec.runtime
-    args = ["serve", "--role", seg.role, "--model-path", inp.spec.model.path or "", "--tp", str(seg.tp),
-            "--pp", str(seg.pp), "--port", str(ROLE_PORTS[seg.role]), "--kv-channel", rt.kv_channel,
+    weights = (["--model-path", inp.spec.model.path] if inp.spec.model.path
+               else ["--model-spec", f"{CONFIG_DIR}/model.json"])
+    args = ["serve", "--role", seg.role, *weights, "--tp", str(seg.tp), "--pp", str(seg.pp),
+            "--port", str(ROLE_PORTS[seg.role]), "--kv-channel", rt.kv_channel,
             "--kv-compression", rt.kv_compression, "--prefill-token-budget", str(rt.prefill_token_budget)]
     if rt.max_prompt_tokens:
         args += ["--max-prompt-tokens", str(rt.max_prompt_tokens)]
@@ -213,14 +218,12 @@ def _add_scheduling(inp: RenderInput, pod_spec: dict[str, Any]) -> None:
         pod_spec["tolerations"] = tolerations
 
 
-def _router_deployment(inp: RenderInput, endpoints: dict[str, list[str]]) -> dict[str, Any]:
+def _router_deployment(inp: RenderInput) -> dict[str, Any]:
     name = lb.child_name(inp.owner.name, "router")
     selector = lb.selector_labels(inp.owner.name, "router")
     pod_labels = {**lb.common_labels(inp.owner.name, inp.plan_hash), **selector, lb.PHASE: "router"}
-    args = ["serve", "--role", "router", "--port", str(ROLE_PORTS["router"])]
-    for role in ("prefill", "decode", "colocated"):
-        if role in endpoints:
-            args += [f"--{role}-endpoints", ",".join(endpoints[role])]
+    args = ["serve", "--role", "router", "--port", str(ROLE_PORTS["router"]),
+            "--endpoints-file", f"{CONFIG_DIR}/endpoints.json"]
     if inp.spec.runtime.max_prompt_tokens:
         args += ["--max-prompt-tokens", str(inp.spec.runtime.max_prompt_tokens)]
     container = _container(inp, "router", args)

@@ -10,7 +10,8 @@ import pytest
 from disagg_operator import labels as lb
 from disagg_operator.errors import RenderError
 from disagg_operator.render import RenderSettings, child_key, render_children
-from disagg_runtime.serve.options import add_serve_arguments
+from disagg_runtime.router.pool import read_endpoints
+from disagg_runtime.serve.options import add_serve_arguments, check_serve_arguments
 from operator_plans import OWNER, colocated_plan, high_plan, low_plan, render_input, spec
 
 K8S_VERSIONS = ("1.29", "1.33")
@@ -71,17 +72,31 @@ def _runtime_args(container):
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     assert container["command"] == ["disagg"] and container["args"][0] == "serve"
-    return parser.parse_args(container["args"][1:])
+    args = parser.parse_args(container["args"][1:])
+    check_serve_arguments(args)  # the runtime's cross-flag rules (model source, router endpoints, stage)
+    return args
 
 
-def test_router_is_pointed_at_the_worker_services():
+def test_router_reads_per_pod_endpoints_from_the_config_map(tmp_path):
     children = _by_key(render_children(render_input(high_plan())))
     args = _runtime_args(_pod(children["Deployment/chat-router"])["containers"][0])
-    assert args.role == "router" and args.port == 8000
-    assert args.prefill_endpoints == ["chat-prefill.serving.svc:8000"]
-    assert args.decode_endpoints == ["chat-decode.serving.svc:8001"]
+    assert args.role == "router" and args.port == 8000 and args.endpoints_file == "/etc/disagg/endpoints.json"
+    endpoints = json.loads(children["ConfigMap/chat-plan"]["data"]["endpoints.json"])
+    assert endpoints == {
+        "prefill": [f"http://chat-prefill-{i}.chat-prefill.serving.svc:8000" for i in range(3)],
+        "decode": ["http://chat-decode-0.chat-decode.serving.svc:8001"],
+    }
+    (tmp_path / "endpoints.json").write_text(children["ConfigMap/chat-plan"]["data"]["endpoints.json"])
+    assert read_endpoints(tmp_path / "endpoints.json") == endpoints  # the router's own reader accepts it
     assert children["Service/chat-prefill"]["spec"]["clusterIP"] == "None"
     assert children["Service/chat"]["spec"]["ports"][0]["port"] == 80
+
+
+def test_without_a_model_path_workers_get_random_weights_of_the_shape():
+    s = spec(model={"preset": "tiny-llama"})
+    args = _runtime_args(_pod(_by_key(render_children(render_input(high_plan(), s)))["StatefulSet/chat-decode"])
+                         ["containers"][0])
+    assert args.model_path is None and args.model_spec == "/etc/disagg/model.json"
 
 
 def test_low_affinity_unit_that_fits_a_node_is_one_pod_with_both_instances():
@@ -91,9 +106,9 @@ def test_low_affinity_unit_that_fits_a_node_is_one_pod_with_both_instances():
     assert unit["spec"]["replicas"] == 2 and _gpus(unit) == {"prefill": 4, "decode": 2}
     roles = [_runtime_args(c).role for c in _pod(unit)["containers"]]
     assert roles == ["prefill", "decode"]
-    router = _runtime_args(_pod(children["Deployment/chat-router"])["containers"][0])
-    assert router.prefill_endpoints == ["chat-unit.serving.svc:8000"]
-    assert router.decode_endpoints == ["chat-unit.serving.svc:8001"]
+    endpoints = json.loads(children["ConfigMap/chat-plan"]["data"]["endpoints.json"])
+    assert endpoints["prefill"] == [f"http://chat-unit-{i}.chat-unit.serving.svc:8000" for i in range(2)]
+    assert endpoints["decode"] == [f"http://chat-unit-{i}.chat-unit.serving.svc:8001" for i in range(2)]
 
 
 def test_low_affinity_pairs_same_stage_segments_in_one_pod():
@@ -105,7 +120,7 @@ def test_low_affinity_pairs_same_stage_segments_in_one_pod():
         assert sts["spec"]["replicas"] == 2  # one pod per prefill-decode unit
         assert _gpus(sts) == {"prefill": 2, "decode": 1}  # one stage: tp GPUs of each phase, on one node
         for container in _pod(sts)["containers"]:
-            assert container["args"][-2:] == ["--stage", str(stage)]
+            assert _runtime_args(container).stage == stage
         assert sts["metadata"]["labels"][lb.PHASE] == "paired"
     # The GPUs of one instance add up to tp x pp across its stage pods.
     assert sum(_gpus(children[k])["prefill"] for k in segments) == 2 * 2
