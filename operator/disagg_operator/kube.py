@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -84,8 +85,6 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
 
 
 def _in_cluster() -> bool:
-    import os
-
     return "KUBERNETES_SERVICE_HOST" in os.environ and "KUBECONFIG" not in os.environ
 
 
