@@ -60,6 +60,7 @@ class Engine:
         self.head_dim = cfg.head_dim
         self.max_context = cfg.max_context
         self.block_size = block_size
+        self.tp_size = tp_size
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids or cfg.eos_token_ids)
         self.backend = attention_backend or TorchAttentionBackend()
         self.cache = PagedKVCache(num_layers=cfg.num_layers, num_blocks=num_blocks, block_size=block_size,

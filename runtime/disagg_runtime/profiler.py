@@ -1,0 +1,195 @@
+"""Measure an engine's prefill and decode step times over a grid; write the planner's latency profile.
+
+Prefill is timed on batches of random prompts (prompt blocks only, released after each run).
+Decode is timed with `batch` sequences whose prompt KV is imported as zeros: the step reads and
+computes exactly what it would with real KV, and no long prefill is spent building it. Every
+shape is run once untimed first (allocator, kernels, CUDA graphs warm up). Grid points that
+cannot fit the model context or the KV cache are skipped and reported in `ProfileRun.skipped`.
+
+With tensor parallelism every rank must call `profile_engine` with the same arguments: prompts
+come from a seeded generator, so all ranks run the same steps.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from disagg_planner.api import DecodeSample, LatencyProfile, PrefillSample, ShapeProfile
+
+from .engine import Engine, GenerationRequest, SamplingParams
+from .engine.kv_cache import blocks_for
+from .kv.payload import KVHeader, KVPayload
+
+GRIDS: dict[str, dict[str, list[int]]] = {
+    "small": {"prefill_lengths": [16, 64, 256], "prefill_batches": [1, 4], "decode_batches": [1, 4, 16],
+              "contexts": [16, 128, 256]},
+    "full": {"prefill_lengths": [128, 256, 512, 1024, 2048, 4096], "prefill_batches": [1, 2, 4, 8],
+             "decode_batches": [1, 8, 32, 64, 128, 256], "contexts": [128, 512, 1024, 2048, 4096]},
+}
+
+# torch.cuda.get_device_name() substrings -> the GPU type names the planner knows (ClusterSpec.gpu_type).
+_GPU_TYPES = (("H200", "H200-141GB"), ("H100", "H100-80GB"), ("A100", "A100-80GB"))
+
+
+@dataclass
+class ProfileRun:
+    """A profile plus what could not be measured."""
+
+    profile: LatencyProfile
+    skipped: list[str] = field(default_factory=list)
+
+
+def gpu_type_name(device: torch.device) -> str:
+    """The planner's GPU type for `device` ("CPU" on CPU; the driver's name for unknown GPUs)."""
+    if device.type != "cuda":
+        return "CPU"
+    name = torch.cuda.get_device_name(device)
+    return next((ours for key, ours in _GPU_TYPES if key in name), name)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def profile_engine(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batches: Sequence[int],
+                   decode_batches: Sequence[int], contexts: Sequence[int], repeats: int = 3,
+                   gpu: str | None = None, log: Callable[[str], None] | None = None) -> LatencyProfile:
+    """Time prefill over lengths x batches and decode over batches x contexts; return the profile."""
+    return run_profile(engine, prefill_lengths=prefill_lengths, prefill_batches=prefill_batches,
+                       decode_batches=decode_batches, contexts=contexts, repeats=repeats, gpu=gpu, log=log).profile
+
+
+def run_profile(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batches: Sequence[int],
+                decode_batches: Sequence[int], contexts: Sequence[int], repeats: int = 3,
+                gpu: str | None = None, log: Callable[[str], None] | None = None) -> ProfileRun:
+    """`profile_engine`, also saying which grid points were skipped."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if engine.num_running or engine.request_ids:
+        raise RuntimeError("profile an idle engine: it holds requests, which would be timed along")
+    say = log or (lambda _msg: None)
+    skipped: list[str] = []
+    prefill: list[PrefillSample] = []
+    for length in prefill_lengths:
+        for batch in prefill_batches:
+            why = _prefill_unfit(engine, length, batch)
+            if why:
+                skipped.append(f"prefill {batch}x{length}: {why}")
+                continue
+            seconds = _time_prefill(engine, length, batch, repeats)
+            prefill.append(PrefillSample(batch_size=batch, sum_tokens=batch * length,
+                                         sum_sq_tokens=batch * length * length, seconds=seconds))
+            say(f"prefill batch {batch:>3} x {length:>5} tokens: {seconds * 1e3:9.2f} ms")
+    decode: list[DecodeSample] = []
+    for context in contexts:
+        for batch in decode_batches:
+            why = _decode_unfit(engine, context, batch, repeats)
+            if why:
+                skipped.append(f"decode {batch}x{context}: {why}")
+                continue
+            samples = _time_decode(engine, context, batch, repeats)
+            decode.extend(samples)
+            say(f"decode batch {batch:>4} at context {context:>5}: "
+                f"{statistics.median(s.seconds for s in samples) * 1e3:9.2f} ms")
+    if not prefill or not decode:
+        raise RuntimeError(f"nothing measurable for {'prefill' if not prefill else 'decode'}: {skipped}")
+    cfg = engine.config
+    profile = LatencyProfile(
+        model=cfg.to_model_spec(engine.model_id, engine.dtype_name),
+        gpu=gpu or gpu_type_name(engine.device), device=device_description(engine.device),
+        runtime=f"disagg engine ({engine.backend.name} attention)",
+        shapes=[ShapeProfile(tp=engine.tp_size, pp=1, prefill=prefill, decode=decode)],
+    )
+    return ProfileRun(profile=profile, skipped=skipped)
+
+
+def _prefill_unfit(engine: Engine, length: int, batch: int) -> str | None:
+    if length + 1 > engine.max_context:
+        return f"longer than the model context ({engine.max_context})"
+    need = batch * blocks_for(length, engine.block_size)
+    if need > engine.total_blocks:
+        return f"needs {need} KV blocks, the cache has {engine.total_blocks}"
+    return None
+
+
+def _decode_unfit(engine: Engine, context: int, batch: int, repeats: int) -> str | None:
+    steps = repeats + 1
+    if context + steps + 1 > engine.max_context:
+        return f"context + steps exceeds the model context ({engine.max_context})"
+    need = batch * blocks_for(engine.kv_tokens(context, steps + 1), engine.block_size)
+    if need > engine.total_blocks:
+        return f"needs {need} KV blocks, the cache has {engine.total_blocks}"
+    return None
+
+
+def _prompts(engine: Engine, length: int, batch: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, engine.config.vocab_size, (batch, length), generator=gen).tolist()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_prefill(engine: Engine, length: int, batch: int, repeats: int) -> float:
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    times = []
+    for run in range(repeats + 1):  # run 0 warms up
+        reqs = [GenerationRequest(f"profile-p{length}x{batch}-{run}-{i}", ids, params)
+                for i, ids in enumerate(_prompts(engine, length, batch, seed=length * 1000 + batch))]
+        _sync(engine.device)
+        start = time.perf_counter()
+        engine.prefill(reqs, reserve_decode=False)
+        _sync(engine.device)
+        times.append(time.perf_counter() - start)
+        for r in reqs:
+            engine.release(r.request_id)
+    return statistics.median(times[1:])
+
+
+def _zero_kv(engine: Engine, context: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    shape = (context, engine.num_kv_heads, engine.head_dim)
+    keys = [torch.zeros(shape, dtype=engine.dtype, device=engine.device) for _ in range(engine.num_layers)]
+    values = [torch.zeros(shape, dtype=engine.dtype, device=engine.device) for _ in range(engine.num_layers)]
+    return keys, values
+
+
+def _time_decode(engine: Engine, context: int, batch: int, repeats: int) -> list[DecodeSample]:
+    steps = repeats + 1
+    params = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
+    keys, values = _zero_kv(engine, context)
+    prompts = _prompts(engine, context, batch, seed=context * 1000 + batch)
+    ids = []
+    for i, prompt in enumerate(prompts):
+        rid = f"profile-d{context}x{batch}-{i}"
+        header = KVHeader(request_id=rid, model_id=engine.model_id, num_layers=engine.num_layers,
+                          num_kv_heads=engine.num_kv_heads, head_dim=engine.head_dim, dtype=engine.dtype_name,
+                          num_tokens=context)
+        # first_token must not end the request at once; prompt[0] is any in-vocab id and EOS is ignored.
+        engine.import_kv(GenerationRequest(rid, prompt, params), KVPayload(header, keys, values), prompt[0])
+        ids.append(rid)
+    samples = []
+    try:
+        for step in range(steps):
+            _sync(engine.device)
+            start = time.perf_counter()
+            outs = engine.decode()
+            _sync(engine.device)
+            seconds = time.perf_counter() - start
+            if len(outs) != batch:
+                raise RuntimeError(f"decode stepped {len(outs)} sequences, expected {batch}")
+            if step > 0:  # step 0 warms up
+                samples.append(DecodeSample(batch_size=batch, sum_context=batch * (context + step),
+                                            seconds=seconds))
+    finally:
+        for rid in ids:
+            engine.abort(rid)
+    return samples
