@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import LLAMA3_ROPE
 from disagg_runtime.engine.attention import AttentionContext, StepLayout, TorchAttentionBackend
 from disagg_runtime.engine.kv_cache import PagedKVCache
 from disagg_runtime.models import (
@@ -22,6 +21,9 @@ from disagg_runtime.tokenizer import Tokenizer, TokenizerNotFound
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
 
 
 def _hf(model_dir):
