@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("disagg_cli.plan", "find the highest per-GPU-goodput placement for a spec or DisaggServing manifest"),
     "simulate": ("disagg_cli.simulate", "simulate a plan and its colocated baseline over a rate sweep"),
     "serve": ("disagg_cli.serve", "serve a model: --local (router + prefill + decode here) or one --role"),
+    "profile": ("disagg_cli.profile", "measure prefill/decode step times of a model and write the planner's latency profile"),
     "bench": ("disagg_cli.bench", "measure TTFT/TPOT, SLO attainment and goodput of an OpenAI-compatible endpoint"),
     "operator": ("disagg_cli.operator", "run the DisaggServing operator"),
     "crds": ("disagg_cli.crds", "generate the DisaggServing CRD from the API types"),
