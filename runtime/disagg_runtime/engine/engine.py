@@ -21,6 +21,7 @@ from ..models import CausalLM, load_config, load_model
 from ..tokenizer import Tokenizer
 from .attention import AttentionBackend, AttentionContext, StepLayout, TorchAttentionBackend
 from .detokenizer import IncrementalDetokenizer
+from .gpu import FusedLlama, GpuAttentionBackend, GpuStepRunner
 from .kv_cache import BlockAllocator, PagedKVCache, blocks_for
 from .memory import plan_num_blocks
 from .sampler import sample
@@ -43,7 +44,7 @@ class Engine:
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, model_id: str, num_blocks: int,
                  block_size: int = 16, tp_size: int = 1, attention_backend: AttentionBackend | None = None,
-                 sampling_seed: int | None = None) -> None:
+                 sampling_seed: int | None = None, cuda_graphs: bool = True) -> None:
         cfg = model.config
         if cfg.num_kv_heads % tp_size:
             raise ValueError(f"{cfg.num_kv_heads} KV heads cannot be split over tp={tp_size}")
@@ -62,10 +63,18 @@ class Engine:
         self.block_size = block_size
         self.tp_size = tp_size
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids or cfg.eos_token_ids)
-        self.backend = attention_backend or TorchAttentionBackend()
+        on_gpu = self.device.type == "cuda"
+        self.backend = attention_backend or (GpuAttentionBackend() if on_gpu else TorchAttentionBackend())
         self.cache = PagedKVCache(num_layers=cfg.num_layers, num_blocks=num_blocks, block_size=block_size,
                                   num_kv_heads=self.num_kv_heads, head_dim=cfg.head_dim, dtype=self.dtype,
                                   device=self.device)
+        # On a GPU a single-shard Llama runs fused, with its decode steps replayed from CUDA graphs; every
+        # other case (CPU, OPT, tensor-parallel shards, a backend passed in) goes through self.backend.
+        self.gpu_runner: GpuStepRunner | None = None
+        if on_gpu and attention_backend is None and FusedLlama.supports(model, tp_size):
+            self.gpu_runner = GpuStepRunner(FusedLlama(model, self.cache.layers, cfg.max_context),
+                                            block_size=block_size, max_context=cfg.max_context,
+                                            cuda_graphs=cuda_graphs)
         self.allocator = BlockAllocator(num_blocks)
         # Unseeded sampling draws from here; tensor-parallel ranks pass the same seed so they agree.
         self._rng = torch.Generator(device=self.device)
@@ -79,12 +88,13 @@ class Engine:
     def load(cls, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
              block_size: int = 16, num_blocks: int | None = None, kv_memory_fraction: float = 0.9,
              tp_group=None, model_id: str | None = None,
-             attention_backend: AttentionBackend | None = None) -> Engine:
+             attention_backend: AttentionBackend | None = None, cuda_graphs: bool = True) -> Engine:
         """Load config.json, safetensors and tokenizer.json from `model_dir`.
 
         dtype defaults to float32 on CPU; on GPU to the checkpoint's half dtype, else bfloat16. With a
         `tp_group` (a torch.distributed group) the model is sharded over it with DeepSpeed and this
-        engine holds one shard; every rank must make the same calls in the same order.
+        engine holds one shard; every rank must make the same calls in the same order. On a GPU,
+        `cuda_graphs=False` keeps the fused Llama path but launches decode steps eagerly.
         """
         cfg = load_config(model_dir)
         dev = torch.device(device)
@@ -106,7 +116,7 @@ class Engine:
         tokenizer = Tokenizer.from_dir(model_dir, eos_token_ids=cfg.eos_token_ids, bos_token_id=cfg.bos_token_id)
         return cls(model, tokenizer, model_id=model_id or default_model_id(model_dir), num_blocks=num_blocks,
                    block_size=block_size, tp_size=tp_size, attention_backend=attention_backend,
-                   sampling_seed=seed)
+                   sampling_seed=seed, cuda_graphs=cuda_graphs)
 
     # ---- capacity -------------------------------------------------------------------------------
     @property
@@ -294,6 +304,8 @@ class Engine:
 
     def _run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int]) -> torch.Tensor:
         """Forward the packed tokens; float32 logits of the given rows (the tokens that get sampled)."""
+        if self.gpu_runner is not None:
+            return self.gpu_runner.run(tokens, positions, layout, rows)
         with torch.inference_mode():
             meta = self.backend.build_metadata(layout, self.device)
             ctx = AttentionContext(self.backend, meta, self.cache.layers)
