@@ -1,10 +1,9 @@
 """The spec tree: presets resolve, bad input names the field, the planning hash ignores rollout settings."""
 
 import pytest
-from pydantic import ValidationError
-
 from disagg_planner.api import MODEL_PRESETS, DisaggServingSpec, LatencyProfile, ShapeProfile
 from disagg_planner.api.profile import DecodeSample, PrefillSample
+from pydantic import ValidationError
 
 
 def _spec(**over):
