@@ -12,8 +12,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "serve", help="serve a model: --local (router + prefill + decode on this machine) or one --role",
         description="Serve a model with disaggregated prefill and decode. `--local` starts a router, a prefill "
                     "and a decode worker as local processes (CPU and a tiny random model unless --model) and "
-                    "prints the URL. `--role prefill|decode|router` runs one process of a deployment (what "
-                    "the operator's pods run).",
+                    "prints the URL; `--local --colocated` starts the colocated baseline instead (router + "
+                    "workers that run both phases). `--role prefill|decode|colocated|router` runs one process "
+                    "of a deployment (what the operator's pods run).",
     )
     add_serve_arguments(parser)
     parser.set_defaults(run=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -32,10 +32,15 @@ _READ_BUFSIZE = 4 << 20
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Where the workers are and the router's own limits."""
+    """Where the workers are and the router's own limits.
+
+    `colocated` instances serve whole requests (both phases); a deployment has those, or prefill and
+    decode instances, or both while a re-plan switches modes.
+    """
 
     prefill: list[str]
     decode: list[str]
+    colocated: list[str] = field(default_factory=list)
     endpoints_file: str | None = None
     max_body_bytes: int = 4 << 20
     max_in_flight: int = 4096
@@ -82,7 +87,7 @@ class Router:
         connector = aiohttp.TCPConnector(limit=0)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, read_bufsize=_READ_BUFSIZE)
         self.pool = WorkerPool(self.session, prefill=self.config.prefill, decode=self.config.decode,
-                               endpoints_file=self.config.endpoints_file, poll_s=self.config.poll_s)
+                               colocated=self.config.colocated, endpoints_file=self.config.endpoints_file, poll_s=self.config.poll_s)
         self.aborter = Aborter(self.session)
         await self.pool.start()
 
@@ -99,9 +104,10 @@ class Router:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        prefill, decode = len(self.pool.ready("prefill")), len(self.pool.ready("decode"))
-        body = {"prefill": prefill, "decode": decode, "draining": self.draining}
-        return web.json_response(body, status=200 if prefill and decode and not self.draining else 503)
+        body = {role: len(self.pool.ready(role)) for role in ("prefill", "decode", "colocated")}
+        body["draining"] = self.draining
+        ready = self.pool.ready_to_serve and not self.draining
+        return web.json_response(body, status=200 if ready else 503)
 
     def start_drain(self) -> None:
         """Refuse new requests (503) and set `drained` once the in-flight ones have finished."""

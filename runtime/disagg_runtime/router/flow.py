@@ -1,9 +1,10 @@
 """One request's path: prefill on one instance, then decode on another, relaying tokens as they arrive.
 
 The router calls the prefill instance, which returns the first token and parks the KV; it then hands the
-request to a decode instance, which pulls the KV when it has room and streams the rest. Both replies
-are NDJSON streams with heartbeats, so a dead instance is noticed within `heartbeat_timeout_s` even
-if its TCP connection lingers.
+request to a decode instance, which pulls the KV when it has room and streams the rest. A colocated
+instance, when the pool picks one, answers the same first message and then streams the rest itself (no
+KV moves). Every reply is an NDJSON stream with heartbeats, so a dead instance is noticed within
+`heartbeat_timeout_s` even if its TCP connection lingers.
 """
 
 from __future__ import annotations
@@ -101,27 +102,36 @@ class RequestFlow:
                                           sampling=sampling)
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.prompt_tokens = 0
-        self._prefill_worker: Worker | None = None
+        self._prefill_worker: Worker | None = None  # or the colocated instance serving the whole request
         self._decode_worker: Worker | None = None
         self._kv_parked = False
         self._done = False
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """First token from prefill, then the decode instance's tokens; UpstreamError on failure."""
+        rest: AsyncIterator[TokenEvent] | None = None
         try:
-            result = await self._prefill()
+            result, rest = await self._prefill()
             self.prompt_tokens = len(result.prompt_ids)
             yield result.first
             if result.first.finished:
                 self._done = True
                 return
-            async for event in self._decode(result):
+            if rest is None:
+                rest, who = self._decode(result), "decode instance"
+            else:
+                who = f"colocated instance {self._prefill_worker.url}"
+            async for event in rest:
                 yield event
                 if event.finished:
                     self._done = True
                     return
-            raise UpstreamError(502, f"decode instance {self._decode_worker.url} ended the stream early")
+            if self._decode_worker is not None:
+                who = f"decode instance {self._decode_worker.url}"
+            raise UpstreamError(502, f"{who} ended the stream early")
         finally:
+            if rest is not None:
+                await rest.aclose()
             if not self._done:
                 self._abort_downstream()
 
@@ -131,23 +141,55 @@ class RequestFlow:
         if self._prefill_worker is not None and (self._kv_parked or self._decode_worker is None):
             self.aborter.abort(self._prefill_worker.url, self.request_id)
 
-    async def _prefill(self) -> PrefillResult:
+    async def _prefill(self) -> tuple[PrefillResult, AsyncIterator[TokenEvent] | None]:
+        """The first token from a prefill or colocated instance; for a colocated one, also the rest of its stream."""
         tried: set[str] = set()
         while True:
-            worker = self.pool.pick_prefill()
+            worker = self.pool.pick_entry()
             if worker.url in tried:
-                raise UpstreamError(503, "no prefill instance is reachable")
+                raise UpstreamError(503, f"no {worker.role} instance is reachable")
             tried.add(worker.url)
             self._prefill_worker = worker
             worker.outstanding += 1
             try:
-                return await self._prefill_on(worker)
+                if worker.role == "colocated":
+                    return await self._generate_on(worker)
+                return await self._prefill_on(worker), None
             except _CONNECT_ERRORS as e:
-                log.warning("prefill instance %s unreachable: %s", worker.url, e)
+                log.warning("%s instance %s unreachable: %s", worker.role, worker.url, e)
                 self.pool.mark_failed(worker)
                 self._prefill_worker = None
             finally:
                 worker.outstanding -= 1
+
+    async def _generate_on(self, worker: Worker) -> tuple[PrefillResult, AsyncIterator[TokenEvent]]:
+        stream = self._colocated_stream(worker)
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            raise UpstreamError(502, f"colocated instance {worker.url} closed the stream before the first "
+                                     "token") from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        return first, stream
+
+    async def _colocated_stream(self, worker: Worker) -> AsyncIterator:
+        """A colocated instance's reply: its `prefilled` message (first token), then its TokenEvents."""
+        who = f"colocated instance {worker.url}"
+        async with self.session.post(f"{worker.url}/generate", json=self.prefill_msg.model_dump(mode="json")) as resp:
+            if resp.status != 200:
+                raise await _refusal(resp, who)
+            first = True
+            async for msg in _ndjson(resp, self.heartbeat_timeout_s, who):
+                if msg.get("type") == "error":
+                    raise UpstreamError(int(msg.get("code", 500)), f"{who}: {msg.get('message')}")
+                try:
+                    event = PrefillResult.model_validate(msg) if first else TokenEvent.model_validate(msg)
+                except ValidationError as e:
+                    raise UpstreamError(502, f"{who} sent an unexpected message: {e.errors()[0]['msg']}") from e
+                first = False
+                yield event
 
     async def _prefill_on(self, worker: Worker) -> PrefillResult:
         who = f"prefill instance {worker.url}"

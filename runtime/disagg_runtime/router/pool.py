@@ -1,8 +1,10 @@
 """The router's view of its workers: polled load, health, and the choice of instance per request.
 
 Prefill: the instance with the shortest queue (requests, then tokens). Decode: the instance with the
-most free KV blocks. Between polls the router counts what it dispatched itself, so a burst does not pile
-onto the instance that looked best at the last poll.
+most free KV blocks. A colocated instance runs both phases, so it competes with prefill instances for a
+request's entry (shortest queue) and the request never goes to a decode instance. Between polls the
+router counts what it dispatched itself, so a burst does not pile onto the instance that looked best at
+the last poll.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,22 +27,23 @@ from pydantic import ValidationError
 from ..workers.protocol import WorkerStats
 
 log = logging.getLogger(__name__)
-Role = Literal["prefill", "decode"]
+Role = Literal["prefill", "decode", "colocated"]
+ROLES: tuple[Role, ...] = ("prefill", "decode", "colocated")
 
 
 class NoCapacity(Exception):
     """Every instance of a role is at its queue limit (answer 429 with Retry-After)."""
 
-    def __init__(self, role: Role, retry_after: int = 1) -> None:
+    def __init__(self, role: str, retry_after: int = 1) -> None:
         super().__init__(f"all {role} instances are at their queue limit; retry in {retry_after}s")
         self.role = role
         self.retry_after = retry_after
 
 
 class NoWorkers(Exception):
-    """No healthy, ready instance of a role (answer 503)."""
+    """No healthy, ready instance of a role (answer 503); `role` may name alternatives ("prefill or colocated")."""
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: str) -> None:
         super().__init__(f"no {role} instance is ready")
         self.role = role
 
@@ -75,9 +79,14 @@ def _split(endpoint: str) -> tuple[str, int]:
 
 
 def read_endpoints(path: str | Path) -> dict[Role, list[str]]:
-    """{"prefill": [...], "decode": [...]} from the operator's endpoints.json (URLs or host:port)."""
+    """{"prefill": [...], "decode": [...]} (plus "colocated" when listed) from the operator's endpoints.json.
+
+    Entries are URLs or host:port.
+    """
     doc = json.loads(Path(path).read_text())
     out: dict[Role, list[str]] = {"prefill": [], "decode": []}
+    if "colocated" in doc:
+        out["colocated"] = []
     for role in out:
         for endpoint in doc.get(role, []):
             _split(endpoint)
@@ -93,12 +102,14 @@ class WorkerPool:
     """
 
     def __init__(self, session: aiohttp.ClientSession, *, prefill: list[str], decode: list[str],
-                 endpoints_file: str | None = None, poll_s: float = 0.5, poll_timeout_s: float = 2.0) -> None:
-        for e in prefill + decode:
+                 colocated: Sequence[str] = (), endpoints_file: str | None = None, poll_s: float = 0.5,
+                 poll_timeout_s: float = 2.0) -> None:
+        for e in [*prefill, *decode, *colocated]:
             _split(e)
         self.session = session
-        self.static: dict[Role, list[str]] = {"prefill": list(prefill), "decode": list(decode)}
-        self.endpoints: dict[Role, list[str]] = {"prefill": list(prefill), "decode": list(decode)}
+        self.static: dict[Role, list[str]] = {"prefill": list(prefill), "decode": list(decode),
+                                              "colocated": list(colocated)}
+        self.endpoints: dict[Role, list[str]] = {role: list(eps) for role, eps in self.static.items()}
         self.endpoints_file = endpoints_file
         self.workers: dict[str, Worker] = {}
         self.poll_s = poll_s
@@ -144,8 +155,8 @@ class WorkerPool:
         except (OSError, ValueError, AttributeError) as e:
             log.warning("keeping the last endpoints: cannot read %s: %s", self.endpoints_file, e)
             return
-        self.endpoints = {role: self.static[role] + [e for e in listed[role] if e not in self.static[role]]
-                          for role in self.static}
+        self.endpoints = {role: static + [e for e in listed.get(role, []) if e not in static]
+                          for role, static in self.static.items()}
 
     async def refresh(self) -> None:
         """Re-read the endpoint list, resolve it, and poll every worker once."""
@@ -199,14 +210,28 @@ class WorkerPool:
         contexts = [w.stats.max_context for w in self.workers.values() if w.stats is not None]
         return min(contexts) if contexts else None
 
+    @property
+    def ready_to_serve(self) -> bool:
+        """A request can be served end to end: a colocated instance, or a prefill and a decode instance."""
+        return bool(self.ready("colocated")) or bool(self.ready("prefill") and self.ready("decode"))
+
     def pick_prefill(self) -> Worker:
         """Shortest queue among ready prefill instances with room; NoWorkers / NoCapacity otherwise."""
-        ready = self.ready("prefill")
+        return self._shortest_queue(self.ready("prefill"), "prefill")
+
+    def pick_entry(self, exclude: set[str] = frozenset()) -> Worker:
+        """Where a request starts: shortest queue among ready prefill and colocated instances with room."""
+        ready = [w for w in self.ready("prefill") + self.ready("colocated") if w.url not in exclude]
+        roles = " or ".join(r for r in ("prefill", "colocated") if self.of(r)) or "prefill"
+        return self._shortest_queue(ready, roles)
+
+    @staticmethod
+    def _shortest_queue(ready: list[Worker], what: str) -> Worker:
         if not ready:
-            raise NoWorkers("prefill")
+            raise NoWorkers(what)
         open_ = [w for w in ready if w.stats.queue_depth + w.dispatched < w.stats.max_queue]
         if not open_:
-            raise NoCapacity("prefill")
+            raise NoCapacity(what)
         best = min(open_, key=lambda w: (w.stats.queue_depth + w.dispatched, w.stats.queued_tokens))
         best.dispatched += 1
         return best

@@ -13,7 +13,8 @@ from .runner import start_site
 
 @dataclass
 class InProcessDeployment:
-    """Serves `prefill` and `decode` workers and a router on free loopback ports; `url` is the router's."""
+    """Serves `prefill`, `decode` and `colocated` workers and a router on free loopback ports; `url` is the
+    router's."""
 
     prefill: list[Worker]
     decode: list[Worker]
@@ -22,17 +23,19 @@ class InProcessDeployment:
     url: str = ""
     router: Router | None = None
     worker_urls: dict[int, str] = field(default_factory=dict)  # id(worker) -> base URL
+    colocated: list[Worker] = field(default_factory=list)
     _runners: list[web.AppRunner] = field(default_factory=list)
 
     async def start(self) -> str:
-        endpoints: dict[str, list[str]] = {"prefill": [], "decode": []}
-        for role, workers in (("prefill", self.prefill), ("decode", self.decode)):
+        endpoints: dict[str, list[str]] = {"prefill": [], "decode": [], "colocated": []}
+        for role, workers in (("prefill", self.prefill), ("decode", self.decode), ("colocated", self.colocated)):
             for w in workers:
                 runner, port = await start_site(w.app(), self.host, 0)
                 self._runners.append(runner)
                 endpoints[role].append(f"{self.host}:{port}")
                 self.worker_urls[id(w)] = f"http://{self.host}:{port}"
-        config = replace(self.router_config, prefill=endpoints["prefill"], decode=endpoints["decode"])
+        config = replace(self.router_config, prefill=endpoints["prefill"], decode=endpoints["decode"],
+                         colocated=endpoints["colocated"])
         self.router = Router(config)
         runner, port = await start_site(self.router.app(), self.host, 0)
         self._runners.append(runner)

@@ -1,5 +1,6 @@
 """`disagg serve --local`: router + prefill + decode workers as child processes on this machine.
 
+With `--colocated`, router + colocated workers instead (the vLLM-style baseline, same model and flags).
 Workers start first on free ports and announce them on stdout; the router is then pointed at them.
 Each child is a `python -m disagg_runtime.serve --role ...` process, exactly what a pod runs.
 """
@@ -39,13 +40,18 @@ def _forward(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
 
 @dataclass
 class LocalCluster:
-    """Child processes of one local deployment; `start()` returns the router URL."""
+    """Child processes of one local deployment; `start()` returns the router URL.
+
+    With `colocated_workers` > 0 the deployment is that many colocated workers and no prefill or decode
+    workers (the baseline to compare against).
+    """
 
     model_dir: Path
     port: int = 8000
     host: str = "127.0.0.1"
     prefill_workers: int = 1
     decode_workers: int = 1
+    colocated_workers: int = 0
     worker_args: list[str] = field(default_factory=list)
     router_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 120.0
@@ -74,22 +80,30 @@ class LocalCluster:
         deadline = time.monotonic() + self.startup_timeout_s
         try:
             common = ["--model-path", str(self.model_dir), "--host", self.host, "--port", "0", *self.worker_args]
-            for role, count in (("prefill", self.prefill_workers), ("decode", self.decode_workers)):
+            for role, count in self.worker_counts.items():
                 for i in range(count):
                     self._spawn(f"{role}-{i}", ["--role", role, *common])
             for name in list(self.processes):
                 self.ports[name] = self._announced_port(name, deadline)
-            endpoints = {role: ",".join(f"{self.host}:{p}" for n, p in self.ports.items() if n.startswith(role))
-                         for role in ("prefill", "decode")}
+            endpoints: list[str] = []
+            for role in self.worker_counts:
+                listed = ",".join(f"{self.host}:{p}" for n, p in self.ports.items() if n.startswith(f"{role}-"))
+                endpoints += [f"--{role}-endpoints", listed]
             self._spawn("router", ["--role", "router", "--host", self.host, "--port", str(self.port),
-                                   "--prefill-endpoints", endpoints["prefill"],
-                                   "--decode-endpoints", endpoints["decode"], *self.router_args])
+                                   *endpoints, *self.router_args])
             self.ports["router"] = self._announced_port("router", deadline)
             self._wait_ready(deadline)
         except BaseException:
             self.stop()
             raise
         return self.url
+
+    @property
+    def worker_counts(self) -> dict[str, int]:
+        """Workers to start, by role."""
+        if self.colocated_workers:
+            return {"colocated": self.colocated_workers}
+        return {"prefill": self.prefill_workers, "decode": self.decode_workers}
 
     @property
     def url(self) -> str:
@@ -148,13 +162,14 @@ def run_local(args: argparse.Namespace) -> int:
     worker_args = _forward(args, _WORKER_FLAGS)
     cluster = LocalCluster(model_dir=model_dir, port=args.port, host=args.host or "127.0.0.1",
                            prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+                           colocated_workers=args.colocated_workers if args.colocated else 0,
                            worker_args=worker_args, router_args=_forward(args, _ROUTER_FLAGS))
     try:
         url = cluster.start()
     except (KeyboardInterrupt, _Stop):
         return 0
-    print(f"disagg: serving {model_dir} at {url}  (router + {args.prefill_workers} prefill + "
-          f"{args.decode_workers} decode; Ctrl-C stops)", flush=True)
+    workers = " + ".join(f"{n} {role}" for role, n in cluster.worker_counts.items())
+    print(f"disagg: serving {model_dir} at {url}  (router + {workers}; Ctrl-C stops)", flush=True)
     print(f"  curl -N {url}/v1/completions -H 'Content-Type: application/json' "
           """-d '{"prompt": "Hello", "max_tokens": 32, "stream": true}'""", flush=True)
     try:

@@ -39,7 +39,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--local", action="store_true",
                       help="run router + prefill + decode workers as local processes (CPU, tiny random model "
                            "unless --model)")
-    mode.add_argument("--role", choices=["prefill", "decode", "router"], help="run one role in this process")
+    mode.add_argument("--role", choices=["prefill", "decode", "colocated", "router"],
+                      help="run one role in this process (colocated: both phases on one engine, no KV transfer)")
 
     model = parser.add_argument_group("model and engine")
     model.add_argument("--model", "--model-path", dest="model_path", metavar="PATH",
@@ -72,16 +73,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--kv-timeout", type=float, default=30.0, help="seconds per KV transfer step")
     work.add_argument("--prefill-token-budget", type=_positive, default=4096, help="prompt tokens per batch")
     work.add_argument("--max-queue", type=_positive, default=256, help="waiting requests before 429")
-    work.add_argument("--max-batch", type=_positive, default=256, help="decode: running requests at most")
+    work.add_argument("--max-batch", type=_positive, default=256,
+                      help="decode and colocated: running requests at most")
     work.add_argument("--max-prompt-tokens", type=_positive, help="longest prompt accepted (400 beyond)")
 
     router = parser.add_argument_group("router")
     router.add_argument("--prefill-endpoints", type=_endpoints, default=[], metavar="HOST:PORT,...",
                         help="prefill workers (DNS names are re-resolved: a headless service works)")
     router.add_argument("--decode-endpoints", type=_endpoints, default=[], metavar="HOST:PORT,...")
+    router.add_argument("--colocated-endpoints", type=_endpoints, default=[], metavar="HOST:PORT,...",
+                        help="colocated workers (each serves whole requests)")
     router.add_argument("--endpoints-file", default=os.environ.get("DISAGG_ENDPOINTS"), metavar="JSON",
-                        help='{"prefill": [URL, ...], "decode": [...]}, re-read every poll (default '
-                             "$DISAGG_ENDPOINTS: the operator's ConfigMap)")
+                        help='{"prefill": [URL, ...], "decode": [...], "colocated": [...]}, re-read every poll '
+                             "(default $DISAGG_ENDPOINTS: the operator's ConfigMap)")
     router.add_argument("--max-in-flight", type=_positive, default=4096)
     router.add_argument("--max-body-bytes", type=_positive, default=4 << 20)
     router.add_argument("--heartbeat-timeout", type=float, default=10.0,
@@ -91,17 +95,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     local = parser.add_argument_group("--local")
     local.add_argument("--prefill-workers", type=_positive, default=1)
     local.add_argument("--decode-workers", type=_positive, default=1)
+    local.add_argument("--colocated", action="store_true",
+                       help="the colocated baseline instead: router + --colocated-workers colocated workers")
+    local.add_argument("--colocated-workers", type=_positive, default=1)
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
 def check_serve_arguments(args: argparse.Namespace) -> None:
     """Cross-flag rules argparse cannot express; ServeError says what to change."""
     if args.local == bool(args.role):
-        raise ServeError("give either --local or --role prefill|decode|router")
-    if args.role in ("prefill", "decode") and not (args.model_path or args.model_spec):
+        raise ServeError("give either --local or --role prefill|decode|colocated|router")
+    if args.colocated and not args.local:
+        raise ServeError("--colocated goes with --local; a deployed colocated instance is --role colocated")
+    if args.role in ("prefill", "decode", "colocated") and not (args.model_path or args.model_spec):
         raise ServeError(f"--role {args.role} needs --model-path (or --model-spec for random weights)")
-    if args.role == "router" and not (args.prefill_endpoints and args.decode_endpoints or args.endpoints_file):
-        raise ServeError("--role router needs --prefill-endpoints and --decode-endpoints, or --endpoints-file")
+    servable = args.prefill_endpoints and args.decode_endpoints or args.colocated_endpoints or args.endpoints_file
+    if args.role == "router" and not servable:
+        raise ServeError("--role router needs --prefill-endpoints and --decode-endpoints, --colocated-endpoints, "
+                         "or --endpoints-file")
     if args.stage is not None and not 0 <= args.stage < args.pp:
         raise ServeError(f"--stage {args.stage} is not a stage of a --pp {args.pp} pipeline")
     if not 0 < args.kv_memory_fraction <= 1:

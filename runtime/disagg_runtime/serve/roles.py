@@ -59,11 +59,12 @@ def worker_config(args: argparse.Namespace):
 
 
 async def _serve_worker(args: argparse.Namespace) -> None:
+    from ..workers.colocated import ColocatedWorker
     from ..workers.decode import DecodeWorker
     from ..workers.prefill import PrefillWorker
 
     engine = load_engine(args)
-    cls = PrefillWorker if args.role == "prefill" else DecodeWorker
+    cls = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}[args.role]
     worker = cls(engine, worker_config(args))
     await serve_until_stopped(worker.app(), args.host or "0.0.0.0", args.port, drain=worker.start_drain,
                               drained=worker.drained, extra=lambda: {"role": args.role, "kvPort": worker.kv_port})
@@ -73,7 +74,7 @@ async def _serve_router(args: argparse.Namespace) -> None:
     from ..router.app import Router, RouterConfig
 
     config = RouterConfig(prefill=args.prefill_endpoints, decode=args.decode_endpoints,
-                          endpoints_file=args.endpoints_file,
+                          colocated=args.colocated_endpoints, endpoints_file=args.endpoints_file,
                           max_body_bytes=args.max_body_bytes, max_in_flight=args.max_in_flight,
                           heartbeat_timeout_s=args.heartbeat_timeout, served_model_name=args.served_model_name)
     router = Router(config)

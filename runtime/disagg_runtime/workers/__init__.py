@@ -1,1 +1,1 @@
-"""Prefill and decode workers: one engine each, behind an aiohttp server the router talks to."""
+"""Prefill, decode and colocated workers: one engine each, behind an aiohttp server the router talks to."""

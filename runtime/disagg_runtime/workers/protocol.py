@@ -99,7 +99,7 @@ class ErrorEvent(WireModel):
 class WorkerStats(WireModel):
     """A worker's load, polled by the router to pick instances and to apply admission control."""
 
-    role: Literal["prefill", "decode"]
+    role: Literal["prefill", "decode", "colocated"]
     model_id: str
     ready: bool
     draining: bool

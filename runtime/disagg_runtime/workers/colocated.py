@@ -1,0 +1,268 @@
+"""Colocated worker (the vLLM-style baseline): one engine runs both phases, continuous batching, prefill first.
+
+The scheduler is the one the planner's colocated simulator models (disagg_planner/simulator/colocated.py),
+so measured and predicted attainment compare like for like. Each engine step is either
+  - a prefill batch: when the head of the FCFS wait queue fits in free KV (prompt + max_tokens for its
+    whole life), waiting prompts are taken in order while they fit the token budget and the KV, or
+  - one decode step for every running request, when nothing waiting fits.
+Prefill therefore stalls decode, which is the interference disaggregation removes. There is no KV
+transfer: the request's stream (first token, then the rest) comes from this one instance.
+
+The wait queue is shared by the event loop (push, abort) and the engine thread (take), under a lock;
+everything that touches the engine runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from ..engine import (
+    GenerationRequest,
+    InvalidRequest,
+    RequestTooLarge,
+    SamplingParams,
+    StepOutput,
+    blocks_for,
+)
+from .base import Worker
+from .engine_thread import EngineThreadStopped
+from .http import BadRequest, error_response, read_model, stream_ndjson
+from .protocol import ErrorEvent, PrefillRequest, PrefillResult, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)  # identity: a job is found in the wait queue by itself, not by equal fields
+class _Job:
+    request: GenerationRequest
+    blocks: int  # KV blocks for the request's whole life, taken at prefill
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    state: str = "waiting"  # waiting -> running -> done
+
+
+class ColocatedWorker(Worker):
+    """POST /generate (NDJSON: heartbeats, a `prefilled` line with the first token, then tokens), POST /abort."""
+
+    role = "colocated"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.jobs: dict[str, _Job] = {}  # every request not yet done; event loop only
+        self._waiting: deque[_Job] = deque()
+        self._waiting_tokens = 0
+        self._lock = threading.Lock()
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def _on_start(self) -> None:
+        pass  # nothing beside the engine thread: no KV server, no puller
+
+    async def _on_stop(self) -> None:
+        for job in list(self.jobs.values()):
+            job.events.put_nowait(ErrorEvent(message="colocated worker is shutting down", code=503))
+            self._end(job)
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_post("/generate", self.generate_handler)
+        app.router.add_post("/abort", self.abort_handler)
+
+    def _idle(self) -> bool:
+        return not self.jobs
+
+    def _load(self) -> tuple[int, int, int]:
+        with self._lock:
+            queued, tokens = len(self._waiting), self._waiting_tokens
+        return queued, tokens, len(self.jobs) - queued
+
+    # ---- engine thread --------------------------------------------------------------------------
+    def _take_prefill_batch(self) -> list[_Job]:
+        """The FCFS prefix to prefill now: empty unless the head's whole-life KV fits (prefill priority)."""
+        free = self.engine.free_blocks
+        room = self.config.max_batch - self.engine.num_running
+        budget = self.config.prefill_token_budget
+        with self._lock:
+            batch: list[_Job] = []
+            tokens = blocks = 0
+            for job in self._waiting:
+                n = len(job.request.prompt_ids)
+                if batch and tokens + n > budget:  # a head longer than the budget still runs alone
+                    break
+                if blocks + job.blocks > free or len(batch) >= room:
+                    break
+                batch.append(job)
+                tokens += n
+                blocks += job.blocks
+            for _ in batch:
+                self._waiting.popleft()
+            self._waiting_tokens -= tokens
+        return batch
+
+    def _step(self) -> bool:
+        batch = self._take_prefill_batch()
+        if batch:
+            self._prefill(batch)
+            return True
+        if self.engine.num_running:
+            self._decode()
+            return True
+        return False
+
+    def _prefill(self, batch: list[_Job]) -> None:
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.prefill([j.request for j in batch], reserve_decode=True)
+        except Exception as e:  # noqa: BLE001 - the batch's requests fail; the worker goes on
+            log.exception("prefill batch of %d failed", len(batch))
+            for job in batch:
+                self.engine.abort(job.request.request_id)
+            self.loop.call_soon_threadsafe(self._fail, [j.request.request_id for j in batch],
+                                           f"prefill failed: {e}")
+            return
+        self.metrics.stepped(seconds=time.perf_counter() - start,
+                             tokens=sum(len(j.request.prompt_ids) for j in batch))
+        for out in outputs:
+            if out.finished:  # done at its first token: free its KV now, no decode step will
+                self.engine.release(out.request_id)
+        self.loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _decode(self) -> None:
+        start = time.perf_counter()
+        batch = self.engine.num_running
+        try:
+            outputs = self.engine.decode()
+        except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving new ones
+            log.exception("decode step failed")
+            failed = self.engine.request_ids
+            for rid in failed:
+                self.engine.abort(rid)
+            self.loop.call_soon_threadsafe(self._fail, failed, f"decode step failed: {e}")
+            return
+        self.metrics.stepped(seconds=time.perf_counter() - start, tokens=batch)
+        if outputs:
+            self.loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    # ---- event loop: results --------------------------------------------------------------------
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            job = self.jobs.get(out.request_id)
+            if job is None:  # aborted after its step was queued
+                continue
+            job.state = "running"
+            job.events.put_nowait(TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
+                                             finish_reason=out.finish_reason))
+            if out.finished:
+                self._end(job)
+
+    def _fail(self, request_ids: list[str], message: str) -> None:
+        for rid in request_ids:
+            job = self.jobs.get(rid)
+            if job is not None:
+                job.events.put_nowait(ErrorEvent(message=message, code=500))
+                self._end(job)
+
+    def _end(self, job: _Job) -> None:
+        job.state = "done"
+        self.jobs.pop(job.request.request_id, None)
+
+    # ---- HTTP -----------------------------------------------------------------------------------
+    async def _tokenize(self, msg: PrefillRequest) -> list[int]:
+        if msg.prompt_ids is not None:
+            return list(msg.prompt_ids)
+        return await asyncio.to_thread(self.engine.tokenizer.encode, msg.prompt)
+
+    def _job(self, msg: PrefillRequest, prompt_ids: list[int]) -> _Job:
+        limit = self.config.max_prompt_tokens
+        if limit is not None and len(prompt_ids) > limit:
+            raise BadRequest(f"prompt has {len(prompt_ids)} tokens; this deployment accepts at most {limit}")
+        if not prompt_ids:
+            raise BadRequest("prompt is empty")
+        vocab = self.engine.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise BadRequest(f"prompt token ids must be in [0, {vocab})")
+        params = SamplingParams(**msg.sampling.model_dump())
+        try:
+            params.validate()
+            self.engine.check_admissible(len(prompt_ids), params.max_tokens)
+        except (InvalidRequest, RequestTooLarge) as e:
+            raise BadRequest(str(e)) from e
+        if msg.request_id in self.jobs:
+            raise BadRequest(f"request id {msg.request_id} is already in use")
+        need = self.engine.kv_tokens(len(prompt_ids), params.max_tokens)
+        return _Job(GenerationRequest(msg.request_id, prompt_ids, params), blocks_for(need, self.engine.block_size))
+
+    def _enqueue(self, job: _Job) -> bool:
+        """Append to the wait queue; False when it holds `max_queue` requests."""
+        with self._lock:
+            if len(self._waiting) >= self.config.max_queue:
+                return False
+            self._waiting.append(job)
+            self._waiting_tokens += len(job.request.prompt_ids)
+        self.jobs[job.request.request_id] = job
+        self.thread.wake()
+        return True
+
+    async def generate_handler(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            return error_response(503, "colocated worker is draining", type_="server_error")
+        try:
+            msg = await read_model(request, PrefillRequest, self.config.max_body_bytes)
+            job = self._job(msg, await self._tokenize(msg))
+        except BadRequest as e:
+            return e.response
+        if not self._enqueue(job):
+            return error_response(429, f"colocated worker has {self.config.max_queue} requests waiting",
+                                  type_="rate_limit_error", headers={"Retry-After": "1"})
+        try:
+            return await stream_ndjson(request, self._events(job), heartbeat_s=self.config.heartbeat_s)
+        finally:
+            if job.state != "done":  # the router went away mid-request
+                await self.abort(job.request.request_id)
+
+    async def _events(self, job: _Job):
+        """The first token as a `prefilled` line (what the router's flow expects first), then tokens."""
+        first = True
+        while True:
+            event = await job.events.get()
+            if isinstance(event, ErrorEvent):
+                yield event
+                return
+            finished = event.finished
+            if first:
+                first = False
+                event = PrefillResult(request_id=job.request.request_id, prompt_ids=job.request.prompt_ids,
+                                      first=event, kv=None)
+            yield event
+            if finished:
+                return
+
+    async def abort_handler(self, request: web.Request) -> web.Response:
+        try:
+            rid = str((await request.json())["request_id"])
+        except (ValueError, KeyError, TypeError):
+            return error_response(400, "body must be {\"request_id\": \"...\"}")
+        return web.json_response({"aborted": await self.abort(rid)})
+
+    async def abort(self, request_id: str) -> bool:
+        """Drop a waiting request or stop a running one and free its KV; False if unknown or done."""
+        job = self.jobs.get(request_id)
+        if job is None:
+            return False
+        self._end(job)
+        with self._lock:
+            waiting = job in self._waiting
+            if waiting:
+                self._waiting.remove(job)
+                self._waiting_tokens -= len(job.request.prompt_ids)
+        if not waiting:
+            # Taken by the engine thread (commands run between steps, so its prefill has completed).
+            try:
+                await self.thread.submit(lambda: self.engine.abort(request_id))
+            except EngineThreadStopped:
+                pass  # the engine is gone, and its memory with it
+        return True
