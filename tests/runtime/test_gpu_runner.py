@@ -69,6 +69,7 @@ def test_gpu_attention_backend_gives_torch_backend_tokens(tmp_path, arch):
 # ---------------------------------------------------------------- GPU
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+GPU_BLOCKS = 512  # a fixed cache: by default an engine takes 90% of the card and the next one gets nothing
 GPU_SHAPE = {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 2,
              "num_key_value_heads": 1}  # head dim 128, GQA 2:1
 
@@ -109,11 +110,12 @@ def _decode_layout(prompts, tables, block_size) -> StepLayout:
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_engine_picks_fused_graphs_for_llama_and_the_backend_for_opt(tmp_path):
-    llama = Engine.load(write_random_model(tmp_path / "llama", arch="llama", seed=3, **GPU_SHAPE), device="cuda")
+    llama = Engine.load(write_random_model(tmp_path / "llama", arch="llama", seed=3, **GPU_SHAPE), device="cuda",
+                        num_blocks=GPU_BLOCKS)
     assert isinstance(llama.gpu_runner, GpuStepRunner) and tuple(llama.gpu_runner.sizes) == CAPTURE_SIZES
     got = _run_with_late_joiners(llama)
     assert sorted(got) == ["late0", "late1", "r0", "r1", "r2"] and all(len(v) == 8 for v in got.values())
-    opt = Engine.load(write_random_model(tmp_path / "opt", arch="opt", seed=3), device="cuda")
+    opt = Engine.load(write_random_model(tmp_path / "opt", arch="opt", seed=3), device="cuda", num_blocks=GPU_BLOCKS)
     assert opt.gpu_runner is None and isinstance(opt.backend, GpuAttentionBackend)
     assert all(len(v) == 6 for v in opt.generate(_requests([5, 17], max_tokens=6)).values())
 
@@ -122,7 +124,7 @@ def test_cuda_engine_picks_fused_graphs_for_llama_and_the_backend_for_opt(tmp_pa
 @needs_cuda
 def test_fused_bf16_on_gpu_tracks_float32_on_cpu(tmp_path):
     path = write_random_model(tmp_path, arch="llama", seed=5, rope_scaling=LLAMA3_ROPE, **GPU_SHAPE)
-    gpu = Engine.load(path, device="cuda", dtype=torch.bfloat16).gpu_runner
+    gpu = Engine.load(path, device="cuda", dtype=torch.bfloat16, num_blocks=GPU_BLOCKS).gpu_runner
     cpu_engine = Engine.load(path)
     cpu = GpuStepRunner(FusedLlama(cpu_engine.model, cpu_engine.cache.layers, cpu_engine.max_context),
                         block_size=cpu_engine.block_size, max_context=cpu_engine.max_context)
@@ -138,7 +140,8 @@ def test_fused_bf16_on_gpu_tracks_float32_on_cpu(tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("batch", [1, 3, 8, 17])
 def test_graph_replay_matches_eager_decode(tmp_path, batch):
-    engine = Engine.load(write_random_model(tmp_path, arch="llama", seed=4, **GPU_SHAPE), device="cuda")
+    engine = Engine.load(write_random_model(tmp_path, arch="llama", seed=4, **GPU_SHAPE), device="cuda",
+                         num_blocks=GPU_BLOCKS)
     runner = engine.gpu_runner
     prompts = [p.prompt_ids for p in _requests([3 + 5 * i for i in range(batch)], seed=batch)]
     logits, tables = _prefill_direct(runner.fused, prompts, engine.block_size)
