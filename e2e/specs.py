@@ -37,6 +37,18 @@ def expected_workloads(name: str, plan: dict[str, Any]) -> dict[str, dict[str, A
             for s in range(pre["pp"])}
 
 
+def by_group(children: dict[str, dict[str, Any]], kind: str = "StatefulSet") -> dict[str, dict[str, Any]]:
+    """Worker objects of one kind by `<instance>-<component>`: their names end in `-<shape id>`."""
+    out = {}
+    for key, obj in children.items():
+        shape = obj["metadata"]["labels"].get("disagg.io/shape")
+        if key.startswith(f"{kind}/") and shape:
+            name = obj["metadata"]["name"]
+            assert name.endswith(f"-{shape}"), name
+            out[name[:-len(shape) - 1]] = obj
+    return out
+
+
 def container_gpus(sts: dict[str, Any]) -> dict[str, int]:
     containers = sts["spec"]["template"]["spec"]["containers"]
     return {c["name"]: int(c["resources"]["limits"]["nvidia.com/gpu"]) for c in containers}

@@ -10,7 +10,7 @@ from disagg_operator import labels as lb
 
 from .conftest import wait_for
 from .kubectl import Kubectl
-from .specs import container_gpus, expected_workloads, small
+from .specs import by_group, container_gpus, expected_workloads, small
 
 K8S_VERSION = "1.30"
 
@@ -51,8 +51,10 @@ def test_create_update_delete(kubectl, start_operator, capsys):
 
     # Workloads carry the planned shapes, GPU requests and scheduling.
     plan = status["plan"]
+    workers = by_group(children)
+    assert sorted(workers) == sorted(expected_workloads("chat", plan))
     for sts_name, want in expected_workloads("chat", plan).items():
-        sts = children[f"StatefulSet/{sts_name}"]
+        sts = workers[sts_name]
         assert sts["spec"]["replicas"] == want["replicas"]
         assert container_gpus(sts) == want["gpus"]
         pod = sts["spec"]["template"]["spec"]
@@ -79,7 +81,7 @@ def test_create_update_delete(kubectl, start_operator, capsys):
     assert sorted(children2) == sorted(status2["children"])
     assert all(o["metadata"]["labels"][lb.PLAN_HASH] == status2["planHash"] for o in children2.values())
     for sts_name, want in expected_workloads("chat", status2["plan"]).items():
-        assert children2[f"StatefulSet/{sts_name}"]["spec"]["replicas"] == want["replicas"]
+        assert by_group(children2)[sts_name]["spec"]["replicas"] == want["replicas"]
     assert any(e.get("reason") == "Planned" for e in kubectl.events("chat"))
 
     kubectl.delete("chat")
@@ -161,14 +163,13 @@ def test_plan_dropping_a_phase_deletes_its_children(kubectl, start_operator):
     start_operator(plan_fn=_two_then_one_shape)
     cr = kubectl.create("shrink", small(workload={"rate": 1.0, "dataset": "chatbot"}))
     wait_for(lambda: _rolled_out(kubectl, "shrink", cr["metadata"]["generation"]), what="rollout")
-    before = set(kubectl.children("shrink"))
-    assert {"StatefulSet/shrink-prefill", "StatefulSet/shrink-decode"} <= before
+    assert set(by_group(kubectl.children("shrink"))) == {"shrink-prefill", "shrink-decode"}
 
     cr = kubectl.patch_spec("shrink", {"workload": {"rate": 3.5}})
     status = wait_for(lambda: _rolled_out(kubectl, "shrink", cr["metadata"]["generation"]), what="re-plan")
-    after = set(kubectl.children("shrink"))
-    assert after == set(status["children"])
-    assert "StatefulSet/shrink-colocated" in after
-    assert not after & {"StatefulSet/shrink-prefill", "StatefulSet/shrink-decode", "Service/shrink-prefill",
-                        "Service/shrink-decode"}
+    after = kubectl.children("shrink")
+    assert set(after) == set(status["children"])
+    # No pod of the old plan was ready (the emulator runs none): nothing to keep serving, pruned at once.
+    assert set(by_group(after)) == set(by_group(after, "Service")) == {"shrink-colocated"}
+    assert status["retiring"] == []
     assert status["prefillShape"] == status["decodeShape"] == "2x tp1pp1 (colocated)"

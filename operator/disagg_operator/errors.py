@@ -32,3 +32,25 @@ class KubeApiError(OperatorError):
     def retriable(self) -> bool:
         """Conflicts, throttling, server errors and network failures heal by themselves."""
         return self.status in (0, 409, 429) or self.status >= 500
+
+
+class ProfileError(OperatorError):
+    """The latency profile `spec.profile` names cannot be used; `reason` is the Degraded condition's reason.
+
+    Unlike an invalid spec, this heals without a spec change (the ConfigMap is created or fixed), so the
+    operator keeps retrying.
+    """
+
+    reason = "ProfileUnusable"
+
+
+class ProfileNotFoundError(ProfileError):
+    """The ConfigMap, or the key in it, does not exist (yet)."""
+
+    reason = "ProfileNotFound"
+
+
+class InvalidProfileError(ProfileError):
+    """The ConfigMap's value is not a LatencyProfile for this spec's model and GPU type."""
+
+    reason = "InvalidProfile"

@@ -3,8 +3,13 @@
 - create / update / resume -> `Reconciler.reconcile` -> status (+ Events when the plan changes);
 - invalid specs, infeasible SLOs and unrenderable plans are permanent errors (kopf stops retrying
   until the spec changes); API failures are temporary, retried with growing delays;
-- events of the operator's StatefulSets/Deployments move the owner Progressing <-> Ready (no timer:
-  kopf guards timers with a finalizer, which would block deletions while the operator is down);
+- a `spec.profile` that cannot be read or used is Degraded too, but retried with growing delays: it
+  heals when the ConfigMap is created or fixed, without a spec change;
+- events of the operator's StatefulSets/Deployments move the owner Progressing <-> Ready and carry a
+  rollout forward (readiness.py; no timer: kopf guards timers with a finalizer, which would block
+  deletions while the operator is down);
+- the handlers write the status themselves, under the resource's lock (locks.py), rather than through
+  kopf's patch, which kopf applies after the handler returned and the lock is gone;
 - deletion: children carry owner references (garbage collection on real clusters) and are also
   deleted explicitly on the DELETED watch event, without a finalizer, so a resource never hangs
   in Terminating when the operator is down; an orphan sweep at start-up catches those deletions.
@@ -23,11 +28,11 @@ from disagg_planner.errors import NoFeasiblePlan, PlannerError
 from . import labels as lb
 from . import reporting
 from .crd import GROUP, PLURAL, VERSION
-from .errors import InvalidSpecError, KubeApiError, RenderError
+from .errors import InvalidSpecError, KubeApiError, ProfileError, RenderError
 from .kube import KubeClient
 from .planning import PlanningService
 from .readiness import refresh_readiness
-from .reconcile import Reconciler
+from .reconcile import DISAGG_KIND, Reconciler
 from .status import DisaggServingStatus
 
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -58,8 +63,8 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         if orphans:
             logger.info("deleted %d orphaned children: %s", len(orphans), ", ".join(orphans))
 
-    async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, retry: int, **_: Any) -> None:
-        await _reconcile(ctx, body, patch, logger, retry)
+    async def reconcile(body: kopf.Body, logger: logging.Logger, retry: int, **_: Any) -> None:
+        await _reconcile(ctx, body, logger, retry)
 
     for cause, decorator in (("create", kopf.on.create), ("update", kopf.on.update), ("resume", kopf.on.resume)):
         decorator(*RESOURCE, id=f"reconcile-{cause}", registry=registry)(reconcile)
@@ -73,12 +78,10 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
                                **_: Any) -> None:
         instance = labels.get(lb.INSTANCE)
         if namespace and instance:
-            moved = await refresh_readiness(ctx.kube, namespace, instance)
+            moved = await refresh_readiness(ctx.reconciler, namespace, instance)
             if moved is not None:
-                phase, owner = moved
-                logger.info("DisaggServing %s/%s is now %s", namespace, instance, phase)
-                kopf.info(owner, reason=phase, message="all workloads ready" if phase == "Ready"
-                          else "workloads are missing ready replicas")
+                logger.info("DisaggServing %s/%s is %s: %s", namespace, instance, moved.phase, moved.message)
+                kopf.info(moved.resource, reason=moved.phase, message=moved.message)
 
     for plural in ("statefulsets", "deployments"):
         kopf.on.event("apps", "v1", plural, labels={lb.MANAGED: lb.MANAGED_BY}, id=f"readiness-{plural}",
@@ -87,46 +90,80 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
     return registry
 
 
-async def _reconcile(ctx: OperatorContext, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
-                     retry: int) -> None:
-    prev = reporting.previous_status(body)
-    generation = body.metadata.get("generation")
+async def _reconcile(ctx: OperatorContext, body: kopf.Body, logger: logging.Logger, retry: int) -> None:
+    namespace, name = body.metadata.namespace or "default", body.metadata.name
+    async with ctx.reconciler.exclusive(namespace, name):
+        # Read again under the lock: a workload event or the re-planning loop may have written since kopf
+        # read it (status.replan's observed workload, for one, decides what to plan for).
+        cr = await ctx.kube.get(DISAGG_KIND, namespace, name)
+        if cr is None:
+            return  # deleted meanwhile
+        await _reconcile_locked(ctx, cr, logger, retry)
+
+
+async def _reconcile_locked(ctx: OperatorContext, cr: dict[str, Any], logger: logging.Logger, retry: int) -> None:
+    prev = reporting.previous_status(cr)
+    generation = cr["metadata"].get("generation")
     try:
-        outcome = await ctx.reconciler.reconcile(body)
+        outcome = await ctx.reconciler.reconcile(cr)
     except InvalidSpecError as exc:
-        _fail(body, patch, prev, generation, reporting.INVALID_SPEC, str(exc), planned=False)
+        await _fail(ctx, cr, prev, generation, reporting.INVALID_SPEC, str(exc), planned=False)
         raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+    except ProfileError as exc:
+        await _fail(ctx, cr, prev, generation, exc.reason, str(exc), planned=False)
+        raise kopf.TemporaryError(str(exc), delay=_backoff(retry)) from exc
     except NoFeasiblePlan as exc:
-        _fail(body, patch, prev, generation, reporting.NO_FEASIBLE_PLAN, str(exc), planned=False)
+        await _fail(ctx, cr, prev, generation, reporting.NO_FEASIBLE_PLAN, str(exc), planned=False)
         raise kopf.PermanentError(str(exc)) from exc
     except PlannerError as exc:
-        _fail(body, patch, prev, generation, reporting.PLANNING_FAILED, str(exc), planned=False)
+        await _fail(ctx, cr, prev, generation, reporting.PLANNING_FAILED, str(exc), planned=False)
         raise kopf.PermanentError(str(exc)) from exc
     except RenderError as exc:
-        _fail(body, patch, prev, generation, reporting.RENDER_FAILED, str(exc), planned=True)
+        await _fail(ctx, cr, prev, generation, reporting.RENDER_FAILED, str(exc), planned=True)
         raise kopf.PermanentError(str(exc)) from exc
     except KubeApiError as exc:
-        _fail(body, patch, prev, generation, reporting.APPLY_FAILED, str(exc), planned=True)
+        await _fail(ctx, cr, prev, generation, reporting.APPLY_FAILED, str(exc), planned=True)
         if exc.status in _PERMANENT_HTTP:
             raise kopf.PermanentError(str(exc)) from exc
-        raise kopf.TemporaryError(str(exc), delay=min(60.0, 2.0 ** retry)) from exc
+        raise kopf.TemporaryError(str(exc), delay=_backoff(retry)) from exc
 
     status = reporting.success_status(prev, outcome, generation)
-    patch.status.update(reporting.to_patch(status))
+    await _write_status(ctx, cr, reporting.to_patch(status))
     if outcome.plan_changed:
-        kopf.info(body, reason="Planned", message=reporting.describe_plan(outcome.plan))
+        kopf.info(cr, reason="Planned", message=reporting.describe_plan(outcome.plan))
     if outcome.applied or outcome.pruned:
-        kopf.info(body, reason="Applied",
-                  message=f"applied {len(outcome.applied)}, deleted {len(outcome.pruned)} children")
-    logger.info("%s: %s; applied %d, pruned %d, plan %s", status.phase, reporting.describe_plan(outcome.plan),
-                len(outcome.applied), len(outcome.pruned), "cached" if outcome.plan_cached else "searched")
+        serving = f"; {len(outcome.retiring)} children of the previous plan serve until the new workloads are " \
+                  "ready" if outcome.retiring else ""
+        kopf.info(cr, reason="Applied",
+                  message=f"applied {len(outcome.applied)}, deleted {len(outcome.pruned)} children{serving}")
+    logger.info("%s: %s; applied %d, pruned %d, retiring %d, plan %s", status.phase,
+                reporting.describe_plan(outcome.plan), len(outcome.applied), len(outcome.pruned),
+                len(outcome.retiring), "cached" if outcome.plan_cached else "searched")
 
 
-def _fail(body: kopf.Body, patch: kopf.Patch, prev: DisaggServingStatus, generation: int | None, reason: str,
-          message: str, *, planned: bool) -> None:
+def _backoff(retry: int) -> float:
+    return min(60.0, 2.0 ** retry)
+
+
+async def _fail(ctx: OperatorContext, cr: dict[str, Any], prev: DisaggServingStatus, generation: int | None,
+                reason: str, message: str, *, planned: bool) -> None:
     status = reporting.failure_status(prev, reason, message, generation, planned=planned)
-    patch.status.update(reporting.to_patch(status))
-    kopf.warn(body, reason=reason, message=message[:1024])
+    try:
+        await _write_status(ctx, cr, reporting.to_patch(status))
+    except KubeApiError as exc:  # the reason is still logged and posted as an Event
+        logging.getLogger(__name__).warning("could not write the Degraded status: %s", exc)
+    kopf.warn(cr, reason=reason, message=message[:1024])
+
+
+async def _write_status(ctx: OperatorContext, cr: dict[str, Any], patch: dict[str, Any]) -> None:
+    """Merge-patch the status (no resourceVersion guard: the writers of this process are serialised by
+    the lock, and kopf's own annotation writes must not turn into conflicts)."""
+    meta = cr["metadata"]
+    try:
+        await ctx.kube.patch_status(DISAGG_KIND, meta.get("namespace") or "default", meta["name"], patch)
+    except KubeApiError as exc:
+        if exc.status != 404:  # deleted meanwhile: nothing to report on
+            raise
 
 
 def connection_info(kube: KubeClient) -> kopf.ConnectionInfo:

@@ -13,12 +13,17 @@ fixed `--kv-port`; the router gets `--endpoints-file endpoints.json`, per-pod UR
 headless Services, which it re-reads, so a re-plan reaches it without a restart. The ConfigMap is
 mounted at /etc/disagg: `plan.json`, `model.json`, `endpoints.json` and, when planning used one,
 `profile.json`. A colocated plan renders `--role colocated`, which the runtime does not serve yet.
+
+Worker groups are named after their shape (`<instance>-<component>-<shape>`, see topology.py). While
+a rollout runs, `RenderInput.retiring_endpoints` (the pods of earlier plans' workloads that still
+serve) are listed in `endpoints.json` beside the new plan's, so the router uses both.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from disagg_planner.api import DisaggServingSpec, LatencyProfile, Plan
@@ -65,18 +70,18 @@ class RenderInput:
     plan_hash: str
     profile: LatencyProfile | None = None
     settings: RenderSettings = RenderSettings()
+    retiring_endpoints: Mapping[str, list[str]] = field(default_factory=dict)
 
 
 def render_children(inp: RenderInput) -> list[dict[str, Any]]:
     """All children for one plan, in apply order."""
-    groups = topology.worker_groups(inp.plan, inp.spec)
-    children: list[dict[str, Any]] = [_service_account(inp), _config_map(inp, groups)]
-    for group in groups:
-        children.append(_headless_service(inp, group))
-        children.append(_stateful_set(inp, group))
-    children.append(_router_deployment(inp))
-    children.append(_router_service(inp))
-    return children
+    workers: list[dict[str, Any]] = []
+    for group in topology.worker_groups(inp.plan, inp.spec):
+        workers.append(_headless_service(inp, group))
+        workers.append(_stateful_set(inp, group))
+    statefulsets = [w for w in workers if w["kind"] == "StatefulSet"]
+    return [_service_account(inp), _config_map(inp, statefulsets), *workers, _router_deployment(inp),
+            _router_service(inp)]
 
 
 def child_key(obj: dict[str, Any]) -> str:
@@ -103,11 +108,12 @@ def _config_name(inp: RenderInput) -> str:
     return lb.child_name(inp.owner.name, "plan")
 
 
-def _config_map(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, Any]:
+def _config_map(inp: RenderInput, statefulsets: list[dict[str, Any]]) -> dict[str, Any]:
     data = {
         "plan.json": json.dumps(inp.plan.to_wire(), sort_keys=True, indent=1),
         "model.json": json.dumps(inp.spec.model.spec.to_wire(), sort_keys=True, indent=1),
-        "endpoints.json": json.dumps(router_endpoints(inp, groups), sort_keys=True, indent=1),
+        "endpoints.json": json.dumps(router_endpoints(statefulsets, inp.retiring_endpoints), sort_keys=True,
+                                     indent=1),
     }
     if inp.profile is not None:
         data["profile.json"] = inp.profile.model_dump_json(by_alias=True)
@@ -115,31 +121,67 @@ def _config_map(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, Any]:
             "data": data}
 
 
-def router_endpoints(inp: RenderInput, groups: list[WorkerGroup]) -> dict[str, list[str]]:
-    """Per-pod worker URLs for the router, by role (stage-0 pods are a pipelined instance's entry)."""
+def router_endpoints(statefulsets: list[Mapping[str, Any]],
+                     retiring: Mapping[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """The router's endpoint list: the plan's worker pods first, then those of `retiring` workloads."""
     out: dict[str, list[str]] = {}
-    ns = inp.owner.namespace
-    for group in groups:
-        name = lb.child_name(inp.owner.name, group.component)
-        for seg in group.segments:
-            if seg.stage in (None, 0):
-                out.setdefault(seg.role, []).extend(
-                    f"http://{name}-{i}.{name}.{ns}.svc:{ROLE_PORTS[seg.role]}" for i in range(group.replicas))
+    for sts in statefulsets:
+        merge_endpoints(out, workload_endpoints(sts))
+    return merge_endpoints(out, retiring or {})
+
+
+def merge_endpoints(into: dict[str, list[str]], more: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """Append `more` to `into` per role, skipping URLs already there; returns `into`."""
+    for role, urls in more.items():
+        listed = into.setdefault(role, [])
+        listed.extend(u for u in urls if u not in listed)
+    return into
+
+
+def workload_endpoints(sts: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Per-pod URLs one worker StatefulSet gives the router, by role (a pipelined instance enters at
+    stage 0). Read from the object itself, so it serves rendered and live (earlier plans') ones alike."""
+    meta, spec = sts["metadata"], sts.get("spec") or {}
+    name, service = meta["name"], spec.get("serviceName") or meta["name"]
+    replicas = int(spec.get("replicas", 1))
+    out: dict[str, list[str]] = {}
+    for container in ((spec.get("template") or {}).get("spec") or {}).get("containers") or []:
+        role = container.get("name")
+        if role not in ("prefill", "decode", "colocated") or _stage_arg(container.get("args") or []) not in (None, 0):
+            continue
+        port = next((p["containerPort"] for p in container.get("ports") or [] if p.get("name") == role),
+                    ROLE_PORTS[role])
+        out.setdefault(role, []).extend(
+            f"http://{name}-{i}.{service}.{meta.get('namespace')}.svc:{port}" for i in range(replicas))
     return out
 
 
+def _stage_arg(args: list[str]) -> int | None:
+    if "--stage" in args[:-1]:
+        value = args[args.index("--stage") + 1]
+        return int(value) if value.isdigit() else None
+    return None
+
+
+def _worker_meta(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
+    meta = _meta(inp, lb.worker_name(inp.owner.name, group.component, group.shape_id), group.component,
+                 group.phase)
+    meta["labels"][lb.SHAPE] = group.shape_id
+    return meta
+
+
 def _headless_service(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
-    name = lb.child_name(inp.owner.name, group.component)
     ports = [{"name": seg.role, "port": ROLE_PORTS[seg.role], "targetPort": seg.role} for seg in group.segments]
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(inp, name, group.component, group.phase),
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _worker_meta(inp, group),
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "ports": ports,
-                     "selector": lb.selector_labels(inp.owner.name, group.component)}}
+                     "selector": lb.selector_labels(inp.owner.name, group.component, group.shape_id)}}
 
 
 def _stateful_set(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
-    name = lb.child_name(inp.owner.name, group.component)
-    selector = lb.selector_labels(inp.owner.name, group.component)
-    pod_labels = {**lb.common_labels(inp.owner.name, inp.plan_hash), **selector, lb.PHASE: group.phase}
+    meta = _worker_meta(inp, group)
+    name = meta["name"]
+    selector = lb.selector_labels(inp.owner.name, group.component, group.shape_id)
+    pod_labels = {**lb.pod_labels(inp.owner.name), **selector, lb.PHASE: group.phase}
     pod_spec: dict[str, Any] = {
         "serviceAccountName": lb.child_name(inp.owner.name, "runtime"),
         "containers": [_worker_container(inp, seg) for seg in group.segments],
@@ -148,7 +190,7 @@ def _stateful_set(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
     }
     _add_scheduling(inp, pod_spec)
     return {
-        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(inp, name, group.component, group.phase),
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta,
         "spec": {
             "serviceName": name,
             "replicas": group.replicas,
@@ -221,7 +263,7 @@ def _add_scheduling(inp: RenderInput, pod_spec: dict[str, Any]) -> None:
 def _router_deployment(inp: RenderInput) -> dict[str, Any]:
     name = lb.child_name(inp.owner.name, "router")
     selector = lb.selector_labels(inp.owner.name, "router")
-    pod_labels = {**lb.common_labels(inp.owner.name, inp.plan_hash), **selector, lb.PHASE: "router"}
+    pod_labels = {**lb.pod_labels(inp.owner.name), **selector, lb.PHASE: "router"}
     args = ["serve", "--role", "router", "--port", str(ROLE_PORTS["router"]),
             "--endpoints-file", f"{CONFIG_DIR}/endpoints.json"]
     if inp.spec.runtime.max_prompt_tokens:

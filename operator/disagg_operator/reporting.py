@@ -21,6 +21,7 @@ NO_FEASIBLE_PLAN = "NoFeasiblePlan"
 PLANNING_FAILED = "PlanningFailed"
 RENDER_FAILED = "RenderFailed"
 APPLY_FAILED = "ApplyFailed"
+ROLLING_OUT = "RollingOut"
 
 
 def previous_status(body: Mapping[str, Any]) -> DisaggServingStatus:
@@ -55,11 +56,19 @@ def success_status(prev: DisaggServingStatus, outcome: Outcome, generation: int 
         conds = set_condition(conds, "Progressing", "False", "Paused",
                               "spec.paused is true: the plan is reported, nothing is applied", generation=generation)
         conds = set_condition(conds, "Ready", "Unknown", "Paused", generation=generation)
+    elif outcome.retiring:
+        phase = "Progressing"
+        workloads = sum(1 for key in outcome.retiring if key.split("/", 1)[0] in ("StatefulSet", "Deployment"))
+        message = (f"rolling out the new plan beside the previous one: {workloads} workloads of the previous plan "
+                   f"keep serving until every workload of the new plan is ready")
+        conds = set_condition(conds, "Progressing", "True", ROLLING_OUT, message, generation=generation)
+        conds = set_condition(conds, "Ready", "False", ROLLING_OUT, message, generation=generation)
     else:
         phase = "Ready" if outcome.ready else "Progressing"
         conds = _rollout_conditions(conds, outcome.ready, len(outcome.children), generation)
     return DisaggServingStatus(phase=phase, observed_generation=generation, plan_hash=outcome.plan_hash,
-                               children=list(outcome.children), conditions=conds, **plan_summary(outcome.plan))
+                               children=list(outcome.children), retiring=list(outcome.retiring), conditions=conds,
+                               **plan_summary(outcome.plan))
 
 
 def readiness_status(prev: DisaggServingStatus, ready: bool, generation: int | None) -> DisaggServingStatus:

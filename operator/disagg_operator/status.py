@@ -45,6 +45,9 @@ class DisaggServingStatus(ApiModel):
     gain_over_colocated: float | None = Field(default=None, ge=0)
     gpus: int | None = Field(default=None, ge=0)
     children: list[str] = Field(default_factory=list, description="Kind/name of every applied child.")
+    retiring: list[str] = Field(
+        default_factory=list, description="Kind/name of children of earlier plans that keep serving until the "
+        "plan's workloads are ready, and are deleted then.")
     conditions: list[Condition] = Field(default_factory=list)
     replan: ReplanStatus | None = Field(default=None, description="Drift re-planning state (telemetry loop).")
 

@@ -21,12 +21,19 @@ node, so KV caches move over NVLink instead of the network. Two ways were weighe
   running a whole instance. Otherwise one StatefulSet per pipeline stage (`segment-s<k>`), one pod
   per unit, containers started with `--stage k`.
 
+Each worker group's workloads are named after its shape (`WorkerGroup.shape_id`, a digest of what its
+pods run, not of how many there are): a plan that changes a group's parallelism renders a workload of
+a new name, which rolls out beside the running one (see `rollout.py`), while a plan that only changes
+replica counts scales the running workload in place.
+
 GPU node selectors come from the cluster's GPU name (`nvidia.com/gpu.product` by default) merged
 with `spec.scheduling.nodeSelector` (the user's keys win); a CPU "cluster" requests no GPUs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -70,6 +77,12 @@ class WorkerGroup:
     @property
     def gpus(self) -> int:
         return self.gpus_per_pod * self.replicas
+
+    @property
+    def shape_id(self) -> str:
+        """6 hex digits naming what each pod runs (containers, parallelism, stage); replicas left out."""
+        shape = [self.component, self.phase, [[s.role, s.tp, s.pp, s.stage] for s in self.segments]]
+        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:6]
 
 
 def worker_groups(plan: Plan, spec: DisaggServingSpec) -> list[WorkerGroup]:

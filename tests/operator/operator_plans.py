@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from disagg_operator.render import Owner, RenderInput
@@ -47,5 +48,7 @@ def colocated_plan() -> Plan:
                  colocated=PhasePlan(tp=1, pp=1, replicas=4, instance_goodput_rps=1.2))
 
 
-def render_input(plan: Plan, the_spec: DisaggServingSpec | None = None, **kw: Any) -> RenderInput:
-    return RenderInput(owner=OWNER, spec=the_spec or spec(), plan=plan, plan_hash="0123456789abcdef-analytic", **kw)
+def render_input(plan: Plan, the_spec: DisaggServingSpec | None = None, *, owner_name: str | None = None,
+                 **kw: Any) -> RenderInput:
+    owner = OWNER if owner_name is None else dataclasses.replace(OWNER, name=owner_name)
+    return RenderInput(owner=owner, spec=the_spec or spec(), plan=plan, plan_hash="0123456789abcdef-analytic", **kw)

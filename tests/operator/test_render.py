@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import kubernetes_validate
 import pytest
 from disagg_operator import labels as lb
 from disagg_operator.errors import RenderError
-from disagg_operator.render import RenderSettings, child_key, render_children
+from disagg_operator.render import RenderSettings, child_key, render_children, workload_endpoints
 from disagg_runtime.router.pool import read_endpoints
 from disagg_runtime.serve.options import add_serve_arguments, check_serve_arguments
 from operator_plans import OWNER, colocated_plan, high_plan, low_plan, render_input, spec
@@ -18,7 +19,16 @@ K8S_VERSIONS = ("1.29", "1.33")
 
 
 def _by_key(objs):
-    return {child_key(o): o for o in objs}
+    """`Kind/name`, with worker groups under `Kind/<instance>-<component>`: their names end in the group's
+    shape id (checked here, and in test_worker_names_follow_the_shape_not_the_replicas)."""
+    out = {}
+    for obj in objs:
+        key, shape = child_key(obj), obj["metadata"]["labels"].get(lb.SHAPE)
+        if shape is not None:
+            assert key.endswith(f"-{shape}"), key
+            key = key[:-len(shape) - 1]
+        out[key] = obj
+    return out
 
 
 def _pod(obj):
@@ -82,9 +92,10 @@ def test_router_reads_per_pod_endpoints_from_the_config_map(tmp_path):
     args = _runtime_args(_pod(children["Deployment/chat-router"])["containers"][0])
     assert args.role == "router" and args.port == 8000 and args.endpoints_file == "/etc/disagg/endpoints.json"
     endpoints = json.loads(children["ConfigMap/chat-plan"]["data"]["endpoints.json"])
+    pre, dec = (children[f"StatefulSet/chat-{c}"]["metadata"]["name"] for c in ("prefill", "decode"))
     assert endpoints == {
-        "prefill": [f"http://chat-prefill-{i}.chat-prefill.serving.svc:8000" for i in range(3)],
-        "decode": ["http://chat-decode-0.chat-decode.serving.svc:8001"],
+        "prefill": [f"http://{pre}-{i}.{pre}.serving.svc:8000" for i in range(3)],
+        "decode": [f"http://{dec}-0.{dec}.serving.svc:8001"],
     }
     (tmp_path / "endpoints.json").write_text(children["ConfigMap/chat-plan"]["data"]["endpoints.json"])
     assert read_endpoints(tmp_path / "endpoints.json") == endpoints  # the router's own reader accepts it
@@ -107,8 +118,9 @@ def test_low_affinity_unit_that_fits_a_node_is_one_pod_with_both_instances():
     roles = [_runtime_args(c).role for c in _pod(unit)["containers"]]
     assert roles == ["prefill", "decode"]
     endpoints = json.loads(children["ConfigMap/chat-plan"]["data"]["endpoints.json"])
-    assert endpoints["prefill"] == [f"http://chat-unit-{i}.chat-unit.serving.svc:8000" for i in range(2)]
-    assert endpoints["decode"] == [f"http://chat-unit-{i}.chat-unit.serving.svc:8001" for i in range(2)]
+    name = unit["metadata"]["name"]
+    assert endpoints["prefill"] == [f"http://{name}-{i}.{name}.serving.svc:8000" for i in range(2)]
+    assert endpoints["decode"] == [f"http://{name}-{i}.{name}.serving.svc:8001" for i in range(2)]
 
 
 def test_low_affinity_pairs_same_stage_segments_in_one_pod():
@@ -145,14 +157,63 @@ def test_every_child_is_owned_and_labelled():
         assert labels[lb.COMPONENT]
 
 
-def test_workload_selectors_do_not_move_with_the_plan():
-    a = _by_key(render_children(render_input(high_plan())))["StatefulSet/chat-prefill"]
+def test_a_new_plan_hash_moves_no_selector_and_no_pod_template():
+    a = _by_key(render_children(render_input(high_plan())))
     other = render_input(high_plan())
-    b_input = type(other)(owner=other.owner, spec=other.spec, plan=other.plan, plan_hash="feedfacefeedface-analytic")
-    b = _by_key(render_children(b_input))["StatefulSet/chat-prefill"]
-    assert a["spec"]["selector"] == b["spec"]["selector"]
-    assert lb.PLAN_HASH not in a["spec"]["selector"]["matchLabels"]
-    assert a["spec"]["template"]["metadata"]["labels"][lb.PLAN_HASH] != b["spec"]["template"]["metadata"]["labels"][lb.PLAN_HASH]
+    b = _by_key(render_children(type(other)(owner=other.owner, spec=other.spec, plan=other.plan,
+                                            plan_hash="feedfacefeedface-analytic")))
+    for key in ("StatefulSet/chat-prefill", "StatefulSet/chat-decode", "Deployment/chat-router"):
+        assert a[key]["metadata"]["name"] == b[key]["metadata"]["name"]
+        assert a[key]["spec"]["selector"] == b[key]["spec"]["selector"]
+        assert lb.PLAN_HASH not in a[key]["spec"]["selector"]["matchLabels"]
+        # A template change restarts every pod: a plan that keeps the shapes must not touch them.
+        assert a[key]["spec"]["template"] == b[key]["spec"]["template"], key
+        assert a[key]["metadata"]["labels"][lb.PLAN_HASH] != b[key]["metadata"]["labels"][lb.PLAN_HASH]
+
+
+def test_worker_names_follow_the_shape_not_the_replicas():
+    base = high_plan()
+    names = {child_key(o) for o in render_children(render_input(base))}
+    more = base.model_copy(update={"prefill": base.prefill.model_copy(update={"replicas": 5})})
+    assert {child_key(o) for o in render_children(render_input(more))} == names  # scaled in place
+    wider = base.model_copy(update={"decode": base.decode.model_copy(update={"tp": 4, "pp": 1})})
+    changed = {child_key(o) for o in render_children(render_input(wider))} ^ names
+    # Only the decode group moves to new names; prefill keeps running as it is.
+    assert {k.rsplit("-", 1)[0] for k in changed} == {"StatefulSet/chat-decode", "Service/chat-decode"}
+    sts = _by_key(render_children(render_input(wider)))["StatefulSet/chat-decode"]
+    shape = sts["metadata"]["labels"][lb.SHAPE]
+    assert sts["spec"]["selector"]["matchLabels"][lb.SHAPE] == shape
+    assert sts["spec"]["template"]["metadata"]["labels"][lb.SHAPE] == shape
+    assert sts["spec"]["serviceName"] == sts["metadata"]["name"] == f"chat-decode-{shape}"
+
+
+def test_retiring_endpoints_are_listed_after_the_plan_s_own():
+    old = {"prefill": ["http://chat-prefill-aaaaaa-0.chat-prefill-aaaaaa.serving.svc:8000"],
+           "decode": ["http://chat-decode-bbbbbb-0.chat-decode-bbbbbb.serving.svc:8001"]}
+    inp = render_input(high_plan())
+    plain = json.loads(_by_key(render_children(inp))["ConfigMap/chat-plan"]["data"]["endpoints.json"])
+    both = json.loads(_by_key(render_children(replace(inp, retiring_endpoints=old)))["ConfigMap/chat-plan"]
+                      ["data"]["endpoints.json"])
+    assert both == {role: plain[role] + old[role] for role in ("prefill", "decode")}
+
+
+@pytest.mark.parametrize(("plan", "over"), [(high_plan(), {}), (low_plan(), {}), (low_plan(), SMALL_NODES)],
+                         ids=["high", "low-unit", "low-segments"])
+def test_endpoints_read_back_from_a_statefulset_equal_the_rendered_ones(plan, over):
+    # The reconciler reads the endpoints of an earlier plan's live StatefulSets with the same function.
+    objs = render_children(render_input(plan, spec(**over)))
+    listed = json.loads(_by_key(objs)["ConfigMap/chat-plan"]["data"]["endpoints.json"])
+    read: dict[str, list[str]] = {}
+    for obj in objs:
+        if obj["kind"] == "StatefulSet":
+            for role, urls in workload_endpoints(obj).items():
+                read.setdefault(role, []).extend(urls)
+    assert read == listed and set(read) == {"prefill", "decode"}
+
+
+def test_statefulset_names_leave_room_for_the_pod_revision_label():
+    with pytest.raises(RenderError, match="longer than 52 characters"):
+        render_children(render_input(high_plan(), owner_name="x" * 40))
 
 
 def test_scheduling_gpu_selector_user_selector_and_tolerations():

@@ -25,7 +25,7 @@ from typing import Any
 from disagg_planner.errors import PlannerError
 
 from .. import reporting
-from ..errors import InvalidSpecError, KubeApiError, RenderError
+from ..errors import InvalidSpecError, KubeApiError, OperatorError
 from ..kube import KubeClient
 from ..reconcile import DISAGG_KIND, Outcome, Reconciler, parse_spec
 from .drift import DEFAULT_MIN_REQUESTS, DriftDetector
@@ -140,9 +140,10 @@ class ReplanLoop:
 
         patch = decision.status_patch()
         rollout, error = None, None
-        if decision.replan:
-            rollout, error, patch = await self._roll_out(cr, status, decision)
-        written = await self._write(namespace, name, meta.get("resourceVersion"), patch)
+        async with self.reconciler.exclusive(namespace, name):
+            if decision.replan:
+                rollout, error, patch = await self._roll_out(cr, status, decision)
+            written = await self._write(namespace, name, meta.get("resourceVersion"), patch)
         if written:
             await self._announce(cr, decision, rollout, error)
         return CheckOutcome(namespace, name, decision, rollout, error, written)
@@ -155,7 +156,7 @@ class ReplanLoop:
         body = {**cr, "spec": spec.model_dump(mode="json", by_alias=True), "status": replanned}
         try:
             outcome = await self.reconciler.reconcile(body)
-        except (PlannerError, RenderError, KubeApiError) as exc:
+        except (PlannerError, OperatorError) as exc:  # no plan, a profile, a render or an apply failed
             failed = decision.previous.model_copy(update={
                 "last_check_time": decision.status.last_check_time, "last_result": "Drifting",
                 "message": f"re-plan for the observed workload failed, the running plan stays: {exc}"[:4096],

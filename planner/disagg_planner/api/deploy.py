@@ -1,4 +1,4 @@
-"""How the operator rolls a plan out: runtime image, scheduling, and drift-driven re-planning."""
+"""How the operator rolls a plan out: runtime image, scheduling, drift-driven re-planning, the latency profile."""
 
 from __future__ import annotations
 
@@ -54,3 +54,22 @@ class ReplanSpec(ApiModel):
     stable_intervals: int = Field(
         default=2, ge=1, le=100, description="Consecutive drifted readings before a re-plan (hysteresis)."
     )
+
+
+class ConfigMapKeyRef(ApiModel):
+    """One key of a ConfigMap in the DisaggServing's own namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                      description="ConfigMap name.")
+    key: str = Field(default="profile.json", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                     description="Key under the ConfigMap's data holding the LatencyProfile JSON.")
+
+
+class ProfileRef(ApiModel):
+    """Where the operator reads the latency profile to plan with (`disagg profile` writes the JSON).
+
+    Without it the operator uses a profile it ships for the model shape and GPU type, else the
+    analytic roofline.
+    """
+
+    config_map_ref: ConfigMapKeyRef

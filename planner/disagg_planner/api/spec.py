@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from .base import ApiModel
 from .cluster import ClusterSpec
-from .deploy import ReplanSpec, RuntimeSpec, SchedulingSpec
+from .deploy import ProfileRef, ReplanSpec, RuntimeSpec, SchedulingSpec
 from .model import ModelRef
 from .slo import SearchBounds, SLOSpec
 from .workload import WorkloadSpec
@@ -26,6 +26,9 @@ class DisaggServingSpec(ApiModel):
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     replan: ReplanSpec = Field(default_factory=ReplanSpec)
+    profile: ProfileRef | None = Field(
+        default=None, description="A measured latency profile in a ConfigMap; the planner fits its model to it."
+    )
     paused: bool = Field(default=False, description="Plan and report only; apply nothing (what-if mode).")
 
     @model_validator(mode="after")
@@ -42,7 +45,11 @@ class DisaggServingSpec(ApiModel):
         return self.search.gpu_budget or self.cluster.total_gpus
 
     def planning_hash(self) -> str:
-        """Hash of the fields that change the plan (not the image, scheduling or replan settings)."""
+        """Hash of the fields that change the plan (not the image, scheduling or replan settings).
+
+        `profile` is left out: where it points is not what matters, the profile's content is, and the
+        operator adds a digest of that content to its planning cache key.
+        """
         keys = ("model", "cluster", "workload", "slo", "search")
         payload = {k: getattr(self, k).model_dump(mode="json") for k in keys}
         payload["model"].pop("path", None)
