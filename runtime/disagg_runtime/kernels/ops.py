@@ -7,10 +7,8 @@ same model code runs exact float32 on CPU and fused bf16 on a GPU.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 
@@ -84,52 +82,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_seqlen: int, scale: float, seq_lens: Sequence[int] | None = None) -> torch.Tensor:
+                            max_seqlen: int, scale: float) -> torch.Tensor:
     """Prefill attention over packed prompts (q [T, Hq, D], k/v [T, Hkv, D], int32 cu_seqlens [n + 1]).
 
-    On CUDA in half precision: a few long prompts (the host-side `seq_lens` say so) go one by one
-    through cuDNN's fused attention, which runs causal bf16 attention on Hopper about twice as fast as
-    FlashAttention-2; otherwise the whole batch is one launch of FlashAttention-2's varlen kernel as
-    PyTorch ships it (GQA without repeating K/V, no padding). Elsewhere one SDPA per prompt.
+    On CUDA in half precision this is FlashAttention-2's varlen kernel as PyTorch ships it: one
+    launch for the whole batch, GQA without repeating K/V, no padding. (cuDNN's fused attention was
+    measured too: no faster at 4096 tokens, ~240 us a call slower at 512-2048; bench/NOTES-gpu.md.)
+    Elsewhere one SDPA per prompt.
     """
-    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256):
-        return reference.varlen_causal_attention_ref(q, k, v, cu_seqlens, scale)
-    if (seq_lens is not None and len(seq_lens) <= _CUDNN_MAX_PROMPTS and min(seq_lens) >= _CUDNN_MIN_TOKENS
-            and cudnn_attention_usable(q.device)):
-        out = torch.empty_like(q)
-        start = 0
-        for n in seq_lens:
-            end = start + n
-            out[start:end] = _cudnn_causal(q[start:end], k[start:end], v[start:end], scale)
-            start = end
-        return out
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                                   0.0, True, False, scale=scale)[0]
-
-
-# cuDNN wins on long prompts; many short ones are better served by one varlen launch.
-_CUDNN_MIN_TOKENS = 256
-_CUDNN_MAX_PROMPTS = 16
-
-
-def _cudnn_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    group = q.shape[1] // k.shape[1]
-    if group > 1:  # K/V are a few % of the bytes of a long prefill: repeat them rather than rely on GQA support
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                             v.transpose(0, 1)[None], is_causal=True, scale=scale)
-    return out[0].transpose(0, 1)
-
-
-@functools.cache
-def cudnn_attention_usable(device: torch.device) -> bool:
-    """Whether PyTorch's cuDNN attention runs here (it needs a recent cuDNN and GPU); probed once."""
-    try:
-        x = torch.randn(64, 2, 64, device=device, dtype=torch.bfloat16)
-        _cudnn_causal(x, x[:, :1], x[:, :1], 0.125)
-    except RuntimeError:
-        return False
-    return True
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256:
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                       0.0, True, False, scale=scale)[0]
+    return reference.varlen_causal_attention_ref(q, k, v, cu_seqlens, scale)

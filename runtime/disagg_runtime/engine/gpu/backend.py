@@ -22,7 +22,6 @@ class GpuPrefillMeta:
     slots: torch.Tensor
     cu_seqlens: torch.Tensor  # int32 [n + 1]
     max_seqlen: int
-    seq_lens: list[int]
 
 
 @dataclass
@@ -44,7 +43,7 @@ class GpuAttentionBackend(AttentionBackend):
                 raise ValueError("the GPU backend prefills whole prompts only (no cached prefix)")
             cu = np.zeros(len(layout.seq_lens) + 1, dtype=np.int32)
             np.cumsum(layout.seq_lens, out=cu[1:])
-            return GpuPrefillMeta(slots, torch.from_numpy(cu).to(device), max(layout.seq_lens), layout.seq_lens)
+            return GpuPrefillMeta(slots, torch.from_numpy(cu).to(device), max(layout.seq_lens))
         width = max(len(t) for t in layout.block_tables)
         tables = np.zeros((len(layout.block_tables), width), dtype=np.int32)
         for i, table in enumerate(layout.block_tables):
@@ -58,5 +57,5 @@ class GpuAttentionBackend(AttentionBackend):
         cache.keys.view(-1, kv_heads, dim).index_copy_(0, meta.slots, k)
         cache.values.view(-1, kv_heads, dim).index_copy_(0, meta.slots, v)
         if isinstance(meta, GpuPrefillMeta):
-            return varlen_causal_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale, meta.seq_lens)
+            return varlen_causal_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale)
         return paged_decode_attention(q, cache.keys, cache.values, meta.block_tables, meta.context_lens, scale)

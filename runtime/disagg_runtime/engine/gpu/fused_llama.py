@@ -122,13 +122,11 @@ class FusedLlama:
         return F.linear(x, self.lm_head).float()
 
     def prefill_logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                       cu_seqlens: torch.Tensor, max_seqlen: int, rows: torch.Tensor,
-                       seq_lens: list[int] | None = None) -> torch.Tensor:
-        """Packed prompts (no cached prefix): store their KV, float32 logits of the tokens at `rows`.
-        `seq_lens` (the prompt lengths, on the host) lets attention pick its kernel without a sync."""
+                       cu_seqlens: torch.Tensor, max_seqlen: int, rows: torch.Tensor) -> torch.Tensor:
+        """Packed prompts (no cached prefix): store their KV, float32 logits of the tokens at `rows`."""
 
         def attend(_i, q, k, v, _cache):
-            return varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, self.scale, seq_lens)
+            return varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, self.scale)
 
         h, residual = self._layers(ids, positions, slots, attend)
         return self._logits(h[rows], residual[rows])

@@ -154,4 +154,4 @@ class GpuStepRunner:
         return self.fused.prefill_logits(self._tensor(tokens), self._tensor(positions),
                                          self._tensor(layout.slot_mapping),
                                          torch.from_numpy(cu).to(self.device), max(layout.seq_lens),
-                                         self._tensor(rows), layout.seq_lens)
+                                         self._tensor(rows))
