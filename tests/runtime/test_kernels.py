@@ -255,17 +255,21 @@ def test_triton_rope_and_store_matches_reference_on_fused_qkv_views():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("lens", [[1], [300], [17, 1, 128, 513], [1024, 257]])
-def test_cuda_varlen_attention_matches_float64_on_fused_qkv_views(lens):
-    from disagg_runtime.kernels import varlen_causal_attention
+@pytest.mark.parametrize("kernel", ["triton", "flash"])
+@pytest.mark.parametrize("heads", [(32, 8, 128), (6, 6, 64)])
+@pytest.mark.parametrize("lens", [[1], [300], [17, 1, 128, 513], [1024, 257], [64, 128, 129, 63]])
+def test_cuda_varlen_attention_matches_float64_on_fused_qkv_views(lens, heads, kernel):
+    from disagg_runtime.kernels.ops import flash_varlen_attention, varlen_causal_attention
 
-    hq, hkv, d = 32, 8, 128
+    attention = varlen_causal_attention if kernel == "triton" else flash_varlen_attention
+
+    hq, hkv, d = heads
     total = sum(lens)
     qkv = torch.randn(total, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
     q = qkv[:, : hq * d].view(total, hq, d)
     k = qkv[:, hq * d: (hq + hkv) * d].view(total, hkv, d)
     v = qkv[:, (hq + hkv) * d:].view(total, hkv, d)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    out = varlen_causal_attention(q, k, v, cu, max(lens), d ** -0.5)
+    out = attention(q, k, v, cu, max(lens), d ** -0.5)
     want = ref.varlen_causal_attention_ref(q.double(), k.double(), v.double(), cu, d ** -0.5)
     assert out.shape == (total, hq, d) and _rel(out, want) < 1e-2

@@ -85,12 +85,24 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                             max_seqlen: int, scale: float) -> torch.Tensor:
     """Prefill attention over packed prompts (q [T, Hq, D], k/v [T, Hkv, D], int32 cu_seqlens [n + 1]).
 
-    On CUDA in half precision this is FlashAttention-2's varlen kernel as PyTorch ships it: one
-    launch for the whole batch, GQA without repeating K/V, no padding. (cuDNN's fused attention was
-    measured too: no faster at 4096 tokens, ~240 us a call slower at 512-2048; bench/NOTES-gpu.md.)
-    Elsewhere one SDPA per prompt.
+    On CUDA in half precision: the Triton flash kernel (`triton_prefill.py`) for head dims it is
+    built for, else FlashAttention-2's varlen kernel as PyTorch ships it; both take the whole packed
+    batch in one launch with GQA and no padding. Elsewhere one SDPA per prompt.
     """
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256:
-        return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                                       0.0, True, False, scale=scale)[0]
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        head_dim = q.shape[-1]
+        if (_use_triton(q) and _pow2(head_dim) and head_dim <= 128 and q.stride(2) == 1 and k.stride(2) == 1
+                and v.stride(2) == 1):
+            from .triton_prefill import prefill_attention_triton
+
+            return prefill_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
+        if head_dim <= 256:
+            return flash_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
     return reference.varlen_causal_attention_ref(q, k, v, cu_seqlens, scale)
+
+
+def flash_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           max_seqlen: int, scale: float) -> torch.Tensor:
+    """FlashAttention-2 varlen forward (causal) through PyTorch's private op; CUDA, half precision."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                   0.0, True, False, scale=scale)[0]
