@@ -259,9 +259,10 @@ def test_triton_rope_and_store_matches_reference_on_fused_qkv_views():
 @pytest.mark.parametrize("heads", [(32, 8, 128), (6, 6, 64)])
 @pytest.mark.parametrize("lens", [[1], [300], [17, 1, 128, 513], [1024, 257], [64, 128, 129, 63]])
 def test_cuda_varlen_attention_matches_float64_on_fused_qkv_views(lens, heads, kernel):
-    from disagg_runtime.kernels.ops import flash_varlen_attention, varlen_causal_attention
+    from disagg_runtime.kernels.ops import flash_varlen_attention
+    from disagg_runtime.kernels.triton_prefill import prefill_attention_triton
 
-    attention = varlen_causal_attention if kernel == "triton" else flash_varlen_attention
+    attention = prefill_attention_triton if kernel == "triton" else flash_varlen_attention
 
     hq, hkv, d = heads
     total = sum(lens)

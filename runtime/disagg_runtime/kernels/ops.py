@@ -85,20 +85,25 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                             max_seqlen: int, scale: float) -> torch.Tensor:
     """Prefill attention over packed prompts (q [T, Hq, D], k/v [T, Hkv, D], int32 cu_seqlens [n + 1]).
 
-    On CUDA in half precision: the Triton flash kernel (`triton_prefill.py`) for head dims it is
-    built for, else FlashAttention-2's varlen kernel as PyTorch ships it; both take the whole packed
+    On CUDA in half precision: prompts of 1k tokens and more go to the Triton flash kernel
+    (`triton_prefill.py`; on an H100 1.4x FlashAttention-2 at 2-4k tokens), shorter ones to
+    FlashAttention-2's varlen kernel as PyTorch ships it (faster below 1k). Both take the whole packed
     batch in one launch with GQA and no padding. Elsewhere one SDPA per prompt.
     """
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         head_dim = q.shape[-1]
-        if (_use_triton(q) and _pow2(head_dim) and head_dim <= 128 and q.stride(2) == 1 and k.stride(2) == 1
-                and v.stride(2) == 1):
+        if (max_seqlen >= _TRITON_PREFILL_MIN_TOKENS and _use_triton(q) and _pow2(head_dim) and head_dim <= 128
+                and q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1):
             from .triton_prefill import prefill_attention_triton
 
             return prefill_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
         if head_dim <= 256:
             return flash_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
     return reference.varlen_causal_attention_ref(q, k, v, cu_seqlens, scale)
+
+
+# Measured on an H100 (bench/NOTES-gpu.md): FA2 wins at 512 tokens, the Triton kernel from 1024 on.
+_TRITON_PREFILL_MIN_TOKENS = 1024
 
 
 def flash_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -72,9 +72,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, qk_scale,
 
 
 def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                             max_seqlen: int, scale: float, block_m: int = 128, block_n: int = 64,
-                             num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] (head dim contiguous), int32 cu_seqlens [n + 1] -> [T, Hq, D]."""
+                             max_seqlen: int, scale: float, block_m: int = 64, block_n: int = 64,
+                             num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] (head dim contiguous), int32 cu_seqlens [n + 1] -> [T, Hq, D].
+
+    The default tile (64 x 64, 4 warps, 3 stages) was the fastest of five tried on an H100 at
+    1-4k tokens, head dim 128 (bench/NOTES-gpu.md).
+    """
     tokens, num_heads, head_dim = q.shape
     if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("prefill attention needs the head dim contiguous in q, k and v")
