@@ -65,6 +65,29 @@ class Kubectl:
                     out[f"{kind.kind}/{item['metadata']['name']}"] = item
         return out
 
+    def put_config_map(self, name: str, data: dict[str, str]) -> None:
+        """Create the ConfigMap, or replace its data."""
+        core = kubernetes.client.CoreV1Api(self.api)
+        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": self.namespace},
+                "data": data}
+        try:
+            core.create_namespaced_config_map(self.namespace, body)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+            core.patch_namespaced_config_map(name, self.namespace, {"data": data})
+
+    def config_map(self, name: str) -> dict[str, str]:
+        return kubernetes.client.CoreV1Api(self.api).read_namespaced_config_map(name, self.namespace).data or {}
+
+    def report_ready(self, key: str) -> None:
+        """Emulator bookkeeping for a workload: what its controller writes once every pod passes its
+        readiness probe (a real cluster's StatefulSet/Deployment controller and kubelet do this)."""
+        obj = self.children()[key]
+        replicas = obj["spec"]["replicas"]
+        self.patch_workload_status(key, {"observedGeneration": obj["metadata"]["generation"], "replicas": replicas,
+                                         "readyReplicas": replicas})
+
     def patch_workload_status(self, key: str, status: dict[str, Any]) -> None:
         """Play the part of the workload controllers (which the emulator does not run)."""
         kind, name = key.split("/", 1)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 from typing import Any
+
+from disagg_planner.api import MODEL_PRESETS, LatencyProfile, PhasePlan, Plan, ShapeProfile
+from disagg_planner.api.profile import DecodeSample, PrefillSample
 
 SMALL: dict[str, Any] = {
     "model": {"preset": "opt-13b", "path": "/models/opt-13b"},
@@ -52,3 +56,24 @@ def by_group(children: dict[str, dict[str, Any]], kind: str = "StatefulSet") -> 
 def container_gpus(sts: dict[str, Any]) -> dict[str, int]:
     containers = sts["spec"]["template"]["spec"]["containers"]
     return {c["name"]: int(c["resources"]["limits"]["nvidia.com/gpu"]) for c in containers}
+
+
+def profile_json(*, gpu: str = "A100-80GB", per_token_s: float = 1e-4) -> str:
+    """A latency profile of SMALL's model (opt-13b, tp1 pp1), as `disagg profile` writes it: a step costs
+    20 ms plus `per_token_s` per prompt token (prefill) or per sequence in the batch (decode)."""
+    shape = ShapeProfile(
+        prefill=[PrefillSample(batch_size=1, sum_tokens=n, sum_sq_tokens=n * n, seconds=0.02 + n * per_token_s)
+                 for n in (64, 256, 1024)],
+        decode=[DecodeSample(batch_size=b, sum_context=b * 100, seconds=0.02 + b * per_token_s) for b in (1, 8, 32)])
+    return LatencyProfile(model=MODEL_PRESETS["opt-13b"], gpu=gpu, shapes=[shape],
+                          created=dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)).model_dump_json(by_alias=True)
+
+
+def fixed_plan(rate: float, *, prefill: tuple[int, int], decode: tuple[int, int]) -> Plan:
+    """A high-affinity plan of `(tp, replicas)` per phase, for tests about what the operator does with it."""
+    (ptp, preps), (dtp, dreps) = prefill, decode
+    return Plan(mode="disaggregated", affinity="high",
+                prefill=PhasePlan(tp=ptp, pp=1, replicas=preps, instance_goodput_rps=1.0),
+                decode=PhasePlan(tp=dtp, pp=1, replicas=dreps, instance_goodput_rps=1.0),
+                gpus=ptp * preps + dtp * dreps, target_rate_rps=rate, goodput_rps=rate * 1.2,
+                per_gpu_goodput=rate * 1.2 / (ptp * preps + dtp * dreps), predicted_attainment=0.95)

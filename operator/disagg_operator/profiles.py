@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 from disagg_planner.api import DisaggServingSpec, LatencyProfile
 from disagg_planner.api.deploy import ConfigMapKeyRef
+from disagg_planner.errors import PlannerError
 from pydantic import ValidationError
 
 from .errors import InvalidProfileError, ProfileNotFoundError
@@ -23,12 +24,12 @@ from .planning import ProfileStore
 
 
 class ProfileResolver:
-    """Finds the profile for a spec; parsed ConfigMap values are kept by content digest."""
+    """Finds the profile for a spec; checked ConfigMap values are kept by content digest and model/GPU."""
 
     def __init__(self, kube: KubeClient, store: ProfileStore, *, cache_size: int = 32) -> None:
         self._kube = kube
         self._store = store
-        self._parsed: OrderedDict[str, LatencyProfile] = OrderedDict()
+        self._checked: OrderedDict[tuple[str, str, str], LatencyProfile] = OrderedDict()
         self._cache_size = cache_size
 
     async def resolve(self, spec: DisaggServingSpec, namespace: str) -> LatencyProfile | None:
@@ -37,8 +38,16 @@ class ProfileResolver:
             return self._store.find(spec)
         ref = spec.profile.config_map_ref
         text = await self._read(ref, namespace)
-        profile = await self._parse(text, ref)
-        check_matches(profile, spec, ref)
+        key = (hashlib.sha256(text.encode()).hexdigest(), spec.model.spec.model_dump_json(exclude={"name"}),
+               spec.cluster.gpu_spec.name)
+        if key in self._checked:
+            self._checked.move_to_end(key)
+            return self._checked[key]
+        # Up to a ConfigMap's 1 MiB of JSON, and a least-squares fit per shape: off the event loop.
+        profile = await asyncio.to_thread(validate_profile, text, spec, ref)
+        self._checked[key] = profile
+        while len(self._checked) > self._cache_size:
+            self._checked.popitem(last=False)
         return profile
 
     async def _read(self, ref: ConfigMapKeyRef, namespace: str) -> str:
@@ -58,35 +67,30 @@ class ProfileResolver:
         raise ProfileNotFoundError(
             f"spec.profile.configMapRef: ConfigMap {namespace}/{ref.name} has no key {ref.key!r} ({hint})")
 
-    async def _parse(self, text: str, ref: ConfigMapKeyRef) -> LatencyProfile:
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        if digest in self._parsed:
-            self._parsed.move_to_end(digest)
-            return self._parsed[digest]
-        try:
-            # Up to a ConfigMap's 1 MiB of JSON: parsed off the event loop.
-            profile = await asyncio.to_thread(LatencyProfile.model_validate_json, text)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
-                                 for e in exc.errors()[:5])
-            raise InvalidProfileError(
-                f"spec.profile.configMapRef: {ref.name}[{ref.key}] is not a latency profile "
-                f"(write it with `disagg profile`): {problems}") from None
-        self._parsed[digest] = profile
-        while len(self._parsed) > self._cache_size:
-            self._parsed.popitem(last=False)
-        return profile
 
-
-def check_matches(profile: LatencyProfile, spec: DisaggServingSpec, ref: ConfigMapKeyRef) -> None:
-    """A profile measures one model shape on one GPU type; planning another with it would mislead."""
-    where = f"spec.profile.configMapRef: the profile in {ref.name}[{ref.key}]"
+def validate_profile(text: str, spec: DisaggServingSpec, ref: ConfigMapKeyRef) -> LatencyProfile:
+    """Parse a profile and check that it can plan `spec`: its GPU type, its model's shape, and the fits."""
+    where = f"spec.profile.configMapRef: {ref.name}[{ref.key}]"
+    try:
+        profile = LatencyProfile.model_validate_json(text)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+                             for e in exc.errors()[:5])
+        raise InvalidProfileError(f"{where} is not a latency profile (write it with `disagg profile`): "
+                                  f"{problems}") from None
     if profile.gpu != spec.cluster.gpu_spec.name:
         raise InvalidProfileError(
-            f"{where} was measured on {profile.gpu!r}, but the cluster's GPU type is "
-            f"{spec.cluster.gpu_spec.name!r}; profile that GPU type or point spec.profile at its profile")
+            f"{where} was measured on {profile.gpu!r}, but the cluster's GPU type is {spec.cluster.gpu_spec.name!r}; "
+            f"profile that GPU type or point spec.profile at its profile")
     # The name is free (a fine-tune has its base's shape); the shape must be the spec's model's.
     if profile.model.model_dump(exclude={"name"}) != spec.model.spec.model_dump(exclude={"name"}):
         raise InvalidProfileError(
             f"{where} is of {profile.model.name}, whose shape differs from the spec's model "
             f"{spec.model.spec.name}; profile the spec's model or point spec.profile at its profile")
+    from disagg_planner.search.latency_source import latency_model  # the search package loads on first use
+
+    try:
+        latency_model(spec, profile)
+    except PlannerError as exc:
+        raise InvalidProfileError(f"{where}: {exc}") from None
+    return profile
