@@ -12,7 +12,7 @@ shape), `--tp`, `--pp`, `--stage` (a pipeline stage of a multi-node low-affinity
 fixed `--kv-port`; the router gets `--endpoints-file endpoints.json`, per-pod URLs through the
 headless Services, which it re-reads, so a re-plan reaches it without a restart. The ConfigMap is
 mounted at /etc/disagg: `plan.json`, `model.json`, `endpoints.json` and, when planning used one,
-`profile.json`. A colocated plan renders `--role colocated`, which the runtime does not serve yet.
+`profile.json`. A colocated plan renders `--role colocated` workers, listed under `colocated`.
 
 Worker groups are named after their shape (`<instance>-<component>-<shape>`, see topology.py). While
 a rollout runs, `RenderInput.retiring_endpoints` (the pods of earlier plans' workloads that still

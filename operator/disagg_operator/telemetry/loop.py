@@ -5,7 +5,9 @@ with a finalizer, which would hold deletions while the operator is down (see `ha
 pass lists the resources, and for every one whose interval has passed runs `replan_tick`. On
 confirmed drift it reconciles with the observed workload in place of `spec.workload` (the spec is not
 rewritten), then writes the reconcile's status and `status.replan` in one merge patch guarded by the
-resourceVersion it read: a concurrent reconcile or edit wins, and the next pass looks again.
+resourceVersion it read: a concurrent reconcile or edit wins, and the next pass looks again. The
+reconcile and the write hold the resource's lock (locks.py), like the kopf handlers do. A new plan
+rolls out like any other: beside the serving one until it is ready (rollout.py).
 
 A re-plan that cannot be carried out (no feasible plan for the observed rate, a failed apply) leaves
 the running plan and its children alone and records why; the observed workload is not adopted, so
