@@ -143,6 +143,10 @@ class ReplanLoop:
         patch = decision.status_patch()
         rollout, error = None, None
         async with self.reconciler.exclusive(namespace, name):
+            current = await self.kube.get(DISAGG_KIND, namespace, name)
+            if current is None or current["metadata"].get("resourceVersion") != meta.get("resourceVersion"):
+                # Written since it was read (a reconcile, an edit): rolling out now could undo that write.
+                return CheckOutcome(namespace, name, decision)
             if decision.replan:
                 rollout, error, patch = await self._roll_out(cr, status, decision)
             written = await self._write(namespace, name, meta.get("resourceVersion"), patch)
