@@ -116,6 +116,9 @@ class RequestFlow:
             yield result.first
             if result.first.finished:
                 self._done = True
+                if rest is not None:
+                    async for _ in rest:  # to the end of the colocated reply (a clean close, see below)
+                        pass
                 return
             if rest is None:
                 rest, who = self._decode(result), "decode instance"
@@ -125,7 +128,12 @@ class RequestFlow:
                 yield event
                 if event.finished:
                     self._done = True
-                    return
+                    break
+            if self._done:
+                # Read the reply to its end, so the worker's stream closes cleanly (not reset under its write).
+                async for _ in rest:
+                    pass
+                return
             if self._decode_worker is not None:
                 who = f"decode instance {self._decode_worker.url}"
             raise UpstreamError(502, f"{who} ended the stream early")
