@@ -67,7 +67,9 @@ def test_unusable_profile_degrades_then_heals_when_fixed(kubectl, start_operator
     assert "profiles[profile.json] is not a latency profile" in garbage["message"]
     mismatch = wait_for(lambda: _degraded(kubectl, "wronggpu", "InvalidProfile"), what="GPU mismatch")
     assert "was measured on 'H100-80GB', but the cluster's GPU type is 'A100-80GB'" in mismatch["message"]
-    assert any(e.get("reason") == "InvalidProfile" for e in kubectl.events("garbage")), "a warning Event"
+    # Events are posted after the status is written: wait for the warning, do not race it.
+    wait_for(lambda: any(e.get("reason") == "InvalidProfile" for e in kubectl.events("garbage")),
+             what="a warning Event")
     assert kubectl.children("garbage") == {} and kubectl.children("wronggpu") == {}
 
     kubectl.put_config_map("profiles", {"profile.json": profile_json(), "h100.json": profile_json(gpu="H100-80GB")})

@@ -103,8 +103,9 @@ def test_a_new_shape_rolls_out_beside_the_serving_plan(kubectl, start_operator):
     assert set(kubectl.children("roll")) == set(done["children"])
     endpoints = json.loads(kubectl.config_map("roll-plan")["endpoints.json"])
     assert endpoints["decode"] == [f"http://{new_decode}-0.{new_decode}.{kubectl.namespace}.svc:8001"]
-    assert any(e.get("reason") == "Ready" and "deleted 2 children of the previous plan" in e.get("message", "")
-               for e in kubectl.events("roll"))
+    # Events are posted after the status is written: wait for it, do not race it.
+    wait_for(lambda: any(e.get("reason") == "Ready" and "deleted 2 children of the previous plan" in
+                         e.get("message", "") for e in kubectl.events("roll")), what="the Ready Event")
 
 
 def test_a_plan_superseded_before_it_served_is_dropped_at_once(kubectl, start_operator):
