@@ -143,3 +143,24 @@ def test_a_spec_change_that_keeps_the_plan_updates_in_place(kubectl, start_opera
     # The workloads' controllers now roll the pods (a template change): Progressing until they report.
     assert status["phase"] == "Progressing"
     assert _condition(status, "Progressing")["reason"] == "ChildrenApplied"
+
+
+def test_an_operator_restarted_mid_rollout_finishes_it(kubectl, start_operator):
+    first = start_operator(plan_fn=_decode_widens)
+    kubectl.create("resume", small(workload={"rate": 1.0, "dataset": "chatbot"}))
+    serving = _name(_ready_and_serving(kubectl, "resume")["children"], "StatefulSet", "resume-decode")
+    cr = kubectl.patch_spec("resume", {"workload": {"rate": 4.0}})
+    status = wait_for(lambda: _status_when(kubectl, "resume", cr["metadata"]["generation"], "RollingOut"),
+                      what="rollout")
+    first.stop()
+
+    # The state is in the cluster, not in the operator: the resumed reconcile keeps the serving plan.
+    second = start_operator(plan_fn=_decode_widens)
+    wait_for(lambda: second.ctx.planning.hits, what="the resumed reconcile")
+    assert kubectl.status("resume")["retiring"] == status["retiring"]
+    for key in status["children"]:
+        if key.startswith("StatefulSet/"):
+            kubectl.report_ready(key)
+    done = wait_for(lambda: (s := kubectl.status("resume")).get("phase") == "Ready" and s, what="rollout complete")
+    assert done["retiring"] == [] and f"StatefulSet/{serving}" not in kubectl.children("resume")
+    assert second.ctx.planning.searches == 0  # planned before the restart: the status seeds the cache
