@@ -2,7 +2,7 @@
 
 from .base import ApiModel
 from .cluster import GPU_PRESETS, ClusterSpec, GPUSpec
-from .deploy import ReplanSpec, RuntimeSpec, SchedulingSpec, Toleration
+from .deploy import ConfigMapKeyRef, ProfileRef, ReplanSpec, RuntimeSpec, SchedulingSpec, Toleration
 from .model import MODEL_PRESETS, ModelRef, ModelSpec
 from .plan import InstancePlacement, PhasePlan, Plan
 from .profile import DecodeSample, LatencyProfile, PrefillSample, ShapeProfile
@@ -11,8 +11,8 @@ from .spec import DisaggServingSpec
 from .workload import LengthHistogram, WorkloadSpec
 
 __all__ = [
-    "ApiModel", "ClusterSpec", "DecodeSample", "DisaggServingSpec", "GPUSpec", "GPU_PRESETS",
+    "ApiModel", "ClusterSpec", "ConfigMapKeyRef", "DecodeSample", "DisaggServingSpec", "GPUSpec", "GPU_PRESETS",
     "InstancePlacement", "LatencyProfile", "LengthHistogram", "MODEL_PRESETS", "ModelRef", "ModelSpec",
-    "PhasePlan", "Plan", "PrefillSample", "ReplanSpec", "RuntimeSpec", "SLOSpec", "SchedulingSpec",
+    "PhasePlan", "Plan", "ProfileRef", "PrefillSample", "ReplanSpec", "RuntimeSpec", "SLOSpec", "SchedulingSpec",
     "SearchBounds", "ShapeProfile", "Toleration", "WorkloadSpec",
 ]
