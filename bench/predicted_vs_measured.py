@@ -1,0 +1,394 @@
+"""Planner's predicted SLO attainment vs measured, disaggregated (1 prefill + 1 decode) and colocated (1 instance).
+
+Design goal (design.md §5): simulator within 2 points of measured attainment (paper: ~2%). Steps:
+  1. write a random model of `--shape`, profile its engine here (`profile_engine`, grid sized to the
+     workload) and fit `LatencyModel.from_profile`; the simulated KV capacity is set to the engines' cache;
+  2. workload: the chatbot shape scaled to the model's context, lengths within +-8% of the scaled means;
+     SLOs are multiples of the profiled step times (TTFT: `--ttft-factor` x one prompt's prefill, TPOT:
+     `--tpot-factor` x a batch-1 decode step); rates span the predicted goodputs of both modes;
+  3. per mode, serve the model as processes (`LocalCluster`: router + workers, exactly `disagg serve --local`
+     [--colocated]), probe it (sequential requests and bursts) to measure the per-step framework overhead the
+     profile does not see (HTTP hops, token relay, scheduling), then replay each rate's trace with the bench
+     client and simulate the same trace with the raw profile and with profile + measured overhead.
+Prints a table and writes bench/results/predicted_vs_measured-<device>-<shape>.json.
+
+    python bench/predicted_vs_measured.py                              # CPU, small model
+    python bench/predicted_vs_measured.py --device cuda --shape llama-1b   # one or two GPUs
+
+With two GPUs visible, prefill and decode workers get one each; with one, they share it (recorded in the
+JSON, and the disaggregated prediction, which assumes separate GPUs, then does not apply).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+from disagg_planner import simulator as sim
+from disagg_planner.api import GPU_PRESETS, GPUSpec, LatencyProfile, LengthHistogram, WorkloadSpec
+from disagg_planner.latency import LatencyModel
+from disagg_planner.latency.memory import workspace_bytes
+from disagg_planner.latency.shape import stage_shape
+from disagg_planner.workloads import SimRequest, sample_requests
+
+RESULTS = Path(__file__).parent / "results"
+MEM_UTIL = 0.9
+TARGET = 0.9
+CHATBOT_MEANS = (763, 176)  # DistServe's ShareGPT trace (context 2048)
+ONE = sim.PhaseShape(1, 1, 1)
+
+# name -> HF config overrides for write_random_model (float32 unless torch_dtype says otherwise).
+SHAPES: dict[str, dict] = {
+    "tiny": {},  # the test model: 2 layers, hidden 64, context 512
+    "cpu-small": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,
+                  "num_key_value_heads": 4, "vocab_size": 2048, "max_position_embeddings": 1024},
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+                 "max_position_embeddings": 4096, "torch_dtype": "bfloat16"},
+}
+
+
+# ---- model, profile, latency model ----------------------------------------------------------------
+def write_model(shape: str, cache: Path) -> Path:
+    from disagg_runtime.models.testing import write_random_model
+
+    target = cache / f"pvm-{shape}"
+    if not (target / "config.json").is_file():
+        write_random_model(target, seed=0, **SHAPES[shape])
+    return target
+
+
+def workload(max_context: int) -> tuple[LengthHistogram, LengthHistogram]:
+    """Chatbot means scaled to the context (2048 in DistServe's trace), +-8% uniform around them."""
+    scale = min(1.0, max_context / 2048)
+
+    def around(mean: float) -> LengthHistogram:
+        m = max(4, round(mean * scale))
+        half = max(1, round(0.08 * m))
+        return LengthHistogram(edges=[m - half, m + half + 1], counts=[1.0])
+
+    return around(CHATBOT_MEANS[0]), around(CHATBOT_MEANS[1])
+
+
+def profile(model_dir: Path, device: str, blocks: int, budget: int, inputs: LengthHistogram,
+            outputs: LengthHistogram, tpot_factor: float, max_decode_batch: int) -> LatencyProfile:
+    """Prefill over the workload's prompt lengths and batches the budget allows; decode over its contexts,
+    doubling the batch until a step takes twice the TPOT SLO (larger batches cannot attain, and CPU
+    decode grows super-linearly there, which would bend the linear fit where it matters)."""
+    import torch
+    from disagg_runtime.engine import Engine
+    from disagg_runtime.profiler import profile_engine
+
+    engine = Engine.load(model_dir, device=device, num_blocks=blocks)
+    lo, hi = inputs.edges[0], inputs.max
+    lengths = sorted({max(1, lo // 2), lo, hi, min(2 * hi, engine.max_context - 2)})
+    batches = [b for b in (1, 2, 4, 8, 16) if b == 1 or b * lo <= 2 * budget]
+    contexts = sorted({lo, (lo + hi + outputs.max) // 2, hi + outputs.max})
+    result = profile_engine(engine, prefill_lengths=lengths, prefill_batches=batches, decode_batches=[1],
+                            contexts=contexts, repeats=3)
+    decode = list(result.shapes[0].decode)
+    limit = 2 * tpot_factor * float(np.median([s.seconds for s in decode]))
+    batch = 2
+    while batch <= max_decode_batch:
+        try:
+            part = profile_engine(engine, prefill_lengths=[lo], prefill_batches=[1], decode_batches=[batch],
+                                  contexts=contexts, repeats=3).shapes[0].decode
+        except RuntimeError:  # no context fits the KV cache at this batch
+            break
+        decode += part
+        if float(np.median([s.seconds for s in part])) > limit:
+            break
+        batch *= 2
+    del engine
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    shape = result.shapes[0].model_copy(update={"decode": decode})
+    return result.model_copy(update={"shapes": [shape]})
+
+
+def gpu_for_capacity(prof: LatencyProfile, tokens: int) -> GPUSpec:
+    """The profile's GPU type with the memory at which the simulated KV capacity equals `tokens`."""
+    model = prof.model
+    need = tokens * stage_shape(model, 1, 1).kv_bytes_per_token + stage_shape(model, 1, 1).weight_bytes
+    need += workspace_bytes(model, 1)
+    base = GPU_PRESETS.get(prof.gpu) or GPU_PRESETS["H100-80GB"]
+    return base.model_copy(update={"name": prof.gpu, "memory_gib": need * 1.0001 / (MEM_UTIL * 2**30)})
+
+
+def with_overhead(prof: LatencyProfile, prefill_s: float, decode_s: float, decode_per_seq_s: float) -> LatencyProfile:
+    """The profile with measured serving overhead added to every step (what the served path pays on top)."""
+    shape = prof.shapes[0]
+    prefill = [s.model_copy(update={"seconds": s.seconds + prefill_s}) for s in shape.prefill]
+    decode = [s.model_copy(update={"seconds": s.seconds + decode_s + decode_per_seq_s * s.batch_size})
+              for s in shape.decode]
+    return prof.model_copy(update={"shapes": [shape.model_copy(update={"prefill": prefill, "decode": decode})],
+                                   "runtime": prof.runtime + " + measured serving overhead"})
+
+
+# ---- simulation -------------------------------------------------------------------------------------
+def simulate(mode: str, latency: LatencyModel, trace: list[SimRequest], budget: int,
+             link_gbps: float) -> sim.SimResult:
+    if mode == "colocated":
+        return sim.simulate_colocated(sim.ColocatedConfig(ONE, budget, MEM_UTIL), latency, trace)
+    return sim.simulate_disaggregated(sim.DisaggConfig(ONE, ONE, link_gbps, budget, MEM_UTIL), latency, trace)
+
+
+def predicted_goodput(mode: str, latency: LatencyModel, spec: WorkloadSpec, slo: tuple[float, float],
+                      budget: int, link_gbps: float, n: int = 600) -> float:
+    """Highest rate with simulated attainment >= TARGET (bisection; the trace is rescaled per rate)."""
+    base = sample_requests(spec, 1.0, n, seed=1)
+
+    def ok(rate: float) -> bool:
+        trace = [SimRequest(r.arrival / rate, r.input_len, r.output_len) for r in base]
+        return simulate(mode, latency, trace, budget, link_gbps).attainment(*slo) >= TARGET
+
+    lo, hi = 0.0, 1.0
+    while ok(hi) and hi < 1e5:
+        lo, hi = hi, hi * 2
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+# ---- measurement ------------------------------------------------------------------------------------
+def replay(url: str, trace: list[SimRequest]):
+    from disagg_runtime.benchclient.client import run_trace
+
+    return asyncio.run(run_trace(url, trace, model=None, prompt_mode="ids", timeout=900))
+
+
+PROBE_BURSTS = (8, 32)
+
+
+def probe_traces(inputs: LengthHistogram, outputs: LengthHistogram, spacing: float,
+                 bursts: tuple[int, ...]) -> dict[int, list[SimRequest]]:
+    """Requests one after another (batch 1) and bursts sent together, all at the workload's mean lengths.
+
+    Singles follow each other closely (`spacing` ~ one request's latency): an engine left idle for a
+    second answers its next prefill tens of ms late on a shared CPU (caches, frequency), which a served
+    engine under load never sees.
+    """
+    i, o = round(inputs.mean), round(outputs.mean)
+    singles = [SimRequest(0.05 + k * spacing, i, o) for k in range(8)]
+    return {1: singles, **{b: [SimRequest(0.05, i, o) for _ in range(b)] for b in bursts}}
+
+
+def measure_overhead(url: str, mode: str, latency: LatencyModel, inputs, outputs, budget: int,
+                     link_gbps: float, *, shared_compute: bool) -> dict:
+    """Measured minus simulated TTFT (per prefill) and TPOT (per decode step) on probe traces.
+
+    The served path adds costs the engine profile cannot see: HTTP hops (router, worker), the NDJSON/SSE
+    relay of every token (the worker's event loop shares the GIL with its engine thread), hand-offs
+    between them and, disaggregated, the KV pull. The prefill overhead is the median TTFT gap of single
+    requests; the decode overhead is a + b * batch fitted to the median TPOT gaps of singles (batch 1) and
+    bursts. With `shared_compute` (disaggregated workers on the same CPU cores) bursts are skipped: their
+    gap would measure the two workers slowing each other, not serving overhead. The probes are separate
+    traces from the ones the table reports.
+    """
+    single = simulate(mode, latency, [SimRequest(0.0, round(inputs.mean), round(outputs.mean))], budget, link_gbps)
+    bursts = () if shared_compute else PROBE_BURSTS
+    gaps: dict[int, dict] = {}
+    for batch, trace in probe_traces(inputs, outputs, 1.05 * single.mean_e2e + 0.01, bursts).items():
+        replay(url, trace[:2])  # warm up this shape (allocator, connections)
+        records = [r for r in replay(url, trace) if r.ok]
+        if not records:
+            raise RuntimeError(f"every {mode} probe request of batch {batch} failed; is the server healthy?")
+        predicted = simulate(mode, latency, trace, budget, link_gbps)
+        gaps[batch] = {"ttft_s": float(np.median([r.ttft - predicted.ttfts[r.index] for r in records])),
+                       "tpot_s": float(np.median([r.tpot - predicted.tpots[r.index] for r in records])),
+                       "measured_tpot_s": float(np.median([r.tpot for r in records])),
+                       "simulated_tpot_s": float(np.median(predicted.tpots))}
+    per_seq, base = 0.0, gaps[1]["tpot_s"]
+    if bursts:
+        batches = np.array(sorted(gaps), dtype=float)
+        per_seq, base = np.polyfit(batches, [gaps[int(b)]["tpot_s"] for b in batches], 1)
+        if per_seq < 0:  # no growth with batch: a constant fits better than a falling line
+            per_seq, base = 0.0, float(np.mean([g["tpot_s"] for g in gaps.values()]))
+    return {"probes": {str(b): g for b, g in gaps.items()}, "prefill_s": max(0.0, gaps[1]["ttft_s"]),
+            "decode_s": max(0.0, float(base)), "decode_per_seq_s": float(per_seq),
+            "bursts_skipped": "prefill and decode workers share the CPU cores" if shared_compute else None}
+
+
+def start_cluster(mode: str, model_dir: Path, worker_args: list[str], devices: dict[str, str]):
+    from disagg_runtime.serve.local import LocalCluster
+
+    role_args = {role: ["--device", dev] for role, dev in devices.items()}
+    return LocalCluster(model_dir=model_dir, port=0, colocated_workers=1 if mode == "colocated" else 0,
+                        worker_args=worker_args, role_args=role_args, startup_timeout_s=600).__enter__()
+
+
+def kv_link_gbps(cluster) -> float | None:
+    """Effective KV pull bandwidth the decode worker saw (bytes / seconds, fixed latency included)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.ports['decode-0']}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    total_bytes = total_s = 0.0
+    for line in text.splitlines():
+        if line.startswith("disagg_kv_transfer_bytes_total{") and 'role="decode"' in line:
+            total_bytes += float(line.split()[-1])
+        if line.startswith("disagg_kv_transfer_seconds_sum{") and 'role="decode"' in line:
+            total_s += float(line.split()[-1])
+    return total_bytes / total_s / 1e9 if total_s > 0 else None
+
+
+# ---- the run --------------------------------------------------------------------------------------
+def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: LatencyModel, spec: WorkloadSpec,
+             slo: tuple[float, float], rates: list[float], devices: dict[str, str], link_gbps: float) -> dict:
+    from disagg_runtime.benchclient.report import summarize
+
+    worker_args = ["--num-kv-blocks", str(args.blocks), "--prefill-token-budget", str(args.budget),
+                   "--max-queue", "4096", "--max-batch", "512"]
+    inputs, outputs = spec.input_lengths, spec.output_lengths
+    cluster = start_cluster(mode, model_dir, worker_args, devices)
+    try:
+        replay(cluster.url, [SimRequest(0.01 * k, round(inputs.mean), round(outputs.mean)) for k in range(4)])
+        if mode == "disaggregated":  # the pulls of the warm-up requests: what the KV link delivers here
+            link_gbps = kv_link_gbps(cluster) or link_gbps
+        shared = mode == "disaggregated" and devices["prefill"] == devices["decode"]
+        overhead = measure_overhead(cluster.url, mode, latency, inputs, outputs, args.budget, link_gbps,
+                                    shared_compute=shared)
+        calibrated = LatencyModel.from_profile(
+            with_overhead(prof, overhead["prefill_s"], overhead["decode_s"], overhead["decode_per_seq_s"]),
+            latency.gpu, latency.intra_node_gbps)
+        points = []
+        for rate in rates:
+            trace = sample_requests(spec.model_copy(update={"rate": rate}), rate, args.num_requests, args.seed)
+            records = replay(cluster.url, trace)
+            measured = summarize(records, rate=rate, ttft_slo=slo[0], tpot_slo=slo[1])
+            raw = simulate(mode, latency, trace, args.budget, link_gbps)
+            cal = simulate(mode, calibrated, trace, args.budget, link_gbps)
+            points.append({
+                "rate": rate, "measured": measured.attainment, "predicted": raw.attainment(*slo),
+                "predicted_with_overhead": cal.attainment(*slo), "ok": measured.ok, "errors": measured.errors,
+                "measured_ttft_p50": measured.ttft_p50, "measured_tpot_p50": measured.tpot_p50,
+                "measured_ttft_p90": measured.ttft_p90, "measured_tpot_p90": measured.tpot_p90,
+                "predicted_ttft_p50": float(np.median(raw.ttfts)), "predicted_tpot_p50": float(np.median(raw.tpots)),
+                "predicted_ttft_p90": raw.p90_ttft, "predicted_tpot_p90": raw.p90_tpot,
+                "calibrated_ttft_p50": float(np.median(cal.ttfts)), "calibrated_tpot_p50": float(np.median(cal.tpots)),
+                "load_avg_1m": os.getloadavg()[0],
+            })
+            print(f"  {mode:>13} {rate:7.2f} req/s: measured {measured.attainment:6.1%}  predicted "
+                  f"{points[-1]['predicted']:6.1%}  (+overhead {points[-1]['predicted_with_overhead']:6.1%})",
+                  flush=True)
+    finally:
+        cluster.stop()
+    return {"overhead": overhead, "kv_link_gbps": link_gbps if mode == "disaggregated" else None, "points": points}
+
+
+def print_table(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ttft, tpot = doc["slo"]["ttft_s"], doc["slo"]["tpot_s"]
+    table = Table(title=f"predicted vs measured SLO attainment ({doc['device']}, {doc['shape']}; TTFT <= "
+                        f"{ttft * 1e3:.1f} ms, TPOT <= {tpot * 1e3:.2f} ms)")
+    for col in ("mode", "rate req/s", "predicted", "pred.+overhead", "measured", "gap (pts)", "gap+ovh (pts)",
+                "TTFT p50 pred/meas ms", "TPOT p50 pred/meas ms"):
+        table.add_column(col, justify="right")
+    for mode, res in doc["modes"].items():
+        for p in res["points"]:
+            table.add_row(mode, f"{p['rate']:.2f}", f"{p['predicted']:.1%}", f"{p['predicted_with_overhead']:.1%}",
+                          f"{p['measured']:.1%}", f"{100 * (p['predicted'] - p['measured']):+.1f}",
+                          f"{100 * (p['predicted_with_overhead'] - p['measured']):+.1f}",
+                          f"{p['predicted_ttft_p50'] * 1e3:.1f}/{(p['measured_ttft_p50'] or 0) * 1e3:.1f}",
+                          f"{p['predicted_tpot_p50'] * 1e3:.2f}/{(p['measured_tpot_p50'] or 0) * 1e3:.2f}")
+    console = Console(width=180)
+    console.print(table)
+    for mode, res in doc["modes"].items():
+        o = res["overhead"]
+        console.print(f"{mode}: measured serving overhead: prefill +{o['prefill_s'] * 1e3:.2f} ms, decode step "
+                      f"+{o['decode_s'] * 1e3:.2f} ms + {o['decode_per_seq_s'] * 1e3:.3f} ms/sequence; "
+                      f"max |gap| {res['max_gap_pts']:.1f} pts raw, {res['max_gap_calibrated_pts']:.1f} pts with overhead")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: cpu-small on CPU, "
+                        "llama-1b on cuda)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads per process")
+    parser.add_argument("--blocks", type=int, help="KV blocks of 16 tokens per engine (default 2048 on CPU, "
+                        "16384 on a GPU)")
+    parser.add_argument("--budget", type=int, help="prefill token budget (default 4x the mean prompt)")
+    parser.add_argument("--num-requests", type=int, default=150, help="requests per rate")
+    parser.add_argument("--rates", type=float, nargs="*", help="req/s (default: around both predicted goodputs)")
+    parser.add_argument("--ttft-factor", type=float, default=4.0, help="TTFT SLO / one prompt's prefill time")
+    parser.add_argument("--tpot-factor", type=float, default=3.0, help="TPOT SLO / a batch-1 decode step")
+    parser.add_argument("--modes", nargs="*", default=["colocated", "disaggregated"],
+                        choices=["colocated", "disaggregated"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "disagg" / "bench")
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/predicted_vs_measured-<device>-<shape>.json)")
+    args = parser.parse_args()
+
+    on_gpu = args.device.startswith("cuda")
+    shape = args.shape or ("llama-1b" if on_gpu else "cpu-small")
+    if not on_gpu:
+        # Every process (this one while profiling, each worker) computes with the same thread count.
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    if not on_gpu:
+        torch.set_num_threads(args.threads)
+    gpus = torch.cuda.device_count() if on_gpu else 0
+    devices = ({"prefill": "cuda:0", "decode": f"cuda:{1 if gpus > 1 else 0}", "colocated": "cuda:0"} if on_gpu
+               else {"prefill": "cpu", "decode": "cpu", "colocated": "cpu"})
+
+    args.blocks = args.blocks or (16384 if on_gpu else 2048)
+    model_dir = write_model(shape, args.cache_dir)
+    max_context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+    inputs, outputs = workload(max_context)
+    args.budget = args.budget or 4 * round(inputs.mean)
+    spec = WorkloadSpec(rate=1.0, dataset=None, input_lengths=inputs, output_lengths=outputs)
+    started = time.perf_counter()
+    prof = profile(model_dir, "cuda:0" if on_gpu else "cpu", args.blocks, args.budget, inputs, outputs,
+                   args.tpot_factor, max_decode_batch=min(256, args.blocks * 16 // (inputs.max + outputs.max)))
+    latency = LatencyModel.from_profile(prof, gpu_for_capacity(prof, args.blocks * 16), intra_node_gbps=100.0)
+    link_gbps = 0.5 if not on_gpu else 100.0  # first guess; replaced by the pulls measured in the disaggregated run
+    prefill_one = latency.prefill_time(1, 1, [round(inputs.mean)])
+    decode_one = latency.decode_time(1, 1, 1, round(inputs.mean + outputs.mean / 2))
+    slo = (args.ttft_factor * prefill_one, args.tpot_factor * decode_one)
+    goodput = {m: predicted_goodput(m, latency, spec, slo, args.budget, link_gbps) for m in args.modes}
+    lo, hi = min(goodput.values()), max(goodput.values())
+    rates = args.rates or [round(float(r), 2) for r in np.linspace(0.5 * lo, 1.3 * hi, 5)]
+    print(f"{shape} on {args.device}: prefill({round(inputs.mean)}) {prefill_one * 1e3:.2f} ms, decode step "
+          f"{decode_one * 1e3:.2f} ms; SLO TTFT {slo[0] * 1e3:.1f} ms TPOT {slo[1] * 1e3:.2f} ms; predicted "
+          f"goodput {', '.join(f'{m} {g:.2f}' for m, g in goodput.items())} req/s; rates {rates}", flush=True)
+
+    modes = {m: run_mode(m, args, model_dir, prof, latency, spec, slo, rates, devices, link_gbps) for m in args.modes}
+    for res in modes.values():
+        res["max_gap_pts"] = max(abs(p["predicted"] - p["measured"]) for p in res["points"]) * 100
+        res["max_gap_calibrated_pts"] = max(abs(p["predicted_with_overhead"] - p["measured"])
+                                            for p in res["points"]) * 100
+    fits = {"prefill": vars(latency.prefill_fits[(1, 1)]), "decode": vars(latency.decode_fits[(1, 1)])}
+    doc = {
+        "benchmark": "predicted_vs_measured", "goal": "simulated attainment within 2 points of measured",
+        "device": prof.device, "shape": shape, "model": prof.model.model_dump(by_alias=True),
+        "gpus_visible": gpus, "shared_gpu": on_gpu and gpus < 2 and "disaggregated" in args.modes,
+        "machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "threads_per_process": None if on_gpu else args.threads, "load_avg_start": os.getloadavg()},
+        "workload": {"input": inputs.model_dump(), "output": outputs.model_dump(), "requests_per_rate":
+                     args.num_requests, "seed": args.seed, "source": "chatbot means scaled to the context, +-8%"},
+        "slo": {"ttft_s": slo[0], "tpot_s": slo[1], "ttft_factor": args.ttft_factor, "tpot_factor": args.tpot_factor},
+        "prefill_token_budget": args.budget, "kv_blocks": args.blocks, "fits": fits,
+        "predicted_goodput_rps": goodput, "devices": devices,
+        "profile": prof.model_dump(mode="json", by_alias=True),
+        "modes": modes, "wall_s": time.perf_counter() - started,
+    }
+    print_table(doc)
+    out = args.out or RESULTS / f"predicted_vs_measured-{'cuda' if on_gpu else 'cpu'}-{shape}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
