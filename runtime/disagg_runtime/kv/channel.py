@@ -62,6 +62,10 @@ class KVChannel(ABC):
     """A connected link; `send` on the prefill end, `recv` on the decode end, one payload at a time."""
 
     kind: ClassVar[ChannelKind]
+    # A bulk data plane ships every layer's parts in one `_send_parts` call after the last layer is
+    # encoded. For CUDA IPC the per-call cost (pickling, mapping a handle, a stream sync) dwarfs the copy
+    # itself, so one call per payload beats one per layer; streaming planes (tcp, nccl) keep overlap.
+    bulk: ClassVar[bool] = False
 
     def __init__(self, stream: FramedStream, *, codec: LayerCodec) -> None:
         self.stream = stream
@@ -93,14 +97,20 @@ class KVChannel(ABC):
         codec_info = {"name": self.codec.name, "blockTokens": getattr(self.codec, "block_tokens", None)}
         await self.stream.send_json({"type": "begin", "header": header.model_dump(mode="json"), "codec": codec_info})
         wire = count = 0
+        held: list[torch.Tensor] = []
         async for k, v in layers:
             parts = self.codec.encode(k, v)
             await self.stream.send_json(
                 {"type": "layer", "index": count, "parts": [PartSpec.of(p).to_wire() for p in parts]}
             )
-            await self._send_parts(parts)
+            if self.bulk:
+                held.extend(parts)
+            else:
+                await self._send_parts(parts)
             wire += sum(PartSpec.of(p).nbytes for p in parts)
             count += 1
+        if self.bulk:
+            await self._send_parts(held)
         await self.stream.send_json({"type": "end", "layers": count})
         reply = await self.stream.recv_json()
         if reply.get("type") != "ack":
@@ -159,8 +169,7 @@ class KVChannel(ABC):
             expect(header)
         specs = codec.part_specs(header)
         want = [s.to_wire() for s in specs]
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
+        received: list[list[torch.Tensor]] = []
         wire = 0
         for i in range(header.num_layers):
             msg = await self.stream.recv_json()
@@ -174,11 +183,18 @@ class KVChannel(ABC):
                     f"request {header.request_id}: layer {i} parts {msg.get('parts')} do not match the header "
                     f"({want})"
                 )
-            parts = await self._recv_parts(specs, self._encode_device(device))
+            if not self.bulk:
+                received.append(await self._recv_parts(specs, self._encode_device(device)))
+            wire += sum(s.nbytes for s in specs)
+        if self.bulk:
+            flat = await self._recv_parts(specs * header.num_layers, self._encode_device(device))
+            received = [flat[i : i + len(specs)] for i in range(0, len(flat), len(specs))]
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for parts in received:
             k, v = codec.decode(parts, header)
             keys.append(k.to(device))
             values.append(v.to(device))
-            wire += sum(s.nbytes for s in specs)
         end = await self.stream.recv_json()
         if end.get("type") != "end":
             raise KVMismatchError(

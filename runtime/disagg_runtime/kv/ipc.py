@@ -1,9 +1,11 @@
 """CUDA IPC data plane (prefill and decode on one node): ship memory handles, not bytes.
 
-The sender pickles each layer's tensors with torch.multiprocessing's reductions, which turn a CUDA
-tensor into a cudaIpc memory handle plus a shared reference count; the receiver maps the sender's
-memory and copies it into its own cache with a device-to-device copy (NVLink/PCIe). The sender keeps
-every tensor alive until the receiver's ack, after which the mapping is gone.
+The sender packs every layer's wire tensors into one byte buffer (a device-local copy at HBM speed)
+and pickles it with torch.multiprocessing's reductions, which turn a CUDA tensor into one cudaIpc
+memory handle plus a shared reference count; the receiver maps that memory once, copies it into its
+own buffer with one device-to-device copy (NVLink/PCIe), and slices the parts back out. One handle
+and one sync per payload: mapping a handle and syncing per layer cost ~0.7 ms each on an H100, which
+was most of a transfer. The sender keeps the buffer alive until the receiver's ack.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class CudaIpcKVChannel(KVChannel):
     """Layers as IPC handles on the control stream; the receiver copies, then acks."""
 
     kind = "ipc"
+    bulk = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -48,8 +51,9 @@ class CudaIpcKVChannel(KVChannel):
                     f"the ipc KV channel shares CUDA memory; got a {p.device} tensor. Use kvChannel tcp "
                     "for CPU workers"
                 )
-        self._pinned.extend(parts)
-        await self.stream.send_bytes(bytes(ForkingPickler.dumps(parts)))
+        buffer = _pack(parts)
+        self._pinned.append(buffer)
+        await self.stream.send_bytes(bytes(ForkingPickler.dumps(buffer)))
 
     async def _recv_parts(self, specs: list[PartSpec], device: torch.device) -> list[torch.Tensor]:
         data = await self.stream.recv_bytes()
@@ -57,14 +61,44 @@ class CudaIpcKVChannel(KVChannel):
             shared = pickle.loads(data)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means the handle is unusable here
             raise KVChannelError(f"cannot map the sender's IPC handles on this node: {e}") from e
-        if not isinstance(shared, list) or len(shared) != len(specs):
-            raise KVMismatchError(f"IPC layer carries {type(shared).__name__}, expected {len(specs)} tensors")
-        out = []
-        for spec, t in zip(specs, shared, strict=True):
-            if PartSpec.of(t) != spec:
-                raise KVMismatchError(f"IPC tensor is {PartSpec.of(t)}, header promised {spec}")
-            out.append(t.to(device, copy=True))
+        want = sum(_padded(s.nbytes) for s in specs)
+        if not isinstance(shared, torch.Tensor) or shared.dtype != torch.uint8 or shared.numel() != want:
+            raise KVMismatchError(
+                f"IPC buffer is {getattr(shared, 'dtype', type(shared).__name__)} of "
+                f"{getattr(shared, 'numel', lambda: '?')()} bytes, header promised {want}"
+            )
+        local = shared.to(device, copy=True)
         if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # copies done before the ack frees the source
-        del shared  # drop the mappings before the ack lets the sender free its memory
-        return out
+            torch.cuda.current_stream(device).synchronize()  # copy done before the ack frees the source
+        del shared  # drop the mapping before the ack lets the sender free its memory
+        return _unpack(local, specs)
+
+
+# Parts start on 16-byte boundaries so every dtype's view of the buffer is aligned.
+_ALIGN = 16
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _pack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """All parts, back to back, in one uint8 tensor on their device (one allocation, one IPC handle)."""
+    total = sum(_padded(p.numel() * p.element_size()) for p in parts)
+    buffer = torch.empty(total, dtype=torch.uint8, device=parts[0].device if parts else "cpu")
+    offset = 0
+    for p in parts:
+        n = p.numel() * p.element_size()
+        buffer[offset : offset + n].copy_(p.contiguous().reshape(-1).view(torch.uint8))
+        offset += _padded(n)
+    return buffer
+
+
+def _unpack(buffer: torch.Tensor, specs: list[PartSpec]) -> list[torch.Tensor]:
+    """Views of `buffer` with the specs' dtypes and shapes (no copy)."""
+    out, offset = [], 0
+    for spec in specs:
+        n = spec.nbytes
+        out.append(buffer[offset : offset + n].view(spec.dtype).view(spec.shape))
+        offset += _padded(n)
+    return out
