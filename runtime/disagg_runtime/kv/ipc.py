@@ -16,7 +16,7 @@ from multiprocessing.reduction import ForkingPickler
 import torch
 import torch.multiprocessing as torch_mp
 
-from .channel import KVChannel, KVHeader, LayerStream, TransferStats
+from .channel import KVChannel
 from .codec import PartSpec
 from .errors import KVChannelError, KVMismatchError
 
@@ -35,13 +35,11 @@ class CudaIpcKVChannel(KVChannel):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._pinned: list[torch.Tensor] = []
-
-    async def send(self, header: KVHeader, layers: LayerStream) -> TransferStats:
-        try:
-            return await super().send(header, layers)
-        finally:
-            self._pinned.clear()  # acked (or failed): the receiver no longer maps our memory
+        # One staging buffer per link, reused while big enough: the receiver keeps it mapped, so a
+        # pull costs no cudaIpcOpenMemHandle (milliseconds) unless the buffer had to grow. Pulls on a
+        # link are serialised and acked after the receiver's copy, so reuse never races a reader.
+        self._staging: torch.Tensor | None = None
+        self._mapped: torch.Tensor | None = None  # receiver: the peer's staging buffer, kept mapped
 
     async def _send_parts(self, parts: list[torch.Tensor]) -> None:
         parts = [p.contiguous() for p in parts]
@@ -51,9 +49,15 @@ class CudaIpcKVChannel(KVChannel):
                     f"the ipc KV channel shares CUDA memory; got a {p.device} tensor. Use kvChannel tcp "
                     "for CPU workers"
                 )
-        buffer = _pack(parts)
-        self._pinned.append(buffer)
-        await self.stream.send_bytes(bytes(ForkingPickler.dumps(buffer)))
+        need = sum(_padded(p.numel() * p.element_size()) for p in parts)
+        device = parts[0].device if parts else torch.device("cpu")
+        staging = self._staging
+        if staging is None or staging.numel() < need or staging.device != device:
+            # Grow by powers of two so a link settles on one buffer after its first few pulls.
+            size = max(need, 1 << 20)
+            staging = self._staging = torch.empty(1 << (size - 1).bit_length(), dtype=torch.uint8, device=device)
+        _pack(parts, staging)
+        await self.stream.send_bytes(bytes(ForkingPickler.dumps((staging, need))))
 
     async def _recv_parts(self, specs: list[PartSpec], device: torch.device) -> list[torch.Tensor]:
         data = await self.stream.recv_bytes()
@@ -62,15 +66,14 @@ class CudaIpcKVChannel(KVChannel):
         except Exception as e:  # noqa: BLE001 - any unpickling failure means the handle is unusable here
             raise KVChannelError(f"cannot map the sender's IPC handles on this node: {e}") from e
         want = sum(_padded(s.nbytes) for s in specs)
-        if not isinstance(shared, torch.Tensor) or shared.dtype != torch.uint8 or shared.numel() != want:
-            raise KVMismatchError(
-                f"IPC buffer is {getattr(shared, 'dtype', type(shared).__name__)} of "
-                f"{getattr(shared, 'numel', lambda: '?')()} bytes, header promised {want}"
-            )
-        local = shared.to(device, copy=True)
+        buffer, used = shared if isinstance(shared, tuple) and len(shared) == 2 else (None, None)
+        if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or used != want \
+                or buffer.numel() < want:
+            raise KVMismatchError(f"IPC message is not a staging buffer of {want} bytes for this header")
+        local = buffer[:want].to(device, copy=True)
         if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # copy done before the ack frees the source
-        del shared  # drop the mapping before the ack lets the sender free its memory
+            torch.cuda.current_stream(device).synchronize()  # copy done before the ack lets the sender reuse it
+        self._mapped = buffer  # keeps the mapping (torch's IPC cache) alive for the next pull
         return _unpack(local, specs)
 
 
@@ -82,16 +85,13 @@ def _padded(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
-def _pack(parts: list[torch.Tensor]) -> torch.Tensor:
-    """All parts, back to back, in one uint8 tensor on their device (one allocation, one IPC handle)."""
-    total = sum(_padded(p.numel() * p.element_size()) for p in parts)
-    buffer = torch.empty(total, dtype=torch.uint8, device=parts[0].device if parts else "cpu")
+def _pack(parts: list[torch.Tensor], buffer: torch.Tensor) -> None:
+    """All parts, back to back from offset 0, in the uint8 `buffer` (on their device)."""
     offset = 0
     for p in parts:
         n = p.numel() * p.element_size()
         buffer[offset : offset + n].copy_(p.contiguous().reshape(-1).view(torch.uint8))
         offset += _padded(n)
-    return buffer
 
 
 def _unpack(buffer: torch.Tensor, specs: list[PartSpec]) -> list[torch.Tensor]:
