@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,9 @@ from disagg_planner.latency import LatencyModel
 from disagg_planner.latency.memory import workspace_bytes
 from disagg_planner.latency.shape import stage_shape
 from disagg_planner.workloads import SimRequest, sample_requests
+from disagg_runtime.benchclient.client import run_trace
+from disagg_runtime.benchclient.report import summarize
+from disagg_runtime.serve.local import LocalCluster
 
 RESULTS = Path(__file__).parent / "results"
 MEM_UTIL = 0.9
@@ -121,14 +125,14 @@ def gpu_for_capacity(prof: LatencyProfile, tokens: int) -> GPUSpec:
     return base.model_copy(update={"name": prof.gpu, "memory_gib": need * 1.0001 / (MEM_UTIL * 2**30)})
 
 
-def with_overhead(prof: LatencyProfile, prefill_s: float, decode_s: float, decode_per_seq_s: float) -> LatencyProfile:
-    """The profile with measured serving overhead added to every step (what the served path pays on top)."""
+def adjusted(prof: LatencyProfile, *, scale: float = 1.0, prefill_s: float = 0.0, decode_s: float = 0.0,
+             decode_per_seq_s: float = 0.0) -> LatencyProfile:
+    """The profile with every step scaled by `scale`, plus added serving overhead (what the served path pays)."""
     shape = prof.shapes[0]
-    prefill = [s.model_copy(update={"seconds": s.seconds + prefill_s}) for s in shape.prefill]
-    decode = [s.model_copy(update={"seconds": s.seconds + decode_s + decode_per_seq_s * s.batch_size})
+    prefill = [s.model_copy(update={"seconds": s.seconds * scale + prefill_s}) for s in shape.prefill]
+    decode = [s.model_copy(update={"seconds": s.seconds * scale + decode_s + decode_per_seq_s * s.batch_size})
               for s in shape.decode]
-    return prof.model_copy(update={"shapes": [shape.model_copy(update={"prefill": prefill, "decode": decode})],
-                                   "runtime": prof.runtime + " + measured serving overhead"})
+    return prof.model_copy(update={"shapes": [shape.model_copy(update={"prefill": prefill, "decode": decode})]})
 
 
 # ---- simulation -------------------------------------------------------------------------------------
@@ -159,8 +163,6 @@ def predicted_goodput(mode: str, latency: LatencyModel, spec: WorkloadSpec, slo:
 
 # ---- measurement ------------------------------------------------------------------------------------
 def replay(url: str, trace: list[SimRequest]):
-    from disagg_runtime.benchclient.client import run_trace
-
     return asyncio.run(run_trace(url, trace, model=None, prompt_mode="ids", timeout=900))
 
 
@@ -216,18 +218,16 @@ def measure_overhead(url: str, mode: str, latency: LatencyModel, inputs, outputs
             "bursts_skipped": "prefill and decode workers share the CPU cores" if shared_compute else None}
 
 
-def start_cluster(mode: str, model_dir: Path, worker_args: list[str], devices: dict[str, str]):
-    from disagg_runtime.serve.local import LocalCluster
+def start_cluster(mode: str, model_dir: Path, worker_args: list[str], devices: dict[str, str]) -> LocalCluster:
+    cluster = LocalCluster(model_dir=model_dir, port=0, colocated_workers=1 if mode == "colocated" else 0,
+                           worker_args=worker_args, role_args={r: ["--device", d] for r, d in devices.items()},
+                           startup_timeout_s=600)
+    cluster.start()
+    return cluster
 
-    role_args = {role: ["--device", dev] for role, dev in devices.items()}
-    return LocalCluster(model_dir=model_dir, port=0, colocated_workers=1 if mode == "colocated" else 0,
-                        worker_args=worker_args, role_args=role_args, startup_timeout_s=600).__enter__()
 
-
-def kv_link_gbps(cluster) -> float | None:
+def kv_link_gbps(cluster: LocalCluster) -> float | None:
     """Effective KV pull bandwidth the decode worker saw (bytes / seconds, fixed latency included)."""
-    import urllib.request
-
     with urllib.request.urlopen(f"http://127.0.0.1:{cluster.ports['decode-0']}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     total_bytes = total_s = 0.0
@@ -242,8 +242,6 @@ def kv_link_gbps(cluster) -> float | None:
 # ---- the run --------------------------------------------------------------------------------------
 def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: LatencyModel, spec: WorkloadSpec,
              slo: tuple[float, float], rates: list[float], devices: dict[str, str], link_gbps: float) -> dict:
-    from disagg_runtime.benchclient.report import summarize
-
     worker_args = ["--num-kv-blocks", str(args.blocks), "--prefill-token-budget", str(args.budget),
                    "--max-queue", "4096", "--max-batch", "512"]
     inputs, outputs = spec.input_lengths, spec.output_lengths
@@ -255,9 +253,15 @@ def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: La
         shared = mode == "disaggregated" and devices["prefill"] == devices["decode"]
         overhead = measure_overhead(cluster.url, mode, latency, inputs, outputs, args.budget, link_gbps,
                                     shared_compute=shared)
-        calibrated = LatencyModel.from_profile(
-            with_overhead(prof, overhead["prefill_s"], overhead["decode_s"], overhead["decode_per_seq_s"]),
-            latency.gpu, latency.intra_node_gbps)
+        def model_of(p: LatencyProfile) -> LatencyModel:
+            return LatencyModel.from_profile(p, latency.gpu, latency.intra_node_gbps)
+
+        calibrated = model_of(adjusted(prof, prefill_s=overhead["prefill_s"], decode_s=overhead["decode_s"],
+                                       decode_per_seq_s=overhead["decode_per_seq_s"]))
+        # How far the prediction moves if every step is off by the fits' RMS error: near the knee of the
+        # attainment curve a few percent of step time move attainment by tens of points.
+        err = max(f.rms_relative_error for f in (latency.prefill_fits[(1, 1)], latency.decode_fits[(1, 1)]))
+        slower, faster = model_of(adjusted(prof, scale=1 + err)), model_of(adjusted(prof, scale=1 - err))
         points = []
         for rate in rates:
             trace = sample_requests(spec.model_copy(update={"rate": rate}), rate, args.num_requests, args.seed)
@@ -268,6 +272,8 @@ def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: La
             points.append({
                 "rate": rate, "measured": measured.attainment, "predicted": raw.attainment(*slo),
                 "predicted_with_overhead": cal.attainment(*slo), "ok": measured.ok, "errors": measured.errors,
+                "predicted_band": [simulate(mode, m, trace, args.budget, link_gbps).attainment(*slo)
+                                   for m in (slower, faster)], "band_step_error": err,
                 "measured_ttft_p50": measured.ttft_p50, "measured_tpot_p50": measured.tpot_p50,
                 "measured_ttft_p90": measured.ttft_p90, "measured_tpot_p90": measured.tpot_p90,
                 "predicted_ttft_p50": float(np.median(raw.ttfts)), "predicted_tpot_p50": float(np.median(raw.tpots)),
@@ -290,12 +296,13 @@ def print_table(doc: dict) -> None:
     ttft, tpot = doc["slo"]["ttft_s"], doc["slo"]["tpot_s"]
     table = Table(title=f"predicted vs measured SLO attainment ({doc['device']}, {doc['shape']}; TTFT <= "
                         f"{ttft * 1e3:.1f} ms, TPOT <= {tpot * 1e3:.2f} ms)")
-    for col in ("mode", "rate req/s", "predicted", "pred.+overhead", "measured", "gap (pts)", "gap+ovh (pts)",
-                "TTFT p50 pred/meas ms", "TPOT p50 pred/meas ms"):
+    for col in ("mode", "rate req/s", "predicted", "band (fit err)", "pred.+overhead", "measured", "gap (pts)",
+                "gap+ovh (pts)", "TTFT p50 pred/meas ms", "TPOT p50 pred/meas ms"):
         table.add_column(col, justify="right")
     for mode, res in doc["modes"].items():
         for p in res["points"]:
-            table.add_row(mode, f"{p['rate']:.2f}", f"{p['predicted']:.1%}", f"{p['predicted_with_overhead']:.1%}",
+            band = "-".join(f"{100 * x:.0f}" for x in p["predicted_band"]) + f"% (±{100 * p['band_step_error']:.0f}%)"
+            table.add_row(mode, f"{p['rate']:.2f}", f"{p['predicted']:.1%}", band, f"{p['predicted_with_overhead']:.1%}",
                           f"{p['measured']:.1%}", f"{100 * (p['predicted'] - p['measured']):+.1f}",
                           f"{100 * (p['predicted_with_overhead'] - p['measured']):+.1f}",
                           f"{p['predicted_ttft_p50'] * 1e3:.1f}/{(p['measured_ttft_p50'] or 0) * 1e3:.1f}",
@@ -331,12 +338,11 @@ def main() -> None:
 
     on_gpu = args.device.startswith("cuda")
     shape = args.shape or ("llama-1b" if on_gpu else "cpu-small")
-    if not on_gpu:
-        # Every process (this one while profiling, each worker) computes with the same thread count.
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    load_start = os.getloadavg()
     import torch
 
-    if not on_gpu:
+    if not on_gpu:  # every process (this one while profiling, each worker) computes with the same threads
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
     gpus = torch.cuda.device_count() if on_gpu else 0
     devices = ({"prefill": "cuda:0", "decode": f"cuda:{1 if gpus > 1 else 0}", "colocated": "cuda:0"} if on_gpu
@@ -374,13 +380,12 @@ def main() -> None:
         "device": prof.device, "shape": shape, "model": prof.model.model_dump(by_alias=True),
         "gpus_visible": gpus, "shared_gpu": on_gpu and gpus < 2 and "disaggregated" in args.modes,
         "machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads_per_process": None if on_gpu else args.threads, "load_avg_start": os.getloadavg()},
+                    "threads_per_process": None if on_gpu else args.threads, "load_avg_start": load_start},
         "workload": {"input": inputs.model_dump(), "output": outputs.model_dump(), "requests_per_rate":
                      args.num_requests, "seed": args.seed, "source": "chatbot means scaled to the context, +-8%"},
         "slo": {"ttft_s": slo[0], "tpot_s": slo[1], "ttft_factor": args.ttft_factor, "tpot_factor": args.tpot_factor},
         "prefill_token_budget": args.budget, "kv_blocks": args.blocks, "fits": fits,
-        "predicted_goodput_rps": goodput, "devices": devices,
-        "profile": prof.model_dump(mode="json", by_alias=True),
+        "predicted_goodput_rps": goodput, "devices": devices, "profile": prof.model_dump(mode="json", by_alias=True),
         "modes": modes, "wall_s": time.perf_counter() - started,
     }
     print_table(doc)
