@@ -1,4 +1,5 @@
-"""What both workers share: the engine thread, health and readiness, drain, stats and metrics routes."""
+"""What every worker shares: the engine thread, health and readiness, drain, stats and metrics routes,
+/abort, prompt and sampling checks, the timed prefill batch and the NDJSON stream that aborts on hang-up."""
 
 from __future__ import annotations
 
@@ -6,16 +7,20 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
 
+from ..engine import GenerationRequest, InvalidRequest, RequestTooLarge, SamplingParams, StepOutput
 from ..kv.links import ChannelChoice
 from ..metrics import Role, WorkerMetrics, render
 from .engine_thread import EngineThread
-from .protocol import WorkerStats
+from .http import BadRequest, error_response, stream_ndjson
+from .protocol import PrefillRequest, WorkerStats
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -81,6 +86,10 @@ class Worker(ABC):
     @abstractmethod
     async def _on_stop(self) -> None:
         """Stop role-specific services."""
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free what it holds; False if unknown or done."""
 
     # ---- app ------------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -158,3 +167,63 @@ class Worker(ABC):
         if not self._idle():
             log.warning("%s worker drain timed out with work left", self.role)
         self.drained.set()
+
+    # ---- requests: abort, checks, prefill batches, streams -------------------------------------
+    async def abort_handler(self, request: web.Request) -> web.Response:
+        try:
+            rid = str((await request.json())["request_id"])
+        except (ValueError, KeyError, TypeError):
+            return error_response(400, "body must be {\"request_id\": \"...\"}")
+        return web.json_response({"aborted": await self.abort(rid)})
+
+    async def _tokenize(self, msg: PrefillRequest) -> list[int]:
+        if msg.prompt_ids is not None:
+            return list(msg.prompt_ids)
+        return await asyncio.to_thread(self.engine.tokenizer.encode, msg.prompt)
+
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
+        """BadRequest unless the prompt is non-empty, within `max_prompt_tokens` and in the vocabulary."""
+        limit = self.config.max_prompt_tokens
+        if limit is not None and len(prompt_ids) > limit:
+            raise BadRequest(f"prompt has {len(prompt_ids)} tokens; this deployment accepts at most {limit}")
+        if not prompt_ids:
+            raise BadRequest("prompt is empty")
+        vocab = self.engine.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise BadRequest(f"prompt token ids must be in [0, {vocab})")
+
+    def _check_sampling(self, prompt_tokens: int, params: SamplingParams) -> None:
+        """BadRequest unless `params` are valid and the request fits this engine's context and memory."""
+        try:
+            params.validate()
+            self.engine.check_admissible(prompt_tokens, params.max_tokens)
+        except (InvalidRequest, RequestTooLarge) as e:
+            raise BadRequest(str(e)) from e
+
+    def _prefill_batch(self, requests: list[GenerationRequest], *, reserve_decode: bool,
+                       on_error: Callable[[Exception], None]) -> list[StepOutput] | None:
+        """Prefill on the engine thread and free the KV of requests done at their first token.
+
+        On an engine error the batch's requests fail (`on_error`), the worker goes on, and None is returned.
+        """
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.prefill(requests, reserve_decode=reserve_decode)
+        except Exception as e:  # noqa: BLE001 - the batch's requests fail; the worker goes on
+            log.exception("prefill batch of %d failed", len(requests))
+            on_error(e)
+            return None
+        self.metrics.stepped(seconds=time.perf_counter() - start, tokens=sum(len(r.prompt_ids) for r in requests))
+        for out in outputs:
+            if out.finished:  # done at its first token: free its KV now, nothing will decode or pull it
+                self.engine.release(out.request_id)
+        return outputs
+
+    async def _stream(self, request: web.Request, events: AsyncIterator[BaseModel], request_id: str,
+                      open_: Callable[[], bool]) -> web.StreamResponse:
+        """Stream `events` as NDJSON; abort the request if the stream ends while `open_()` (the router left)."""
+        try:
+            return await stream_ndjson(request, events, heartbeat_s=self.config.heartbeat_s)
+        finally:
+            if open_():
+                await self.abort(request_id)

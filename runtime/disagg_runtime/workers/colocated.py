@@ -17,24 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ..engine import (
-    GenerationRequest,
-    InvalidRequest,
-    RequestTooLarge,
-    SamplingParams,
-    StepOutput,
-    blocks_for,
-)
-from .base import Worker
+from ..engine import GenerationRequest, SamplingParams, blocks_for
+from .decoding import DecodingWorker
 from .engine_thread import EngineThreadStopped
-from .http import BadRequest, error_response, read_model, stream_ndjson
-from .protocol import ErrorEvent, PrefillRequest, PrefillResult, TokenEvent
+from .http import BadRequest, error_response, read_model
+from .protocol import ErrorEvent, PrefillRequest, PrefillResult
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +39,14 @@ class _Job:
     state: str = "waiting"  # waiting -> running -> done
 
 
-class ColocatedWorker(Worker):
+class ColocatedWorker(DecodingWorker):
     """POST /generate (NDJSON: heartbeats, a `prefilled` line with the first token, then tokens), POST /abort."""
 
     role = "colocated"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.jobs: dict[str, _Job] = {}  # every request not yet done; event loop only
+        self.jobs: dict[str, _Job] = {}  # narrows DecodingWorker.jobs to this worker's job type
         self._waiting: deque[_Job] = deque()
         self._waiting_tokens = 0
         self._lock = threading.Lock()
@@ -109,88 +101,29 @@ class ColocatedWorker(Worker):
             self._prefill(batch)
             return True
         if self.engine.num_running:
-            self._decode()
+            self._decode_step()
             return True
         return False
 
     def _prefill(self, batch: list[_Job]) -> None:
-        start = time.perf_counter()
-        try:
-            outputs = self.engine.prefill([j.request for j in batch], reserve_decode=True)
-        except Exception as e:  # noqa: BLE001 - the batch's requests fail; the worker goes on
-            log.exception("prefill batch of %d failed", len(batch))
+        def fail(e: Exception) -> None:
             for job in batch:
                 self.engine.abort(job.request.request_id)
             self.loop.call_soon_threadsafe(self._fail, [j.request.request_id for j in batch],
                                            f"prefill failed: {e}")
-            return
-        self.metrics.stepped(seconds=time.perf_counter() - start,
-                             tokens=sum(len(j.request.prompt_ids) for j in batch))
-        for out in outputs:
-            if out.finished:  # done at its first token: free its KV now, no decode step will
-                self.engine.release(out.request_id)
-        self.loop.call_soon_threadsafe(self._dispatch, outputs)
 
-    def _decode(self) -> None:
-        start = time.perf_counter()
-        batch = self.engine.num_running
-        try:
-            outputs = self.engine.decode()
-        except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving new ones
-            log.exception("decode step failed")
-            failed = self.engine.request_ids
-            for rid in failed:
-                self.engine.abort(rid)
-            self.loop.call_soon_threadsafe(self._fail, failed, f"decode step failed: {e}")
-            return
-        self.metrics.stepped(seconds=time.perf_counter() - start, tokens=batch)
-        if outputs:
+        outputs = self._prefill_batch([j.request for j in batch], reserve_decode=True, on_error=fail)
+        if outputs is not None:
             self.loop.call_soon_threadsafe(self._dispatch, outputs)
 
-    # ---- event loop: results --------------------------------------------------------------------
-    def _dispatch(self, outputs: list[StepOutput]) -> None:
-        for out in outputs:
-            job = self.jobs.get(out.request_id)
-            if job is None:  # aborted after its step was queued
-                continue
-            job.state = "running"
-            job.events.put_nowait(TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
-                                             finish_reason=out.finish_reason))
-            if out.finished:
-                self._end(job)
-
-    def _fail(self, request_ids: list[str], message: str) -> None:
-        for rid in request_ids:
-            job = self.jobs.get(rid)
-            if job is not None:
-                job.events.put_nowait(ErrorEvent(message=message, code=500))
-                self._end(job)
-
-    def _end(self, job: _Job) -> None:
-        job.state = "done"
-        self.jobs.pop(job.request.request_id, None)
+    def _on_token(self, job: _Job) -> None:
+        job.state = "running"
 
     # ---- HTTP -----------------------------------------------------------------------------------
-    async def _tokenize(self, msg: PrefillRequest) -> list[int]:
-        if msg.prompt_ids is not None:
-            return list(msg.prompt_ids)
-        return await asyncio.to_thread(self.engine.tokenizer.encode, msg.prompt)
-
     def _job(self, msg: PrefillRequest, prompt_ids: list[int]) -> _Job:
-        limit = self.config.max_prompt_tokens
-        if limit is not None and len(prompt_ids) > limit:
-            raise BadRequest(f"prompt has {len(prompt_ids)} tokens; this deployment accepts at most {limit}")
-        if not prompt_ids:
-            raise BadRequest("prompt is empty")
-        vocab = self.engine.config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise BadRequest(f"prompt token ids must be in [0, {vocab})")
+        self._check_prompt(prompt_ids)
         params = SamplingParams(**msg.sampling.model_dump())
-        try:
-            params.validate()
-            self.engine.check_admissible(len(prompt_ids), params.max_tokens)
-        except (InvalidRequest, RequestTooLarge) as e:
-            raise BadRequest(str(e)) from e
+        self._check_sampling(len(prompt_ids), params)
         if msg.request_id in self.jobs:
             raise BadRequest(f"request id {msg.request_id} is already in use")
         need = self.engine.kv_tokens(len(prompt_ids), params.max_tokens)
@@ -218,35 +151,19 @@ class ColocatedWorker(Worker):
         if not self._enqueue(job):
             return error_response(429, f"colocated worker has {self.config.max_queue} requests waiting",
                                   type_="rate_limit_error", headers={"Retry-After": "1"})
-        try:
-            return await stream_ndjson(request, self._events(job), heartbeat_s=self.config.heartbeat_s)
-        finally:
-            if job.state != "done":  # the router went away mid-request
-                await self.abort(job.request.request_id)
+        # Still open when the stream ends: the router went away mid-request.
+        return await self._stream(request, self._events(job), job.request.request_id,
+                                  lambda: job.state != "done")
 
     async def _events(self, job: _Job):
         """The first token as a `prefilled` line (what the router's flow expects first), then tokens."""
         first = True
-        while True:
-            event = await job.events.get()
-            if isinstance(event, ErrorEvent):
-                yield event
-                return
-            finished = event.finished
-            if first:
+        async for event in self._token_events(job):
+            if first and not isinstance(event, ErrorEvent):
                 first = False
                 event = PrefillResult(request_id=job.request.request_id, prompt_ids=job.request.prompt_ids,
                                       first=event, kv=None)
             yield event
-            if finished:
-                return
-
-    async def abort_handler(self, request: web.Request) -> web.Response:
-        try:
-            rid = str((await request.json())["request_id"])
-        except (ValueError, KeyError, TypeError):
-            return error_response(400, "body must be {\"request_id\": \"...\"}")
-        return web.json_response({"aborted": await self.abort(rid)})
 
     async def abort(self, request_id: str) -> bool:
         """Drop a waiting request or stop a running one and free its KV; False if unknown or done."""

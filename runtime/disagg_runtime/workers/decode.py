@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -21,14 +20,13 @@ from ..engine import (
     InvalidRequest,
     RequestTooLarge,
     SamplingParams,
-    StepOutput,
     blocks_for,
 )
 from ..kv import Endpoint, KVAddress, KVChannelError, KVHeader, KVMismatchError, KVPuller, TransferStats
-from .base import Worker
+from .decoding import DecodingWorker
 from .engine_thread import EngineThreadStopped
-from .http import BadRequest, error_response, read_model, stream_ndjson
-from .protocol import DecodeRequest, ErrorEvent, TokenEvent
+from .http import BadRequest, error_response, read_model
+from .protocol import DecodeRequest, ErrorEvent
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +42,14 @@ class _Job:
     aborted: bool = False
 
 
-class DecodeWorker(Worker):
+class DecodeWorker(DecodingWorker):
     """POST /decode (NDJSON: heartbeats and tokens), POST /abort."""
 
     role = "decode"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.jobs: dict[str, _Job] = {}
+        self.jobs: dict[str, _Job] = {}  # narrows DecodingWorker.jobs to this worker's job type
         self.waiting: deque[_Job] = deque()
         self.reserved_blocks = 0  # promised to pulls in flight, not yet taken from the engine
         self.pulling = 0
@@ -88,43 +86,11 @@ class DecodeWorker(Worker):
     def _step(self) -> bool:
         if not self.engine.num_running:
             return False
-        start = time.perf_counter()
-        batch = self.engine.num_running
-        try:
-            outputs = self.engine.decode()
-        except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving new ones
-            log.exception("decode step failed")
-            failed = self.engine.request_ids
-            for rid in failed:
-                self.engine.abort(rid)
-            self.loop.call_soon_threadsafe(self._fail, failed, f"decode step failed: {e}")
-            return True
-        self.metrics.stepped(seconds=time.perf_counter() - start, tokens=batch)
-        if outputs:
-            self.loop.call_soon_threadsafe(self._dispatch, outputs)
+        self._decode_step()
         return True
 
-    def _fail(self, request_ids: list[str], message: str) -> None:
-        for rid in request_ids:
-            job = self.jobs.get(rid)
-            if job is not None:
-                job.events.put_nowait(ErrorEvent(message=message, code=500))
-                self._end(job)
-        self._wakeup.set()
-
-    def _dispatch(self, outputs: list[StepOutput]) -> None:
-        finished = False
-        for out in outputs:
-            job = self.jobs.get(out.request_id)
-            if job is None:
-                continue
-            job.events.put_nowait(TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
-                                             finish_reason=out.finish_reason))
-            if out.finished:
-                self._end(job)
-                finished = True
-        if finished:
-            self._wakeup.set()  # the engine released their blocks: someone waiting may fit now
+    def _on_released(self) -> None:
+        self._wakeup.set()  # the engine released their blocks: someone waiting may fit now
 
     # ---- admission and pulls --------------------------------------------------------------------
     async def _admit_forever(self) -> None:
@@ -183,18 +149,10 @@ class DecodeWorker(Worker):
             self.reserved_blocks -= job.blocks
             self._wakeup.set()
 
-    def _end(self, job: _Job) -> None:
-        job.state = "done"
-        self.jobs.pop(job.request.request_id, None)
-
     # ---- HTTP -----------------------------------------------------------------------------------
     def _job(self, msg: DecodeRequest) -> _Job:
         params = SamplingParams(**msg.sampling.model_dump())
-        try:
-            params.validate()
-            self.engine.check_admissible(len(msg.prompt_ids), params.max_tokens)
-        except (InvalidRequest, RequestTooLarge) as e:
-            raise BadRequest(str(e)) from e
+        self._check_sampling(len(msg.prompt_ids), params)
         if msg.request_id in self.jobs:
             raise BadRequest(f"request id {msg.request_id} is already in use")
         request = GenerationRequest(msg.request_id, list(msg.prompt_ids), params)
@@ -215,25 +173,9 @@ class DecodeWorker(Worker):
         self.jobs[job.request.request_id] = job
         self.waiting.append(job)
         self._wakeup.set()
-        try:
-            return await stream_ndjson(request, self._events(job), heartbeat_s=self.config.heartbeat_s)
-        finally:
-            if job.state != "done":  # the router went away mid-stream
-                await self.abort(job.request.request_id)
-
-    async def _events(self, job: _Job):
-        while True:
-            event = await job.events.get()
-            yield event
-            if isinstance(event, ErrorEvent) or event.finished:
-                return
-
-    async def abort_handler(self, request: web.Request) -> web.Response:
-        try:
-            rid = str((await request.json())["request_id"])
-        except (ValueError, KeyError, TypeError):
-            return error_response(400, "body must be {\"request_id\": \"...\"}")
-        return web.json_response({"aborted": await self.abort(rid)})
+        # Still open when the stream ends: the router went away mid-stream.
+        return await self._stream(request, self._token_events(job), job.request.request_id,
+                                  lambda: job.state != "done")
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is (waiting, pulling or decoding); False if unknown or done."""

@@ -14,18 +14,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..engine import (
-    GenerationRequest,
-    InvalidRequest,
-    RequestTooLarge,
-    SamplingParams,
-    StepOutput,
-    blocks_for,
-)
+from ..engine import GenerationRequest, SamplingParams, StepOutput, blocks_for
 from ..kv import Endpoint, KVLease, KVNotFound, KVServer, TransferStats, payload_layers
 from .base import Worker
 from .engine_thread import EngineThreadStopped
-from .http import BadRequest, error_response, read_model, stream_ndjson
+from .http import BadRequest, error_response, read_model
 from .prefill_queue import PrefillQueue, QueueFull
 from .protocol import ErrorEvent, KVSourceRef, PrefillRequest, PrefillResult, TokenEvent
 
@@ -97,20 +90,15 @@ class PrefillWorker(Worker):
         batch = self.queue.take_batch(self._fits)
         if not batch:
             return False
-        start = time.perf_counter()
-        try:
-            outputs = self.engine.prefill([j.request for j in batch], reserve_decode=False)
-        except Exception as e:  # noqa: BLE001 - the batch's requests fail; the worker goes on
-            log.exception("prefill batch of %d failed", len(batch))
+        def fail(e: Exception) -> None:
             for j in batch:
                 j.loop.call_soon_threadsafe(_fail, j.done, e)
-            return True
-        self.metrics.stepped(seconds=time.perf_counter() - start,
-                             tokens=sum(len(j.request.prompt_ids) for j in batch))
-        for job, out in zip(batch, outputs, strict=True):
-            if out.finished:
-                self.engine.release(out.request_id)  # nothing left to decode: no KV to park
-            job.loop.call_soon_threadsafe(self._prefilled, job, out)
+
+        # Finished requests' KV is freed there: nothing left to decode, no KV to park.
+        outputs = self._prefill_batch([j.request for j in batch], reserve_decode=False, on_error=fail)
+        if outputs is not None:
+            for job, out in zip(batch, outputs, strict=True):
+                job.loop.call_soon_threadsafe(self._prefilled, job, out)
         return True
 
     def _prefilled(self, job: _Job, out: StepOutput) -> None:
@@ -124,25 +112,9 @@ class PrefillWorker(Worker):
         job.done.set_result(out)
 
     # ---- HTTP -----------------------------------------------------------------------------------
-    async def _tokenize(self, msg: PrefillRequest) -> list[int]:
-        if msg.prompt_ids is not None:
-            return list(msg.prompt_ids)
-        return await asyncio.to_thread(self.engine.tokenizer.encode, msg.prompt)
-
     def _check(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        limit = self.config.max_prompt_tokens
-        if limit is not None and len(prompt_ids) > limit:
-            raise BadRequest(f"prompt has {len(prompt_ids)} tokens; this deployment accepts at most {limit}")
-        if not prompt_ids:
-            raise BadRequest("prompt is empty")
-        vocab = self.engine.config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise BadRequest(f"prompt token ids must be in [0, {vocab})")
-        try:
-            params.validate()
-            self.engine.check_admissible(len(prompt_ids), params.max_tokens)
-        except (InvalidRequest, RequestTooLarge) as e:
-            raise BadRequest(str(e)) from e
+        self._check_prompt(prompt_ids)
+        self._check_sampling(len(prompt_ids), params)
         if rid in self.parked or self.queue.has(rid):
             raise BadRequest(f"request id {rid} is already in use")
 
@@ -163,11 +135,9 @@ class PrefillWorker(Worker):
             self.thread.wake()
         except QueueFull as e:
             return error_response(429, str(e), type_="rate_limit_error", headers={"Retry-After": "1"})
-        try:
-            return await stream_ndjson(request, self._result(job, prompt_ids), heartbeat_s=self.config.heartbeat_s)
-        finally:
-            if not job.done.done():  # the router went away before the first token
-                await self.abort(msg.request_id)
+        # Still waiting when the stream ends: the router went away before the first token.
+        return await self._stream(request, self._result(job, prompt_ids), msg.request_id,
+                                  lambda: not job.done.done())
 
     async def _result(self, job: _Job, prompt_ids: list[int]):
         try:
@@ -183,13 +153,6 @@ class PrefillWorker(Worker):
         first = TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
                            finish_reason=out.finish_reason)
         yield PrefillResult(request_id=out.request_id, prompt_ids=prompt_ids, first=first, kv=kv)
-
-    async def abort_handler(self, request: web.Request) -> web.Response:
-        try:
-            rid = str((await request.json())["request_id"])
-        except (ValueError, KeyError, TypeError):
-            return error_response(400, "body must be {\"request_id\": \"...\"}")
-        return web.json_response({"aborted": await self.abort(rid)})
 
     async def abort(self, request_id: str) -> bool:
         """Drop a queued request or free its parked KV; False if neither."""

@@ -1,0 +1,95 @@
+"""What the decode and colocated workers share: the decode step, and relaying its tokens to the streams.
+
+Each request has a job with an event queue its HTTP handler streams from; the engine thread hands step
+outputs (or a failure) to the event loop, which puts them on the queues and ends finished jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from ..engine import GenerationRequest, StepOutput
+from .base import Worker
+from .protocol import ErrorEvent, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class StreamedJob(Protocol):
+    """A request whose tokens go to its handler through `events`; `state` ends as "done"."""
+
+    request: GenerationRequest
+    events: asyncio.Queue
+    state: str
+
+
+class DecodingWorker(Worker):
+    """A worker that runs decode steps over `jobs` and streams their tokens (DecodeWorker, ColocatedWorker)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.jobs: dict[str, StreamedJob] = {}  # every request not yet done; event loop only
+
+    # ---- subclass hooks -------------------------------------------------------------------------
+    def _on_token(self, job: StreamedJob) -> None:
+        """A token of `job` is about to be streamed (event loop)."""
+
+    def _on_released(self) -> None:
+        """Requests ended and the engine freed their blocks (event loop)."""
+
+    # ---- engine thread --------------------------------------------------------------------------
+    def _decode_step(self) -> None:
+        """One decode step for every running request; on an engine error they all fail, new ones still run."""
+        start = time.perf_counter()
+        batch = self.engine.num_running
+        try:
+            outputs = self.engine.decode()
+        except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving new ones
+            log.exception("decode step failed")
+            failed = self.engine.request_ids
+            for rid in failed:
+                self.engine.abort(rid)
+            self.loop.call_soon_threadsafe(self._fail, failed, f"decode step failed: {e}")
+            return
+        self.metrics.stepped(seconds=time.perf_counter() - start, tokens=batch)
+        if outputs:
+            self.loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    # ---- event loop: results --------------------------------------------------------------------
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        finished = False
+        for out in outputs:
+            job = self.jobs.get(out.request_id)
+            if job is None:  # aborted after its step was queued
+                continue
+            self._on_token(job)
+            job.events.put_nowait(TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
+                                             finish_reason=out.finish_reason))
+            if out.finished:
+                self._end(job)
+                finished = True
+        if finished:
+            self._on_released()
+
+    def _fail(self, request_ids: list[str], message: str) -> None:
+        for rid in request_ids:
+            job = self.jobs.get(rid)
+            if job is not None:
+                job.events.put_nowait(ErrorEvent(message=message, code=500))
+                self._end(job)
+        self._on_released()
+
+    def _end(self, job: StreamedJob) -> None:
+        job.state = "done"
+        self.jobs.pop(job.request.request_id, None)
+
+    async def _token_events(self, job: StreamedJob):
+        """The job's events until its last token or an error."""
+        while True:
+            event = await job.events.get()
+            yield event
+            if isinstance(event, ErrorEvent) or event.finished:
+                return
