@@ -4,11 +4,19 @@ and operators started in threads against it (see e2e/README.md)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
+import select
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,3 +170,63 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, interval: f
 
 def load_example(name: str) -> dict[str, Any]:
     return yaml.safe_load((REPO / "examples" / f"disaggserving-{name}.yaml").read_text())
+
+
+# ---- the serving path as processes (e2e/test_serving*.py) -------------------------------------------
+async def complete(session, url: str, prompt, *, stream: bool, **extra) -> list[int]:
+    """POST /v1/completions (16 greedy tokens) and return the generated token ids, streamed or not."""
+    body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "return_token_ids": True, "stream": stream,
+            **extra}
+    async with session.post(f"{url}/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        if not stream:
+            return (await resp.json())["choices"][0]["token_ids"]
+        ids = []
+        async for line in resp.content:
+            if line.startswith(b"data: {"):
+                ids += json.loads(line[6:])["choices"][0]["token_ids"]
+        return ids
+
+
+@dataclass
+class LocalServe:
+    """A `disagg serve --local` process: the line announcing it, and its exit code once stopped."""
+
+    line: str
+    code: int | None = None
+
+    @property
+    def url(self) -> str:
+        return re.search(r"at (http://\S+)", self.line).group(1)
+
+
+@contextmanager
+def serve_local(args: list[str], cache_dir: Path) -> Iterator[LocalServe]:
+    """Run `disagg serve --local *args` until it announces its URL; SIGTERM it (and wait) on the way out."""
+    cmd = [sys.executable, "-m", "disagg_cli.main", "serve", "--local", *args, "--port", "0",
+           "--cache-dir", str(cache_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    served = LocalServe(line="")
+    try:
+        deadline = time.monotonic() + 120
+        while "serving" not in served.line and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 1)[0]:
+                served.line = proc.stdout.readline()
+        yield served
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        served.code = proc.wait(30)
+        proc.stdout.close()
+
+
+def stream_hello(url: str) -> list[str]:
+    """The SSE `data:` lines of a streamed 8-token completion of "Hello"."""
+    body = json.dumps({"prompt": "Hello", "max_tokens": 8, "ignore_eos": True, "stream": True}).encode()
+    req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return [ln for ln in resp.read().decode().splitlines() if ln.startswith("data: ")]
+
+
+def processes_serving(model_cache: Path) -> str:
+    """`pgrep -f` of the processes still serving a model from `model_cache` (empty when none is left)."""
+    return subprocess.run(["pgrep", "-f", f"model-path {model_cache}"], capture_output=True, text=True).stdout

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import select
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 
 import aiohttp
 import pytest
 from disagg_runtime.engine import Engine, GenerationRequest, SamplingParams
 from disagg_runtime.models.testing import write_random_model
 from disagg_runtime.serve.local import LocalCluster
+
+from .conftest import complete, processes_serving, serve_local, stream_hello
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +32,6 @@ def serving(model_dir):
 
 def prompts(n: int) -> list[list[int]]:
     return [[3 + (7 * i + 13 * j) % 500 for j in range(4 + (i * 37) % 90)] for i in range(n)]
-
-
-async def complete(session, url, prompt, *, stream: bool, **extra) -> list[int]:
-    body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "return_token_ids": True, "stream": stream,
-            **extra}
-    async with session.post(f"{url}/v1/completions", json=body) as resp:
-        assert resp.status == 200, await resp.text()
-        if not stream:
-            return (await resp.json())["choices"][0]["token_ids"]
-        ids = []
-        async for line in resp.content:
-            if line.startswith(b"data: {"):
-                ids += json.loads(line[6:])["choices"][0]["token_ids"]
-        return ids
 
 
 async def test_32_concurrent_requests_equal_single_process_generation(serving, model_dir):
@@ -136,26 +119,10 @@ async def test_overload_gives_429_not_timeouts(model_dir):
 
 
 def test_disagg_serve_local_prints_a_url_that_streams_and_stops_cleanly(tmp_path):
-    cmd = [sys.executable, "-m", "disagg_cli.main", "serve", "--local", "--port", "0", "--cache-dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        line = ""
-        while "serving" not in line and time.monotonic() < deadline and proc.poll() is None:
-            if select.select([proc.stdout], [], [], 1)[0]:
-                line = proc.stdout.readline()
-        url = re.search(r"at (http://\S+)", line).group(1)
-        body = json.dumps({"prompt": "Hello", "max_tokens": 8, "ignore_eos": True, "stream": True}).encode()
-        req = urllib.request.Request(f"{url}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            events = [ln for ln in resp.read().decode().splitlines() if ln.startswith("data: ")]
+    with serve_local([], tmp_path) as served:
+        events = stream_hello(served.url)
         assert len(events) == 9 and events[-1] == "data: [DONE]"
         assert (tmp_path / "models" / "tiny-llama-v1" / "model.safetensors").is_file()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
-    assert code == 0
+    assert served.code == 0
     # The launcher took its children with it.
-    left = subprocess.run(["pgrep", "-f", f"model-path {tmp_path}"], capture_output=True, text=True).stdout
-    assert left.strip() == ""
+    assert processes_serving(tmp_path).strip() == ""

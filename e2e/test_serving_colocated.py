@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import select
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
 import aiohttp
 import pytest
 from disagg_runtime.engine import Engine, GenerationRequest, SamplingParams
 from disagg_runtime.models.testing import write_random_model
 from disagg_runtime.serve.local import LocalCluster
+
+from .conftest import complete, processes_serving, serve_local, stream_hello
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +35,6 @@ def serving(model_dir):
 
 def prompts(n: int) -> list[list[int]]:
     return [[3 + (5 * i + 17 * j) % 450 for j in range(5 + (i * 41) % 80)] for i in range(n)]
-
-
-async def complete(session, url, prompt, *, stream: bool) -> list[int]:
-    body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "return_token_ids": True, "stream": stream}
-    async with session.post(f"{url}/v1/completions", json=body) as resp:
-        assert resp.status == 200, await resp.text()
-        if not stream:
-            return (await resp.json())["choices"][0]["token_ids"]
-        ids = []
-        async for line in resp.content:
-            if line.startswith(b"data: {"):
-                ids += json.loads(line[6:])["choices"][0]["token_ids"]
-        return ids
 
 
 async def test_24_concurrent_requests_equal_single_process_generation(serving, model_dir):
@@ -95,27 +81,9 @@ async def test_router_serves_colocated_instances_from_the_operators_endpoints_fi
 
 
 def test_disagg_serve_local_colocated_prints_a_url_that_streams_and_stops_cleanly(tmp_path):
-    cmd = [sys.executable, "-m", "disagg_cli.main", "serve", "--local", "--colocated", "--port", "0",
-           "--cache-dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        line = ""
-        while "serving" not in line and time.monotonic() < deadline and proc.poll() is None:
-            if select.select([proc.stdout], [], [], 1)[0]:
-                line = proc.stdout.readline()
-        assert "1 colocated" in line
-        url = re.search(r"at (http://\S+)", line).group(1)
-        body = json.dumps({"prompt": "Hello", "max_tokens": 8, "ignore_eos": True, "stream": True}).encode()
-        req = urllib.request.Request(f"{url}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            events = [ln for ln in resp.read().decode().splitlines() if ln.startswith("data: ")]
+    with serve_local(["--colocated"], tmp_path) as served:
+        assert "1 colocated" in served.line
+        events = stream_hello(served.url)
         assert len(events) == 9 and events[-1] == "data: [DONE]"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
-        proc.stdout.close()
-    assert code == 0
-    left = subprocess.run(["pgrep", "-f", f"model-path {tmp_path}"], capture_output=True, text=True).stdout
-    assert left.strip() == ""
+    assert served.code == 0
+    assert processes_serving(tmp_path).strip() == ""
