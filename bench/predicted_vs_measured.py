@@ -1,15 +1,13 @@
 """Planner's predicted SLO attainment vs measured, disaggregated (1 prefill + 1 decode) and colocated (1 instance).
 
 Design goal (design.md §5): simulator within 2 points of measured attainment (paper: ~2%). Steps:
-  1. write a random model of `--shape`, profile its engine here (`profile_engine`, grid sized to the
-     workload) and fit `LatencyModel.from_profile`; the simulated KV capacity is set to the engines' cache;
-  2. workload: the chatbot shape scaled to the model's context, lengths within +-8% of the scaled means;
-     SLOs are multiples of the profiled step times (TTFT: `--ttft-factor` x one prompt's prefill, TPOT:
-     `--tpot-factor` x a batch-1 decode step); rates span the predicted goodputs of both modes;
-  3. per mode, serve the model as processes (`LocalCluster`: router + workers, exactly `disagg serve --local`
-     [--colocated]), probe it (sequential requests and bursts) to measure the per-step framework overhead the
-     profile does not see (HTTP hops, token relay, scheduling), then replay each rate's trace with the bench
-     client and simulate the same trace with the raw profile and with profile + measured overhead.
+  1. write a random model of `--shape`, profile its engine here (grid sized to the workload and SLO), fit
+     `LatencyModel.from_profile`; the simulated KV capacity is the engines' cache;
+  2. workload: chatbot lengths scaled to the model's context (+-8% of the scaled means); SLOs are multiples
+     of the profiled step times; rates span the predicted goodputs of both modes;
+  3. per mode, serve the model as processes (`LocalCluster`, i.e. `disagg serve --local [--colocated]`),
+     probe it for the per-step serving overhead the profile does not see, then replay each rate's trace
+     with the bench client and simulate the same trace (raw profile; profile + measured overhead).
 Prints a table and writes bench/results/predicted_vs_measured-<device>-<shape>.json.
 
     python bench/predicted_vs_measured.py                              # CPU, small model
@@ -169,19 +167,6 @@ def replay(url: str, trace: list[SimRequest]):
 PROBE_BURSTS = (8, 32)
 
 
-def probe_traces(inputs: LengthHistogram, outputs: LengthHistogram, spacing: float,
-                 bursts: tuple[int, ...]) -> dict[int, list[SimRequest]]:
-    """Requests one after another (batch 1) and bursts sent together, all at the workload's mean lengths.
-
-    Singles follow each other closely (`spacing` ~ one request's latency): an engine left idle for a
-    second answers its next prefill tens of ms late on a shared CPU (caches, frequency), which a served
-    engine under load never sees.
-    """
-    i, o = round(inputs.mean), round(outputs.mean)
-    singles = [SimRequest(0.05 + k * spacing, i, o) for k in range(8)]
-    return {1: singles, **{b: [SimRequest(0.05, i, o) for _ in range(b)] for b in bursts}}
-
-
 def measure_overhead(url: str, mode: str, latency: LatencyModel, inputs, outputs, budget: int,
                      link_gbps: float, *, shared_compute: bool) -> dict:
     """Measured minus simulated TTFT (per prefill) and TPOT (per decode step) on probe traces.
@@ -189,15 +174,18 @@ def measure_overhead(url: str, mode: str, latency: LatencyModel, inputs, outputs
     The served path adds costs the engine profile cannot see: HTTP hops (router, worker), the NDJSON/SSE
     relay of every token (the worker's event loop shares the GIL with its engine thread), hand-offs
     between them and, disaggregated, the KV pull. The prefill overhead is the median TTFT gap of single
-    requests; the decode overhead is a + b * batch fitted to the median TPOT gaps of singles (batch 1) and
-    bursts. With `shared_compute` (disaggregated workers on the same CPU cores) bursts are skipped: their
-    gap would measure the two workers slowing each other, not serving overhead. The probes are separate
-    traces from the ones the table reports.
+    requests sent one after another (back to back: an engine left idle for a second answers its next
+    prefill tens of ms late on a shared CPU, which an engine under load never sees); the decode overhead is
+    a + b * batch fitted to the median TPOT gaps of singles (batch 1) and of bursts sent together. With
+    `shared_compute` (disaggregated workers on the same CPU cores) bursts are skipped: their gap would
+    measure the two workers slowing each other. Probes use the mean lengths, on traces of their own.
     """
-    single = simulate(mode, latency, [SimRequest(0.0, round(inputs.mean), round(outputs.mean))], budget, link_gbps)
-    bursts = () if shared_compute else PROBE_BURSTS
+    i, o = round(inputs.mean), round(outputs.mean)
+    spacing = 1.05 * simulate(mode, latency, [SimRequest(0.0, i, o)], budget, link_gbps).mean_e2e + 0.01
+    probes = {1: [SimRequest(0.05 + k * spacing, i, o) for k in range(8)]}
+    probes.update({b: [SimRequest(0.05, i, o)] * b for b in (() if shared_compute else PROBE_BURSTS)})
     gaps: dict[int, dict] = {}
-    for batch, trace in probe_traces(inputs, outputs, 1.05 * single.mean_e2e + 0.01, bursts).items():
+    for batch, trace in probes.items():
         replay(url, trace[:2])  # warm up this shape (allocator, connections)
         records = [r for r in replay(url, trace) if r.ok]
         if not records:
@@ -208,7 +196,7 @@ def measure_overhead(url: str, mode: str, latency: LatencyModel, inputs, outputs
                        "measured_tpot_s": float(np.median([r.tpot for r in records])),
                        "simulated_tpot_s": float(np.median(predicted.tpots))}
     per_seq, base = 0.0, gaps[1]["tpot_s"]
-    if bursts:
+    if len(gaps) > 1:
         batches = np.array(sorted(gaps), dtype=float)
         per_seq, base = np.polyfit(batches, [gaps[int(b)]["tpot_s"] for b in batches], 1)
         if per_seq < 0:  # no growth with batch: a constant fits better than a falling line
@@ -216,6 +204,14 @@ def measure_overhead(url: str, mode: str, latency: LatencyModel, inputs, outputs
     return {"probes": {str(b): g for b, g in gaps.items()}, "prefill_s": max(0.0, gaps[1]["ttft_s"]),
             "decode_s": max(0.0, float(base)), "decode_per_seq_s": float(per_seq),
             "bursts_skipped": "prefill and decode workers share the CPU cores" if shared_compute else None}
+
+
+def wait_for_quiet(max_load: float | None, patience_s: float = 300.0) -> float:
+    """On a shared machine, wait (up to `patience_s`) until the 1-minute load average is below `max_load`."""
+    start = time.monotonic()
+    while max_load is not None and os.getloadavg()[0] > max_load and time.monotonic() - start < patience_s:
+        time.sleep(5)
+    return time.monotonic() - start
 
 
 def start_cluster(mode: str, model_dir: Path, worker_args: list[str], devices: dict[str, str]) -> LocalCluster:
@@ -265,6 +261,7 @@ def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: La
         points = []
         for rate in rates:
             trace = sample_requests(spec.model_copy(update={"rate": rate}), rate, args.num_requests, args.seed)
+            waited = wait_for_quiet(args.quiet_load)
             records = replay(cluster.url, trace)
             measured = summarize(records, rate=rate, ttft_slo=slo[0], tpot_slo=slo[1])
             raw = simulate(mode, latency, trace, args.budget, link_gbps)
@@ -278,8 +275,7 @@ def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: La
                 "measured_ttft_p90": measured.ttft_p90, "measured_tpot_p90": measured.tpot_p90,
                 "predicted_ttft_p50": float(np.median(raw.ttfts)), "predicted_tpot_p50": float(np.median(raw.tpots)),
                 "predicted_ttft_p90": raw.p90_ttft, "predicted_tpot_p90": raw.p90_tpot,
-                "calibrated_ttft_p50": float(np.median(cal.ttfts)), "calibrated_tpot_p50": float(np.median(cal.tpots)),
-                "load_avg_1m": os.getloadavg()[0],
+                "load_avg_1m": os.getloadavg()[0], "waited_for_quiet_s": waited,
             })
             print(f"  {mode:>13} {rate:7.2f} req/s: measured {measured.attainment:6.1%}  predicted "
                   f"{points[-1]['predicted']:6.1%}  (+overhead {points[-1]['predicted_with_overhead']:6.1%})",
@@ -297,7 +293,7 @@ def print_table(doc: dict) -> None:
     table = Table(title=f"predicted vs measured SLO attainment ({doc['device']}, {doc['shape']}; TTFT <= "
                         f"{ttft * 1e3:.1f} ms, TPOT <= {tpot * 1e3:.2f} ms)")
     for col in ("mode", "rate req/s", "predicted", "band (fit err)", "pred.+overhead", "measured", "gap (pts)",
-                "gap+ovh (pts)", "TTFT p50 pred/meas ms", "TPOT p50 pred/meas ms"):
+                "gap+ovh (pts)", "TTFT p50 pred/meas ms", "TPOT p50 pred/meas ms", "load 1m"):
         table.add_column(col, justify="right")
     for mode, res in doc["modes"].items():
         for p in res["points"]:
@@ -306,8 +302,9 @@ def print_table(doc: dict) -> None:
                           f"{p['measured']:.1%}", f"{100 * (p['predicted'] - p['measured']):+.1f}",
                           f"{100 * (p['predicted_with_overhead'] - p['measured']):+.1f}",
                           f"{p['predicted_ttft_p50'] * 1e3:.1f}/{(p['measured_ttft_p50'] or 0) * 1e3:.1f}",
-                          f"{p['predicted_tpot_p50'] * 1e3:.2f}/{(p['measured_tpot_p50'] or 0) * 1e3:.2f}")
-    console = Console(width=180)
+                          f"{p['predicted_tpot_p50'] * 1e3:.2f}/{(p['measured_tpot_p50'] or 0) * 1e3:.2f}",
+                          f"{p['load_avg_1m']:.2f}")
+    console = Console(width=200)
     console.print(table)
     for mode, res in doc["modes"].items():
         o = res["overhead"]
@@ -331,6 +328,8 @@ def main() -> None:
     parser.add_argument("--tpot-factor", type=float, default=3.0, help="TPOT SLO / a batch-1 decode step")
     parser.add_argument("--modes", nargs="*", default=["colocated", "disaggregated"],
                         choices=["colocated", "disaggregated"])
+    parser.add_argument("--quiet-load", type=float, help="before each rate, wait (<= 5 min) for the 1-minute load "
+                        "average to drop below this (default 0.8 on CPU: other jobs skew CPU step times)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "disagg" / "bench")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/predicted_vs_measured-<device>-<shape>.json)")
@@ -349,6 +348,7 @@ def main() -> None:
                else {"prefill": "cpu", "decode": "cpu", "colocated": "cpu"})
 
     args.blocks = args.blocks or (16384 if on_gpu else 2048)
+    args.quiet_load = args.quiet_load if args.quiet_load is not None or on_gpu else 0.8
     model_dir = write_model(shape, args.cache_dir)
     max_context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
     inputs, outputs = workload(max_context)
