@@ -13,7 +13,7 @@ from typing import Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-Role = Literal["router", "prefill", "decode"]
+Role = Literal["router", "prefill", "decode", "colocated"]
 Outcome = Literal["ok", "error", "rejected", "invalid", "aborted"]
 OUTCOMES: tuple[Outcome, ...] = ("ok", "error", "rejected", "invalid", "aborted")
 
