@@ -25,7 +25,7 @@ from ..simulator import ColocatedConfig, DisaggConfig, SimResult, simulate_coloc
 from ..simulator.types import PhaseShape
 from .capacity import colocated_capacity, decode_capacity, kv_link_capacity, prefill_capacity
 from .goodput import goodput
-from .problem import MEM_UTIL, SearchProblem
+from .problem import SearchProblem
 from .shapes import Shape
 
 SystemConfig = DisaggConfig | ColocatedConfig

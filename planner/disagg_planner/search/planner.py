@@ -21,8 +21,8 @@ from ..api.profile import LatencyProfile
 from ..api.spec import DisaggServingSpec
 from ..errors import NoFeasiblePlan
 from .affinity import Affinity, choose_affinity
-from .confidence import choose, goodput_interval
 from .allocate import Candidate, colocated_candidates, disaggregated_candidates, ranked, unit_candidates
+from .confidence import choose, goodput_interval
 from .evaluate import PhaseTask, capacity
 from .feasibility import require_shapes, require_slos
 from .latency_source import latency_model
