@@ -30,15 +30,15 @@ def interval_seeds(seed: int) -> list[int]:
     return [seed + i for i in range(REPEATS + 1)]
 
 
-def _goodput_on(cfg: SystemConfig, bound: float, problem: SearchProblem) -> float:
-    return seed_goodput(problem, cfg, bound)
+def _goodput_on(cfg: SystemConfig, bound: float, near: float, problem: SearchProblem) -> float:
+    return seed_goodput(problem, cfg, bound, near)
 
 
 def goodput_interval(problems: Callable[[int], SearchProblem], seed: int, cfg: SystemConfig, bound: float,
                      point: float, pool: TaskPool) -> GoodputInterval:
     """The interval for `cfg`, whose goodput on `seed` is `point` (`problems(s)`: the problem on seed s)."""
     seeds = interval_seeds(seed)
-    others = pool.map(partial(_goodput_on, cfg, bound), [problems(s) for s in seeds[1:]])
+    others = pool.map(partial(_goodput_on, cfg, bound, point), [problems(s) for s in seeds[1:]])
     samples = [point, *others]
     low, high = prediction_interval(samples, point, bound, problems(seed).rel_tol)
     return GoodputInterval(low_rps=low, high_rps=high, coverage=COVERAGE, seeds=seeds, samples_rps=samples)

@@ -151,9 +151,14 @@ def estimate_system(problem: SearchProblem, cfg: SystemConfig, *, guess: float =
     return Estimate(found, curve(problem.target_rate), curve.runs)
 
 
-def seed_goodput(problem: SearchProblem, cfg: SystemConfig, bound: float) -> float:
-    """Goodput of `cfg` on the problem's seed, by the same anchored search as a plan's own goodput."""
-    return estimate_system(problem, cfg, curve=SystemCurve(problem, cfg, bound)).goodput
+def seed_goodput(problem: SearchProblem, cfg: SystemConfig, bound: float, near: float) -> float:
+    """Goodput of `cfg` on the problem's seed, searched from `near` (the goodput another seed gave).
+
+    The same curve and bisection as a plan's own goodput, anchored where the answer is likely to be: a
+    configuration whose goodput is its capacity bound then costs one run per seed.
+    """
+    curve = SystemCurve(problem, cfg, bound)
+    return search_goodput(curve, problem.target, anchor=near, guess=near, rel_tol=problem.rel_tol)
 
 
 # Two-sided 90% Student t quantiles (0.95 one-sided) by degrees of freedom; numpy has no t distribution.

@@ -32,7 +32,7 @@ from .shapes import Segments, Shape, instance_shapes, segment_units
 from .system import Layout, Measured, measure, place
 
 # Whole-system simulations per search: the best-ranked candidates that pack onto the nodes.
-SYSTEM_CANDIDATES = 4
+SYSTEM_CANDIDATES = 3
 COLOCATED_CANDIDATES = 2
 
 
