@@ -4,7 +4,8 @@ Each case runs the whole `find_plan` (the disaggregated search, its goodput inte
 baseline) with all cores, on nodes of 8 A100-80GB with the analytic latency model, DistServe's chatbot
 workload and SLOs (OPT-13B: TTFT 0.25 s / TPOT 0.1 s; OPT-66B: 2.5 s / 0.15 s), at 5 req/s per node, as
 issue #16 measured. The machine is shared: the load average is recorded before and after every timed run,
-and every row states whether the plan's goodput and attainment at target agree. DistServe reports ~1.3 min
+along with the CPU seconds the search used (its own and its
+workers'), which the load does not inflate much, and every row states whether the plan's goodput and attainment at target agree. DistServe reports ~1.3 min
 on a 96-core machine for 32 GPUs. Prints a table and writes bench/results/planner_search_time.json.
 
     python bench/planner_search_time.py [--repeats 1] [--nodes 4 16 64 128] [--inter-gbps 25]
@@ -41,15 +42,23 @@ def spec_for(model: str, ttft: float, tpot: float, nodes: int, inter_gbps: float
     })
 
 
-def timed(spec: DisaggServingSpec, workers: int, repeats: int) -> tuple[list[float], list[list[float]], Plan]:
-    samples, loads, plan = [], [], None
+def _cpu_s() -> float:
+    """CPU seconds of this process and its reaped children (the search's worker pool is reaped per search)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed(spec: DisaggServingSpec, workers: int, repeats: int
+          ) -> tuple[list[float], list[float], list[list[float]], Plan]:
+    samples, cpu, loads, plan = [], [], [], None
     for _ in range(repeats):
         before = os.getloadavg()[0]
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), _cpu_s()
         plan = find_plan(spec, workers=workers)
         samples.append(time.perf_counter() - start)
+        cpu.append(_cpu_s() - start_cpu)
         loads.append([before, os.getloadavg()[0]])
-    return samples, loads, plan
+    return samples, cpu, loads, plan
 
 
 def describe(plan: Plan) -> str:
@@ -73,12 +82,13 @@ def main() -> None:
     for nodes in args.nodes:
         for model, ttft, tpot in MODELS:
             spec = spec_for(model, ttft, tpot, nodes, args.inter_gbps)
-            samples, loads, plan = timed(spec, cores, args.repeats)
+            samples, cpu, loads, plan = timed(spec, cores, args.repeats)
             iv = plan.goodput_interval
             target = spec.slo.attainment
             rows.append({
                 "nodes": nodes, "gpus_in_cluster": nodes * 8, "model": model, "workers": cores,
-                "median_s": statistics.median(samples), "samples_s": samples, "load_avg_1m_before_after": loads,
+                "median_s": statistics.median(samples), "samples_s": samples, "cpu_s": cpu,
+                "load_avg_1m_before_after": loads,
                 "affinity": plan.affinity, "plan": describe(plan), "gpus": plan.gpus,
                 "target_rps": plan.target_rate_rps, "goodput_rps": plan.goodput_rps,
                 "goodput_interval_rps": [iv.low_rps, iv.high_rps] if iv else None,
@@ -89,13 +99,14 @@ def main() -> None:
 
     table = Table(title=f"placement search time, N nodes x 8 A100-80GB, {RATE_PER_NODE:g} req/s per node, "
                         f"{cores} workers (median of {args.repeats})")
-    for col in ("nodes", "model", "s", "load 1m", "affinity", "plan", "GPUs", "target", "goodput (interval)",
+    for col in ("nodes", "model", "s", "CPU s", "load 1m", "affinity", "plan", "GPUs", "target", "goodput (interval)",
                 "attain.", "agree"):
         table.add_column(col, justify="left" if col in ("model", "plan", "affinity", "goodput (interval)") else "right")
     for r in rows:
         lo, hi = r["goodput_interval_rps"] or (float("nan"), float("nan"))
         load = max(x for pair in r["load_avg_1m_before_after"] for x in pair)
-        table.add_row(str(r["nodes"]), r["model"], f"{r['median_s']:.1f}", f"{load:.1f}", r["affinity"], r["plan"],
+        table.add_row(str(r["nodes"]), r["model"], f"{r['median_s']:.1f}", f"{statistics.median(r['cpu_s']):.1f}",
+                      f"{load:.1f}", r["affinity"], r["plan"],
                       str(r["gpus"]), f"{r['target_rps']:g}", f"{r['goodput_rps']:.1f} ({lo:.1f}-{hi:.1f})",
                       f"{r['attainment_at_target']:.1%}", "yes" if r["consistent"] else "NO")
     console = Console(width=160)
@@ -117,6 +128,8 @@ def main() -> None:
         "inter_node_gbps": args.inter_gbps, "repeats": args.repeats,
         "summary": {
             "seconds_by_nodes": by_nodes,
+            "cpu_seconds_by_nodes": {str(n): max(statistics.median(r["cpu_s"]) for r in rows if r["nodes"] == n)
+                                     for n in args.nodes},
             "seconds_by_model_and_nodes": {m: {str(r["nodes"]): r["median_s"] for r in rows if r["model"] == m}
                                            for m, _, _ in MODELS},
             "goals": goals,
