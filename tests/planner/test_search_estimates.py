@@ -13,7 +13,7 @@ import math
 from functools import cache
 
 from disagg_planner.api import DisaggServingSpec, Plan
-from disagg_planner.search import find_colocated_plan, find_plan, latency_model, plan_config
+from disagg_planner.search import attainment_curve, find_colocated_plan, find_plan, latency_model, plan_config
 from disagg_planner.search.confidence import REPEATS, goodput_interval
 from disagg_planner.search.estimator import COVERAGE, config_bound, estimate_system
 from disagg_planner.search.problem import SearchProblem
@@ -155,3 +155,7 @@ def test_plan_config_round_trips_through_the_estimator():
     est = estimate_system(problem, plan_config(problem, plan))
     assert est.attainment_at_target == plan.predicted_attainment
     assert est.goodput == plan.goodput_rps
+    # `disagg simulate` replays it the same way: its point at the target rate is the plan's prediction.
+    at_target, past = attainment_curve(spec, plan, [rate, 10 * plan.goodput_rps])
+    assert at_target.attainment == plan.predicted_attainment
+    assert past.beyond_capacity and past.attainment == 0.0
