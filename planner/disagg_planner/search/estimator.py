@@ -119,8 +119,10 @@ def search_goodput(curve: RateCurve, target: float, *, anchor: float | None, gue
     if bound <= 0:
         return 0.0
     if anchor is None:
+        # The bracket's top sits just past the bound, where the curve is 0 without a run: an isolated
+        # instance rarely passes at its (loose) bound, so probing the bound itself would waste a run.
         lo = min(lo_fraction * guess, 0.99 * bound) if guess > 0 else lo_fraction * bound
-        return goodput(curve, target, lo, bound, rel_tol=rel_tol, max_expand=0)
+        return goodput(curve, target, lo, bound * (1 + rel_tol), rel_tol=rel_tol, max_expand=0)
     if curve(anchor) >= target:
         if anchor >= bound:
             return anchor
