@@ -156,11 +156,23 @@ def estimate_system(problem: SearchProblem, cfg: SystemConfig, *, guess: float =
 def seed_goodput(problem: SearchProblem, cfg: SystemConfig, bound: float, near: float) -> float:
     """Goodput of `cfg` on the problem's seed, searched from `near` (the goodput another seed gave).
 
-    The same curve and bisection as a plan's own goodput, anchored where the answer is likely to be: a
-    configuration whose goodput is its capacity bound then costs one run per seed.
+    The same curve and bisection as a plan's own goodput, bracketed where the answer is likely to be:
+    [near, near x (1 + 2 tol)] or [near / (1 + 2 tol), near] first, so a seed whose goodput is close costs
+    two or three runs, and one whose goodput is the capacity bound one run.
     """
     curve = SystemCurve(problem, cfg, bound)
-    return search_goodput(curve, problem.target, anchor=near, guess=near, rel_tol=problem.rel_tol)
+    target, tol = problem.target, problem.rel_tol
+    step = 1 + 2 * tol
+    if near <= 0:
+        return search_goodput(curve, target, anchor=None, guess=bound, rel_tol=tol)
+    if curve(near) >= target:
+        if near >= bound:
+            return near
+        hi = min(bound, near * step)
+        if curve(hi) >= target:
+            return hi if hi >= bound else goodput(curve, target, hi, bound, rel_tol=tol, max_expand=0)
+        return goodput(curve, target, near, hi, rel_tol=tol, max_expand=0)
+    return goodput(curve, target, near / step, near, rel_tol=tol, max_expand=0)
 
 
 # Two-sided 90% Student t quantiles (0.95 one-sided) by degrees of freedom; numpy has no t distribution.
