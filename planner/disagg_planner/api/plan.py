@@ -71,7 +71,9 @@ class Plan(ApiModel):
     target_rate_rps: float = Field(ge=0, description="Workload rate the plan was made for.")
     goodput_rps: float = Field(ge=0, description="Highest rate meeting the attainment target.")
     per_gpu_goodput: float = Field(ge=0)
-    predicted_attainment: float = Field(ge=0, le=1, description="Simulated attainment at the target rate.")
+    predicted_attainment: float = Field(
+        ge=0, le=1, description=("Simulated steady-state attainment at the target rate (0 past the plan's capacity); "
+                                 ">= the SLO's attainment exactly when goodput_rps >= target_rate_rps."))
     goodput_interval: GoodputInterval | None = Field(
         default=None, description="Prediction interval for goodput over fresh request traces.")
     colocated_per_gpu_goodput: float | None = Field(default=None, ge=0, description="Best colocated baseline.")
