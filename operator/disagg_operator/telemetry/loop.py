@@ -82,7 +82,7 @@ class ReplanLoop:
     namespaces: tuple[str, ...] = ()
     default_prometheus_url: str | None = None
     tick_s: float = 10.0
-    min_requests: float = DEFAULT_MIN_REQUESTS
+    min_requests: float | None = None  # None: each resource's spec.replan.minRequests
     names: MetricNames = field(default_factory=MetricNames)
     labels: ScrapeLabels = field(default_factory=ScrapeLabels)
     post_event: EventPoster | None = None  # a KubeEventPoster in the operator; without one, events are logged

@@ -54,6 +54,14 @@ class ReplanSpec(ApiModel):
     stable_intervals: int = Field(
         default=2, ge=1, le=100, description="Consecutive drifted readings before a re-plan (hysteresis)."
     )
+    step_change: float | None = Field(
+        default=1.0, gt=0, le=100,
+        description="Relative change that re-plans on one reading, without waiting for stableIntervals: a step "
+        "this large is not noise. Null: always wait.",
+    )
+    min_requests: int = Field(
+        default=50, ge=1, le=10_000_000, description="Requests a reading needs in its window to judge drift."
+    )
 
 
 class ConfigMapKeyRef(ApiModel):
