@@ -122,7 +122,6 @@ class NodeAgent:
 
     # ---- one pass ----------------------------------------------------------------------------------
     def sync(self) -> None:
-        ns = self.namespace
         workloads = [("StatefulSet", o) for o in self._list("apis/apps/v1", "statefulsets")]
         workloads += [("Deployment", o) for o in self._list("apis/apps/v1", "deployments")]
         cluster = Cluster(
@@ -279,7 +278,7 @@ class NodeAgent:
         """Cluster DNS for the pods, and Prometheus' view of them."""
         names: dict[str, str] = {}
         suffixes = (f".{self.namespace}.svc.cluster.local", f".{self.namespace}.svc", f".{self.namespace}")
-        for name, t in self.pods.items():
+        for t in self.pods.values():
             spec = t.proc.pod["spec"]
             if spec.get("hostname") and spec.get("subdomain"):
                 for s in suffixes:

@@ -30,7 +30,7 @@ from .. import reporting
 from ..errors import InvalidSpecError, KubeApiError, OperatorError
 from ..kube import KubeClient
 from ..reconcile import DISAGG_KIND, Outcome, Reconciler, parse_spec
-from .drift import DEFAULT_MIN_REQUESTS, DriftDetector
+from .drift import DriftDetector
 from .errors import TelemetryConfigError, TelemetryError
 from .names import MetricNames, ScrapeLabels
 from .observation import WorkloadObservation
