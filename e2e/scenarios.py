@@ -103,7 +103,8 @@ class ScenarioResult:
                 "failed_requests_during_rollout": self.failed_during_rollout(),
                 "min_capacity_ratio": self.min_capacity_ratio(),
                 "min_attainment_during_transition": self.min_attainment_during_transition(window_s),
-                "plans": [p.shape for p in self.plans]}
+                "plans": [p.shape for p in self.plans],
+                "errors": [f"{r.status}: {r.error}" for r in self.failed][:5]}
 
 
 def plan_shape(plan: dict[str, Any]) -> str:
