@@ -38,7 +38,7 @@ def plan_table(plan: Plan) -> Table:
     (less), and the plan's goodput is measured on the whole system.
     """
     table = Table(title=f"{plan.mode} plan, {plan.affinity} node-affinity", title_justify="left",
-                  caption="share: plan goodput / replicas; isolated: one instance simulated alone, its phase only",
+                  caption="share = plan goodput / replicas; isolated = one instance simulated alone",
                   caption_justify="left")
     for column in ("phase", "tp", "pp", "replicas", "GPUs", "share of goodput (req/s)", "isolated (req/s)"):
         table.add_column(column, justify="left" if column == "phase" else "right")
