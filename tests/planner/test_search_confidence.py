@@ -56,3 +56,13 @@ def test_capped_overlap_and_the_prediction_interval():
     low, high = prediction_interval([9.0, 10.0, 11.0, 10.0, 10.0], point=10.0, bound=50.0, rel_tol=0.03)
     assert low < 9.0 and high > 11.0
     assert interval_seeds(7)[0] == 7 and len(set(interval_seeds(7))) == len(interval_seeds(7))
+
+
+def test_a_closed_pool_refuses_work_instead_of_leaking_a_new_one():
+    import pytest
+    from disagg_planner.search.runner import TaskPool
+
+    with TaskPool(2) as pool:
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+    with pytest.raises(RuntimeError, match="inside its `with` block"):
+        pool.map(abs, [-1, -2])

@@ -193,7 +193,7 @@ def find_colocated_plan(
         require_shapes(shapes, session.problem, spec.gpu_budget, 1)
         require_slos(shapes, session.problem)
         best = _colocated(session, shapes)
-    return _plan(session, best, best.goodput / best.candidate.gpus)
+        return _plan(session, best, best.goodput / best.candidate.gpus)  # inside: the interval uses the pool
 
 
 def find_plan(
@@ -244,4 +244,4 @@ def find_plan(
             baseline = colocated.goodput / colocated.candidate.gpus
         except NoFeasiblePlan:
             baseline = 0.0  # colocation cannot meet the SLOs at all: the gain is unbounded, reported as none
-    return _plan(session, best, baseline)
+        return _plan(session, best, baseline)  # inside: the interval uses the pool
