@@ -2,9 +2,11 @@
 
 from dataclasses import dataclass
 
+import pytest
 from disagg_planner.api import GoodputInterval
 from disagg_planner.search.confidence import choose, interval_seeds, overlaps
 from disagg_planner.search.estimator import prediction_interval
+from disagg_planner.search.runner import TaskPool
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,6 @@ def test_capped_overlap_and_the_prediction_interval():
 
 
 def test_a_closed_pool_refuses_work_instead_of_leaking_a_new_one():
-    import pytest
-    from disagg_planner.search.runner import TaskPool
-
     with TaskPool(2) as pool:
         assert pool.map(abs, [-1, -2]) == [1, 2]
     with pytest.raises(RuntimeError, match="inside its `with` block"):
