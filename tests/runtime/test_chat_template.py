@@ -162,3 +162,4 @@ async def test_router_uses_the_template_and_says_which(tmp_path, with_template):
     else:
         assert card["chat_template"] == "role-tags" and expected.startswith("<|system|>")
         assert bad_status == 200
+
