@@ -26,12 +26,23 @@ def _docs(**over):
     return [doc for docs in rendered.values() for doc in docs]
 
 
+MONITORING = {"podMonitor": {"enabled": True, "interval": "30s", "labels": {}},
+              "prometheusRule": {**yaml.safe_load((CHART / "values.yaml").read_text())["prometheusRule"],
+                                 "enabled": True}}
+
+
 @pytest.mark.parametrize("over", [{}, {"watchNamespaces": ["team-a", "team-b"], "profilesConfigMap": "profiles"},
-                                  {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"create": False}}])
+                                  {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"create": False}},
+                                  {**MONITORING, "metricsPort": 9090}],
+                         ids=["defaults", "namespaced", "existing-account", "monitoring"])
 def test_templates_render_to_valid_objects(over):
     docs = _docs(**over)
     assert docs
     for doc in docs:
+        if doc["apiVersion"] == "monitoring.coreos.com/v1":
+            # Prometheus Operator kinds: no schema in kubernetes-validate; test_monitoring.py checks them.
+            assert doc["kind"] in ("PodMonitor", "PrometheusRule") and doc["metadata"]["name"] and doc["spec"]
+            continue
         kubernetes_validate.validate(doc, "1.33", strict=True)
 
 
@@ -77,6 +88,17 @@ def test_missing_values_fail_loudly():
         template(CHART, {"image": None})
 
 
-@pytest.mark.parametrize("over", [{}, {"watchNamespaces": ["team-a"], "profilesConfigMap": "profiles"}])
+@pytest.mark.parametrize("over", [{}, {"watchNamespaces": ["team-a"], "profilesConfigMap": "profiles"}, MONITORING])
 def test_helm_lint_is_clean(over):
     assert lint(CHART, _values(**over)) == []
+
+
+def test_helm_lint_reports_a_broken_template(tmp_path):
+    import shutil
+
+    broken = tmp_path / "disagg-operator"
+    shutil.copytree(CHART, broken)
+    with (broken / "templates" / "serviceaccount.yaml").open("a") as f:
+        f.write("{{ .Values.missing.deeper }}\n")
+    findings = lint(broken)
+    assert findings and any("missing" in f for f in findings)
