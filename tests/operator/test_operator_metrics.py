@@ -54,3 +54,14 @@ def test_forget_drops_every_series():
     assert _info(m) == []
     assert m.registry.get_sample_value("disagg_operator_plan_gpus", KEY) is None
     assert m.registry.get_sample_value("disagg_operator_replans_total", KEY) is None
+
+
+def test_operator_metrics_are_documented_with_their_types():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    section = doc.split("\n## Operator metrics", 1)[1].split("\n## ", 1)[0]
+    documented = dict(re.findall(r"^\| `(disagg_operator_[a-z0-9_]+)` \| (\w+) \|", section, re.M))
+    exported = {f.name + ("_total" if f.type == "counter" else ""): f.type for f in OperatorMetrics().registry.collect()}
+    assert documented == exported

@@ -24,7 +24,7 @@ def test_parses_bits_and_bytes_explicitly(text, bytes_per_s):
     ("25G", "does not say bits or bytes"), ("25Gb", "does not say bits or bytes"), ("25gb", "does not say"),
     ("25Gbps", "read as bits by some and bytes by others"), ("25GBps", "bits by some"),
     ("25", "not a number followed by a unit"), ("fast", "not a number"), ("25furlongs", "unknown unit"),
-    ("0GB", "must be positive"),
+    ("0GB", "must be positive"), ("200PB", "at most 100000GB"),
 ])
 def test_ambiguous_or_malformed_bandwidths_are_refused(text, says):
     with pytest.raises(BandwidthError, match=says):

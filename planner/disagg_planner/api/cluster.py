@@ -73,7 +73,7 @@ class ClusterSpec(ApiModel):
                 old_key = old if old in data else snake_old if snake_old in data else None
                 if old_key is None or data[old_key] is None:
                     continue
-                if new in data or snake_new in data:
+                if data.get(new) is not None or data.get(snake_new) is not None:
                     raise ValueError(f"cluster gives both {old} (deprecated) and {new}; keep only {new}")
                 value = data.pop(old_key)
                 if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 100000:

@@ -27,6 +27,9 @@ _QUANTITY = re.compile(r"^\s*(?P<num>[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*
 PATTERN = r"^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?\s*(" + "|".join(sorted(UNITS, key=len, reverse=True)) + r")(/s)?$"
 
 
+MAX_BYTES_PER_S = 1e14  # 100 TB/s: far above any link, low enough to catch a unit slip of 10^3 or more
+
+
 class BandwidthError(ValueError):
     """A bandwidth string that is malformed or ambiguous; the message says how to write it."""
 
@@ -54,8 +57,8 @@ def parse_bandwidth(text: str) -> float:
             why = f"unknown unit {unit!r} (known: {', '.join(UNITS)})"
         raise BandwidthError(f"bandwidth {text!r}: {why}; {_hint(num, unit)}")
     value = float(num) * UNITS[unit]
-    if value <= 0:
-        raise BandwidthError(f"bandwidth {text!r} must be positive")
+    if not 0 < value <= MAX_BYTES_PER_S:
+        raise BandwidthError(f"bandwidth {text!r} must be positive and at most {format_bandwidth(MAX_BYTES_PER_S)}")
     return value
 
 
