@@ -36,7 +36,8 @@ MODELS = [("opt-13b", 250, 100), ("opt-66b", 2500, 150)]
 def spec_for(model: str, ttft: float, tpot: float, nodes: int, inter_gbps: float) -> DisaggServingSpec:
     return DisaggServingSpec.model_validate({
         "model": {"preset": model},
-        "cluster": {"nodes": nodes, "gpusPerNode": 8, "gpuType": "A100-80GB", "interNodeGbps": inter_gbps},
+        "cluster": {"nodes": nodes, "gpusPerNode": 8, "gpuType": "A100-80GB",
+                    "interNodeBandwidth": f"{inter_gbps:g}GB"},
         "workload": {"rate": RATE_PER_NODE * nodes, "dataset": "chatbot"},
         "slo": {"ttftMs": ttft, "tpotMs": tpot},
     })

@@ -33,7 +33,7 @@ def _spec(nodes: int, gpus_per_node: int, rate: float, inter_gbps: float = 25.0,
     return DisaggServingSpec.model_validate({
         "model": {"preset": model},
         "cluster": {"nodes": nodes, "gpusPerNode": gpus_per_node, "gpuType": "A100-80GB",
-                    "interNodeGbps": inter_gbps},
+                    "interNodeBandwidth": f"{inter_gbps:g}GB"},
         "workload": {"rate": rate, "dataset": "chatbot"},
         "slo": {"ttftMs": 250, "tpotMs": 100},
         "search": search,
