@@ -24,7 +24,7 @@ from .options import ServeError
 
 _WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-channel",
                  "--kv-compression", "--kv-timeout", "--prefill-token-budget", "--max-queue", "--max-batch",
-                 "--max-prompt-tokens", "--max-body-bytes", "--log-level")
+                 "--max-prompt-tokens", "--max-body-bytes", "--collective-timeout", "--log-level")
 _ROUTER_FLAGS = ("--max-in-flight", "--max-body-bytes", "--heartbeat-timeout", "--served-model-name",
                  "--log-level")
 
@@ -146,6 +146,16 @@ class LocalCluster:
         self.stop()
 
 
+def parallel_role_args(args: argparse.Namespace) -> dict[str, list[str]]:
+    """--tp/--pp of each role from --prefill-tp, --prefill-pp, --decode-tp, --decode-pp."""
+    out: dict[str, list[str]] = {}
+    for role in ("prefill", "decode"):
+        tp, pp = getattr(args, f"{role}_tp", 1), getattr(args, f"{role}_pp", 1)
+        if tp * pp > 1:
+            out[role] = ["--tp", str(tp), "--pp", str(pp)]
+    return out
+
+
 class _Stop(Exception):
     """SIGTERM or SIGHUP reached the launcher."""
 
@@ -164,7 +174,8 @@ def run_local(args: argparse.Namespace) -> int:
     cluster = LocalCluster(model_dir=model_dir, port=args.port, host=args.host or "127.0.0.1",
                            prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                            colocated_workers=args.colocated_workers if args.colocated else 0,
-                           worker_args=worker_args, router_args=_forward(args, _ROUTER_FLAGS))
+                           worker_args=worker_args, router_args=_forward(args, _ROUTER_FLAGS),
+                           role_args=parallel_role_args(args))
     try:
         url = cluster.start()
     except (KeyboardInterrupt, _Stop):
