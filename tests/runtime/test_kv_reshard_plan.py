@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from disagg_runtime.kv.reshard import KVSlice, assemble, cut, plan_pulls, share_of
-from disagg_runtime.parallel.ranks import ParallelShapeError, Parallelism, kv_head_range, stage_layers
+from disagg_runtime.parallel.ranks import Parallelism, ParallelShapeError, kv_head_range, stage_layers
 
 SHAPES = [Parallelism(tp, pp) for tp in range(1, 5) for pp in range(1, 4)]
 
@@ -83,3 +83,21 @@ def test_cut_and_assemble_round_trip():
     bad = KVSlice(layer_start=0, layer_stop=6, head_start=0, head_stop=4)
     with pytest.raises(ValueError, match="outside"):
         assemble(share, [(bad, [], [])], num_tokens=5, head_dim=8, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_pipeline_micro_batches_cover_the_step_in_order():
+    from disagg_runtime.engine.attention import StepLayout
+    from disagg_runtime.parallel.pipeline import split_step
+
+    lens = [5, 1, 7, 3, 2]
+    slots = list(range(sum(lens)))
+    layout = StepLayout(is_prefill=True, seq_lens=lens, context_lens=lens, block_tables=[[i] for i in range(5)],
+                        slot_mapping=slots, block_size=16)
+    rows = [4, 5, 12, 15, 17]  # each prompt's last token
+    for parts in (1, 2, 3, 5, 9):
+        mbs = split_step(layout, rows, parts)
+        assert len(mbs) == min(parts, 5)
+        assert [n for mb in mbs for n in mb.layout.seq_lens] == lens
+        assert [s for mb in mbs for s in mb.layout.slot_mapping] == slots
+        assert [mb.tok_start + r for mb in mbs for r in mb.rows] == rows
+        assert all(mb.layout.seq_lens for mb in mbs)

@@ -54,13 +54,35 @@ def non_layer_params(model: ModelSpec) -> int:
 
 
 def check_shape(model: ModelSpec, tp: int, pp: int) -> None:
-    """Raise ShapeError when heads or layers cannot be divided as asked."""
+    """Raise ShapeError when heads, KV heads, the MLP or layers cannot be divided as asked.
+
+    The runtime's rules (disagg_runtime.parallel): tp divides the attention heads and the MLP width; KV
+    heads are split whole over the tp ranks, or, when tp exceeds them, each is replicated on tp/kv ranks;
+    pp stages take contiguous layer ranges, so any pp up to the layer count works (uneven splits allowed).
+    """
     if tp < 1 or pp < 1:
         raise ShapeError(f"tp and pp must be >= 1, got tp={tp} pp={pp}")
     if model.num_heads % tp:
         raise ShapeError(f"tp={tp} does not divide {model.name}'s {model.num_heads} attention heads")
+    kv = model.num_kv_heads
+    if kv % tp and tp % kv:
+        raise ShapeError(f"{model.name}'s {kv} KV heads can neither be split over nor replicated on tp={tp}")
+    if model.ffn_size % tp:
+        raise ShapeError(f"tp={tp} does not divide {model.name}'s MLP width {model.ffn_size}")
     if pp > model.num_layers:
         raise ShapeError(f"pp={pp} exceeds {model.name}'s {model.num_layers} layers")
+
+
+def tensor_parallel_degrees(model: ModelSpec, limit: int) -> list[int]:
+    """Every tp up to `limit` the model splits over (not only powers of two: OPT-66B's 72 heads allow 3)."""
+    out = []
+    for tp in range(1, limit + 1):
+        try:
+            check_shape(model, tp, 1)
+        except ShapeError:
+            continue
+        out.append(tp)
+    return out
 
 
 def stage_shape(model: ModelSpec, tp: int, pp: int) -> StageShape:
