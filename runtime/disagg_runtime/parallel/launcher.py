@@ -3,6 +3,7 @@
 Each rank is a spawned child process given the parsed flags and RANK (rendezvous through
 MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, which the operator sets for pods). A pod holding one node
 segment of a larger instance sets DISAGG_FIRST_RANK and DISAGG_LOCAL_RANKS to launch only its ranks.
+A pod holding one pipeline stage (`--stage k`) launches that stage's tp ranks, k*tp .. k*tp+tp-1.
 Rank 0 serves HTTP and inherits stdout (its "listening" line is what --local reads); the others only log.
 
 If a rank other than 0 exits, rank 0 notices on its next collective (within the collective timeout)
@@ -19,7 +20,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 
@@ -37,16 +38,28 @@ class LaunchPlan:
     master_port: int
 
     @classmethod
-    def from_env(cls, world: int) -> LaunchPlan:
-        first = int(os.environ.get("DISAGG_FIRST_RANK", "0"))
-        local = int(os.environ.get("DISAGG_LOCAL_RANKS", str(world - first)))
+    def from_env(cls, world: int, *, tp: int = 1, stage: int | None = None,
+                 env: Mapping[str, str] | None = None) -> LaunchPlan:
+        """From MASTER_ADDR/MASTER_PORT/WORLD_SIZE (and --stage, or DISAGG_FIRST_RANK/DISAGG_LOCAL_RANKS).
+
+        Without MASTER_PORT (one pod or one machine holding the whole instance) a free port is picked.
+        """
+        env = os.environ if env is None else env
+        if stage is not None:
+            first, local = stage * tp, tp
+        else:
+            first = int(env.get("DISAGG_FIRST_RANK", "0"))
+            local = int(env.get("DISAGG_LOCAL_RANKS", str(world - first)))
         if not (0 <= first and local >= 1 and first + local <= world):
-            raise ValueError(f"DISAGG_FIRST_RANK={first} DISAGG_LOCAL_RANKS={local} do not fit a world of {world}")
-        env_world = os.environ.get("WORLD_SIZE")
+            raise ValueError(f"ranks {first}..{first + local - 1} do not fit a world of {world}")
+        env_world = env.get("WORLD_SIZE")
         if env_world is not None and int(env_world) != world:
             raise ValueError(f"WORLD_SIZE={env_world} but --tp x --pp is {world}")
-        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        port = int(os.environ.get("MASTER_PORT") or _free_port())
+        if first > 0 and "MASTER_ADDR" not in env:
+            raise ValueError(f"ranks {first}.. run away from rank 0: set MASTER_ADDR (and MASTER_PORT) to rank 0's "
+                             "pod")
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = int(env.get("MASTER_PORT") or _free_port())
         return cls(world=world, first_rank=first, local_ranks=local, master_addr=addr, master_port=port)
 
     def env(self, rank: int) -> dict[str, str]:
@@ -68,12 +81,11 @@ def _rank_main(target: Callable[..., int], payload: object, env: dict[str, str])
     sys.exit(target(payload))
 
 
-def launch(target: Callable[..., int], payload: object, world: int, *, grace_s: float) -> int:
-    """Start this pod's ranks of a `world`-rank instance, each running `target(payload)`; supervise them.
+def launch(target: Callable[..., int], payload: object, plan: LaunchPlan, *, grace_s: float) -> int:
+    """Start this pod's ranks of `plan`, each running `target(payload)`; supervise them.
 
     Returns the instance's exit code: rank 0's, or non-zero when any rank failed.
     """
-    plan = LaunchPlan.from_env(world)
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, BaseProcess] = {}
 

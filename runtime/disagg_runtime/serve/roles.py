@@ -101,12 +101,13 @@ def run_role(args: argparse.Namespace) -> int:
     """
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.role != "router" and args.tp * args.pp > 1:
-        from ..parallel.launcher import launch
+        from ..parallel.launcher import LaunchPlan, launch
 
         try:
-            return launch(_run_rank, args, args.tp * args.pp, grace_s=args.collective_timeout + 5)
+            plan = LaunchPlan.from_env(args.tp * args.pp, tp=args.tp, stage=args.stage if args.pp > 1 else None)
         except ValueError as e:
             raise ServeError(str(e)) from e
+        return launch(_run_rank, args, plan, grace_s=args.collective_timeout + 5)
     serve = _serve_router if args.role == "router" else _serve_worker
     asyncio.run(serve(args))
     return 0
