@@ -98,10 +98,17 @@ def launch(target: Callable[..., int], payload: object, plan: LaunchPlan, *, gra
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for rank in range(plan.first_rank, plan.first_rank + plan.local_ranks):
-        proc = ctx.Process(target=_rank_main, args=(target, payload, plan.env(rank)), name=f"rank-{rank}")
-        proc.start()
-        procs[rank] = proc
+    saved = dict(os.environ)
+    try:
+        for rank in range(plan.first_rank, plan.first_rank + plan.local_ranks):
+            # In the child's environment from its first instruction (CUDA and tools read it at startup).
+            os.environ.update(plan.env(rank))
+            proc = ctx.Process(target=_rank_main, args=(target, payload, plan.env(rank)), name=f"rank-{rank}")
+            proc.start()
+            procs[rank] = proc
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return _supervise(procs, grace_s)
 
 

@@ -53,7 +53,8 @@ class LocalCluster:
     decode_workers: int = 1
     colocated_workers: int = 0
     worker_args: list[str] = field(default_factory=list)
-    role_args: dict[str, list[str]] = field(default_factory=dict)  # per role, after worker_args (e.g. --device)
+    # Per role ("decode"), then per instance ("decode-1"), after worker_args (e.g. --device, --tp).
+    role_args: dict[str, list[str]] = field(default_factory=dict)
     router_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 120.0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -83,7 +84,8 @@ class LocalCluster:
             common = ["--model-path", str(self.model_dir), "--host", self.host, "--port", "0", *self.worker_args]
             for role, count in self.worker_counts.items():
                 for i in range(count):
-                    self._spawn(f"{role}-{i}", ["--role", role, *common, *self.role_args.get(role, [])])
+                    self._spawn(f"{role}-{i}", ["--role", role, *common, *self.role_args.get(role, []),
+                                                *self.role_args.get(f"{role}-{i}", [])])
             for name in list(self.processes):
                 self.ports[name] = self._announced_port(name, deadline)
             endpoints: list[str] = []
