@@ -64,13 +64,13 @@ class ShareSource:
     """One prefill rank's share of parked payloads: serves slices of it, records releases (rank 0's job)."""
 
     def __init__(self, payloads: list[KVPayload], held) -> None:
-        from .reshard import cut
+        from .reshard import KVSlice, cut
 
         self.held = held
         self.parked: dict[str, KVPayload] = {}
         for p in payloads:
-            keys, values = cut(p.keys, p.values, held.of(range(p.header.num_layers), range(p.header.num_kv_heads)),
-                               held)
+            whole = KVSlice.of(range(p.header.num_layers), range(p.header.num_kv_heads))
+            keys, values = cut(p.keys, p.values, whole, held)
             header = p.header.model_copy(update={"num_layers": len(held.layers), "num_kv_heads": len(held.heads)})
             self.parked[p.header.request_id] = KVPayload(header, keys, values)
         self.released: list[str] = []

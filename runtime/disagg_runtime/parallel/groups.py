@@ -4,9 +4,10 @@ Rank 0 hosts a TCPStore at MASTER_ADDR:MASTER_PORT (the operator points MASTER_A
 hostname); every rank joins it and builds, from prefixed views of that store:
 - `control`: gloo over all ranks, for rank 0's step descriptors, heartbeats and agreement votes;
 - `data`: all ranks, on the device's backend (NCCL on GPUs, gloo on CPU), for pipeline activations and logits;
-- the default torch.distributed world = this stage's tp ranks, which DeepSpeed AutoTP shards over. On CPU
-  DeepSpeed's all-reduce kernel spans the default world whatever group it is given, so a stage must be
-  its own world; the instance-wide groups are therefore built directly, outside the default world.
+- the default torch.distributed world = this stage's tp ranks, which DeepSpeed AutoTP shards over
+  (DeepSpeed's communication backend binds to the default world, so each stage is its own world and the
+  instance-wide groups are built directly, outside it).
+Every wait is bounded by the collective timeout, so a dead or hung rank surfaces as CollectiveError.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def join_instance(rdzv: Rendezvous, shape: Parallelism, device: torch.device) ->
             data = dist.ProcessGroupGloo(dist.PrefixStore("data", store), rdzv.rank, shape.world, timeout)
         stage = None
         if shape.tp > 1:
-            # DeepSpeed's CPU all-reduce names its shared memory after MASTER_ADDR/PORT: one name per stage.
+            # DeepSpeed names its CPU shared-memory segments after MASTER_ADDR/PORT: one name per stage.
             os.environ["MASTER_ADDR"] = rdzv.addr
             os.environ["MASTER_PORT"] = f"{rdzv.port}-stage{layout.stage}"
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
