@@ -11,8 +11,8 @@ from disagg_planner.search.shapes import Shape, instance_shapes
 def test_tp_degrees_follow_heads_kv_heads_and_mlp():
     assert tensor_parallel_degrees(MODEL_PRESETS["opt-66b"], 8) == [1, 2, 3, 4, 6, 8]  # 72 heads
     assert tensor_parallel_degrees(MODEL_PRESETS["opt-175b"], 8) == [1, 2, 3, 4, 6, 8]  # 96 heads
-    # Llama-3-8B: 32 heads, 8 KV heads; tp=16 would replicate each KV head on 2 ranks.
-    assert tensor_parallel_degrees(MODEL_PRESETS["llama-3-8b"], 16) == [1, 2, 4, 8, 16]
+    # Llama-3-8B: 32 heads but 8 KV heads, which the engine splits whole (no replication): tp <= 8.
+    assert tensor_parallel_degrees(MODEL_PRESETS["llama-3-8b"], 16) == [1, 2, 4, 8]
     with pytest.raises(ShapeError, match="72 attention heads"):
         check_shape(MODEL_PRESETS["opt-66b"], 5, 1)
     check_shape(MODEL_PRESETS["opt-66b"], 3, 7)  # uneven pipeline stages are fine

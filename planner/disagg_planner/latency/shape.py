@@ -56,17 +56,17 @@ def non_layer_params(model: ModelSpec) -> int:
 def check_shape(model: ModelSpec, tp: int, pp: int) -> None:
     """Raise ShapeError when heads, KV heads, the MLP or layers cannot be divided as asked.
 
-    The runtime's rules (disagg_runtime.parallel): tp divides the attention heads and the MLP width; KV
-    heads are split whole over the tp ranks, or, when tp exceeds them, each is replicated on tp/kv ranks;
-    pp stages take contiguous layer ranges, so any pp up to the layer count works (uneven splits allowed).
+    The runtime's rules (disagg_runtime.parallel.tp.check_shardable): tp divides the attention heads, the KV
+    heads (split whole over the tp ranks; the engine does not replicate them, though the KV resharding plan
+    could move replicated heads) and the MLP width; pp stages take contiguous layer ranges, so any pp up to
+    the layer count works (uneven splits allowed).
     """
     if tp < 1 or pp < 1:
         raise ShapeError(f"tp and pp must be >= 1, got tp={tp} pp={pp}")
     if model.num_heads % tp:
         raise ShapeError(f"tp={tp} does not divide {model.name}'s {model.num_heads} attention heads")
-    kv = model.num_kv_heads
-    if kv % tp and tp % kv:
-        raise ShapeError(f"{model.name}'s {kv} KV heads can neither be split over nor replicated on tp={tp}")
+    if model.num_kv_heads % tp:
+        raise ShapeError(f"tp={tp} does not divide {model.name}'s {model.num_kv_heads} KV heads")
     if model.ffn_size % tp:
         raise ShapeError(f"tp={tp} does not divide {model.name}'s MLP width {model.ffn_size}")
     if pp > model.num_layers:
