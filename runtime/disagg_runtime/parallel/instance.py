@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from ..engine import Engine, EngineError, GenerationRequest
 from ..kv.payload import KVPayload
 from ..kv.reshard import KVSlice, share_of
+from ..kv.sharded import ShareSpec
 from .groups import CollectiveError, InstanceGroups
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class InstanceFailed(RuntimeError):
 class KVShareService(Protocol):
     """A follower rank's KV side (decode: pulls its share; prefill: serves its share from its own server)."""
 
-    def start_pull(self, request_id: str, spec: Any) -> None:
+    def start_pull(self, request_id: str, spec: ShareSpec) -> None:
         """Begin pulling this rank's share of `request_id` (decode ranks)."""
 
     def take_pulled(self, request_id: str) -> tuple[KVPayload | None, str]:
@@ -103,9 +104,9 @@ class InstanceEngine:
         return self._call(("release", request_id), lambda: self.engine.release(request_id))
 
     def import_kv(self, *_args, **_kwargs) -> None:
-        raise InstanceFailed("a multi-rank instance imports KV share by share (start_pulls, import_share)")
+        raise NotImplementedError("a multi-rank instance imports KV share by share (start_pulls, import_share)")
 
-    def start_pulls(self, request_id: str, spec: Any) -> None:
+    def start_pulls(self, request_id: str, spec: ShareSpec) -> None:
         """Tell every other rank to start pulling its share of `request_id` (rank 0 pulls its own)."""
         self._call(("pull", request_id, spec), lambda: None)
 

@@ -85,8 +85,7 @@ def _follow(args: argparse.Namespace, engine, groups: InstanceGroups) -> int:
     elif args.role == "decode":
         from ..workers.sharded_kv import share_target
 
-        target = share_target(engine, groups.rank)
-        target = type(target)(**{**target.__dict__, "shape": groups.layout.shape})
+        target = share_target(engine, groups.rank, groups.layout.shape)
         puller = RankKVPuller(target, device=engine.device, channel=args.kv_channel, codec=args.kv_compression,
                               timeout=args.kv_timeout)
     groups.gather_objects((args.advertise_host or "", port))

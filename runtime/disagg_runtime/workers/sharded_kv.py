@@ -21,9 +21,10 @@ from .protocol import KVSourceRef
 log = logging.getLogger(__name__)
 
 
-def share_target(engine: Engine | InstanceEngine, rank: int = 0) -> ShareTarget:
-    """What this rank of `engine`'s instance owns of a request's KV."""
-    shape = engine.shape if isinstance(engine, InstanceEngine) else Parallelism()
+def share_target(engine: Engine | InstanceEngine, rank: int = 0, shape: Parallelism | None = None) -> ShareTarget:
+    """What rank `rank` of a `shape` instance (default: `engine`'s own) owns of a request's KV."""
+    if shape is None:
+        shape = engine.shape if isinstance(engine, InstanceEngine) else Parallelism()
     inner = engine.engine if isinstance(engine, InstanceEngine) else engine
     return ShareTarget(shape=shape, rank=rank, model_id=inner.model_id, dtype=inner.dtype_name,
                        head_dim=inner.head_dim, num_layers=full_layers(inner), num_kv_heads=inner.config.num_kv_heads)
