@@ -103,6 +103,10 @@ class InstanceEngine:
             return self.engine.release(request_id)
         return self._call(("release", request_id), lambda: self.engine.release(request_id))
 
+    def generate(self, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+        """Engine.generate, every call of it run on every rank."""
+        return Engine.generate(self, requests)  # type: ignore[arg-type]  # duck-typed: the same interface
+
     def import_kv(self, *_args, **_kwargs) -> None:
         raise NotImplementedError("a multi-rank instance imports KV share by share (start_pulls, import_share)")
 
