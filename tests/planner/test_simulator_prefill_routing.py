@@ -4,6 +4,7 @@ from collections import deque
 
 import numpy as np
 from disagg_planner.api import DisaggServingSpec
+from disagg_planner.latency import LatencyModel
 from disagg_planner.search.latency_source import latency_model
 from disagg_planner.simulator.prefill import simulate_prefill
 from disagg_planner.simulator.types import PhaseShape
@@ -30,13 +31,17 @@ def _by_scanning(shape, latency, budget, arrivals, inputs):
                 members.append(queue.popleft())
                 tokens += inputs[members[-1]]
             inst["tokens"] -= tokens
-            t = latency.prefill_stage_time(tp, pp, len(members), tokens, sum(inputs[j] ** 2 for j in members))
-            ready = start
-            for k in range(pp):
-                stages[k] = max(ready, stages[k]) + t
-                ready = stages[k] + tokens * send_per_token
+            sum_sq = sum(inputs[j] ** 2 for j in members)
+            if pp == 1:
+                finish = start + latency.prefill_stage_time(tp, pp, len(members), tokens, sum_sq)
+            else:  # micro-batches through the stages, as the runtime runs a pipelined prefill
+                parts = LatencyModel.micro_batches(pp, len(members))
+                t = latency.prefill_stage_time(tp, pp, -(-len(members) // parts), -(-tokens // parts),
+                                               -(-sum_sq // parts))
+                finish = start + (parts + pp - 1) * t + (pp - 1) * (tokens / parts) * send_per_token
+            stages[:] = [finish] * pp
             for j in members:
-                done[j] = stages[pp - 1]
+                done[j] = finish
 
     for i, t in enumerate(arrivals):
         for inst in insts:
