@@ -95,6 +95,7 @@ class Engine:
         self.swap_space = HostSwapSpace(swap_space_bytes if preemption == "swap" else 0)
         self.preemption_stats = PreemptionStats()
         self._admissions = 0
+        self._num_preempted = 0  # a plain int: workers read it from their event loop while the engine steps
         self._reserved: dict[str, list[int]] = {}  # prompt blocks set aside for KV on its way (import_kv)
         # Unseeded sampling draws from here; tensor-parallel ranks pass the same seed so they agree.
         self._rng = torch.Generator(device=self.device)
@@ -164,7 +165,7 @@ class Engine:
     @property
     def num_preempted(self) -> int:
         """Requests preempted and waiting for blocks to resume."""
-        return sum(s.preempted for s in self._seqs.values())
+        return self._num_preempted
 
     @property
     def request_ids(self) -> list[str]:
@@ -338,6 +339,8 @@ class Engine:
         if seq is None:
             raise UnknownRequest(f"no request {request_id!r} in this engine")
         self.blocks.free_seq(seq)
+        if seq.preempted:
+            self._num_preempted -= 1
         if seq.swapped is not None:
             self.swap_space.drop(seq.swapped)
             seq.swapped = None
@@ -405,6 +408,7 @@ class Engine:
             seq.num_cached = 0  # recompute from scratch on resume (no swap, or the swap space is full)
         seq.swapped = kv
         seq.preempted = True
+        self._num_preempted += 1
         self.blocks.free_seq(seq)
 
     def _resume(self) -> None:
@@ -423,6 +427,7 @@ class Engine:
                 break
             seq.block_table = self.allocator.allocate(need)
             seq.preempted = False
+            self._num_preempted -= 1
             if seq.swapped is not None:
                 self.swap_space.swap_in(self.cache, seq.block_table, seq.swapped)
                 seq.swapped = None

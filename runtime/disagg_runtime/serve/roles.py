@@ -45,7 +45,9 @@ def load_engine(args: argparse.Namespace):
         raise ServeError(f"{model_dir}: no config.json; --model-path must be an HF-style model directory")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     return Engine.load(model_dir, device=_device(args.device), dtype=dtype, block_size=args.block_size,
-                       num_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction)
+                       num_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
+                       kv_watermark=args.kv_watermark, preemption=args.preemption,
+                       swap_space_bytes=int(args.swap_space_gib * 2**30))
 
 
 def worker_config(args: argparse.Namespace):
