@@ -42,11 +42,16 @@ DATASET_SOURCES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class SimRequest:
-    """One request of a simulated trace: arrival time (seconds) and token counts."""
+    """One request of a simulated trace: arrival time (seconds) and token counts.
+
+    `max_tokens` is the limit the client sent, when the workload gives it (None: the output length). An
+    engine checks a request against prompt + max_tokens; its KV memory grows with the actual output.
+    """
 
     arrival: float
     input_len: int
     output_len: int
+    max_tokens: int | None = None
 
     def clip(self, max_context: int) -> SimRequest:
         """Fit the request into `max_context` tokens the way a server truncates a prompt.
@@ -58,9 +63,10 @@ class SimRequest:
             raise ValueError(f"max_context must be at least 2 tokens, got {max_context}")
         output = min(self.output_len, max_context - 1)
         prompt = min(self.input_len, max_context - output)
-        if output == self.output_len and prompt == self.input_len:
+        limit = None if self.max_tokens is None else max(output, min(self.max_tokens, max_context - prompt))
+        if output == self.output_len and prompt == self.input_len and limit == self.max_tokens:
             return self
-        return SimRequest(self.arrival, prompt, output)
+        return SimRequest(self.arrival, prompt, output, limit)
 
 
 def clip_requests(requests: Sequence[SimRequest], max_context: int) -> list[SimRequest]:
