@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from disagg_planner.api import GPU_PRESETS, MODEL_PRESETS
 from disagg_planner.latency import LatencyModel
+from disagg_planner.latency.memory import mean_kv_tokens, usable_kv_tokens
+from disagg_planner.search.capacity import LengthStats, decode_capacity
+from disagg_planner.search.shapes import Shape
 from disagg_planner.simulator import (
     ColocatedConfig,
     DisaggConfig,
@@ -19,6 +23,7 @@ from disagg_planner.simulator import (
     simulate_disaggregated,
 )
 from disagg_planner.simulator.kv_blocks import BlockLedger, OnDemandBatch
+from disagg_planner.simulator.rounds import RoundCost
 from disagg_planner.workloads import SimRequest
 
 LAT = LatencyModel.analytic(MODEL_PRESETS["opt-13b"], GPU_PRESETS["A100-80GB"], 300.0)
@@ -109,3 +114,17 @@ def test_bad_policies_are_refused() -> None:
     for bad in ({"block_size": 0}, {"watermark": 1.0}, {"preemption": "drop"}, {"host_link_gbps": 0}):
         with pytest.raises(SimulationError):
             KVPolicy(**bad)
+
+
+def test_decode_capacity_bound_follows_on_demand_memory() -> None:
+    stats = LengthStats.of(np.array([700.0, 800.0]), np.array([150.0, 200.0]))
+    shape = Shape(1, 1)
+    capacity = LAT.kv_capacity_tokens(1, 1, 0.9)
+    assert usable_kv_tokens(capacity, 16, 0.01) == (capacity // 16 - -(-capacity // 16 // 100)) * 16
+    assert mean_kv_tokens(750, 175, 16) == 750 + 87.5 + 8
+    batch = int(usable_kv_tokens(capacity, 16, 0.01) // mean_kv_tokens(750, 175, 16))
+    assert batch > capacity // (750 + 175)  # more than reserving prompt + output for the whole life
+    loose = decode_capacity(LAT, shape, stats, 10.0, 300.0, 0.9)
+    cost = RoundCost(LAT, 1, 1, 300.0)
+    round_time = cost.base(batch) + cost.slope * batch * (750 + 87.5)
+    assert loose == pytest.approx(batch / (round_time * 174))
