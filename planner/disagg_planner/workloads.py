@@ -109,16 +109,22 @@ def sample_lengths(hist: LengthHistogram, n: int, rng: np.random.Generator) -> n
 def sample_requests(workload: WorkloadSpec, rate: float, n: int, seed: int) -> list[SimRequest]:
     """`n` requests with Poisson arrivals at `rate` req/s (first at t = 1/rate on average, not 0).
 
-    Lengths are drawn independently from the workload's histograms. The same seed gives the same trace;
-    arrivals and lengths use separate streams, so changing `rate` keeps the lengths.
+    Lengths are drawn independently from the workload's histograms (max_tokens too, when it has one). The
+    same seed gives the same trace; arrivals and lengths use separate streams, so changing `rate` keeps
+    the lengths.
     """
     if rate <= 0:
         raise ValueError(f"rate must be positive, got {rate}")
     if n < 1:
         raise ValueError(f"need at least one request, got n={n}")
     input_hist, output_hist = length_histograms(workload)
-    arrival_rng, length_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    # Three streams; the first two are what spawn(2) gave, so traces without max_tokens are unchanged.
+    arrival_rng, length_rng, limit_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     arrivals = np.cumsum(arrival_rng.exponential(1.0 / rate, size=n))
     inputs = sample_lengths(input_hist, n, length_rng)
     outputs = sample_lengths(output_hist, n, length_rng)
-    return [SimRequest(float(t), int(i), int(o)) for t, i, o in zip(arrivals, inputs, outputs, strict=True)]
+    if workload.max_tokens_lengths is None:
+        return [SimRequest(float(t), int(i), int(o)) for t, i, o in zip(arrivals, inputs, outputs, strict=True)]
+    limits = np.maximum(sample_lengths(workload.max_tokens_lengths, n, limit_rng), outputs)
+    return [SimRequest(float(t), int(i), int(o), int(m))
+            for t, i, o, m in zip(arrivals, inputs, outputs, limits, strict=True)]

@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from disagg_planner.api import GPU_PRESETS, MODEL_PRESETS
+from disagg_planner.api import GPU_PRESETS, MODEL_PRESETS, LengthHistogram, WorkloadSpec
 from disagg_planner.latency import LatencyModel
 from disagg_planner.latency.memory import mean_kv_tokens, usable_kv_tokens
 from disagg_planner.search.capacity import LengthStats, decode_capacity
@@ -24,7 +24,7 @@ from disagg_planner.simulator import (
 )
 from disagg_planner.simulator.kv_blocks import BlockLedger, OnDemandBatch
 from disagg_planner.simulator.rounds import RoundCost
-from disagg_planner.workloads import SimRequest
+from disagg_planner.workloads import SimRequest, sample_requests
 
 LAT = LatencyModel.analytic(MODEL_PRESETS["opt-13b"], GPU_PRESETS["A100-80GB"], 300.0)
 ONE = PhaseShape(1, 1, 1)
@@ -128,3 +128,13 @@ def test_decode_capacity_bound_follows_on_demand_memory() -> None:
     cost = RoundCost(LAT, 1, 1, 300.0)
     round_time = cost.base(batch) + cost.slope * batch * (750 + 87.5)
     assert loose == pytest.approx(batch / (round_time * 174))
+
+
+def test_workload_histograms_can_carry_max_tokens() -> None:
+    hist = LengthHistogram(edges=[100, 200], counts=[1.0])
+    plain = WorkloadSpec(rate=1.0, dataset=None, input_lengths=hist, output_lengths=hist)
+    limited = plain.model_copy(update={"max_tokens_lengths": LengthHistogram(edges=[150, 151], counts=[1.0])})
+    a, b = sample_requests(plain, 2.0, 50, seed=3), sample_requests(limited, 2.0, 50, seed=3)
+    assert [(r.arrival, r.input_len, r.output_len) for r in a] == [(r.arrival, r.input_len, r.output_len) for r in b]
+    assert all(r.max_tokens is None for r in a)
+    assert all(r.max_tokens == max(150, r.output_len) for r in b)
