@@ -97,6 +97,8 @@ class Engine:
         self._admissions = 0
         self._num_preempted = 0  # a plain int: workers read it from their event loop while the engine steps
         self._reserved: dict[str, list[int]] = {}  # prompt blocks set aside for KV on its way (import_kv)
+        # A pipeline-parallel stage runs its forward steps through parallel.pipeline.PipelineStepRunner.
+        self.step_runner = None
         # Unseeded sampling draws from here; tensor-parallel ranks pass the same seed so they agree.
         self._rng = torch.Generator(device=self.device)
         if sampling_seed is None:
@@ -459,8 +461,9 @@ class Engine:
 
     def _run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int]) -> torch.Tensor:
         """Forward the packed tokens; float32 logits of the given rows (the tokens that get sampled)."""
-        if self.gpu_runner is not None:
-            return self.gpu_runner.run(tokens, positions, layout, rows)
+        runner = self.step_runner or self.gpu_runner
+        if runner is not None:
+            return runner.run(tokens, positions, layout, rows)
         with torch.inference_mode():
             meta = self.backend.build_metadata(layout, self.device)
             ctx = AttentionContext(self.backend, meta, self.cache.layers)

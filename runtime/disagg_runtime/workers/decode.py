@@ -29,7 +29,8 @@ from ..kv import Endpoint, KVAddress, KVChannelError, KVHeader, KVMismatchError,
 from .decoding import DecodingWorker
 from .engine_thread import EngineThreadStopped
 from .http import BadRequest, error_response, read_model
-from .protocol import DecodeRequest, ErrorEvent
+from .protocol import DecodeRequest, ErrorEvent, KVSourceRef
+from .sharded_kv import ShardedKVImport
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class _Job:
     request: GenerationRequest
     first_token: int
     source: KVAddress
+    ref: KVSourceRef | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     state: str = "waiting"  # waiting -> pulling -> running -> done
     aborted: bool = False
@@ -56,6 +58,7 @@ class DecodeWorker(DecodingWorker):
         self.puller = KVPuller(local=Endpoint.here(self.engine.device), device=self.engine.device,
                                channel=self.config.kv_channel, codec=self.config.kv_compression,
                                timeout=self.config.kv_timeout_s, on_transfer=self._transferred)
+        self.sharded_kv = ShardedKVImport(self.engine, self.puller)
         self._wakeup = asyncio.Event()
         self._admitter: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -152,10 +155,13 @@ class DecodeWorker(DecodingWorker):
         rid = job.request.request_id
         imported = False
         try:
-            payload = await self.puller.pull(job.source, rid, expect=self._expect(job))
-            if job.aborted:
-                return
-            await self.thread.submit(lambda: self.engine.import_kv(job.request, payload, job.first_token))
+            if job.ref is not None and self.sharded_kv.applies(job.ref):
+                await self.sharded_kv.pull_and_import(job.request, job.ref, job.first_token, self.thread.submit)
+            else:
+                payload = await self.puller.pull(job.source, rid, expect=self._expect(job))
+                if job.aborted:
+                    return
+                await self.thread.submit(lambda: self.engine.import_kv(job.request, payload, job.first_token))
             imported = True
             job.state = "running"
             if job.aborted:  # aborted while importing: free what import took
@@ -183,7 +189,7 @@ class DecodeWorker(DecodingWorker):
         if msg.request_id in self.jobs:
             raise BadRequest(f"request id {msg.request_id} is already in use")
         request = GenerationRequest(msg.request_id, list(msg.prompt_ids), params)
-        return _Job(request, msg.first_token_id, KVAddress(msg.kv.host, msg.kv.port))
+        return _Job(request, msg.first_token_id, KVAddress(msg.kv.host, msg.kv.port), ref=msg.kv)
 
     async def decode_handler(self, request: web.Request) -> web.StreamResponse:
         if self.draining:
@@ -219,6 +225,13 @@ class DecodeWorker(DecodingWorker):
                 pass  # nothing left to free
             self._wakeup.set()
         return True
+
+    def fail_in_flight(self, message: str) -> None:
+        """The instance is out of service: waiting, pulling and running requests all end with `message`."""
+        for job in self.jobs.values():
+            job.aborted = True
+        self.waiting.clear()
+        super().fail_in_flight(message)
 
     def _transferred(self, stats: TransferStats) -> None:
         self.metrics.transferred(channel=stats.channel, wire_bytes=stats.wire_bytes, seconds=stats.seconds)
