@@ -41,12 +41,15 @@ def test_manifest_plan_prints_plan_json(plan_json):
     plan = Plan.model_validate_json(plan_json)
     assert plan.mode == "disaggregated"
     assert "perGpuGoodput" in json.loads(plan_json)  # the camelCase wire form the CR status uses
+    iv = json.loads(plan_json)["goodputInterval"]
+    assert iv["method"] == "repeated-seeds" and iv["lowRps"] <= plan.goodput_rps <= iv["highRps"]
 
 
 def test_bare_spec_prints_a_table(tmp_path, capsys):
     assert main(["plan", str(_write(tmp_path, SPEC)), "--workers", "1"]) == 0
     out = capsys.readouterr().out
-    for text in ("prefill", "decode", "per-GPU goodput", "colocated baseline", "gain over colocated", "node 0:"):
+    for text in ("prefill", "decode", "per-GPU goodput", "colocated baseline", "gain over colocated", "node 0:",
+                 "goodput interval", "repeated-seeds", "share of goodput", "isolated"):
         assert text in out
 
 

@@ -4,7 +4,7 @@ from .base import ApiModel
 from .cluster import GPU_PRESETS, ClusterSpec, GPUSpec
 from .deploy import ConfigMapKeyRef, ProfileRef, ReplanSpec, RuntimeSpec, SchedulingSpec, Toleration
 from .model import MODEL_PRESETS, ModelRef, ModelSpec
-from .plan import InstancePlacement, PhasePlan, Plan
+from .plan import GoodputInterval, InstancePlacement, PhasePlan, Plan
 from .profile import DecodeSample, LatencyProfile, PrefillSample, ShapeProfile
 from .slo import SearchBounds, SLOSpec
 from .spec import DisaggServingSpec
@@ -12,7 +12,8 @@ from .workload import LengthHistogram, WorkloadSpec
 
 __all__ = [
     "ApiModel", "ClusterSpec", "ConfigMapKeyRef", "DecodeSample", "DisaggServingSpec", "GPUSpec", "GPU_PRESETS",
-    "InstancePlacement", "LatencyProfile", "LengthHistogram", "MODEL_PRESETS", "ModelRef", "ModelSpec",
+    "GoodputInterval", "InstancePlacement", "LatencyProfile", "LengthHistogram", "MODEL_PRESETS", "ModelRef",
+    "ModelSpec",
     "PhasePlan", "Plan", "ProfileRef", "PrefillSample", "ReplanSpec", "RuntimeSpec", "SLOSpec", "SchedulingSpec",
     "SearchBounds", "ShapeProfile", "Toleration", "WorkloadSpec",
 ]

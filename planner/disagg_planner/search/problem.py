@@ -22,7 +22,7 @@ SYSTEM_LIFETIMES = 5
 MIN_REQUESTS = 1000
 MAX_INSTANCE_REQUESTS = 3000
 MIN_SYSTEM_REQUESTS = 2000
-MAX_SYSTEM_REQUESTS = 20000
+MAX_SYSTEM_REQUESTS = 12000
 # Requests arriving in the first part of a run meet an empty system; they are left out of attainment.
 WARMUP_SHARE = 0.2
 # Usable share of GPU memory, as the runtime configures its KV cache.
