@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..security.tokens import InternalToken
+from .auth import prove_to_server
 from .channel import KVChannel, TransferStats
 from .codec import CodecName
-from .errors import KVChannelError, KVNotFound
+from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound
 from .framing import FramedStream
 from .links import ChannelChoice, Endpoint, open_link
 from .payload import KVHeader, KVPayload
@@ -34,22 +36,38 @@ class _Link:
 
 
 class KVPuller:
-    """Keeps one link per prefill instance; pulls on a link are serialised (a link is one byte pipe)."""
+    """Keeps one link per prefill instance; pulls on a link are serialised (a link is one byte pipe).
+
+    With `token`, every new link first proves the internal token and checks the server's proof (kv/auth.py).
+    """
 
     def __init__(self, *, local: Endpoint, device: torch.device | str = "cpu", channel: ChannelChoice = "auto",
                  codec: CodecName = "none", timeout: float = 30.0,
-                 on_transfer: Callable[[TransferStats], None] | None = None) -> None:
+                 on_transfer: Callable[[TransferStats], None] | None = None,
+                 token: InternalToken | None = None) -> None:
         self.local = local
         self.device = torch.device(device)
         self.channel = channel
         self.codec = codec
         self.timeout = timeout
         self.on_transfer = on_transfer
+        self.token = token
         self._links: dict[KVAddress, _Link] = {}
 
     async def pull(self, address: KVAddress, request_id: str,
-                   expect: Callable[[KVHeader], None] | None = None) -> KVPayload:
-        """Fetch `request_id`'s KV from `address`; raises KVNotFound, KVMismatchError, KVTimeout, KVChannelError."""
+                   expect: Callable[[KVHeader], None] | None = None, *, ticket: str | None = None) -> KVPayload:
+        """Fetch `request_id`'s KV from `address`, presenting the `ticket` its prefill worker issued.
+
+        Raises KVNotFound, KVForbidden, KVMismatchError, KVTimeout, KVChannelError; a payload made for
+        another request id is a KVMismatchError.
+        """
+
+        def check(header: KVHeader) -> None:
+            if header.request_id != request_id:
+                raise KVMismatchError(f"pulled {request_id} but the KV server sent {header.request_id}")
+            if expect is not None:
+                expect(header)
+
         link = self._links.setdefault(address, _Link())
         async with link.lock:
             if link.channel is None or link.channel.broken:
@@ -57,6 +75,8 @@ class KVPuller:
                     await link.channel.close()
                 stream = await FramedStream.connect(address.host, address.port, timeout=self.timeout)
                 try:
+                    if self.token is not None:
+                        await prove_to_server(stream, self.token)
                     link.channel = await open_link(stream, local=self.local, device=self.device,
                                                    override=self.channel, codec=self.codec)
                 except BaseException:
@@ -64,9 +84,9 @@ class KVPuller:
                     raise
             channel = link.channel
             try:
-                await channel.stream.send_json({"type": "pull", "requestId": request_id})
-                payload, stats = await channel.recv(expect=expect, device=self.device)
-            except KVNotFound:
+                await channel.stream.send_json({"type": "pull", "requestId": request_id, "ticket": ticket})
+                payload, stats = await channel.recv(expect=check, device=self.device)
+            except (KVNotFound, KVForbidden):
                 raise
             except BaseException:
                 channel.broken = True

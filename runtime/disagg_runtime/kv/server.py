@@ -10,8 +10,10 @@ from typing import Protocol
 
 import torch
 
+from ..security.tokens import InternalToken
+from .auth import verify_client
 from .channel import KVChannel, LayerStream, TransferStats
-from .errors import KVChannelError, KVNotFound
+from .errors import KVChannelError, KVForbidden, KVNotFound
 from .framing import FramedStream
 from .links import Endpoint, accept_link
 from .payload import KVHeader
@@ -31,17 +33,23 @@ class KVLease:
 class KVSource(Protocol):
     """What the KV server sends from (the prefill worker's parked requests)."""
 
-    async def checkout(self, request_id: str) -> KVLease:
-        """The request's KV, waiting (bounded) while its prefill runs; KVNotFound if there is none."""
+    async def checkout(self, request_id: str, ticket: str | None) -> KVLease:
+        """The request's KV, waiting (bounded) while its prefill runs; KVNotFound if there is none,
+        KVForbidden if `ticket` is not the one issued with this request's KV."""
         ...
 
 
 class KVServer:
-    """Accepts links from decode ends and answers their pulls, one at a time per link."""
+    """Accepts links from decode ends and answers their pulls, one at a time per link.
+
+    With `token`, a connection that does not prove it holds the internal token is closed before its
+    first control message is read (kv/auth.py).
+    """
 
     def __init__(self, source: KVSource, *, local: Endpoint, device: torch.device | str = "cpu",
                  host: str = "0.0.0.0", port: int = 0, timeout: float = 30.0,
-                 on_transfer: Callable[[TransferStats], None] | None = None) -> None:
+                 on_transfer: Callable[[TransferStats], None] | None = None,
+                 token: InternalToken | None = None) -> None:
         self.source = source
         self.local = local
         self.device = torch.device(device)
@@ -49,6 +57,7 @@ class KVServer:
         self.port = port
         self.timeout = timeout
         self.on_transfer = on_transfer
+        self.token = token
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task] = set()
 
@@ -64,6 +73,8 @@ class KVServer:
         stream = FramedStream(reader, writer, timeout=self.timeout)
         channel: KVChannel | None = None
         try:
+            if self.token is not None:
+                await verify_client(stream, self.token)
             channel = await accept_link(stream, local=self.local, device=self.device)
             await self._serve(channel)
         except KVChannelError as e:
@@ -87,10 +98,16 @@ class KVServer:
                 msg = await channel.stream.recv_json(wait_forever=True)
             except KVChannelError:
                 return  # the decode end closed its link
-            if msg.get("type") != "pull" or not isinstance(msg.get("requestId"), str):
+            ticket = msg.get("ticket")
+            if (msg.get("type") != "pull" or not isinstance(msg.get("requestId"), str)
+                    or not isinstance(ticket, str | None)):
                 raise KVChannelError(f"expected a pull, got {msg!r}")
             try:
-                lease = await self.source.checkout(msg["requestId"])
+                lease = await self.source.checkout(msg["requestId"], ticket)
+            except KVForbidden as e:
+                log.warning("refused a pull from %s: %s", channel.stream.peer, e)
+                await channel.send_error("forbidden", str(e))
+                continue
             except KVNotFound as e:
                 await channel.send_error("not_found", str(e))
                 continue

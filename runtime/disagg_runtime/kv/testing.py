@@ -32,7 +32,7 @@ class DictSource:
         self.parked = {p.header.request_id: p for p in payloads or []}
         self.released: list[tuple[str, bool]] = []
 
-    async def checkout(self, request_id: str) -> KVLease:
+    async def checkout(self, request_id: str, ticket: str | None = None) -> KVLease:
         if request_id not in self.parked:
             raise KVNotFound(f"no KV parked for {request_id}")
         payload = self.parked[request_id]

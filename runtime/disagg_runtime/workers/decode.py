@@ -37,6 +37,7 @@ class _Job:
     first_token: int
     source: KVAddress
     blocks: int
+    ticket: str | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     state: str = "waiting"  # waiting -> pulling -> running -> done
     aborted: bool = False
@@ -55,7 +56,8 @@ class DecodeWorker(DecodingWorker):
         self.pulling = 0
         self.puller = KVPuller(local=Endpoint.here(self.engine.device), device=self.engine.device,
                                channel=self.config.kv_channel, codec=self.config.kv_compression,
-                               timeout=self.config.kv_timeout_s, on_transfer=self._transferred)
+                               timeout=self.config.kv_timeout_s, on_transfer=self._transferred,
+                               token=self.token)
         self._wakeup = asyncio.Event()
         self._admitter: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -127,7 +129,7 @@ class DecodeWorker(DecodingWorker):
     async def _pull(self, job: _Job) -> None:
         rid = job.request.request_id
         try:
-            payload = await self.puller.pull(job.source, rid, expect=self._expect(job))
+            payload = await self.puller.pull(job.source, rid, expect=self._expect(job), ticket=job.ticket)
             if job.aborted:
                 return
             await self.thread.submit(lambda: self.engine.import_kv(job.request, payload, job.first_token))
@@ -158,7 +160,7 @@ class DecodeWorker(DecodingWorker):
         request = GenerationRequest(msg.request_id, list(msg.prompt_ids), params)
         need = self.engine.kv_tokens(len(msg.prompt_ids), params.max_tokens)
         return _Job(request, msg.first_token_id, KVAddress(msg.kv.host, msg.kv.port),
-                    blocks_for(need, self.engine.block_size))
+                    blocks_for(need, self.engine.block_size), ticket=msg.kv.ticket)
 
     async def decode_handler(self, request: web.Request) -> web.StreamResponse:
         if self.draining:

@@ -8,14 +8,16 @@ prefill memory is the buffer. KV nobody pulls within `kv_ttl_s` (the decode work
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from ..engine import GenerationRequest, SamplingParams, StepOutput, blocks_for
-from ..kv import Endpoint, KVLease, KVNotFound, KVServer, TransferStats, payload_layers
+from ..kv import Endpoint, KVForbidden, KVLease, KVNotFound, KVServer, TransferStats, payload_layers
 from .base import Worker
 from .engine_thread import EngineThreadStopped
 from .http import BadRequest, error_response, read_model
@@ -39,6 +41,9 @@ class _Job:
 @dataclass
 class _Parked:
     since: float
+    # Binds the KV to the request the router sent: only a pull that presents it (the router passes it to
+    # the decode worker it picks) gets the KV, so one request id cannot be used to pull another's KV.
+    ticket: str
     leased: bool = False
 
 
@@ -54,7 +59,7 @@ class PrefillWorker(Worker):
         self.parked: dict[str, _Parked] = {}
         self.kv_server = KVServer(self, local=Endpoint.here(self.engine.device), device=self.engine.device,
                                   port=self.config.kv_port, timeout=self.config.kv_timeout_s,
-                                  on_transfer=self._transferred)
+                                  on_transfer=self._transferred, token=self.token)
         self._reaper: asyncio.Task | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -108,7 +113,7 @@ class PrefillWorker(Worker):
                 self.thread.submit(lambda: self.engine.abort(out.request_id))
             return
         if not out.finished:
-            self.parked[out.request_id] = _Parked(since=time.monotonic())
+            self.parked[out.request_id] = _Parked(since=time.monotonic(), ticket=secrets.token_urlsafe(24))
         job.done.set_result(out)
 
     # ---- HTTP -----------------------------------------------------------------------------------
@@ -148,8 +153,9 @@ class PrefillWorker(Worker):
             yield ErrorEvent(message=f"prefill failed: {e}", code=500)
             return
         kv = None
-        if not out.finished:
-            kv = KVSourceRef(host=self.config.advertise_host or "", port=self.kv_server.port)
+        parked = self.parked.get(out.request_id)
+        if not out.finished and parked is not None:
+            kv = KVSourceRef(host=self.config.advertise_host or "", port=self.kv_server.port, ticket=parked.ticket)
         first = TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
                            finish_reason=out.finish_reason)
         yield PrefillResult(request_id=out.request_id, prompt_ids=prompt_ids, first=first, kv=kv)
@@ -167,10 +173,12 @@ class PrefillWorker(Worker):
         return False
 
     # ---- KV source (called by the KV server) -----------------------------------------------------
-    async def checkout(self, request_id: str) -> KVLease:
+    async def checkout(self, request_id: str, ticket: str | None) -> KVLease:
         parked = self.parked.get(request_id)
         if parked is None:
             raise KVNotFound(f"prefill worker holds no KV for {request_id} (never prefilled, expired or pulled)")
+        if not hmac.compare_digest((ticket or "").encode(), parked.ticket.encode()):
+            raise KVForbidden(f"a pull for {request_id} without the ticket issued with its KV")
         if parked.leased:
             raise KVNotFound(f"KV of {request_id} is being sent to another decode worker")
         parked.leased = True

@@ -35,6 +35,8 @@ class KVSourceRef(WireModel):
 
     host: str
     port: int = Field(ge=1, le=65535)
+    ticket: str | None = Field(default=None, max_length=128,
+                               description="Issued by the prefill worker with this request's KV; a pull must present it.")
 
 
 class PrefillRequest(WireModel):

@@ -1,0 +1,70 @@
+"""Secret comparison in constant time, and the internal token's HTTP header.
+
+Presented and accepted values are both hashed to 32 bytes before `hmac.compare_digest`, so neither a
+value's length nor how many accepted values there are decides how long a comparison takes; every pair
+is compared (no early exit).
+
+The internal token file lists the current token first, then the previous one while a rotation rolls
+out. A process presents every token it knows and accepts every token it knows: an old pod (previous
+token only) and a new pod (both) then talk to each other in either direction, so a rotation needs no
+ordering between the pods that restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Sequence
+
+from .secret_file import SecretFile
+
+INTERNAL_TOKEN_HEADER = "X-Disagg-Internal-Token"
+# Presented tokens per request; more is a confused or hostile peer, refused without comparing.
+MAX_PRESENTED = 4
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+
+
+def matches_any(presented: Iterable[str], accepted: Sequence[str]) -> bool:
+    """True if any presented value equals any accepted one; time independent of where (or whether) they match."""
+    ok = False
+    wanted = [_digest(a) for a in accepted]
+    for value in presented:
+        got = _digest(value)
+        for want in wanted:
+            ok |= hmac.compare_digest(got, want)
+    return ok
+
+
+class InternalToken:
+    """The per-deployment shared token of the router, the workers and the KV links."""
+
+    def __init__(self, source: SecretFile) -> None:
+        self.source = source
+
+    @classmethod
+    def from_file(cls, path: str, *, poll_s: float = 2.0) -> InternalToken:
+        return cls(SecretFile(path, what="internal token", poll_s=poll_s))
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return self.source.values[:MAX_PRESENTED]
+
+    def header_value(self) -> str:
+        """What a client sends in `INTERNAL_TOKEN_HEADER` (tokens are URL-safe: no commas)."""
+        return ",".join(self.tokens)
+
+    def accepts_header(self, value: str | None) -> bool:
+        if not value:
+            return False
+        presented = [v.strip() for v in value.split(",")]
+        if len(presented) > MAX_PRESENTED:
+            return False
+        return matches_any(presented, self.tokens)
+
+
+def proof(token: str, label: bytes, *nonces: bytes) -> bytes:
+    """HMAC-SHA256 of `label` and `nonces` under `token`: proves holding the token without sending it."""
+    return hmac.new(token.encode(), label + b"".join(nonces), hashlib.sha256).digest()
