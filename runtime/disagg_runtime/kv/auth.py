@@ -12,11 +12,10 @@ the wire.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import secrets
 
-from ..security.tokens import MAX_PRESENTED, InternalToken, matches_any, proof
+from ..security.tokens import MAX_PRESENTED, InternalToken, proof, proof_matches
 from .errors import KVChannelError, KVTimeout
 from .framing import FramedStream
 
@@ -61,9 +60,7 @@ async def verify_client(stream: FramedStream, token: InternalToken) -> None:
     body = await _read(stream, count * _PROOF + _NONCE, "token proof")
     presented, client_nonce = body[:-_NONCE], body[-_NONCE:]
     proofs = [presented[i:i + _PROOF] for i in range(0, len(presented), _PROOF)]
-    accepted = token.tokens
-    matched = [t for t in accepted
-               if matches_any([p.hex() for p in proofs], [proof(t, _CLIENT, server_nonce, client_nonce).hex()])]
+    matched = [t for t in token.tokens if proof_matches(proofs, [proof(t, _CLIENT, server_nonce, client_nonce)])]
     if not matched:
         await _write(stream, _REFUSED)
         raise KVAuthError(f"KV client {stream.peer} does not hold the internal token")
@@ -84,5 +81,5 @@ async def prove_to_server(stream: FramedStream, token: InternalToken) -> None:
     if verdict != _OK:
         raise KVAuthError(f"KV server {stream.peer} refused this worker's internal token")
     server_proof = await _read(stream, _PROOF, "server token proof")
-    if not any(hmac.compare_digest(server_proof, proof(t, _SERVER, client_nonce, server_nonce)) for t in tokens):
+    if not proof_matches([server_proof], [proof(t, _SERVER, client_nonce, server_nonce) for t in tokens]):
         raise KVAuthError(f"KV server {stream.peer} does not hold the internal token (an impostor?)")

@@ -48,7 +48,7 @@ def api_key_middleware(keys: SecretFile, *, protect_metrics: bool = False):
         key = presented_key(request)
         if key is None:
             return unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-        if not matches_any([key], keys.values):
+        if not matches_any([key], keys.digests):
             log.warning("refused %s %s from %s: unknown API key", request.method, request.path, request.remote)
             return unauthorized("Incorrect API key provided.")
         return await handler(request)

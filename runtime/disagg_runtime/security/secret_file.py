@@ -15,6 +15,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .compare import secret_digest
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +38,7 @@ class SecretFile:
         self.poll_s = poll_s
         self._signature: tuple[int, int, int, int] | None = None
         self._values: tuple[str, ...] = ()
+        self._digests: tuple[bytes, ...] = ()
         self.reload()
         if not self._values:
             raise SecretFileError(f"{what} file {self.path} holds no value (one a line, # for comments)")
@@ -43,6 +46,11 @@ class SecretFile:
     @property
     def values(self) -> tuple[str, ...]:
         return self._values
+
+    @property
+    def digests(self) -> tuple[bytes, ...]:
+        """The values' digests (security/tokens.py compares in those), computed once per change."""
+        return self._digests
 
     def reload(self) -> bool:
         """Re-read the file if it changed; True if the values changed. Blocking: call it off the event loop."""
@@ -64,7 +72,7 @@ class SecretFile:
             log.warning("the %s file %s is now empty; keeping the last values", self.what, self.path)
             return False
         changed = values != self._values
-        self._values = values
+        self._values, self._digests = values, tuple(secret_digest(v) for v in values)
         if changed and not first:
             log.info("re-read the %s file %s: %d value(s)", self.what, self.path, len(values))  # never the values
         return changed

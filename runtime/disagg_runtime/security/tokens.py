@@ -14,28 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
 
+from .compare import matches_any, proof_matches, secret_digest
 from .secret_file import SecretFile
+
+__all__ = ["INTERNAL_TOKEN_HEADER", "MAX_PRESENTED", "InternalToken", "matches_any", "proof", "proof_matches",
+           "secret_digest"]
 
 INTERNAL_TOKEN_HEADER = "X-Disagg-Internal-Token"
 # Presented tokens per request; more is a confused or hostile peer, refused without comparing.
 MAX_PRESENTED = 4
-
-
-def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
-
-
-def matches_any(presented: Iterable[str], accepted: Sequence[str]) -> bool:
-    """True if any presented value equals any accepted one; time independent of where (or whether) they match."""
-    ok = False
-    wanted = [_digest(a) for a in accepted]
-    for value in presented:
-        got = _digest(value)
-        for want in wanted:
-            ok |= hmac.compare_digest(got, want)
-    return ok
 
 
 class InternalToken:
@@ -62,7 +50,7 @@ class InternalToken:
         presented = [v.strip() for v in value.split(",")]
         if len(presented) > MAX_PRESENTED:
             return False
-        return matches_any(presented, self.tokens)
+        return matches_any(presented, self.source.digests[:MAX_PRESENTED])
 
 
 def proof(token: str, label: bytes, *nonces: bytes) -> bytes:
