@@ -223,3 +223,15 @@ async def test_old_and_new_token_holders_interoperate_during_a_rotation(model_di
     async with InProcessDeployment([p], [d], config) as dep, aiohttp.ClientSession() as s:
         async with s.get(f"{dep.worker_urls[id(p)]}/stats", headers={INTERNAL_TOKEN_HEADER: TOKEN_A}) as resp:
             assert resp.status == 403
+
+
+def test_metrics_require_key_needs_a_key_file():
+    import argparse
+
+    from disagg_runtime.serve.options import ServeError, add_serve_arguments, check_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--role", "router", "--endpoints-file", "e.json", "--metrics-require-key"])
+    with pytest.raises(ServeError, match="--api-key-file"):
+        check_serve_arguments(args)

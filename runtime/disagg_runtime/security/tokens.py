@@ -1,10 +1,6 @@
-"""Secret comparison in constant time, and the internal token's HTTP header.
+"""The internal token: its HTTP header, what a process presents and accepts, and the KV link's proofs.
 
-Presented and accepted values are both hashed to 32 bytes before `hmac.compare_digest`, so neither a
-value's length nor how many accepted values there are decides how long a comparison takes; every pair
-is compared (no early exit).
-
-The internal token file lists the current token first, then the previous one while a rotation rolls
+Comparisons are constant-time (compare.py). The internal token file lists the current token first, then the previous one while a rotation rolls
 out. A process presents every token it knows and accepts every token it knows: an old pod (previous
 token only) and a new pod (both) then talk to each other in either direction, so a rotation needs no
 ordering between the pods that restart.
