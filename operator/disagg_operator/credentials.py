@@ -13,7 +13,8 @@ from typing import Any
 
 from disagg_planner.api import RouterSpec
 
-SECRETS_DIR = "/etc/disagg/secrets"
+# Beside the ConfigMap's /etc/disagg, not inside it: a mount point inside a read-only volume cannot be made.
+SECRETS_DIR = "/var/run/secrets/disagg"
 TOKEN_VOLUME, TOKEN_KEY = "internal-token", "tokens"
 KEYS_VOLUME, KEYS_FILE = "api-keys", "keys"
 TOKEN_VERSION_ANNOTATION = "disagg.io/internal-token-version"

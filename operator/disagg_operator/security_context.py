@@ -55,10 +55,12 @@ def restrict(pod_spec: dict[str, Any], *, gpus: int) -> None:
     for volume in volumes:
         if volume["name"] == SHM_VOLUME:
             volume["emptyDir"] = {"medium": "Memory", "sizeLimit": shm_size(gpus)}
-    volumes += [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
+    volumes += [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
     for container in pod_spec["containers"]:
         container["securityContext"] = container_security_context()
+        # /tmp last: a node that binds volumes in this order from directories under its own /tmp (the e2e
+        # node agent) would otherwise hide the later ones' sources.
         container.setdefault("volumeMounts", []).extend(
-            [{"name": "tmp", "mountPath": TMP_DIR}, {"name": "cache", "mountPath": CACHE_DIR}])
+            [{"name": "cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": TMP_DIR}])
         env = container.setdefault("env", [])
         env.extend({"name": k, "value": v} for k, v in _CACHE_ENV.items())

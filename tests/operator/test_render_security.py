@@ -111,9 +111,9 @@ def test_every_pod_mounts_the_internal_token_and_the_router_the_api_keys(plan, o
         assert volume["secret"]["secretName"] == TOKEN.secret_name
         for c in template["spec"]["containers"]:
             args = _args(c)
-            assert args.internal_token_file == "/etc/disagg/secrets/internal-token/tokens"
+            assert args.internal_token_file == "/var/run/secrets/disagg/internal-token/tokens"
             if c["name"] == "router" and "router" in over:
-                assert args.api_key_file == "/etc/disagg/secrets/api-keys/keys" and args.metrics_require_key
+                assert args.api_key_file == "/var/run/secrets/disagg/api-keys/keys" and args.metrics_require_key
                 [keys] = [v for v in template["spec"]["volumes"] if v["name"] == "api-keys"]
                 assert keys["secret"] == {"secretName": "chat-api-keys", "defaultMode": 0o440,
                                           "items": [{"key": "keys.txt", "path": "keys"}]}
