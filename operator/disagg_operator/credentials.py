@@ -47,13 +47,14 @@ def _mount(pod_spec: dict[str, Any], volume: dict[str, Any], path: str, flag: st
         container["args"] += [flag, f"{path}/{file}"]
 
 
-def add_internal_token(pod_spec: dict[str, Any], template_meta: dict[str, Any], token: TokenRef) -> None:
-    """Every container gets `--internal-token-file`; the template carries the token's version."""
+def add_internal_token(pod_spec: dict[str, Any], template_meta: dict[str, Any] | None, token: TokenRef) -> None:
+    """Every container gets `--internal-token-file`; `template_meta`, if given, the token's version."""
     volume = {"name": TOKEN_VOLUME,
               "secret": {"secretName": token.secret_name, "defaultMode": 0o440,
                          "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}]}}
     _mount(pod_spec, volume, f"{SECRETS_DIR}/{TOKEN_VOLUME}", "--internal-token-file", TOKEN_KEY)
-    template_meta.setdefault("annotations", {})[TOKEN_VERSION_ANNOTATION] = token.version
+    if template_meta is not None:
+        template_meta.setdefault("annotations", {})[TOKEN_VERSION_ANNOTATION] = token.version
 
 
 def add_api_keys(pod_spec: dict[str, Any], router: RouterSpec) -> None:

@@ -20,7 +20,7 @@ serve) are listed in `endpoints.json` beside the new plan's, so the router uses 
 
 Security (security_context.py, credentials.py, netpol.py): every pod meets the restricted Pod Security
 Standard and mounts the internal token (whose rotation names the worker workloads, so a rotation rolls
-out like a new shape); the router also mounts the users' API keys when the spec names them; the
+out like a new shape; the router re-reads it in place); the router also mounts the users' API keys when the spec names them; the
 NetworkPolicies come last.
 """
 
@@ -217,7 +217,8 @@ def _stateful_set(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
     }
 
 
-def _secure(inp: RenderInput, pod_spec: dict[str, Any], template_meta: dict[str, Any], *, gpus: int) -> None:
+def _secure(inp: RenderInput, pod_spec: dict[str, Any], template_meta: dict[str, Any] | None, *, gpus: int) -> None:
+    """Restricted pods with the internal token; `template_meta` (workers only) carries the token's version."""
     if inp.internal_token is not None:
         add_internal_token(pod_spec, template_meta, inp.internal_token)
     restrict(pod_spec, gpus=gpus)
@@ -299,7 +300,7 @@ def _router_deployment(inp: RenderInput) -> dict[str, Any]:
         pod_spec["tolerations"] = topology.tolerations(inp.spec)
     template_meta = {"labels": pod_labels, "annotations": _scrape("router")}
     add_api_keys(pod_spec, inp.spec.router)
-    _secure(inp, pod_spec, template_meta, gpus=0)
+    _secure(inp, pod_spec, None, gpus=0)  # the router re-reads a rotated token: no restart (credentials.py)
     return {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(inp, name, "router", "router"),
         "spec": {"replicas": inp.spec.runtime.router_replicas, "selector": {"matchLabels": selector},
