@@ -52,12 +52,12 @@ def test_rotating_the_token_under_traffic_fails_no_request(rig, capsys):
     with rig.agent.port_forward(name) as url:
         load = PhasedLoad(url, [Phase(duration_s=150, rate=2.0)]).start()
         time.sleep(5)
+        rotated_at = time.time()
         cr = rig.kubectl.patch_spec(name, {"internalToken": {"rotation": 1}})
         generation = cr["metadata"]["generation"]
         wait_until(lambda: (s := rig.kubectl.status(name)).get("observedGeneration") == generation
                    and s.get("phase") == "Ready" and not s.get("retiring"), 140, "rotation rolled out")
         rolled_out = time.time()
-        rotated_at = load.t0 + 5
         wait_until(lambda: not (_worker_pods(rig) & old_pods), 60, "old worker pods gone")
         records = load.join(timeout=240)
     new_token, previous = _tokens(rig, name)
