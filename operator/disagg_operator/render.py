@@ -19,9 +19,9 @@ a rollout runs, `RenderInput.retiring_endpoints` (the pods of earlier plans' wor
 serve) are listed in `endpoints.json` beside the new plan's, so the router uses both.
 
 Security (security_context.py, credentials.py, netpol.py): every pod meets the restricted Pod Security
-Standard and mounts the internal token (whose rotation names the worker workloads, so a rotation rolls
-out like a new shape; the router re-reads it in place); the router also mounts the users' API keys when the spec names them; the
-NetworkPolicies come last.
+Standard and mounts the internal token, whose rotation names the worker workloads (a rotation rolls out
+like a new shape; the router re-reads the token in place). The router also mounts the users' API keys
+when the spec names them. The NetworkPolicies come last.
 """
 
 from __future__ import annotations
