@@ -66,6 +66,12 @@ class LocalCluster:
     ports: dict[str, int] = field(default_factory=dict)
     _own_token: str | None = None
 
+    @property
+    def token_file(self) -> str | None:
+        """The internal token's file the processes share (None before `start`): what another process
+        joining this deployment (a second router, say) passes as --internal-token-file."""
+        return self.internal_token_file or self._own_token
+
     def _token_file(self) -> str:
         if self.internal_token_file is not None:
             return self.internal_token_file

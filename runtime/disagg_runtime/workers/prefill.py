@@ -31,7 +31,7 @@ class RequestAborted(Exception):
     """The router aborted the request while it waited."""
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: jobs are kept in a set
 class _Job:
     request: GenerationRequest
     done: asyncio.Future[StepOutput]
@@ -57,6 +57,9 @@ class PrefillWorker(Worker):
         self.queue: PrefillQueue[_Job] = PrefillQueue(token_budget=self.config.prefill_token_budget,
                                                       max_queue=self.config.max_queue)
         self.parked: dict[str, _Parked] = {}
+        # Requests whose first token is not out yet. The queue alone would miss a batch the engine thread
+        # took and still runs: a drain then stopped the KV server under requests about to park their KV.
+        self.unresolved: set[_Job] = set()
         self.kv_server = KVServer(self, local=Endpoint.here(self.engine.device), device=self.engine.device,
                                   port=self.config.kv_port, timeout=self.config.kv_timeout_s,
                                   on_transfer=self._transferred, token=self.token)
@@ -81,7 +84,7 @@ class PrefillWorker(Worker):
         app.router.add_post("/abort", self.abort_handler)
 
     def _idle(self) -> bool:
-        return not len(self.queue) and not self.parked
+        return not len(self.queue) and not self.unresolved and not self.parked
 
     def _load(self) -> tuple[int, int, int]:
         return len(self.queue), self.queue.queued_tokens, len(self.parked)
@@ -137,6 +140,8 @@ class PrefillWorker(Worker):
         job = _Job(GenerationRequest(msg.request_id, prompt_ids, params), loop.create_future(), loop)
         try:
             self.queue.push(msg.request_id, len(prompt_ids), job)
+            self.unresolved.add(job)
+            job.done.add_done_callback(lambda _done: self.unresolved.discard(job))
             self.thread.wake()
         except QueueFull as e:
             return error_response(429, str(e), type_="rate_limit_error", headers={"Retry-After": "1"})
