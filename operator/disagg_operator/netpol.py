@@ -7,10 +7,13 @@
 | `<name>-np-<role>-http` | prefill, decode, colocated (and paired) | the role's HTTP port, which serves /metrics too | the router's pods, Prometheus |
 | `<name>-np-prefill-kv` | prefill (and paired) | kv (8100) | decode (and paired) pods of this DisaggServing |
 | `<name>-np-kv-nccl` | prefill, decode, paired | all | each other; only when KV may move over NCCL |
+| `<name>-np-ranks` | every worker pod | all | every worker pod; only when an instance has several ranks |
 
 NCCL (`kvChannel: nccl`, or `auto` on GPUs, which picks NCCL across nodes) rendezvouses on a TCPStore
 port the prefill end picks and opens its own connections in both directions on ephemeral ports, so
-those pods reach each other on every port; docs/security.md says so. Egress is not restricted: the
+those pods reach each other on every port; docs/security.md says so. Likewise the ranks of a multi-GPU
+instance: they rendezvous on a TCPStore, run collectives on ephemeral ports, and follower prefill ranks
+serve their KV share on a port of their own. Egress is not restricted: the
 pods resolve DNS and may download weights. Kubelet probes come from the node, which policies do not
 govern on the common CNIs.
 """
@@ -69,7 +72,8 @@ def network_policies(inp: RenderInput, meta: Callable[[str], dict[str, Any]], ro
         _policy(meta("router"), _pods(instance, **{lb.COMPONENT: "router"}),
                 [{"ports": _tcp(role_ports["router"]), **({"from": clients} if clients else {})}]),
     ]
-    phases = {g.phase for g in topology.worker_groups(inp.plan, spec)}
+    groups = topology.worker_groups(inp.plan, spec)
+    phases = {g.phase for g in groups}
     roles = {"prefill": PREFILL_PHASES, "decode": DECODE_PHASES, "colocated": ("colocated",)}
     for role, role_phases in roles.items():
         present = tuple(p for p in role_phases if p in phases)
@@ -85,6 +89,10 @@ def network_policies(inp: RenderInput, meta: Callable[[str], dict[str, Any]], ro
             both = tuple(sorted(set(prefill) | set(decode)))
             policies.append(_policy(meta("kv-nccl"), _pods(instance, both),
                                     [{"from": [{"podSelector": _pods(instance, both)}]}]))
+    if any(seg.tp * seg.pp > 1 for g in groups for seg in g.segments):
+        workers = tuple(sorted(phases))
+        policies.append(_policy(meta("ranks"), _pods(instance, workers),
+                                [{"from": [{"podSelector": _pods(instance, workers)}]}]))
     return policies
 
 

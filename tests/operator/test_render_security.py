@@ -13,6 +13,7 @@ from disagg_operator import labels as lb
 from disagg_operator.credentials import TOKEN_VERSION_ANNOTATION, TokenRef
 from disagg_operator.render import render_children
 from disagg_operator.token_secret import stored_tokens, token_secret, token_version
+from disagg_planner.api import PhasePlan
 from disagg_runtime.serve.options import add_serve_arguments, check_serve_arguments
 from netpol_eval import Pod, admits
 from operator_plans import OWNER, colocated_plan, high_plan, low_plan, render_input, spec
@@ -59,7 +60,7 @@ def test_every_pod_meets_the_restricted_pod_security_standard(plan, over):
         for c in pod["containers"]:
             assert c["securityContext"]["readOnlyRootFilesystem"] is True
             writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
-            env = {e["name"]: e["value"] for e in c["env"]}
+            env = {e["name"]: e.get("value") for e in c["env"]}
             # Everything the runtime writes lands on an emptyDir.
             for var in ("HOME", "HF_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR", "DISAGG_CACHE"):
                 assert any(env[var] == d or env[var].startswith(d + "/") for d in writable), var
@@ -121,7 +122,7 @@ def test_every_pod_mounts_the_internal_token_and_the_router_the_api_keys(plan, o
             else:
                 assert args.api_key_file is None
             # Secrets are files, never environment variables or arguments.
-            assert not any("valueFrom" in e for e in c["env"])
+            assert not any("secretKeyRef" in (e.get("valueFrom") or {}) for e in c["env"])
 
 
 def test_a_rotation_renames_the_workers_and_leaves_the_router_running():
@@ -173,9 +174,24 @@ STRANGER = Pod({"app": "curl"}, NS, {"kubernetes.io/metadata.name": NS})
 OTHER_NS = Pod({"app": "curl"}, "team-b", {"kubernetes.io/metadata.name": "team-b"})
 
 
+def _single_rank_plan():
+    return high_plan().model_copy(update={"gpus": 4,
+                                          "prefill": PhasePlan(tp=1, pp=1, replicas=3, instance_goodput_rps=2.0),
+                                          "decode": PhasePlan(tp=1, pp=1, replicas=1, instance_goodput_rps=6.0)})
+
+
+def test_multi_rank_instances_reach_each_other_on_every_port():
+    children = _children(high_plan(), {"runtime": {"kvChannel": "tcp"}})  # tp2 instances
+    policies, pods = _policies(children), _pods(children)
+    assert "chat-np-ranks" in {p["metadata"]["name"] for p in policies}
+    assert admits(policies, pods["decode"], pods["prefill"], 29500) and admits(policies, pods["prefill"], pods["decode"], 41000)
+    assert not admits(policies, pods["router"], pods["prefill"], 29500) and not admits(policies, STRANGER, pods["decode"], 29501)
+    assert "chat-np-ranks" not in {p["metadata"]["name"] for p in _policies(_children(_single_rank_plan()))}
+
+
 @pytest.mark.parametrize("kv_channel", ["tcp", "auto"])
 def test_high_affinity_policies_admit_only_the_intended_paths(kv_channel):
-    children = _children(high_plan(), {"runtime": {"kvChannel": kv_channel}})
+    children = _children(_single_rank_plan(), {"runtime": {"kvChannel": kv_channel}})
     policies, pods = _policies(children), _pods(children)
     router, prefill, decode = pods["router"], pods["prefill"], pods["decode"]
     other_decode = Pod({**decode.labels, lb.INSTANCE: "other"}, NS, decode.namespace_labels)
@@ -230,8 +246,9 @@ def test_colocated_and_paired_layouts_and_a_configured_prometheus():
     policies, pods = _policies(paired), _pods(paired)
     unit, router = pods["unit"], pods["router"]
     assert admits(policies, router, unit, 8000) and admits(policies, router, unit, 8001)
-    assert admits(policies, unit, unit, 8100) and not admits(policies, unit, unit, 8001)
-    assert not admits(policies, STRANGER, unit, 8100)
+    assert admits(policies, unit, unit, 8100)
+    assert admits(policies, unit, unit, 29500)  # pp2 instances: the stages' ranks rendezvous across pods
+    assert not admits(policies, STRANGER, unit, 8100) and not admits(policies, router, unit, 29500)
 
 
 def test_network_policies_can_be_turned_off():

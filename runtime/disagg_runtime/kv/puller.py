@@ -10,12 +10,13 @@ import torch
 
 from ..security.tokens import InternalToken
 from .auth import prove_to_server
-from .channel import KVChannel, TransferStats
+from .channel import KVChannel, TransferStats, _remote_error
 from .codec import CodecName
 from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound
 from .framing import FramedStream
 from .links import ChannelChoice, Endpoint, open_link
 from .payload import KVHeader, KVPayload
+from .reshard import KVSlice
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,26 @@ class KVPuller:
         self.token = token
         self._links: dict[KVAddress, _Link] = {}
 
+    async def _channel(self, address: KVAddress, link: _Link) -> KVChannel:
+        if link.channel is None or link.channel.broken:
+            if link.channel is not None:
+                await link.channel.close()
+            stream = await FramedStream.connect(address.host, address.port, timeout=self.timeout)
+            try:
+                if self.token is not None:
+                    await prove_to_server(stream, self.token)
+                link.channel = await open_link(stream, local=self.local, device=self.device,
+                                               override=self.channel, codec=self.codec)
+            except BaseException:
+                await stream.close()
+                raise
+        return link.channel
+
     async def pull(self, address: KVAddress, request_id: str,
-                   expect: Callable[[KVHeader], None] | None = None, *, ticket: str | None = None) -> KVPayload:
-        """Fetch `request_id`'s KV from `address`, presenting the `ticket` its prefill worker issued.
+                   expect: Callable[[KVHeader], None] | None = None, kv_slice: KVSlice | None = None, *,
+                   ticket: str | None = None) -> KVPayload:
+        """Fetch `request_id`'s KV (or only `kv_slice` of it) from `address`, presenting the `ticket` its
+        prefill worker issued.
 
         Raises KVNotFound, KVForbidden, KVMismatchError, KVTimeout, KVChannelError; a payload made for
         another request id is a KVMismatchError.
@@ -70,21 +88,12 @@ class KVPuller:
 
         link = self._links.setdefault(address, _Link())
         async with link.lock:
-            if link.channel is None or link.channel.broken:
-                if link.channel is not None:
-                    await link.channel.close()
-                stream = await FramedStream.connect(address.host, address.port, timeout=self.timeout)
-                try:
-                    if self.token is not None:
-                        await prove_to_server(stream, self.token)
-                    link.channel = await open_link(stream, local=self.local, device=self.device,
-                                                   override=self.channel, codec=self.codec)
-                except BaseException:
-                    await stream.close()
-                    raise
-            channel = link.channel
+            channel = await self._channel(address, link)
+            msg: dict = {"type": "pull", "requestId": request_id, "ticket": ticket}
+            if kv_slice is not None:
+                msg["slice"] = kv_slice.model_dump()
             try:
-                await channel.stream.send_json({"type": "pull", "requestId": request_id, "ticket": ticket})
+                await channel.stream.send_json(msg)
                 payload, stats = await channel.recv(expect=check, device=self.device)
             except (KVNotFound, KVForbidden):
                 raise
@@ -94,6 +103,22 @@ class KVPuller:
         if self.on_transfer is not None:
             self.on_transfer(stats)
         return payload
+
+    async def release(self, address: KVAddress, request_id: str, *, ticket: str | None = None) -> None:
+        """Tell the prefill instance at `address` that every piece of `request_id`'s KV arrived (it frees it)."""
+        link = self._links.setdefault(address, _Link())
+        async with link.lock:
+            channel = await self._channel(address, link)
+            try:
+                await channel.stream.send_json({"type": "release", "requestId": request_id, "ticket": ticket})
+                reply = await channel.stream.recv_json()
+            except BaseException:
+                channel.broken = True
+                raise
+        if reply.get("type") == "error":
+            raise _remote_error(reply)
+        if reply.get("type") != "released":
+            raise KVChannelError(f"KV server {address} answered {reply.get('type')!r} to a release of {request_id}")
 
     async def close(self) -> None:
         for link in self._links.values():

@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from pydantic import ValidationError
 
 from ..security.tokens import InternalToken
 from .auth import verify_client
 from .channel import KVChannel, LayerStream, TransferStats
-from .errors import KVChannelError, KVForbidden, KVNotFound
+from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound
 from .framing import FramedStream
 from .links import Endpoint, accept_link
 from .payload import KVHeader
+from .reshard import KVSlice
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,19 @@ class KVLease:
 
 
 class KVSource(Protocol):
-    """What the KV server sends from (the prefill worker's parked requests)."""
+    """What the KV server sends from (the prefill worker's parked requests, or one rank's share of them)."""
 
     async def checkout(self, request_id: str, ticket: str | None) -> KVLease:
         """The request's KV, waiting (bounded) while its prefill runs; KVNotFound if there is none,
         KVForbidden if `ticket` is not the one issued with this request's KV."""
+        ...
+
+    async def checkout_slice(self, request_id: str, kv_slice: KVSlice, ticket: str | None) -> KVLease:
+        """Only `kv_slice` (global layers and KV heads) of the request's KV; its lease frees nothing."""
+        ...
+
+    async def release_pulled(self, request_id: str, ticket: str | None) -> None:
+        """Every slice of the request reached its decode ranks: free its KV (KVNotFound if unknown here)."""
         ...
 
 
@@ -99,17 +109,26 @@ class KVServer:
             except KVChannelError:
                 return  # the decode end closed its link
             ticket = msg.get("ticket")
-            if (msg.get("type") != "pull" or not isinstance(msg.get("requestId"), str)
+            if (msg.get("type") not in ("pull", "release") or not isinstance(msg.get("requestId"), str)
                     or not isinstance(ticket, str | None)):
-                raise KVChannelError(f"expected a pull, got {msg!r}")
+                raise KVChannelError(f"expected a pull or a release, got {msg!r}")
+            if msg["type"] == "release":
+                await self._release(channel, msg["requestId"], ticket)
+                continue
             try:
-                lease = await self.source.checkout(msg["requestId"], ticket)
+                if msg.get("slice") is None:
+                    lease = await self.source.checkout(msg["requestId"], ticket)
+                else:
+                    lease = await self.source.checkout_slice(msg["requestId"], _slice(msg["slice"]), ticket)
             except KVForbidden as e:
                 log.warning("refused a pull from %s: %s", channel.stream.peer, e)
                 await channel.send_error("forbidden", str(e))
                 continue
             except KVNotFound as e:
                 await channel.send_error("not_found", str(e))
+                continue
+            except KVMismatchError as e:
+                await channel.send_error("mismatch", str(e))
                 continue
             except KVChannelError as e:
                 await channel.send_error("internal", str(e))
@@ -123,6 +142,18 @@ class KVServer:
             if self.on_transfer is not None:
                 self.on_transfer(stats)
 
+    async def _release(self, channel: KVChannel, request_id: str, ticket: str | None) -> None:
+        try:
+            await self.source.release_pulled(request_id, ticket)
+        except KVForbidden as e:
+            log.warning("refused a release from %s: %s", channel.stream.peer, e)
+            await channel.send_error("forbidden", str(e))
+            return
+        except KVNotFound as e:
+            await channel.send_error("not_found", str(e))
+            return
+        await channel.stream.send_json({"type": "released"})
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -130,3 +161,10 @@ class KVServer:
         for task in list(self._links):
             task.cancel()
         await asyncio.gather(*self._links, return_exceptions=True)
+
+
+def _slice(data: object) -> KVSlice:
+    try:
+        return KVSlice.model_validate(data)
+    except ValidationError as e:
+        raise KVMismatchError(f"malformed KV slice {data!r}: {e.errors()[0]['msg']}") from e

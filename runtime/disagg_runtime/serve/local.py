@@ -29,7 +29,7 @@ from .options import ServeError
 
 _WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-channel",
                  "--kv-compression", "--kv-timeout", "--prefill-token-budget", "--max-queue", "--max-batch",
-                 "--max-prompt-tokens", "--max-body-bytes", "--log-level")
+                 "--max-prompt-tokens", "--max-body-bytes", "--collective-timeout", "--log-level")
 _ROUTER_FLAGS = ("--max-in-flight", "--max-body-bytes", "--heartbeat-timeout", "--served-model-name",
                  "--api-key-file", "--log-level")
 
@@ -58,7 +58,8 @@ class LocalCluster:
     decode_workers: int = 1
     colocated_workers: int = 0
     worker_args: list[str] = field(default_factory=list)
-    role_args: dict[str, list[str]] = field(default_factory=dict)  # per role, after worker_args (e.g. --device)
+    # Per role ("decode"), then per instance ("decode-1"), after worker_args (e.g. --device, --tp).
+    role_args: dict[str, list[str]] = field(default_factory=dict)
     router_args: list[str] = field(default_factory=list)
     internal_token_file: str | None = None  # None: a fresh token, removed again by stop()
     startup_timeout_s: float = 120.0
@@ -107,7 +108,8 @@ class LocalCluster:
                       *self.worker_args]
             for role, count in self.worker_counts.items():
                 for i in range(count):
-                    self._spawn(f"{role}-{i}", ["--role", role, *common, *self.role_args.get(role, [])])
+                    self._spawn(f"{role}-{i}", ["--role", role, *common, *self.role_args.get(role, []),
+                                                *self.role_args.get(f"{role}-{i}", [])])
             for name in list(self.processes):
                 self.ports[name] = self._announced_port(name, deadline)
             endpoints: list[str] = []
@@ -115,7 +117,7 @@ class LocalCluster:
                 listed = ",".join(f"{self.host}:{p}" for n, p in self.ports.items() if n.startswith(f"{role}-"))
                 endpoints += [f"--{role}-endpoints", listed]
             self._spawn("router", ["--role", "router", "--host", self.host, "--port", str(self.port),
-                                   *endpoints, *token, *self.router_args])
+                                   "--model-path", str(self.model_dir), *endpoints, *token, *self.router_args])
             self.ports["router"] = self._announced_port("router", deadline)
             self._wait_ready(deadline)
         except BaseException:
@@ -173,6 +175,16 @@ class LocalCluster:
         self.stop()
 
 
+def parallel_role_args(args: argparse.Namespace) -> dict[str, list[str]]:
+    """--tp/--pp of each role from --prefill-tp, --prefill-pp, --decode-tp, --decode-pp."""
+    out: dict[str, list[str]] = {}
+    for role in ("prefill", "decode"):
+        tp, pp = getattr(args, f"{role}_tp", 1), getattr(args, f"{role}_pp", 1)
+        if tp * pp > 1:
+            out[role] = ["--tp", str(tp), "--pp", str(pp)]
+    return out
+
+
 class _Stop(Exception):
     """SIGTERM or SIGHUP reached the launcher."""
 
@@ -193,7 +205,7 @@ def run_local(args: argparse.Namespace) -> int:
                            prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                            colocated_workers=args.colocated_workers if args.colocated else 0,
                            worker_args=worker_args, router_args=router_args,
-                           internal_token_file=args.internal_token_file)
+                           role_args=parallel_role_args(args), internal_token_file=args.internal_token_file)
     try:
         url = cluster.start()
     except (KeyboardInterrupt, _Stop):

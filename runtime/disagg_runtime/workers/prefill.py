@@ -18,11 +18,13 @@ from aiohttp import web
 
 from ..engine import GenerationRequest, SamplingParams, StepOutput, blocks_for
 from ..kv import Endpoint, KVForbidden, KVLease, KVNotFound, KVServer, TransferStats, payload_layers
+from ..kv.reshard import KVSlice
+from ..kv.sharded import slice_lease
 from .base import Worker
 from .engine_thread import EngineThreadStopped
 from .http import BadRequest, error_response, read_model
 from .prefill_queue import PrefillQueue, QueueFull
-from .protocol import ErrorEvent, KVSourceRef, PrefillRequest, PrefillResult, TokenEvent
+from .protocol import ErrorEvent, KVRankRef, KVSourceRef, PrefillRequest, PrefillResult, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class PrefillWorker(Worker):
                                   port=self.config.kv_port, timeout=self.config.kv_timeout_s,
                                   on_transfer=self._transferred, token=self.token)
         self._reaper: asyncio.Task | None = None
+        # A multi-rank instance (parallel.instance.InstanceEngine) lists every rank's KV server here.
+        self.kv_ranks: list[KVRankRef] = []
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def _on_start(self) -> None:
@@ -160,7 +164,10 @@ class PrefillWorker(Worker):
         kv = None
         parked = self.parked.get(out.request_id)
         if not out.finished and parked is not None:
-            kv = KVSourceRef(host=self.config.advertise_host or "", port=self.kv_server.port, ticket=parked.ticket)
+            shape = getattr(self.engine, "shape", None)
+            kv = KVSourceRef(host=self.config.advertise_host or "", port=self.kv_server.port,
+                             tp=shape.tp if shape else 1, pp=shape.pp if shape else 1, ranks=self.kv_ranks,
+                             ticket=parked.ticket)
         first = TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
                            finish_reason=out.finish_reason)
         yield PrefillResult(request_id=out.request_id, prompt_ids=prompt_ids, first=first, kv=kv)
@@ -182,8 +189,7 @@ class PrefillWorker(Worker):
         parked = self.parked.get(request_id)
         if parked is None:
             raise KVNotFound(f"prefill worker holds no KV for {request_id} (never prefilled, expired or pulled)")
-        if not hmac.compare_digest((ticket or "").encode(), parked.ticket.encode()):
-            raise KVForbidden(f"a pull for {request_id} without the ticket issued with its KV")
+        _check_ticket(parked, request_id, ticket)
         if parked.leased:
             raise KVNotFound(f"KV of {request_id} is being sent to another decode worker")
         parked.leased = True
@@ -199,6 +205,31 @@ class PrefillWorker(Worker):
                 await self._free(request_id)
 
         return KVLease(payload.header, payload_layers(payload), release)
+
+    async def checkout_slice(self, request_id: str, kv_slice: KVSlice, ticket: str | None) -> KVLease:
+        """A slice of this rank's KV of a parked request; the request stays parked until `release_pulled`."""
+        if request_id not in self.parked:
+            raise KVNotFound(f"prefill worker holds no KV for {request_id} (never prefilled, expired or released)")
+        _check_ticket(self.parked[request_id], request_id, ticket)
+        payload = await self.thread.submit(lambda: self.engine.export_kv(request_id))
+        held = getattr(self.engine, "kv_share", None) or KVSlice.of(range(self.engine.num_layers),
+                                                                     range(self.engine.num_kv_heads))
+        return slice_lease(payload, held, kv_slice)
+
+    async def release_pulled(self, request_id: str, ticket: str | None) -> None:
+        """Every decode rank has its slices: free the request's KV (on every rank of this instance)."""
+        if request_id not in self.parked:
+            raise KVNotFound(f"prefill worker holds no KV for {request_id}")
+        _check_ticket(self.parked[request_id], request_id, ticket)
+        await self._free(request_id)
+
+    def fail_in_flight(self, message: str) -> None:
+        """The instance is out of service: every queued request ends with `message`, parked KV is dropped."""
+        for rid in self.queue.ids():
+            job = self.queue.remove(rid)
+            if job is not None:
+                _fail(job.done, RuntimeError(message))
+        self.parked.clear()
 
     async def _free(self, request_id: str) -> None:
         if self.parked.pop(request_id, None) is None:
@@ -221,6 +252,11 @@ class PrefillWorker(Worker):
                     log.warning("freeing KV of %s: no decode worker pulled it within %.0fs", rid,
                                 self.config.kv_ttl_s)
                     await self._free(rid)
+
+
+def _check_ticket(parked: _Parked, request_id: str, ticket: str | None) -> None:
+    if not hmac.compare_digest((ticket or "").encode(), parked.ticket.encode()):
+        raise KVForbidden(f"a pull for {request_id} without the ticket issued with its KV")
 
 
 def _fail(future: asyncio.Future, error: BaseException) -> None:
