@@ -69,6 +69,9 @@ class WorkerGroup:
     phase: str  # the disagg.io/phase label: prefill, decode, colocated or paired
     replicas: int
     segments: tuple[Segment, ...]
+    # What else the pods' identity depends on (the internal token's version): a new revision renders a
+    # workload of a new name, which rolls out beside the serving one like a new shape does.
+    revision: str = ""
 
     @property
     def gpus_per_pod(self) -> int:
@@ -82,6 +85,8 @@ class WorkerGroup:
     def shape_id(self) -> str:
         """6 hex digits naming what each pod runs (containers, parallelism, stage); replicas left out."""
         shape = [self.component, self.phase, [[s.role, s.tp, s.pp, s.stage] for s in self.segments]]
+        if self.revision:
+            shape.append(self.revision)
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:6]
 
 

@@ -6,14 +6,15 @@ from .deploy import ConfigMapKeyRef, ProfileRef, ReplanSpec, RuntimeSpec, Schedu
 from .model import MODEL_PRESETS, ModelRef, ModelSpec
 from .plan import GoodputInterval, InstancePlacement, PhasePlan, Plan
 from .profile import DecodeSample, LatencyProfile, PrefillSample, ShapeProfile
+from .security import InternalTokenSpec, NetworkPolicySpec, PeerSelector, RouterSpec, SecretKeyRef
 from .slo import SearchBounds, SLOSpec
 from .spec import DisaggServingSpec
 from .workload import LengthHistogram, WorkloadSpec
 
 __all__ = [
     "ApiModel", "ClusterSpec", "ConfigMapKeyRef", "DecodeSample", "DisaggServingSpec", "GPUSpec", "GPU_PRESETS",
-    "GoodputInterval", "InstancePlacement", "LatencyProfile", "LengthHistogram", "MODEL_PRESETS", "ModelRef",
-    "ModelSpec",
-    "PhasePlan", "Plan", "ProfileRef", "PrefillSample", "ReplanSpec", "RuntimeSpec", "SLOSpec", "SchedulingSpec",
-    "SearchBounds", "ShapeProfile", "Toleration", "WorkloadSpec",
+    "GoodputInterval", "InstancePlacement", "InternalTokenSpec", "LatencyProfile", "LengthHistogram",
+    "MODEL_PRESETS", "ModelRef", "ModelSpec", "NetworkPolicySpec", "PeerSelector", "PhasePlan", "Plan",
+    "ProfileRef", "PrefillSample", "ReplanSpec", "RouterSpec", "RuntimeSpec", "SLOSpec", "SchedulingSpec",
+    "SearchBounds", "SecretKeyRef", "ShapeProfile", "Toleration", "WorkloadSpec",
 ]

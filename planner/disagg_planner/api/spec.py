@@ -11,6 +11,7 @@ from .base import ApiModel
 from .cluster import ClusterSpec
 from .deploy import ProfileRef, ReplanSpec, RuntimeSpec, SchedulingSpec
 from .model import ModelRef
+from .security import InternalTokenSpec, NetworkPolicySpec, RouterSpec
 from .slo import SearchBounds, SLOSpec
 from .workload import WorkloadSpec
 
@@ -30,6 +31,9 @@ class DisaggServingSpec(ApiModel):
         default=None, description="A measured latency profile in a ConfigMap; the planner fits its model to it."
     )
     paused: bool = Field(default=False, description="Plan and report only; apply nothing (what-if mode).")
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    internal_token: InternalTokenSpec = Field(default_factory=InternalTokenSpec)
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
 
     @model_validator(mode="after")
     def _budget_within_cluster(self) -> DisaggServingSpec:

@@ -110,6 +110,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of worker silence before a request fails")
     router.add_argument("--served-model-name", help="model name in responses (default: the workers' model id)")
 
+    security = parser.add_argument_group("security")
+    security.add_argument("--api-key-file", metavar="PATH",
+                          help="router: clients must send one of this file's keys (one a line; re-read when it "
+                               "changes) as 'Authorization: Bearer KEY' or 'x-api-key'")
+    security.add_argument("--metrics-require-key", action="store_true",
+                          help="router: /metrics needs an API key too (probes stay open)")
+    security.add_argument("--internal-token-file", metavar="PATH",
+                          help="the deployment's shared token (current first, then the previous one during a "
+                               "rotation): workers and KV links refuse peers without it, the router sends it. "
+                               "--local generates one unless given")
+
     local = parser.add_argument_group("--local")
     local.add_argument("--prefill-workers", type=_positive, default=1)
     local.add_argument("--decode-workers", type=_positive, default=1)
@@ -137,5 +148,7 @@ def check_serve_arguments(args: argparse.Namespace) -> None:
                          "or --endpoints-file")
     if args.stage is not None and not 0 <= args.stage < args.pp:
         raise ServeError(f"--stage {args.stage} is not a stage of a --pp {args.pp} pipeline")
+    if args.metrics_require_key and not args.api_key_file:
+        raise ServeError("--metrics-require-key needs --api-key-file")
     if not 0 < args.kv_memory_fraction <= 1:
         raise ServeError(f"--kv-memory-fraction must be in (0, 1], got {args.kv_memory_fraction}")

@@ -18,6 +18,8 @@ from pydantic import BaseModel
 from ..engine import GenerationRequest, InvalidRequest, RequestTooLarge, SamplingParams, StepOutput
 from ..kv.links import ChannelChoice
 from ..metrics import Role, WorkerMetrics, render
+from ..security.http_auth import internal_auth_middleware
+from ..security.tokens import InternalToken
 from .engine_thread import EngineThread
 from .http import BadRequest, error_response, stream_ndjson
 from .protocol import PrefillRequest, WorkerStats
@@ -45,6 +47,7 @@ class WorkerConfig:
     kv_ttl_s: float = 120.0
     advertise_host: str | None = None
     drain_timeout_s: float = 300.0
+    internal_token_file: str | None = None  # every route but probes and /metrics, and the KV links, need it
 
 
 class Worker(ABC):
@@ -56,6 +59,7 @@ class Worker(ABC):
         self.engine = engine
         self.config = config
         self.registry = registry or CollectorRegistry()
+        self.token = InternalToken.from_file(config.internal_token_file) if config.internal_token_file else None
         self.metrics = WorkerMetrics.create(self.registry, self.role)
         self.thread = EngineThread(self._step, name=f"{self.role}-engine")
         self.draining = False
@@ -94,6 +98,9 @@ class Worker(ABC):
     # ---- app ------------------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes + 1)
+        if self.token is not None:
+            app.middlewares.append(internal_auth_middleware(self.token))
+            self.token.source.attach(app)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/stats", self.stats_handler)

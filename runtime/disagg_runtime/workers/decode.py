@@ -57,7 +57,8 @@ class DecodeWorker(DecodingWorker):
         self.waiting: deque[_Job] = deque()
         self.puller = KVPuller(local=Endpoint.here(self.engine.device), device=self.engine.device,
                                channel=self.config.kv_channel, codec=self.config.kv_compression,
-                               timeout=self.config.kv_timeout_s, on_transfer=self._transferred)
+                               timeout=self.config.kv_timeout_s, on_transfer=self._transferred,
+                               token=self.token)
         self.sharded_kv = ShardedKVImport(self.engine, self.puller)
         self._wakeup = asyncio.Event()
         self._admitter: asyncio.Task | None = None
@@ -158,7 +159,8 @@ class DecodeWorker(DecodingWorker):
             if job.ref is not None and self.sharded_kv.applies(job.ref):
                 await self.sharded_kv.pull_and_import(job.request, job.ref, job.first_token, self.thread.submit)
             else:
-                payload = await self.puller.pull(job.source, rid, expect=self._expect(job))
+                payload = await self.puller.pull(job.source, rid, expect=self._expect(job),
+                                                  ticket=job.ref.ticket if job.ref else None)
                 if job.aborted:
                     return
                 await self.thread.submit(lambda: self.engine.import_kv(job.request, payload, job.first_token))
