@@ -17,6 +17,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds below a day, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -88,8 +95,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default $DISAGG_ENDPOINTS: the operator's ConfigMap)")
     router.add_argument("--max-in-flight", type=_positive, default=4096)
     router.add_argument("--max-body-bytes", type=_positive, default=4 << 20)
-    router.add_argument("--heartbeat-timeout", type=float, default=10.0,
+    router.add_argument("--heartbeat-timeout", type=_seconds, default=10.0,
                         help="seconds of worker silence before a request fails")
+    router.add_argument("--connect-timeout", type=_seconds, default=5.0,
+                        help="seconds to connect to a worker before trying another")
+    router.add_argument("--response-timeout", type=_seconds, default=30.0,
+                        help="seconds a worker may take to answer a request's headers (a frozen one is marked "
+                             "down after this)")
+    router.add_argument("--body-timeout", type=_seconds, default=30.0,
+                        help="seconds a client (or the router, to a worker) may pause while sending a body (408)")
     router.add_argument("--served-model-name", help="model name in responses (default: the workers' model id)")
 
     local = parser.add_argument_group("--local")
