@@ -15,7 +15,6 @@ import pytest
 from disagg_runtime.models.testing import write_random_model
 from disagg_runtime.serve.local import LocalCluster
 
-
 TIMEOUT_S = 3.0
 SLACK_S = 12.0  # a loaded 2-core machine: process scheduling, polls, the retry on another instance
 

@@ -18,8 +18,8 @@ from pydantic import BaseModel
 from ..engine import GenerationRequest, InvalidRequest, RequestTooLarge, SamplingParams, StepOutput
 from ..kv.links import ChannelChoice
 from ..metrics import Role, WorkerMetrics, render
-from .engine_thread import EngineThread
 from .body import BodyLimits
+from .engine_thread import EngineThread
 from .errors import json_errors
 from .http import BadRequest, error_response, stream_ndjson
 from .protocol import PrefillRequest, WorkerStats
