@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import ApiModel
 
@@ -37,6 +37,12 @@ class ClusterSpec(ApiModel):
     gpu: GPUSpec | None = Field(default=None, description="A GPU not among the presets.")
     intra_node_gbps: float = Field(default=300.0, gt=0, le=100000, description="NVLink, GB/s.")
     inter_node_gbps: float = Field(default=25.0, gt=0, le=100000, description="Network, GB/s.")
+
+    @model_validator(mode="after")
+    def _names_a_gpu(self) -> ClusterSpec:
+        if self.gpu is None and self.gpu_type is None:
+            raise ValueError("cluster.gpuType is null and cluster.gpu is not given: name a GPU type or describe the GPU")
+        return self
 
     @property
     def gpu_spec(self) -> GPUSpec:

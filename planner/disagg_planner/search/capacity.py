@@ -68,6 +68,9 @@ def prefill_capacity(latency: LatencyModel, shape: Shape, stats: LengthStats, to
     return per_batch / stage
 
 
+MAX_DECODE_BATCH = 1 << 14  # far above what a decode engine runs at once (the runtime's --max-batch is 256)
+
+
 def decode_capacity(
     latency: LatencyModel, shape: Shape, stats: LengthStats, tpot_slo_s: float, link: float, mem_util: float
 ) -> float:
@@ -79,7 +82,8 @@ def decode_capacity(
     cost = RoundCost(latency, shape.tp, shape.pp, link)
     footprint = stats.mean_input + stats.mean_output
     context = stats.mean_input + stats.mean_output / 2
-    by_memory = int(latency.kv_capacity_tokens(shape.tp, shape.pp, mem_util) // footprint)
+    # Capped: a degenerate shape's memory holds billions of requests, and round times are cached per batch.
+    by_memory = min(int(latency.kv_capacity_tokens(shape.tp, shape.pp, mem_util) // footprint), MAX_DECODE_BATCH)
 
     def round_time(batch: int) -> float:
         return cost.base(batch) + cost.slope * batch * context
