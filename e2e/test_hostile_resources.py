@@ -98,3 +98,20 @@ def test_a_mangled_status_plan_from_another_writer_is_replanned_not_a_crash(api,
 @pytest.fixture(autouse=True)
 def _quiet_kopf_permanent_errors(caplog):
     caplog.set_level("CRITICAL", logger="kopf.objects")
+
+
+def test_legal_names_that_are_no_service_names_still_roll_out_valid_children(api, namespace, start_operator):
+    from disagg_operator.validation import child_problems
+
+    kubectl = Kubectl(api, namespace)
+    operator = start_operator()
+    names = ["chat.bot.v1", "1chat", "n" * 63]
+    for name in names:
+        kubectl.create(name, small())
+    for name in names:
+        children = wait_for(lambda n=name: (s := kubectl.status(n)).get("children")
+                            and len(kubectl.children(n)) == len(s["children"]) and kubectl.children(n),
+                            what=f"{name} rolled out")
+        for obj in children.values():
+            assert child_problems(obj) == [], obj["metadata"]["name"]
+    assert operator.thread.is_alive() and not operator.errors

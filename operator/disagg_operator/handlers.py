@@ -74,9 +74,11 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         gone = await ctx.reconciler.delete_children(body)
         logger.info("deleted %d children with their DisaggServing", len(gone))
 
-    async def workload_changed(namespace: str | None, labels: Mapping[str, str], logger: logging.Logger,
-                               **_: Any) -> None:
-        instance = labels.get(lb.INSTANCE)
+    async def workload_changed(namespace: str | None, labels: Mapping[str, str], meta: Mapping[str, Any],
+                               logger: logging.Logger, **_: Any) -> None:
+        # The owner reference names the resource; the instance label is a hashed form for names over 63.
+        owners = [r.get("name") for r in meta.get("ownerReferences") or [] if r.get("kind") == DISAGG_KIND.kind]
+        instance = owners[0] if owners else labels.get(lb.INSTANCE)
         if namespace and instance:
             moved = await refresh_readiness(ctx.reconciler, namespace, instance)
             if moved is not None:

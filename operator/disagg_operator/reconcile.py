@@ -38,6 +38,7 @@ from .profiles import ProfileResolver
 from .render import Owner, RenderInput, RenderSettings, child_key, render_children
 from .rollout import retiring_endpoints, sort_stale
 from .telemetry.replan import effective_spec
+from .validation import validate_children
 
 log = logging.getLogger(__name__)
 APPLIED_HASH = "disagg.io/applied-hash"
@@ -153,6 +154,7 @@ class Reconciler:
         inp = RenderInput(owner=owner, spec=spec, plan=result.plan, plan_hash=key, profile=profile,
                           settings=self._settings)
         desired = render_children(inp)
+        await asyncio.to_thread(validate_children, desired)  # all or nothing: no child applied if one is refused
         keys = tuple(child_key(o) for o in desired)
         short = None
         if result.plan.predicted_attainment < spec.slo.attainment:  # the cause may need a sample: off the loop
@@ -183,7 +185,7 @@ class Reconciler:
 
     async def _live_children(self, owner: Owner) -> dict[str, dict[str, Any]]:
         """`Kind/name` -> object for every child kind labelled as this resource's."""
-        selector = {lb.NAME: lb.APP_NAME, lb.INSTANCE: owner.name, lb.MANAGED: lb.MANAGED_BY}
+        selector = {lb.NAME: lb.APP_NAME, lb.INSTANCE: lb.instance_value(owner.name), lb.MANAGED: lb.MANAGED_BY}
         lists = await asyncio.gather(*(self.kube.list(kind, owner.namespace, selector) for kind in CHILD_KINDS))
         return {f"{kind.kind}/{obj['metadata']['name']}": obj
                 for kind, objs in zip(CHILD_KINDS, lists, strict=True) for obj in objs}
