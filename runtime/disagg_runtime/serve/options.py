@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 
 
 class ServeError(Exception):
@@ -131,3 +133,30 @@ def check_serve_arguments(args: argparse.Namespace) -> None:
         raise ServeError(f"--stage {args.stage} is not a stage of a --pp {args.pp} pipeline")
     if not 0 < args.kv_memory_fraction <= 1:
         raise ServeError(f"--kv-memory-fraction must be in (0, 1], got {args.kv_memory_fraction}")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ServeError when `host:port` cannot be bound (in use, or not an address of this machine); 0 always works."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ServeError(f"--host {host}: cannot resolve it: {e.strerror or e}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR as aiohttp sets it: a port in TIME_WAIT is free to the server, only a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ServeError(bind_error(host, port, e)) from None
+
+
+def bind_error(host: str, port: int, error: OSError) -> str:
+    """The one-line message for a port that cannot be bound."""
+    if error.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use; stop what listens there or pick another --port (0: any)"
+    if error.errno == errno.EACCES:
+        return f"port {port} on {host} needs privileges; pick a port above 1023"
+    return f"cannot listen on {host}:{port}: {error.strerror or error}"
