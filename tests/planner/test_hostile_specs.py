@@ -156,3 +156,14 @@ def test_a_link_far_too_slow_is_blamed_rather_than_the_slos_or_the_budget():
         with pytest.raises(NoFeasiblePlan) as exc:
             find_plan(parsed, workers=1, affinity=affinity)
         assert "interNodeGbps=0.01" in str(exc.value) and "link is the bottleneck" in str(exc.value)
+
+
+def test_find_plan_takes_a_deadline_itself():
+    parsed = DisaggServingSpec.model_validate(spec(cluster={"nodes": 4096, "gpusPerNode": 64},
+                                                   workload={"rate": 1e6, "dataset": "chatbot"}))
+    t0 = time.monotonic()
+    with pytest.raises(PlanningTimeout):
+        find_plan(parsed, workers=1, deadline_s=1.5)
+    assert time.monotonic() - t0 < 15
+    small = DisaggServingSpec.model_validate(BASE)
+    assert find_plan(small, workers=1, deadline_s=60) == find_plan(small, workers=1)

@@ -183,14 +183,21 @@ def find_colocated_plan(
 def find_plan(
     spec: DisaggServingSpec, profile: LatencyProfile | None = None, *, workers: int | None = None,
     progress: Callable[[int, int], None] | None = None, seed: int = 0, affinity: Affinity | None = None,
+    deadline_s: float | None = None,
 ) -> Plan:
     """The disaggregated plan with the highest per-GPU goodput, with its colocated baseline filled in.
 
     `affinity` forces DistServe's high or low node-affinity algorithm (default: chosen from the network,
     see affinity.py). `seed` picks the simulated request sample; the same seed gives the same plan whatever
     `workers` is. Raises NoFeasiblePlan when the model does not fit the budget or an SLO is below the
-    unloaded latency, PlannerError for an unusable profile.
+    unloaded latency, PlannerError for an unusable profile. With `deadline_s` the search runs in a child
+    process stopped at the deadline (PlanningTimeout; see deadline.py).
     """
+    if deadline_s is not None:
+        from .deadline import plan_within
+
+        return plan_within(find_plan, spec, profile, deadline_s=deadline_s, progress=progress, workers=workers,
+                           seed=seed, affinity=affinity)
     session = _open(spec, profile, workers, progress, seed)
     problem, budget = session.problem, spec.gpu_budget
     with session.pool:

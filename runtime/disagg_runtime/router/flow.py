@@ -216,11 +216,11 @@ class RequestFlow:
     async def _post(self, worker: Worker, path: str, msg: BaseModel) -> aiohttp.ClientResponse:
         """POST `msg`; NoResponse if the worker sends no headers within `response_timeout_s` (frozen)."""
         # model_dump_json keeps non-ASCII text as is (json.dumps would escape it up to 6x past the body limit)
+        request = self.session.post(f"{worker.url}{path}", data=msg.model_dump_json(),
+                                    headers={"Content-Type": "application/json"})
         try:
-            async with asyncio.timeout(self.response_timeout_s):
-                return await self.session.post(f"{worker.url}{path}", data=msg.model_dump_json(),
-                                               headers={"Content-Type": "application/json"})
-        except TimeoutError as e:
+            return await asyncio.wait_for(request, self.response_timeout_s)
+        except asyncio.TimeoutError as e:
             raise NoResponse(f"{worker.role} instance {worker.url} sent no response in "
                              f"{self.response_timeout_s:g}s") from e
 

@@ -50,18 +50,22 @@ async def read_whole_body(request: web.Request, limits: BodyLimits) -> bytes:
         raise BodyError(413, f"request body is {declared} bytes; the limit is {limits.max_bytes}")
     chunks: list[bytes] = []
     size = 0
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limits.total_timeout_s
     try:
-        async with asyncio.timeout(limits.total_timeout_s):
-            while True:
-                chunk = await asyncio.wait_for(request.content.readany(), limits.idle_timeout_s)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limits.max_bytes:
-                    raise BodyError(413, f"request body exceeds the limit of {limits.max_bytes} bytes"
-                                         + (" after decoding" if encoding not in ("", "identity") else ""))
-                chunks.append(chunk)
-    except TimeoutError as e:
+        while True:
+            wait = min(limits.idle_timeout_s, end - loop.time())
+            if wait <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(request.content.readany(), wait)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise BodyError(413, f"request body exceeds the limit of {limits.max_bytes} bytes"
+                                     + (" after decoding" if encoding not in ("", "identity") else ""))
+            chunks.append(chunk)
+    except asyncio.TimeoutError as e:
         raise BodyError(408, f"the request body was not received in time ({size} bytes read; idle limit "
                              f"{limits.idle_timeout_s:g}s, total {limits.total_timeout_s:g}s)") from e
     except (RequestPayloadError, HttpProcessingError, ConnectionError) as e:
