@@ -261,3 +261,36 @@ async def test_a_frozen_prefill_worker_ends_requests_in_the_timeout_and_is_marke
         assert time.monotonic() - t0 < 10
     assert frozen.prefill_calls == 1 and healthy.last_prompt == "x"
     assert not next(w for w in router.pool.workers.values() if w.url.endswith(frozen.url)).healthy
+
+
+async def test_a_decode_instance_that_fails_to_take_the_request_is_an_error_status_not_200(cluster):  # noqa: F811
+    prefill = RecordingWorker("prefill")
+    url, router = await cluster([prefill], [FakeWorker("decode", refuse_decode=True)])
+    async with aiohttp.ClientSession() as s:
+        body = {"prompt": "x", "max_tokens": 8, "stream": True}
+        async with s.post(f"{url}/v1/completions", json=body) as resp:
+            assert resp.status == 503, await resp.text()
+            assert "decode" in envelope(await resp.json())["message"]
+    for _ in range(100):  # the KV parked on the prefill instance is released there
+        if prefill.aborts:
+            break
+        await asyncio.sleep(0.02)
+    assert prefill.aborts
+
+
+async def test_a_frozen_decode_instance_fails_a_stream_before_its_200(cluster):  # noqa: F811
+    decode = FrozenDecode("decode")
+    url, _ = await cluster([RecordingWorker("prefill")], [decode], response_timeout_s=0.5)
+    async with aiohttp.ClientSession() as s:
+        t0 = time.monotonic()
+        async with s.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 8, "stream": True}) as resp:
+            assert resp.status in (503, 504) and envelope(await resp.json())
+        assert time.monotonic() - t0 < 10
+
+
+@dataclass
+class FrozenDecode(FakeWorker):
+    """Answers /stats but never the headers of /decode."""
+
+    async def decode(self, request):
+        await asyncio.sleep(3600)

@@ -122,6 +122,13 @@ class RequestFlow:
         try:
             result, rest = await self._prefill()
             self.prompt_tokens = len(result.prompt_ids)
+            if rest is None and not result.first.finished:
+                # A decode instance takes the request (its response headers) before the client sees the first
+                # token: one that is down, frozen or full fails the request with its own status, not a 200.
+                rest, who = self._decode(result), "decode instance"
+                await rest.__anext__()
+            elif rest is not None:
+                who = f"colocated instance {self._prefill_worker.url}"
             yield result.first
             if result.first.finished:
                 self._done = True
@@ -129,10 +136,6 @@ class RequestFlow:
                     async for _ in rest:  # to the end of the colocated reply (a clean close, see below)
                         pass
                 return
-            if rest is None:
-                rest, who = self._decode(result), "decode instance"
-            else:
-                who = f"colocated instance {self._prefill_worker.url}"
             async for event in rest:
                 yield event
                 if event.finished:
@@ -244,11 +247,13 @@ class RequestFlow:
         raise UpstreamError(502, f"{who} closed the stream before the first token")
 
     async def _decode(self, result: PrefillResult) -> AsyncIterator[TokenEvent]:
+        """Yields None once a decode instance has taken the request, then its tokens."""
         msg = DecodeRequest(request_id=self.request_id, prompt_ids=result.prompt_ids,
                             sampling=self.prefill_msg.sampling, first_token_id=result.first.token_id,
                             kv=result.kv)
         tokens = len(result.prompt_ids) + self.prefill_msg.sampling.max_tokens
         tried: set[str] = set()
+        accepted = False
         while True:
             try:
                 worker = self.pool.pick_decode(tokens, exclude=tried)
@@ -262,6 +267,9 @@ class RequestFlow:
                 async with await self._post(worker, "/decode", msg) as resp:
                     if resp.status != 200:
                         raise await _refusal(resp, who)
+                    if not accepted:
+                        accepted = True
+                        yield None
                     async for m in _ndjson(resp, self.heartbeat_timeout_s, who):
                         if m.get("type") == "error":
                             raise UpstreamError(int(m.get("code", 500)), f"{who}: {m.get('message')}")
