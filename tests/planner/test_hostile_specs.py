@@ -167,3 +167,9 @@ def test_find_plan_takes_a_deadline_itself():
     assert time.monotonic() - t0 < 15
     small = DisaggServingSpec.model_validate(BASE)
     assert find_plan(small, workers=1, deadline_s=60) == find_plan(small, workers=1)
+
+
+def test_explicit_prompts_longer_than_max_prompt_tokens_are_refused():
+    doc = spec(workload={"rate": 2, "dataset": None, "inputLengths": {"edges": [1, 900], "counts": [1]},
+                         "outputLengths": HIST}, runtime={"maxPromptTokens": 512})
+    assert "runtime.maxPromptTokens" in refused(doc)

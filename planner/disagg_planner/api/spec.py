@@ -54,6 +54,12 @@ class DisaggServingSpec(ApiModel):
                 f"{outputs.min_served}, beyond the {context}-token context of {self.model.spec.name}: the runtime "
                 "refuses such requests with 400; cap the histograms at the context or serve a longer-context model"
             )
+        limit = self.runtime.max_prompt_tokens
+        if limit is not None and inputs.max_served > limit:
+            raise ValueError(
+                f"workload.inputLengths reaches {inputs.max_served} tokens but runtime.maxPromptTokens is {limit}: "
+                "the runtime refuses longer prompts with 400; raise runtime.maxPromptTokens or cap the histogram"
+            )
         return self
 
     @property
