@@ -58,8 +58,8 @@ def spec_for(model: str, ttft: float, tpot: float, inter_gbps: float, slowdown: 
     gpu = a100.model_copy(update={"peak_tflops": a100.peak_tflops / slowdown, "hbm_gbps": a100.hbm_gbps / slowdown})
     return DisaggServingSpec.model_validate({
         "model": {"preset": model},
-        "cluster": {"nodes": 4, "gpusPerNode": 8, "gpu": gpu.model_dump(), "intraNodeGbps": 300.0,
-                    "interNodeGbps": inter_gbps},
+        "cluster": {"nodes": 4, "gpusPerNode": 8, "gpu": gpu.model_dump(), "intraNodeBandwidth": "300GB",
+                    "interNodeBandwidth": f"{inter_gbps:g}GB"},
         "workload": {"rate": SATURATING_RATE, "dataset": "chatbot"},
         "slo": {"ttftMs": ttft, "tpotMs": tpot, "attainment": 0.9},
     })

@@ -155,7 +155,7 @@ def test_a_link_far_too_slow_is_blamed_rather_than_the_slos_or_the_budget():
     for affinity in (None, "high"):
         with pytest.raises(NoFeasiblePlan) as exc:
             find_plan(parsed, workers=1, affinity=affinity)
-        assert "interNodeGbps=0.01" in str(exc.value) and "link is the bottleneck" in str(exc.value)
+        assert "interNodeBandwidth=0.01GB" in str(exc.value) and "link is the bottleneck" in str(exc.value)
 
 
 def test_find_plan_takes_a_deadline_itself():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..api.plan import Plan
 from ..api.profile import LatencyProfile
 from ..api.spec import DisaggServingSpec
+from ..api.units import format_bandwidth
 from .latency_source import latency_model
 from .problem import SearchProblem
 
@@ -59,8 +60,9 @@ def link_cause(problem: SearchProblem) -> str | None:
     allowed_s = problem.ttft_s + stats.mean_output * problem.tpot_s
     if transfer_s < LINK_BLAME_SHARE * allowed_s:
         return None
-    return (f"the inter-node link is the bottleneck: at cluster.interNodeGbps={problem.inter_node_gbps:g} GB/s "
+    link = format_bandwidth(problem.inter_node_gbps * 1e9)
+    return (f"the inter-node link is the bottleneck: at cluster.interNodeBandwidth={link} "
             f"moving a mean {stats.mean_input:.0f}-token prompt's KV cache ({kv_bytes / 1e6:.0f} MB) takes "
             f"{transfer_s * 1000:.0f} ms, {transfer_s / allowed_s:.0%} of the {allowed_s * 1000:.0f} ms the SLOs allow "
-            "a mean request; use a faster network (raise cluster.interNodeGbps if it is faster), nodes with "
+            "a mean request; use a faster network (raise cluster.interNodeBandwidth if it is faster), nodes with "
             "enough GPUs for a prefill and a decode instance each, or serve colocated")

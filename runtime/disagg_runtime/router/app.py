@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from ..chat_template import ChatRenderError, ChatTemplate
 from ..metrics import Outcome, RequestMetrics, render
 from ..workers.body import BodyLimits
 from ..workers.errors import json_errors
@@ -22,7 +23,6 @@ from .openai import (
     CompletionRequest,
     Kind,
     ResponseWriter,
-    chat_prompt,
     error_body,
     sse,
 )
@@ -55,6 +55,7 @@ class RouterConfig:
     poll_s: float = 0.5
     served_model_name: str | None = None
     drain_timeout_s: float = 300.0
+    model_path: str | None = None  # read for the model's chat template only (workers hold the weights)
 
 
 def _outcome(status: int) -> Outcome:
@@ -68,6 +69,7 @@ class Router:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = RequestMetrics.create(self.registry)
+        self.chat_template = ChatTemplate.for_model(config.model_path)
         self.in_flight = 0
         self.draining = False
         self.drained = asyncio.Event()
@@ -130,7 +132,7 @@ class Router:
 
     async def models(self, _request: web.Request) -> web.Response:
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "disagg",
-                "max_model_len": self.pool.max_context}
+                "max_model_len": self.pool.max_context, "chat_template": self.chat_template.source}
         return web.json_response({"object": "list", "data": [card]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -158,8 +160,11 @@ class Router:
                 max_tokens = req.max_tokens or 16
             else:
                 req = ChatCompletionRequest.model_validate_json(body)
-                prompt, prompt_ids = chat_prompt(req.messages), None
+                messages = [{"role": m.role, "content": m.text} for m in req.messages]
+                prompt, prompt_ids = self.chat_template.render(messages), None
                 max_tokens = req.requested_max_tokens or self.config.default_chat_max_tokens
+        except ChatRenderError as e:
+            raise BadRequest(str(e)) from e
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
