@@ -76,6 +76,8 @@ class Engine:
                                             block_size=block_size, max_context=cfg.max_context,
                                             cuda_graphs=cuda_graphs)
         self.allocator = BlockAllocator(num_blocks)
+        # A pipeline-parallel stage runs its forward steps through parallel.pipeline.PipelineStepRunner.
+        self.step_runner = None
         # Unseeded sampling draws from here; tensor-parallel ranks pass the same seed so they agree.
         self._rng = torch.Generator(device=self.device)
         if sampling_seed is None:
@@ -304,8 +306,9 @@ class Engine:
 
     def _run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int]) -> torch.Tensor:
         """Forward the packed tokens; float32 logits of the given rows (the tokens that get sampled)."""
-        if self.gpu_runner is not None:
-            return self.gpu_runner.run(tokens, positions, layout, rows)
+        runner = self.step_runner or self.gpu_runner
+        if runner is not None:
+            return runner.run(tokens, positions, layout, rows)
         with torch.inference_mode():
             meta = self.backend.build_metadata(layout, self.device)
             ctx = AttentionContext(self.backend, meta, self.cache.layers)

@@ -20,7 +20,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         check_port_free(args.host or "0.0.0.0", args.port)  # before the model loads and the app starts
         try:
-            run_role(args)
+            return run_role(args)
         except OSError as e:
             if e.errno is None or getattr(e, "filename", None):
                 raise  # not the listening socket (a missing model file, say): keep the real error
