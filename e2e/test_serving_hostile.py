@@ -3,6 +3,7 @@ read whole by every hop, refusals in the JSON envelope from the workers too."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 
@@ -34,13 +35,25 @@ async def test_a_one_megabyte_prompt_is_read_whole_and_refused_for_the_context_n
     assert "context" in message and "JSON" not in message, message
 
 
+async def ready(s: aiohttp.ClientSession, url: str) -> None:
+    """Until the router sees its workers (a loaded machine can miss a poll after the megabyte prompt)."""
+    for _ in range(300):
+        async with s.get(f"{url}/readyz") as resp:
+            if resp.status == 200:
+                return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("the router did not see ready workers within 30 s")
+
+
 async def test_a_gzipped_request_is_served_end_to_end(serving):
     body = gzip.compress(json.dumps({"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}).encode())
     async with aiohttp.ClientSession() as s:
+        await ready(s, serving.url)
         async with s.post(f"{serving.url}/v1/completions", data=body,
                           headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}) as resp:
             assert resp.status == 200, await resp.text()
             assert (await resp.json())["usage"]["completion_tokens"] == 4
+        await ready(s, serving.url)
         assert await complete(s, serving.url, [5, 6, 7], stream=True)
 
 
