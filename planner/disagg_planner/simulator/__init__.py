@@ -5,6 +5,7 @@ from .disaggregated import simulate_disaggregated
 from .types import (
     ColocatedConfig,
     DisaggConfig,
+    KVPolicy,
     ModelDoesNotFitError,
     PhaseShape,
     RequestResult,
@@ -14,6 +15,6 @@ from .types import (
 )
 
 __all__ = [
-    "ColocatedConfig", "DisaggConfig", "ModelDoesNotFitError", "PhaseShape", "RequestResult",
+    "ColocatedConfig", "DisaggConfig", "KVPolicy", "ModelDoesNotFitError", "PhaseShape", "RequestResult",
     "RequestTooLargeError", "SimResult", "SimulationError", "simulate_colocated", "simulate_disaggregated",
 ]

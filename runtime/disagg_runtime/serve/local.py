@@ -22,7 +22,8 @@ from pathlib import Path
 from .model_cache import tiny_model
 from .options import ServeError, check_port_free
 
-_WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-channel",
+_WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-watermark",
+                 "--preemption", "--swap-space-gib", "--kv-channel",
                  "--kv-compression", "--kv-timeout", "--prefill-token-budget", "--max-queue", "--max-batch",
                  "--max-prompt-tokens", "--max-body-bytes", "--body-timeout", "--collective-timeout", "--log-level")
 _ROUTER_FLAGS = ("--max-in-flight", "--max-body-bytes", "--heartbeat-timeout", "--served-model-name",

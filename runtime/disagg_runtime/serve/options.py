@@ -33,6 +33,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _watermark(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def _endpoints(text: str) -> list[str]:
     items = [e.strip() for e in text.split(",") if e.strip()]
     for e in items:
@@ -65,6 +72,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--block-size", type=_positive, default=16, help="KV-cache block size, tokens")
     model.add_argument("--num-kv-blocks", type=_positive, help="KV-cache blocks (default: from memory)")
     model.add_argument("--kv-memory-fraction", type=float, default=0.9)
+    model.add_argument("--kv-watermark", type=_watermark, default=0.01,
+                       help="share of KV blocks a new request must leave free (blocks for outputs come on demand)")
+    model.add_argument("--preemption", choices=["swap", "recompute"], default="swap",
+                       help="when KV runs out: swap the latest admitted request to host memory (bit-exact), or "
+                            "drop its KV and prefill it again on resume")
+    model.add_argument("--swap-space-gib", type=float, default=4.0,
+                       help="host memory for swapped-out KV; beyond it preemption recomputes")
     model.add_argument("--tp", type=_positive, default=1, help="tensor-parallel degree of this instance")
     model.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel degree of this instance")
     model.add_argument("--stage", type=int, help="pipeline stage this pod serves (with --pp > 1)")

@@ -46,7 +46,9 @@ def load_engine(args: argparse.Namespace):
     model_dir = resolve_model_dir(args)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     return Engine.load(model_dir, device=_device(args.device), dtype=dtype, block_size=args.block_size,
-                       num_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction)
+                       num_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
+                       kv_watermark=args.kv_watermark, preemption=args.preemption,
+                       swap_space_bytes=int(args.swap_space_gib * 2**30))
 
 
 def worker_config(args: argparse.Namespace):

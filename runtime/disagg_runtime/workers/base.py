@@ -133,6 +133,7 @@ class Worker(ABC):
         queued, queued_tokens, running = self._load()
         free, total = self.engine.free_blocks, self.engine.total_blocks
         self.metrics.set_load(queued=queued, running=running, blocks_used=total - free, blocks_free=free)
+        self.metrics.set_preempted(self.engine.num_preempted)
         return WorkerStats(role=self.role, model_id=self.engine.model_id,
                            ready=self.started and self.thread.alive and not self.draining,
                            draining=self.draining, queue_depth=queued, queued_tokens=queued_tokens,
