@@ -37,8 +37,11 @@ def test_pathological_searches_stop_at_the_deadline_and_others_are_still_planned
         assert degraded["reason"] == "PlanningTimeout" and f"{DEADLINE_S:g}s deadline" in degraded["message"]
         assert _condition(kubectl, name, "Planned", "False")["reason"] == "PlanningTimeout"
         assert kubectl.children(name) == {}
-    wait_for(lambda: _condition(kubectl, "normal", "Planned") and kubectl.children("normal"), timeout=90,
-             what="the normal resource planned and applied")
+    try:
+        wait_for(lambda: _condition(kubectl, "normal", "Planned") and kubectl.children("normal"), timeout=90,
+                 what="the normal resource planned and applied")
+    except TimeoutError:
+        raise AssertionError(f"normal: {kubectl.status('normal')}") from None
     assert time.monotonic() - t0 < 90
 
 
