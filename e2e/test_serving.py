@@ -50,12 +50,12 @@ async def test_32_concurrent_requests_equal_single_process_generation(serving, m
     assert pulls and float(pulls[0].split()[-1]) >= 32 - sum(len(w) == 1 for w in want.values())
 
 
-async def test_ten_megabyte_prompt_is_refused_with_400(serving):
+async def test_ten_megabyte_prompt_is_refused_with_413(serving):
     async with aiohttp.ClientSession() as s:
         body = json.dumps({"prompt": "lorem " * ((10 << 20) // 6), "max_tokens": 4}).encode()
         async with s.post(f"{serving.url}/v1/completions", data=body) as resp:
             data = await resp.json()
-        assert resp.status == 400 and data["error"]["type"] == "invalid_request_error"
+        assert resp.status == 413 and data["error"]["type"] == "invalid_request_error"
         assert await complete(s, serving.url, [5, 6, 7], stream=False)  # and the router still serves
     assert all(p.poll() is None for p in serving.processes.values())
 

@@ -26,6 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--context", default=None, help="kubeconfig context")
     parser.add_argument("--plan-workers", type=int, default=1, help="processes one plan search may use")
     parser.add_argument("--plan-threads", type=int, default=2, help="plan searches that may run at once")
+    parser.add_argument("--plan-deadline", type=float, default=120.0, metavar="SECONDS",
+                        help="stop a plan search after this long (the resource reports Degraded/PlanningTimeout)")
     parser.add_argument("--profiles-dir", type=Path, default=None,
                         help="directory of latency-profile JSON files (matched by model shape and GPU name)")
     parser.add_argument("--prometheus-url", default=None,
@@ -49,23 +51,51 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     from disagg_operator.runner import OperatorConfig
 
     if args.plan_workers < 1 or args.plan_threads < 1:
-        raise SystemExit("--plan-workers and --plan-threads must be at least 1")
+        raise OperatorCliError("--plan-workers and --plan-threads must be at least 1")
+    if not args.plan_deadline > 0:
+        raise OperatorCliError(f"--plan-deadline must be a positive number of seconds, got {args.plan_deadline}")
     return OperatorConfig(
         namespaces=tuple(args.namespaces), kubeconfig=args.kubeconfig, context=args.context,
-        plan_workers=args.plan_workers, plan_threads=args.plan_threads, profiles_dir=args.profiles_dir,
-        liveness_endpoint=args.liveness, metrics_port=args.metrics_port, prometheus_url=args.prometheus_url, replan_tick=args.replan_tick,
+        plan_workers=args.plan_workers, plan_threads=args.plan_threads, plan_deadline_s=args.plan_deadline,
+        profiles_dir=args.profiles_dir, liveness_endpoint=args.liveness, metrics_port=args.metrics_port,
+        prometheus_url=args.prometheus_url, replan_tick=args.replan_tick,
         render=RenderSettings(gpu_product_label=args.gpu_product_label, image_pull_policy=args.image_pull_policy),
     )
+
+
+class OperatorCliError(Exception):
+    """A setting or an environment the user must fix before the operator can start."""
+
+
+def _check_cluster_access(config: OperatorConfig) -> None:
+    """Fail before kopf starts when there is no Kubernetes configuration to use."""
+    import yaml
+    from disagg_operator.kube import load_api_client
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        load_api_client(config.kubeconfig, config.context).close()
+    except (ConfigException, yaml.YAMLError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        where = config.kubeconfig or "$KUBECONFIG / ~/.kube/config"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OperatorCliError(f"no usable Kubernetes configuration ({where}, or the in-cluster service account): "
+                               f"{detail}; pass --kubeconfig or run inside a cluster") from None
 
 
 def run(args: argparse.Namespace) -> int:
     # kopf and the kubernetes client load only when the operator actually runs (see disagg_cli.main).
     from disagg_operator.runner import run_operator
 
+    try:
+        config = config_from_args(args)
+        _check_cluster_access(config)
+    except OperatorCliError as exc:
+        print(f"disagg operator: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(run_operator(config_from_args(args)))
+        asyncio.run(run_operator(config))
     except KeyboardInterrupt:
         return 130
     return 0

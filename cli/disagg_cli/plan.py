@@ -12,8 +12,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "plan", help="find the highest per-GPU-goodput placement for a spec or DisaggServing manifest",
         description="Search prefill/decode parallelism, replica counts and placement (DistServe's algorithms) "
-        "by simulation, and print the plan with its colocated baseline. Exit 2 on a malformed spec or an "
-        "infeasible problem.",
+        "by simulation, and print the plan with its colocated baseline. Exit 2 on a malformed spec, an "
+        "infeasible problem, a plan below the attainment target (printed, with the shortfall on stderr) or a "
+        "search past --deadline.",
     )
     parser.add_argument("file", type=Path, help="YAML/JSON: a DisaggServing manifest or a bare spec")
     add_search_arguments(parser)
@@ -29,6 +30,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated request sample")
     parser.add_argument("--affinity", choices=["auto", "high", "low"], default="auto",
                         help="force DistServe's high or low node-affinity placement (default: from the network)")
+    parser.add_argument("--deadline", type=float, default=600.0, metavar="SECONDS",
+                        help="stop the search after this long and exit 2 (default 600)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,4 +51,10 @@ def run(args: argparse.Namespace) -> int:
         print(plan.model_dump_json(by_alias=True, indent=2))
     else:
         print_plan(plan, Console())
+    from disagg_planner.search.shortfall import shortfall
+
+    short = shortfall(plan, spec, profile)
+    if short is not None:
+        print(f"disagg plan: target not met: {short.message()}", file=sys.stderr)
+        return 2
     return 0

@@ -39,15 +39,21 @@ def search(spec: DisaggServingSpec, profile: LatencyProfile | None, args: argpar
            colocated: bool = False) -> Plan:
     """find_plan (or find_colocated_plan) with a progress bar on stderr; planner errors become CliError."""
     from disagg_planner.search import find_colocated_plan, find_plan
+    from disagg_planner.search.deadline import plan_within
 
     if args.workers is not None and args.workers < 1:
         raise CliError(f"--workers must be at least 1, got {args.workers}")
+    deadline = getattr(args, "deadline", None)
+    if deadline is not None and not deadline > 0:
+        raise CliError(f"--deadline must be a positive number of seconds, got {deadline}")
     try:
         with search_progress("colocated baseline" if colocated else "searching placements", err) as progress:
+            fn, kwargs = find_plan, {"affinity": None if args.affinity == "auto" else args.affinity}
             if colocated:
-                return find_colocated_plan(spec, profile, workers=args.workers, progress=progress, seed=args.seed)
-            affinity = None if args.affinity == "auto" else args.affinity
-            return find_plan(spec, profile, workers=args.workers, progress=progress, seed=args.seed,
-                             affinity=affinity)
+                fn, kwargs = find_colocated_plan, {}
+            if deadline is None:
+                return fn(spec, profile, workers=args.workers, progress=progress, seed=args.seed, **kwargs)
+            return plan_within(fn, spec, profile, deadline_s=deadline, progress=progress, workers=args.workers,
+                               seed=args.seed, **kwargs)
     except PlannerError as exc:
         raise CliError(str(exc)) from None

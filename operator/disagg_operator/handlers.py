@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
-from disagg_planner.errors import NoFeasiblePlan, PlannerError
+from disagg_planner.errors import NoFeasiblePlan, PlannerError, PlanningTimeout
 
 from . import labels as lb
 from . import reporting
@@ -74,9 +74,11 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         gone = await ctx.reconciler.delete_children(body)
         logger.info("deleted %d children with their DisaggServing", len(gone))
 
-    async def workload_changed(namespace: str | None, labels: Mapping[str, str], logger: logging.Logger,
-                               **_: Any) -> None:
-        instance = labels.get(lb.INSTANCE)
+    async def workload_changed(namespace: str | None, labels: Mapping[str, str], meta: Mapping[str, Any],
+                               logger: logging.Logger, **_: Any) -> None:
+        # The owner reference names the resource; the instance label is a hashed form for names over 63.
+        owners = [r.get("name") for r in meta.get("ownerReferences") or [] if r.get("kind") == DISAGG_KIND.kind]
+        instance = owners[0] if owners else labels.get(lb.INSTANCE)
         if namespace and instance:
             moved = await refresh_readiness(ctx.reconciler, namespace, instance)
             if moved is not None:
@@ -104,14 +106,25 @@ async def _reconcile(ctx: OperatorContext, body: kopf.Body, logger: logging.Logg
 async def _reconcile_locked(ctx: OperatorContext, cr: dict[str, Any], logger: logging.Logger, retry: int) -> None:
     prev = reporting.previous_status(cr)
     generation = cr["metadata"].get("generation")
+    async def searching() -> None:
+        message = f"searching placements (deadline {ctx.planning.deadline_s:g}s)"
+        try:
+            await _write_status(ctx, cr, reporting.to_patch(reporting.planning_status(prev, message, generation)))
+        except KubeApiError as exc:  # the search goes on; its outcome is written after
+            logger.warning("could not write the Planning status: %s", exc)
+
     try:
-        outcome = await ctx.reconciler.reconcile(cr)
+        outcome = await ctx.reconciler.reconcile(cr, before_search=searching)
     except InvalidSpecError as exc:
         await _fail(ctx, cr, prev, generation, reporting.INVALID_SPEC, str(exc), planned=False)
         raise kopf.PermanentError(f"invalid spec: {exc}") from exc
     except ProfileError as exc:
         await _fail(ctx, cr, prev, generation, exc.reason, str(exc), planned=False)
         raise kopf.TemporaryError(str(exc), delay=_backoff(retry)) from exc
+    except PlanningTimeout as exc:
+        # Permanent until the spec changes: the same search would be stopped again, holding a thread meanwhile.
+        await _fail(ctx, cr, prev, generation, reporting.PLANNING_TIMEOUT, str(exc), planned=False)
+        raise kopf.PermanentError(str(exc)) from exc
     except NoFeasiblePlan as exc:
         await _fail(ctx, cr, prev, generation, reporting.NO_FEASIBLE_PLAN, str(exc), planned=False)
         raise kopf.PermanentError(str(exc)) from exc

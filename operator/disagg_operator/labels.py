@@ -8,9 +8,11 @@ plan must not restart pods whose shape it keeps (changing a template label would
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Mapping
 
-from .errors import RenderError
+from disagg_planner.api.kube_names import is_dns1035_label, label_value_error
 
 APP_NAME = "disagg"
 MANAGED_BY = "disagg-operator"
@@ -32,20 +34,49 @@ MAX_NAME = 63
 MAX_STATEFULSET_NAME = 52
 
 
+_HASH_LEN = 6
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:_HASH_LEN]
+
+
+def instance_value(instance: str) -> str:
+    """The instance label's value: the DisaggServing's name, or (over 63 characters) a hashed short form."""
+    return instance if label_value_error(instance) is None else base_name(instance, MAX_NAME)
+
+
+def base_name(instance: str, room: int) -> str:
+    """A DNS-1035 label of at most `room` characters standing for the DisaggServing `instance`.
+
+    A CR name is a DNS-1123 subdomain: it may hold dots, start with a digit and run to 253 characters, none
+    of which a Service name may. Such names are mapped to lowercase letters, digits and '-', prefixed when
+    they do not start with a letter, cut to fit, and then end in a hash of the full name, so two
+    resources whose names map alike ("chat.bot", "chat-bot") still get different children.
+    """
+    if len(instance) <= room and is_dns1035_label(instance):
+        return instance
+    clean = re.sub(r"[^a-z0-9]+", "-", instance.lower()).strip("-")
+    if not clean[:1].isalpha():
+        clean = f"d-{clean}".rstrip("-")
+    head = clean[:max(room - _HASH_LEN - 1, 1)].rstrip("-")
+    return f"{head}-{_digest(instance)}"
+
+
 def common_labels(instance: str, plan_hash: str) -> dict[str, str]:
     """Labels on every child of one DisaggServing."""
-    return {NAME: APP_NAME, INSTANCE: instance, MANAGED: MANAGED_BY, PLAN_HASH: plan_hash}
+    return {NAME: APP_NAME, INSTANCE: instance_value(instance), MANAGED: MANAGED_BY, PLAN_HASH: plan_hash}
 
 
 def pod_labels(instance: str) -> dict[str, str]:
     """Labels on every runtime pod of one DisaggServing (no plan hash: see the module docstring)."""
-    return {NAME: APP_NAME, INSTANCE: instance, MANAGED: MANAGED_BY}
+    return {NAME: APP_NAME, INSTANCE: instance_value(instance), MANAGED: MANAGED_BY}
 
 
 def selector_labels(instance: str, component: str, shape: str | None = None) -> dict[str, str]:
     """The immutable pod selector of one workload; worker groups add their shape, so the workloads of
     two plans that run side by side during a rollout never select each other's pods."""
-    labels = {NAME: APP_NAME, INSTANCE: instance, COMPONENT: component}
+    labels = {NAME: APP_NAME, INSTANCE: instance_value(instance), COMPONENT: component}
     if shape is not None:
         labels[SHAPE] = shape
     return labels
@@ -57,7 +88,7 @@ def selector_string(labels: Mapping[str, str]) -> str:
 
 def owned_selector(instance: str) -> str:
     """Every child of one DisaggServing (all plan hashes)."""
-    return selector_string({NAME: APP_NAME, INSTANCE: instance, MANAGED: MANAGED_BY})
+    return selector_string({NAME: APP_NAME, INSTANCE: instance_value(instance), MANAGED: MANAGED_BY})
 
 
 def managed_selector() -> str:
@@ -72,14 +103,14 @@ def matches(labels: Mapping[str, str] | None, wanted: Mapping[str, str]) -> bool
 
 
 def child_name(instance: str, component: str, *, limit: int = MAX_NAME) -> str:
-    """`<instance>-<component>`, refused beyond `limit` characters (63: a Service/label value)."""
-    name = f"{instance}-{component}"
-    if len(name) > limit:
-        raise RenderError(
-            f"child name {name!r} is longer than {limit} characters; use a shorter DisaggServing name "
-            f"(at most {limit - len(component) - 1} characters)"
-        )
-    return name
+    """`<instance>-<component>`: a DNS-1035 label of at most `limit` characters (63: a Service name) for any
+    legal DisaggServing name; the instance part is shortened with a hash (`base_name`) where needed."""
+    return f"{base_name(instance, limit - len(component) - 1)}-{component}"
+
+
+def service_name(instance: str) -> str:
+    """The router Service, the address clients use: the DisaggServing's own name where it is a valid one."""
+    return base_name(instance, MAX_NAME)
 
 
 def worker_name(instance: str, component: str, shape: str) -> str:

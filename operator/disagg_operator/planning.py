@@ -1,7 +1,9 @@
 """Planning off the event loop, cached by the spec's planning hash.
 
 The search is CPU-bound Python that can take seconds; it runs in a small thread pool so kopf keeps
-serving watch streams and other resources meanwhile. Plans are cached by
+serving watch streams and other resources meanwhile. The planner's own search runs in a child process
+that is killed at the planning deadline (PlanningTimeout) or when nobody waits for it any more, so a
+pathological resource holds a thread for at most the deadline and every other resource gets its turn. Plans are cached by
 `(spec.planning_hash(), profile digest)`: an update that only touches the image, scheduling or
 `paused` re-renders without re-planning, and two resources with the same planning inputs share
 one search (concurrent requests for the same key wait on the same future).
@@ -11,23 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from disagg_planner.api import DisaggServingSpec, LatencyProfile, Plan
+from disagg_planner.errors import PlanningTimeout
+from disagg_planner.search.deadline import DEFAULT_DEADLINE_S, plan_within
 
 PlanFn = Callable[..., Plan]
-
-
-def default_plan_fn() -> PlanFn:
-    """The planner's search entry point, imported when first needed."""
-    from disagg_planner.search import find_plan
-
-    return find_plan
+BeforeSearch = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,19 @@ def profile_digest(profile: LatencyProfile | None) -> str:
 
 
 class PlanningService:
-    """Runs `plan_fn(spec, profile, workers=...)` in threads; caches results per planning hash."""
+    """Runs `plan_fn(spec, profile, workers=...)` in threads; caches results per planning hash.
+
+    Without `plan_fn` the planner's search runs in a killable child process bounded by `deadline_s`; an
+    injected `plan_fn` (tests, other planners) runs in the thread itself, and its waiters are answered
+    PlanningTimeout at the deadline while the thread finishes on its own.
+    """
 
     def __init__(self, plan_fn: PlanFn | None = None, *, workers: int = 1, threads: int = 2,
-                 cache_size: int = 256) -> None:
+                 cache_size: int = 256, deadline_s: float = DEFAULT_DEADLINE_S) -> None:
+        if not deadline_s > 0:
+            raise ValueError(f"the planning deadline must be positive, got {deadline_s}")
         self._plan_fn = plan_fn
+        self.deadline_s = deadline_s
         self._workers = workers
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="disagg-plan")
         self._cache: OrderedDict[str, Plan] = OrderedDict()
@@ -95,24 +102,50 @@ class PlanningService:
     def key(spec: DisaggServingSpec, profile: LatencyProfile | None) -> str:
         return f"{spec.planning_hash()}-{profile_digest(profile)}"
 
-    async def plan(self, spec: DisaggServingSpec, profile: LatencyProfile | None) -> PlanResult:
+    def _run(self, spec: DisaggServingSpec, profile: LatencyProfile | None, cancel: threading.Event,
+             on_start: Callable[[], None]) -> Plan:
+        on_start()
+        if self._plan_fn is None:
+            from disagg_planner.search import find_plan
+
+            return plan_within(find_plan, spec, profile, deadline_s=self.deadline_s, cancel=cancel,
+                               workers=self._workers)
+        return self._plan_fn(spec, profile, workers=self._workers)
+
+    async def plan(self, spec: DisaggServingSpec, profile: LatencyProfile | None,
+                   before_search: BeforeSearch | None = None) -> PlanResult:
+        """The plan for `spec`, cached or searched; `before_search` runs first when the caller must wait."""
         key = self.key(spec, profile)
         if key in self._cache:
             self._cache.move_to_end(key)
             self.hits += 1
             return PlanResult(self._cache[key], cached=True)
+        if before_search is not None:
+            await before_search()
         if key in self._inflight:
             return PlanResult(await asyncio.shield(self._inflight[key]), cached=True)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Plan] = loop.create_future()
         self._inflight[key] = future
+        cancel = threading.Event()
         try:
-            plan_fn = self._plan_fn or default_plan_fn()
             self.searches += 1
             started = loop.time()
+            running = asyncio.Event()
             try:
-                plan = await loop.run_in_executor(self._pool, partial(plan_fn, spec, profile, workers=self._workers))
+                search = loop.run_in_executor(self._pool, partial(self._run, spec, profile, cancel,
+                                                                  partial(loop.call_soon_threadsafe, running.set)))
+                # The deadline counts from the start of the search, not from the wait for a free thread. The
+                # child process enforces it itself; this bound covers an injected plan_fn, and the slack the
+                # child's start-up and kill take.
+                began = asyncio.ensure_future(running.wait())
+                await asyncio.wait({search, began}, return_when=asyncio.FIRST_COMPLETED)
+                began.cancel()
+                plan = await asyncio.wait_for(search, self.deadline_s + (30 if self._plan_fn is None else 0))
+            except asyncio.TimeoutError:
+                raise PlanningTimeout(self.deadline_s) from None
             finally:
+                cancel.set()  # a search nobody waits for any more (cancelled, timed out) is killed
                 self.search_seconds += loop.time() - started
             future.set_result(plan)
             self.remember(key, plan)

@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
 from disagg_planner.api import DisaggServingSpec, Plan
+from disagg_planner.search.shortfall import TargetShortfall, shortfall
 from pydantic import ValidationError
 
 from . import labels as lb
@@ -31,13 +33,15 @@ from .crd import API_VERSION, KIND, PLURAL, VERSION
 from .errors import InvalidSpecError
 from .kube import CHILD_KINDS, Kind, KubeClient
 from .locks import KeyedLocks
-from .planning import PlanningService, ProfileStore
+from .planning import BeforeSearch, PlanningService, ProfileStore
 from .profiles import ProfileResolver
 from .render import Owner, RenderInput, RenderSettings, child_key, render_children
 from .rollout import retiring_endpoints, sort_stale
 from .telemetry.replan import effective_spec
 from .token_secret import desired_token_secret
+from .validation import validate_children
 
+log = logging.getLogger(__name__)
 APPLIED_HASH = "disagg.io/applied-hash"
 DISAGG_KIND = Kind(API_VERSION, KIND, PLURAL)
 DISAGG_CHILD = {kind.kind: kind for kind in CHILD_KINDS}
@@ -59,6 +63,7 @@ class Outcome:
     pruned: tuple[str, ...]
     ready: bool  # every workload of the plan ready, and nothing of an earlier plan left serving
     retiring: tuple[str, ...] = ()  # children of earlier plans serving until the plan's workloads are ready
+    shortfall: TargetShortfall | None = None  # the plan is the budget's best but misses the attainment target
 
 
 def parse_spec(raw: Mapping[str, Any] | None) -> DisaggServingSpec:
@@ -130,8 +135,9 @@ class Reconciler:
         """Hold this while reconciling one resource and writing its status."""
         return self._locks.hold((namespace, name))
 
-    async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
-        status = body.get("status") or {}
+    async def reconcile(self, body: Mapping[str, Any], before_search: BeforeSearch | None = None) -> Outcome:
+        """Plan (running `before_search` first when a search must run), render, apply, prune."""
+        status = body.get("status") if isinstance(body.get("status"), Mapping) else {}
         # A drift re-plan's observed workload (status.replan) stands in for spec.workload until the spec's
         # workload is edited; without this a resume or an image change would undo the re-plan.
         spec = effective_spec(parse_spec(body.get("spec")), status)
@@ -139,16 +145,24 @@ class Reconciler:
         profile = await self._profiles.resolve(spec, owner.namespace)
         key = self._planning.key(spec, profile)
         if status.get("planHash") == key and status.get("plan"):
-            # Survives operator restarts: a resource planned before is not searched again.
-            self._planning.remember(key, Plan.model_validate(status["plan"]))
-        result = await self._planning.plan(spec, profile)
+            # Survives operator restarts: a resource planned before is not searched again. A plan some
+            # other writer mangled is not trusted: the search runs again.
+            try:
+                self._planning.remember(key, Plan.model_validate(status["plan"]))
+            except ValidationError:
+                log.warning("ignoring the unreadable status.plan of %s/%s", owner.namespace, owner.name)
+        result = await self._planning.plan(spec, profile, before_search)
         secret, token = await desired_token_secret(self.kube, owner, key, spec.internal_token.rotation)
         inp = RenderInput(owner=owner, spec=spec, plan=result.plan, plan_hash=key, profile=profile,
                           settings=self._settings, internal_token=token)
         desired = [secret, *render_children(inp)]
+        await asyncio.to_thread(validate_children, desired)  # all or nothing: no child applied if one is refused
         keys = tuple(child_key(o) for o in desired)
+        short = None
+        if result.plan.predicted_attainment < spec.slo.attainment:  # the cause may need a sample: off the loop
+            short = await asyncio.to_thread(shortfall, result.plan, spec, profile)
         common = dict(spec=spec, plan=result.plan, plan_hash=key, plan_cached=result.cached,
-                      plan_changed=status.get("planHash") != key, children=keys)
+                      plan_changed=status.get("planHash") != key, children=keys, shortfall=short)
         if spec.paused:
             return Outcome(**common, paused=True, applied=(), pruned=(), ready=False)
 
@@ -173,7 +187,7 @@ class Reconciler:
 
     async def _live_children(self, owner: Owner) -> dict[str, dict[str, Any]]:
         """`Kind/name` -> object for every child kind labelled as this resource's."""
-        selector = {lb.NAME: lb.APP_NAME, lb.INSTANCE: owner.name, lb.MANAGED: lb.MANAGED_BY}
+        selector = {lb.NAME: lb.APP_NAME, lb.INSTANCE: lb.instance_value(owner.name), lb.MANAGED: lb.MANAGED_BY}
         lists = await asyncio.gather(*(self.kube.list(kind, owner.namespace, selector) for kind in CHILD_KINDS))
         return {f"{kind.kind}/{obj['metadata']['name']}": obj
                 for kind, objs in zip(CHILD_KINDS, lists, strict=True) for obj in objs}

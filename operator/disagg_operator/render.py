@@ -328,6 +328,7 @@ def _router_deployment(inp: RenderInput) -> dict[str, Any]:
 
 def _router_service(inp: RenderInput) -> dict[str, Any]:
     # Named after the DisaggServing itself: the one address clients use.
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(inp, inp.owner.name, "router", "router"),
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(inp, lb.service_name(inp.owner.name), "router", "router"),
             "spec": {"type": "ClusterIP", "selector": lb.selector_labels(inp.owner.name, "router"),
                      "ports": [{"name": "http", "port": 80, "targetPort": "router", "protocol": "TCP"}]}}

@@ -22,11 +22,15 @@ PLANNING_FAILED = "PlanningFailed"
 RENDER_FAILED = "RenderFailed"
 APPLY_FAILED = "ApplyFailed"
 ROLLING_OUT = "RollingOut"
+PLANNING_TIMEOUT = "PlanningTimeout"
+TARGET_NOT_MET = "TargetNotMet"
+PLANNING = "Planning"
 
 
 def previous_status(body: Mapping[str, Any]) -> DisaggServingStatus:
     """The stored status, tolerating fields other writers (or older operators) left behind."""
-    raw = dict(body.get("status") or {})
+    stored = body.get("status")
+    raw = dict(stored) if isinstance(stored, Mapping) else {}
     known = {f.alias or name for name, f in DisaggServingStatus.model_fields.items()} | set(
         DisaggServingStatus.model_fields)
     try:
@@ -49,10 +53,27 @@ def describe_plan(plan: Plan) -> str:
             f"({plan.per_gpu_goodput:.3g} per GPU{gain}) for {plan.target_rate_rps:.3g} req/s target")
 
 
+def planning_status(prev: DisaggServingStatus, message: str, generation: int | None) -> DisaggServingStatus:
+    """Planned=Unknown while the resource waits for a search (so every resource has a status meanwhile).
+
+    observedGeneration stays: the generation is observed once its outcome is written.
+    """
+    conds = set_condition(prev.conditions, "Planned", "Unknown", PLANNING, message, generation=generation)
+    return prev.model_copy(update={"conditions": conds})
+
+
 def success_status(prev: DisaggServingStatus, outcome: Outcome, generation: int | None) -> DisaggServingStatus:
     conds = set_condition(prev.conditions, "Planned", "True", "PlanFound", describe_plan(outcome.plan),
                           generation=generation)
-    conds = set_condition(conds, "Degraded", "False", "AsExpected", generation=generation)
+    if outcome.shortfall is not None:
+        # The budget's best plan is applied, but it is not what was asked for: say so, with the numbers.
+        short = outcome.shortfall
+        message = short.message()
+        conds = set_condition(conds, "TargetNotMet", "True", TARGET_NOT_MET, message, generation=generation)
+        conds = set_condition(conds, "Degraded", "True", TARGET_NOT_MET, message, generation=generation)
+    else:
+        conds = [c for c in conds if c.type != "TargetNotMet"]
+        conds = set_condition(conds, "Degraded", "False", "AsExpected", generation=generation)
     phase: Phase
     if outcome.paused:
         phase = "Paused"

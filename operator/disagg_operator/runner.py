@@ -38,6 +38,7 @@ class OperatorConfig:
     context: str | None = None
     plan_workers: int = 1
     plan_threads: int = 2
+    plan_deadline_s: float = 120.0  # a search past it is stopped: Degraded, reason PlanningTimeout
     profiles_dir: Path | None = None
     liveness_endpoint: str | None = None
     metrics_port: int | None = None  # GET /metrics on 0.0.0.0:PORT (metrics.py); None: not served
@@ -68,7 +69,8 @@ def operator_settings(namespaces: tuple[str, ...] = ()) -> kopf.OperatorSettings
 def build_context(config: OperatorConfig, *, plan_fn: PlanFn | None = None) -> OperatorContext:
     """Clients and services for one operator run. `plan_fn` defaults to the planner's find_plan."""
     kube = KubeClient(load_api_client(config.kubeconfig, config.context))
-    planning = PlanningService(plan_fn, workers=config.plan_workers, threads=config.plan_threads)
+    planning = PlanningService(plan_fn, workers=config.plan_workers, threads=config.plan_threads,
+                               deadline_s=config.plan_deadline_s)
     reconciler = Reconciler(kube, planning, ProfileStore(config.profiles_dir), config.render)
     return OperatorContext(kube=kube, planning=planning, reconciler=reconciler, namespaces=config.namespaces)
 

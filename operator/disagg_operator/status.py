@@ -15,7 +15,8 @@ from pydantic import Field
 
 from .telemetry.status import ReplanStatus
 
-ConditionType = Literal["Planned", "Ready", "Progressing", "Degraded"]
+# TargetNotMet is present only while the plan misses its attainment target (abnormal-true, like Degraded).
+ConditionType = Literal["Planned", "Ready", "Progressing", "Degraded", "TargetNotMet"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 Phase = Literal["Pending", "Paused", "Progressing", "Ready", "Degraded"]
 

@@ -179,20 +179,20 @@ async def test_bad_requests_get_400_with_an_openai_error(cluster, body, message)
     assert prefill.prefill_calls == 0
 
 
-async def test_ten_megabyte_prompt_is_a_400_and_the_router_carries_on(cluster):
+async def test_ten_megabyte_prompt_is_a_413_and_the_router_carries_on(cluster):
     url, _ = await cluster([FakeWorker("prefill")], [FakeWorker("decode")], max_body_bytes=1 << 20)
     big = json.dumps({"prompt": "x" * (10 << 20), "max_tokens": 4}).encode()
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{url}/v1/completions", data=big) as resp:
             data = await resp.json()
-            assert resp.status == 400 and "limit" in data["error"]["message"]
+            assert resp.status == 413 and "limit" in data["error"]["message"]
 
         async def chunked():  # no Content-Length: the limit must hold while reading
             for _ in range(10):
                 yield b"x" * (1 << 20)
 
         async with s.post(f"{url}/v1/completions", data=chunked()) as resp:
-            assert resp.status == 400
+            assert resp.status == 413
         async with s.post(f"{url}/v1/completions", json={"prompt": "ok", "max_tokens": 5}) as resp:
             assert resp.status == 200
 

@@ -100,6 +100,12 @@ class ClusterSpec(ApiModel):
         """The planner's unit for links: GB/s (10^9 bytes per second)."""
         return self.inter_node_bandwidth / 1e9
 
+    @model_validator(mode="after")
+    def _names_a_gpu(self) -> ClusterSpec:
+        if self.gpu is None and self.gpu_type is None:
+            raise ValueError("cluster.gpuType is null and cluster.gpu is not given: name a GPU type or describe the GPU")
+        return self
+
     @property
     def gpu_spec(self) -> GPUSpec:
         if self.gpu is not None:

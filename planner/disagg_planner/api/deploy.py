@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from .base import ApiModel
+from .kube_names import extended_resource_error, image_error, label_value_error, qualified_name_error
+
+
+def _check(problem: str | None) -> None:
+    if problem:
+        raise ValueError(problem)
 
 
 class RuntimeSpec(ApiModel):
@@ -21,6 +27,12 @@ class RuntimeSpec(ApiModel):
     max_prompt_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
     router_replicas: int = Field(default=1, ge=1, le=64)
 
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        _check(image_error(v))
+        return v
+
 
 class Toleration(ApiModel):
     """A pod toleration, passed through to every runtime pod."""
@@ -31,13 +43,42 @@ class Toleration(ApiModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = Field(default=None, ge=0)
 
+    @model_validator(mode="after")
+    def _as_kubernetes_validates(self) -> Toleration:
+        if self.key:
+            _check(qualified_name_error(self.key))
+        if self.value:
+            _check(label_value_error(self.value))
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists takes no value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must use operator Exists (it then tolerates every taint)")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds applies to effect NoExecute only")
+        return self
+
 
 class SchedulingSpec(ApiModel):
     """Where runtime pods may go."""
 
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
-    gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name for GPUs.")
+    gpu_resource: str = Field(default="nvidia.com/gpu", max_length=316,
+                              description="Extended resource name for GPUs.")
+
+    @field_validator("node_selector")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            _check(qualified_name_error(key))
+            _check(label_value_error(value))
+        return v
+
+    @field_validator("gpu_resource")
+    @classmethod
+    def _resource(cls, v: str) -> str:
+        _check(extended_resource_error(v))
+        return v
 
 
 class ReplanSpec(ApiModel):

@@ -44,6 +44,28 @@ class DisaggServingSpec(ApiModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _lengths_within_context(self) -> DisaggServingSpec:
+        # Named datasets are truncated to the context (as their clients do); explicit histograms are the
+        # user's own lengths, and the runtime refuses a prompt plus output beyond the context with 400.
+        inputs, outputs = self.workload.input_lengths, self.workload.output_lengths
+        if inputs is None or outputs is None:
+            return self
+        context = self.model.spec.max_context
+        if inputs.max_served + outputs.min_served > context:
+            raise ValueError(
+                f"workload.inputLengths reaches {inputs.max_served} tokens and workload.outputLengths starts at "
+                f"{outputs.min_served}, beyond the {context}-token context of {self.model.spec.name}: the runtime "
+                "refuses such requests with 400; cap the histograms at the context or serve a longer-context model"
+            )
+        limit = self.runtime.max_prompt_tokens
+        if limit is not None and inputs.max_served > limit:
+            raise ValueError(
+                f"workload.inputLengths reaches {inputs.max_served} tokens but runtime.maxPromptTokens is {limit}: "
+                "the runtime refuses longer prompts with 400; raise runtime.maxPromptTokens or cap the histogram"
+            )
+        return self
+
     @property
     def gpu_budget(self) -> int:
         return self.search.gpu_budget or self.cluster.total_gpus

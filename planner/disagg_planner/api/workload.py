@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from .base import ApiModel
 
 DatasetName = Literal["chatbot", "code", "summarization"]
+# Bounds that keep sampling and the search finite: lengths within the longest context a model may have,
+# counts whose sum stays a finite float, rates whose inter-arrival times a simulation can step through.
+MAX_LENGTH = 1 << 21
+MAX_COUNT = 1e15
+MIN_RATE = 1e-3
+Length = Annotated[int, Field(ge=1, le=MAX_LENGTH)]
+Count = Annotated[float, Field(ge=0, le=MAX_COUNT, allow_inf_nan=False)]
 
 
 class LengthHistogram(ApiModel):
     """Token-length histogram: `counts[i]` requests with lengths in [edges[i], edges[i+1])."""
 
-    edges: list[int] = Field(min_length=2, max_length=1024)
-    counts: list[float] = Field(min_length=1, max_length=1023)
+    edges: list[Length] = Field(min_length=2, max_length=1024)
+    counts: list[Count] = Field(min_length=1, max_length=1023)
 
     @model_validator(mode="after")
     def _consistent(self) -> LengthHistogram:
@@ -25,9 +33,19 @@ class LengthHistogram(ApiModel):
             raise ValueError("edges must be strictly increasing")
         if self.edges[0] < 1:
             raise ValueError("lengths start at 1 token")
-        if any(c < 0 for c in self.counts) or sum(self.counts) <= 0:
-            raise ValueError("counts must be non-negative with a positive total")
+        if any(c < 0 for c in self.counts) or not 0 < math.fsum(self.counts) < math.inf:
+            raise ValueError("counts must be non-negative with a positive, finite total")
         return self
+
+    @property
+    def min_served(self) -> int:
+        """Shortest length with a positive count."""
+        return next(a for a, c in zip(self.edges, self.counts, strict=False) if c > 0)
+
+    @property
+    def max_served(self) -> int:
+        """Longest length with a positive count."""
+        return next(b for b, c in zip(self.edges[::-1][:-1], self.counts[::-1], strict=False) if c > 0) - 1
 
     @property
     def mean(self) -> float:
@@ -42,7 +60,7 @@ class LengthHistogram(ApiModel):
 class WorkloadSpec(ApiModel):
     """Poisson arrivals at `rate` req/s; lengths from a named dataset shape or explicit histograms."""
 
-    rate: float = Field(gt=0, le=1e6, description="Target arrival rate, requests/s.")
+    rate: float = Field(ge=MIN_RATE, le=1e6, description="Target arrival rate, requests/s.")
     dataset: DatasetName | None = Field(default="chatbot", description="Named length shape.")
     input_lengths: LengthHistogram | None = None
     output_lengths: LengthHistogram | None = None

@@ -74,6 +74,9 @@ def prefill_capacity(latency: LatencyModel, shape: Shape, stats: LengthStats, to
     return per_batch / stage
 
 
+MAX_DECODE_BATCH = 1 << 14  # far above what a decode engine runs at once (the runtime's --max-batch is 256)
+
+
 def decode_capacity(
     latency: LatencyModel, shape: Shape, stats: LengthStats, tpot_slo_s: float, link: float, mem_util: float
 ) -> float:
@@ -88,7 +91,8 @@ def decode_capacity(
     footprint = mean_kv_tokens(stats.mean_input, stats.mean_output, KV_BLOCK_SIZE)
     context = stats.mean_input + stats.mean_output / 2
     usable = usable_kv_tokens(latency.kv_capacity_tokens(shape.tp, shape.pp, mem_util), KV_BLOCK_SIZE, KV_WATERMARK)
-    by_memory = int(usable // footprint)
+    # Capped: a degenerate shape's memory holds billions of requests, and round times are cached per batch.
+    by_memory = min(int(usable // footprint), MAX_DECODE_BATCH)
 
     def round_time(batch: int) -> float:
         return cost.base(batch) + cost.slope * batch * context

@@ -29,6 +29,7 @@ from .latency_source import latency_model
 from .problem import IDEAL_LINK_GBPS, SearchProblem
 from .runner import Item, PhaseCache, Progress, TaskPool, branch_and_bound
 from .shapes import Segments, Shape, instance_shapes, segment_units
+from .shortfall import link_cause
 from .system import Layout, Measured, measure, place
 
 # Whole-system simulations per search: the best-ranked candidates that pack onto the nodes.
@@ -199,14 +200,21 @@ def find_colocated_plan(
 def find_plan(
     spec: DisaggServingSpec, profile: LatencyProfile | None = None, *, workers: int | None = None,
     progress: Callable[[int, int], None] | None = None, seed: int = 0, affinity: Affinity | None = None,
+    deadline_s: float | None = None,
 ) -> Plan:
     """The disaggregated plan with the highest per-GPU goodput, with its colocated baseline filled in.
 
     `affinity` forces DistServe's high or low node-affinity algorithm (default: chosen from the network,
     see affinity.py). `seed` picks the simulated request sample; the same seed gives the same plan whatever
     `workers` is. Raises NoFeasiblePlan when the model does not fit the budget or an SLO is below the
-    unloaded latency, PlannerError for an unusable profile.
+    unloaded latency, PlannerError for an unusable profile. With `deadline_s` the search runs in a child
+    process stopped at the deadline (PlanningTimeout; see deadline.py).
     """
+    if deadline_s is not None:
+        from .deadline import plan_within
+
+        return plan_within(find_plan, spec, profile, deadline_s=deadline_s, progress=progress, workers=workers,
+                           seed=seed, affinity=affinity)
     session = _open(spec, profile, workers, progress, seed)
     problem, budget = session.problem, spec.gpu_budget
     with session.pool:
@@ -214,6 +222,7 @@ def find_plan(
         require_shapes(shapes, problem, budget, 2)
         require_slos(shapes, problem)
         chosen = affinity or choose_affinity(problem, spec.cluster.nodes).affinity
+        blame = (link_cause(problem) if spec.cluster.nodes > 1 else None) or ""
         if chosen == "high":
             smallest = min(s.gpus for s in shapes)  # the other phase needs at least this many
             pair_shapes = [s for s in shapes if s.gpus + smallest <= budget]
@@ -230,14 +239,15 @@ def find_plan(
                     f"{spec.cluster.gpus_per_node}-GPU node, and no such split of {problem.latency.model.name} "
                     f"fits memory within search.maxPp={spec.search.max_pp} and the budget of {budget} GPUs; "
                     "raise search.maxPp or the budget"
+                    + (f" ({blame}; low affinity was chosen for that reason)" if blame else "")
                 )
             candidates = unit_candidates(session.unit_goodputs(units), problem.target_rate, budget)
         best = session.best(session.measure_best(candidates, SYSTEM_CANDIDATES))
         if best is None:
             raise NoFeasiblePlan(
                 f"no disaggregated configuration within the budget of {budget} GPUs reaches "
-                f"{problem.target:.0%} SLO attainment at any rate ({chosen} node-affinity); relax the SLOs "
-                "or raise search.gpuBudget"
+                f"{problem.target:.0%} SLO attainment at any rate ({chosen} node-affinity); "
+                + (blame if blame else "relax the SLOs or raise search.gpuBudget")
             )
         try:
             colocated = _colocated(session, shapes)

@@ -68,9 +68,39 @@ async def server_max_context(session: aiohttp.ClientSession, url: str) -> tuple[
     return data.get("id"), data.get("max_model_len")
 
 
+class ServerUnreachable(Exception):
+    """The server refused or never took connections: the run stops instead of playing out its schedule."""
+
+
+# Connection failures in a row (no request answered in between) after which the server counts as unreachable.
+UNREACHABLE_AFTER = 3
+
+
+@dataclass
+class _Reachability:
+    failures: int = 0
+    answered: int = 0
+    last_error: str = ""
+
+    @property
+    def gone(self) -> bool:
+        return self.failures >= UNREACHABLE_AFTER
+
+
+async def check_reachable(session: aiohttp.ClientSession, url: str, timeout_s: float = 10.0) -> None:
+    """ServerUnreachable unless `url` answers HTTP at all (any status: it may not serve /v1/models)."""
+    try:
+        async with session.get(f"{url}/v1/models", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            await resp.read()
+    except (aiohttp.ClientConnectionError, asyncio.TimeoutError, ValueError) as e:
+        detail = str(e) or type(e).__name__
+        raise ServerUnreachable(f"cannot reach {url}: {detail}") from None
+
+
 async def _one(session: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord, t0: float,
-               timeout: float) -> None:
+               timeout: float, reach: _Reachability | None = None) -> None:
     rec.sent = time.perf_counter() - t0
+    reach = reach if reach is not None else _Reachability()
     try:
         async with session.post(f"{url}/v1/completions", json=body,
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
@@ -99,8 +129,15 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict, rec: Reques
                 if rec.first_token is None:
                     rec.first_token = now
                 rec.last_token = now
+    except aiohttp.ClientConnectorError as e:
+        rec.error = f"{type(e).__name__}: {e}"[:300]
+        reach.failures += 1
+        reach.last_error = str(e)
+        return
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
         rec.error = f"{type(e).__name__}: {e}"[:300]
+    reach.answered += 1
+    reach.failures = 0
 
 
 async def run_trace(url: str, trace: list[SimRequest], *, model: str | None, prompt_mode: PromptMode = "ids",
@@ -114,14 +151,24 @@ async def run_trace(url: str, trace: list[SimRequest], *, model: str | None, pro
         records = [RequestRecord(i, r.input_len, r.output_len, r.arrival) for i, r in enumerate(trace)]
         t0 = time.perf_counter()
         tasks = []
-        for rec, prompt in zip(records, prompts, strict=True):
-            delay = rec.scheduled - (time.perf_counter() - t0)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            body = {"prompt": prompt, "max_tokens": rec.output_len, "temperature": 0.0, "stream": True,
-                    "stream_options": {"include_usage": True}, "ignore_eos": True}
-            if model:
-                body["model"] = model
-            tasks.append(asyncio.create_task(_one(session, url, body, rec, t0, timeout)))
-        await asyncio.gather(*tasks)
+        reach = _Reachability()
+        try:
+            for rec, prompt in zip(records, prompts, strict=True):
+                delay = rec.scheduled - (time.perf_counter() - t0)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if reach.gone:
+                    break
+                body = {"prompt": prompt, "max_tokens": rec.output_len, "temperature": 0.0, "stream": True,
+                        "stream_options": {"include_usage": True}, "ignore_eos": True}
+                if model:
+                    body["model"] = model
+                tasks.append(asyncio.create_task(_one(session, url, body, rec, t0, timeout, reach)))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        if reach.gone:
+            raise ServerUnreachable(f"{url} refused {reach.failures} connections in a row ({reach.last_error}); "
+                                    f"stopped the run after {reach.answered} answered requests")
     return records

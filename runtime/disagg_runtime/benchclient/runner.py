@@ -12,7 +12,7 @@ import numpy as np
 from disagg_planner.api.workload import DatasetName, WorkloadSpec
 from disagg_planner.workloads import clip_requests, sample_requests
 
-from .client import RequestRecord, run_trace, server_max_context
+from .client import RequestRecord, ServerUnreachable, check_reachable, run_trace, server_max_context
 from .prompts import PromptMode
 from .report import RunSummary, max_rate_meeting, plot, print_table, summarize, write_json
 
@@ -54,6 +54,7 @@ def parse_sweep(text: str) -> list[float]:
 
 async def _context(config: BenchConfig) -> tuple[str | None, int | None]:
     async with aiohttp.ClientSession() as session:
+        await check_reachable(session, config.url.rstrip("/"))
         model, ctx = await server_max_context(session, config.url.rstrip("/"))
     return config.model or model, config.max_context or ctx
 
@@ -62,6 +63,15 @@ def run_bench(config: BenchConfig) -> tuple[list[RunSummary], float | None]:
     """Run every rate in order, print the table, write bench.json and bench.png under `out`."""
     if config.num_requests < 1:
         raise BenchError("--num-requests must be >= 1")
+    try:
+        return _run(config)
+    except ServerUnreachable as e:
+        raise BenchError(str(e)) from None
+
+
+def _run(config: BenchConfig) -> tuple[list[RunSummary], float | None]:
+    if not config.url.startswith(("http://", "https://")):
+        raise BenchError(f"--url must start with http:// or https://, got {config.url!r}")
     model, max_context = asyncio.run(_context(config))
     summaries: list[RunSummary] = []
     records: dict[float, list[RequestRecord]] = {}

@@ -17,6 +17,8 @@ from ..metrics import Outcome, RequestMetrics, render
 from ..security.http_auth import internal_token_client_middleware
 from ..security.secret_file import SecretFile
 from ..security.tokens import InternalToken
+from ..workers.body import BodyLimits
+from ..workers.errors import json_errors
 from ..workers.http import BadRequest, error_response, read_body
 from .auth import api_key_middleware
 from .flow import Aborter, RequestFlow, UpstreamError
@@ -47,6 +49,10 @@ class RouterConfig:
     colocated: list[str] = field(default_factory=list)
     endpoints_file: str | None = None
     max_body_bytes: int = 4 << 20
+    body_timeout_s: float = 30.0  # longest pause while a client sends its body (then 408)
+    connect_timeout_s: float = 5.0  # to a worker
+    response_timeout_s: float = 30.0  # a worker's response headers; beyond, it is marked down (frozen)
+    poll_timeout_s: float = 2.0  # a worker's /stats
     max_in_flight: int = 4096
     default_chat_max_tokens: int = 256
     heartbeat_timeout_s: float = 10.0
@@ -81,7 +87,7 @@ class Router:
         self.token = InternalToken.from_file(config.internal_token_file) if config.internal_token_file else None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_bytes + 1)
+        app = web.Application(client_max_size=self.config.max_body_bytes + 1, middlewares=[json_errors])
         for secret in (self.api_keys, self.token.source if self.token else None):
             if secret is not None:
                 secret.attach(app)
@@ -99,13 +105,14 @@ class Router:
 
     async def _start(self, _app: web.Application) -> None:
         # No total timeout: streams are long; liveness comes from the workers' heartbeats instead.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout_s)
         connector = aiohttp.TCPConnector(limit=0)
         middlewares = (internal_token_client_middleware(self.token),) if self.token else ()
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, read_bufsize=_READ_BUFSIZE,
                                              middlewares=middlewares)
         self.pool = WorkerPool(self.session, prefill=self.config.prefill, decode=self.config.decode,
-                               colocated=self.config.colocated, endpoints_file=self.config.endpoints_file, poll_s=self.config.poll_s)
+                               colocated=self.config.colocated, endpoints_file=self.config.endpoints_file, poll_s=self.config.poll_s,
+                               poll_timeout_s=self.config.poll_timeout_s)
         self.aborter = Aborter(self.session)
         await self.pool.start()
 
@@ -150,6 +157,11 @@ class Router:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "chat")
 
+    @property
+    def _body_limits(self) -> BodyLimits:
+        return BodyLimits(max_bytes=self.config.max_body_bytes, idle_timeout_s=self.config.body_timeout_s,
+                          total_timeout_s=4 * self.config.body_timeout_s)
+
     def _reject(self, status: int, message: str, *, type_: str, retry_after: str | None = None) -> web.Response:
         self.metrics.ended(_outcome(status))
         headers = {"Retry-After": retry_after} if retry_after else None
@@ -172,11 +184,15 @@ class Router:
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise BadRequest(f"{where}: {first['msg']}") from e
+            raise BadRequest(f"{where}: {first['msg']}", param=where) from e
+        if req.model is not None and req.model not in (self.model_name, self.pool.model_id):
+            raise BadRequest(f"the model `{req.model}` does not exist; this server serves `{self.model_name}`",
+                             status=404, param="model")
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
         flow = RequestFlow(session=self.session, pool=self.pool, aborter=self.aborter,
                            request_id=f"{prefix}-{uuid.uuid4().hex}", prompt=prompt, prompt_ids=prompt_ids,
-                           sampling=req.sampling(max_tokens), heartbeat_timeout_s=self.config.heartbeat_timeout_s)
+                           sampling=req.sampling(max_tokens), heartbeat_timeout_s=self.config.heartbeat_timeout_s,
+                           response_timeout_s=self.config.response_timeout_s)
         return flow, req
 
     async def _serve(self, request: web.Request, kind: Kind) -> web.StreamResponse:
@@ -189,10 +205,13 @@ class Router:
             return self._reject(429, f"the router is serving {self.in_flight} requests, its limit",
                                 type_="rate_limit_error", retry_after="1")
         try:
-            flow, req = self._flow(kind, await read_body(request, self.config.max_body_bytes))
+            flow, req = self._flow(kind, await read_body(request, self._body_limits))
         except BadRequest as e:
             self.metrics.ended("invalid")
             return e.response
+        if not self.pool.ready_to_serve:
+            # Refuse before any work: a prefill whose decode side is down would answer 200 and then fail.
+            return self._reject(503, self.pool.not_ready_reason(), type_="server_error", retry_after="1")
         self.in_flight += 1
         self.metrics.in_flight.inc()
         events = flow.events()
@@ -205,10 +224,10 @@ class Router:
                 return error_response(429, str(e), type_="rate_limit_error",
                                       headers={"Retry-After": str(e.retry_after)})
             except NoWorkers as e:
-                return error_response(503, str(e), type_="server_error")
+                return error_response(503, str(e), type_="server_error", headers={"Retry-After": "1"})
             except UpstreamError as e:
                 outcome = _outcome(e.status)
-                headers = {"Retry-After": e.retry_after or "1"} if e.status == 429 else None
+                headers = {"Retry-After": e.retry_after or "1"} if e.status in (429, 503) else None
                 return error_response(e.status, str(e), type_=e.type, headers=headers)
             ttft = time.monotonic() - arrival
             writer = ResponseWriter(kind, flow.request_id, self.model_name, token_ids=req.return_token_ids)

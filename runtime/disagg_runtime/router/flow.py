@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..workers.protocol import DecodeRequest, PrefillRequest, PrefillResult, SamplingSpec, TokenEvent
 from .pool import NoWorkers, Worker, WorkerPool
@@ -33,6 +33,14 @@ class UpstreamError(Exception):
         self.status = status
         self.type = type_
         self.retry_after = retry_after
+
+
+class WorkerSilent(UpstreamError):
+    """A worker sent nothing, not even a heartbeat, for too long: frozen or cut off (504)."""
+
+
+class NoResponse(Exception):
+    """A worker accepted the connection but sent no response headers in time (a stopped process)."""
 
 
 class Aborter:
@@ -65,7 +73,7 @@ async def _ndjson(resp: aiohttp.ClientResponse, timeout: float, who: str) -> Asy
         try:
             line = await asyncio.wait_for(resp.content.readline(), timeout)
         except asyncio.TimeoutError as e:
-            raise UpstreamError(504, f"{who} sent nothing (not even a heartbeat) for {timeout:.0f}s") from e
+            raise WorkerSilent(504, f"{who} sent nothing (not even a heartbeat) for {timeout:g}s") from e
         except (aiohttp.ClientError, ConnectionError) as e:
             raise UpstreamError(502, f"{who} failed mid-request: {type(e).__name__}: {e}") from e
         if not line:
@@ -93,7 +101,7 @@ class RequestFlow:
 
     def __init__(self, *, session: aiohttp.ClientSession, pool: WorkerPool, aborter: Aborter, request_id: str,
                  prompt: str | None, prompt_ids: list[int] | None, sampling: SamplingSpec,
-                 heartbeat_timeout_s: float = 10.0) -> None:
+                 heartbeat_timeout_s: float = 10.0, response_timeout_s: float = 30.0) -> None:
         self.session = session
         self.pool = pool
         self.aborter = aborter
@@ -101,6 +109,7 @@ class RequestFlow:
         self.prefill_msg = PrefillRequest(request_id=request_id, prompt=prompt, prompt_ids=prompt_ids,
                                           sampling=sampling)
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.response_timeout_s = response_timeout_s
         self.prompt_tokens = 0
         self._prefill_worker: Worker | None = None  # or the colocated instance serving the whole request
         self._decode_worker: Worker | None = None
@@ -113,6 +122,13 @@ class RequestFlow:
         try:
             result, rest = await self._prefill()
             self.prompt_tokens = len(result.prompt_ids)
+            if rest is None and not result.first.finished:
+                # A decode instance takes the request (its response headers) before the client sees the first
+                # token: one that is down, frozen or full fails the request with its own status, not a 200.
+                rest, who = self._decode(result), "decode instance"
+                await rest.__anext__()
+            elif rest is not None:
+                who = f"colocated instance {self._prefill_worker.url}"
             yield result.first
             if result.first.finished:
                 self._done = True
@@ -120,10 +136,6 @@ class RequestFlow:
                     async for _ in rest:  # to the end of the colocated reply (a clean close, see below)
                         pass
                 return
-            if rest is None:
-                rest, who = self._decode(result), "decode instance"
-            else:
-                who = f"colocated instance {self._prefill_worker.url}"
             async for event in rest:
                 yield event
                 if event.finished:
@@ -163,10 +175,15 @@ class RequestFlow:
                 if worker.role == "colocated":
                     return await self._generate_on(worker)
                 return await self._prefill_on(worker), None
-            except _CONNECT_ERRORS as e:
+            except (*_CONNECT_ERRORS, NoResponse) as e:
                 log.warning("%s instance %s unreachable: %s", worker.role, worker.url, e)
                 self.pool.mark_failed(worker)
+                if isinstance(e, NoResponse):  # it may hold the request: drop it there if it wakes up
+                    self.aborter.abort(worker.url, self.request_id)
                 self._prefill_worker = None
+            except WorkerSilent:
+                self.pool.mark_failed(worker)
+                raise
             finally:
                 worker.outstanding -= 1
 
@@ -185,7 +202,7 @@ class RequestFlow:
     async def _colocated_stream(self, worker: Worker) -> AsyncIterator:
         """A colocated instance's reply: its `prefilled` message (first token), then its TokenEvents."""
         who = f"colocated instance {worker.url}"
-        async with self.session.post(f"{worker.url}/generate", json=self.prefill_msg.model_dump(mode="json")) as resp:
+        async with await self._post(worker, "/generate", self.prefill_msg) as resp:
             if resp.status != 200:
                 raise await _refusal(resp, who)
             first = True
@@ -199,10 +216,20 @@ class RequestFlow:
                 first = False
                 yield event
 
+    async def _post(self, worker: Worker, path: str, msg: BaseModel) -> aiohttp.ClientResponse:
+        """POST `msg`; NoResponse if the worker sends no headers within `response_timeout_s` (frozen)."""
+        # model_dump_json keeps non-ASCII text as is (json.dumps would escape it up to 6x past the body limit)
+        request = self.session.post(f"{worker.url}{path}", data=msg.model_dump_json(),
+                                    headers={"Content-Type": "application/json"})
+        try:
+            return await asyncio.wait_for(request, self.response_timeout_s)
+        except asyncio.TimeoutError as e:
+            raise NoResponse(f"{worker.role} instance {worker.url} sent no response in "
+                             f"{self.response_timeout_s:g}s") from e
+
     async def _prefill_on(self, worker: Worker) -> PrefillResult:
         who = f"prefill instance {worker.url}"
-        body = self.prefill_msg.model_dump(mode="json")
-        async with self.session.post(f"{worker.url}/prefill", json=body) as resp:
+        async with await self._post(worker, "/prefill", self.prefill_msg) as resp:
             if resp.status != 200:
                 raise await _refusal(resp, who)
             async for msg in _ndjson(resp, self.heartbeat_timeout_s, who):
@@ -220,11 +247,13 @@ class RequestFlow:
         raise UpstreamError(502, f"{who} closed the stream before the first token")
 
     async def _decode(self, result: PrefillResult) -> AsyncIterator[TokenEvent]:
+        """Yields None once a decode instance has taken the request, then its tokens."""
         msg = DecodeRequest(request_id=self.request_id, prompt_ids=result.prompt_ids,
                             sampling=self.prefill_msg.sampling, first_token_id=result.first.token_id,
                             kv=result.kv)
         tokens = len(result.prompt_ids)  # decode admits by the prompt's KV; blocks for outputs come on demand
         tried: set[str] = set()
+        accepted = False
         while True:
             try:
                 worker = self.pool.pick_decode(tokens, exclude=tried)
@@ -235,9 +264,12 @@ class RequestFlow:
             who = f"decode instance {worker.url}"
             yielded = False
             try:
-                async with self.session.post(f"{worker.url}/decode", json=msg.model_dump(mode="json")) as resp:
+                async with await self._post(worker, "/decode", msg) as resp:
                     if resp.status != 200:
                         raise await _refusal(resp, who)
+                    if not accepted:
+                        accepted = True
+                        yield None
                     async for m in _ndjson(resp, self.heartbeat_timeout_s, who):
                         if m.get("type") == "error":
                             raise UpstreamError(int(m.get("code", 500)), f"{who}: {m.get('message')}")
@@ -245,8 +277,13 @@ class RequestFlow:
                         yielded = True
                         yield TokenEvent.model_validate(m)
                     return
-            except _CONNECT_ERRORS as e:
+            except WorkerSilent:
                 self.pool.mark_failed(worker)
+                raise
+            except (*_CONNECT_ERRORS, NoResponse) as e:
+                self.pool.mark_failed(worker)
+                if isinstance(e, NoResponse):
+                    self.aborter.abort(worker.url, self.request_id)
                 if yielded:
                     raise UpstreamError(502, f"{who} failed mid-stream: {e}") from e
                 # Refused before it took the request: the KV is still parked, another instance can pull it.

@@ -15,7 +15,8 @@ MAX_STOP_STRINGS = 16
 
 class _Request(BaseModel):
     # Clients send fields we do not use (user, logit_bias with empty maps, ...); ignore rather than reject.
-    model_config = ConfigDict(extra="ignore")
+    # Strict, as the OpenAI API is: "16" is not an integer and "yes" not a boolean (an int is still a float).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     temperature: float = Field(default=1.0, ge=0, le=2)
@@ -79,7 +80,7 @@ class CompletionRequest(_Request):
 class ChatMessage(BaseModel):
     """One message; content may be a string or a list of text parts."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = ""

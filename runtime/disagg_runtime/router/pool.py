@@ -215,13 +215,23 @@ class WorkerPool:
         """A request can be served end to end: a colocated instance, or a prefill and a decode instance."""
         return bool(self.ready("colocated")) or bool(self.ready("prefill") and self.ready("decode"))
 
+    def not_ready_reason(self) -> str:
+        """Why `ready_to_serve` is False, naming the missing role."""
+        if self.ready("prefill") and not self.ready("decode"):
+            return "no decode instance is ready, so a request could not finish; retry shortly"
+        if self.ready("decode") and not self.ready("prefill"):
+            return "no prefill instance is ready; retry shortly"
+        return "no worker instance is ready; retry shortly"
+
     def pick_prefill(self) -> Worker:
         """Shortest queue among ready prefill instances with room; NoWorkers / NoCapacity otherwise."""
         return self._shortest_queue(self.ready("prefill"), "prefill")
 
     def pick_entry(self, exclude: set[str] = frozenset()) -> Worker:
         """Where a request starts: shortest queue among ready prefill and colocated instances with room."""
-        ready = [w for w in self.ready("prefill") + self.ready("colocated") if w.url not in exclude]
+        # A prefill instance is only a start when some decode instance can take the request after it.
+        prefill = self.ready("prefill") if self.ready("decode") else []
+        ready = [w for w in prefill + self.ready("colocated") if w.url not in exclude]
         roles = " or ".join(r for r in ("prefill", "colocated") if self.of(r)) or "prefill"
         return self._shortest_queue(ready, roles)
 

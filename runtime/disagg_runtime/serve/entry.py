@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import ServeError, check_serve_arguments
+from .options import ServeError, bind_error, check_port_free, check_serve_arguments
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -18,7 +18,13 @@ def run_serve(args: argparse.Namespace) -> int:
             return run_local(args)
         from .roles import run_role
 
-        return run_role(args)
+        check_port_free(args.host or "0.0.0.0", args.port)  # before the model loads and the app starts
+        try:
+            return run_role(args)
+        except OSError as e:
+            if e.errno is None or getattr(e, "filename", None):
+                raise  # not the listening socket (a missing model file, say): keep the real error
+            raise ServeError(bind_error(args.host or "0.0.0.0", args.port, e)) from None
     except ServeError as e:
         print(f"disagg serve: {e}", file=sys.stderr)
         return 2

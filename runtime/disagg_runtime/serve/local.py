@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .model_cache import tiny_model
-from .options import ServeError
+from .options import ServeError, check_port_free
 
 _WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-watermark",
                  "--preemption", "--swap-space-gib", "--kv-channel",
                  "--kv-compression", "--kv-timeout", "--prefill-token-budget", "--max-queue", "--max-batch",
-                 "--max-prompt-tokens", "--max-body-bytes", "--collective-timeout", "--log-level")
+                 "--max-prompt-tokens", "--max-body-bytes", "--body-timeout", "--collective-timeout", "--log-level")
 _ROUTER_FLAGS = ("--max-in-flight", "--max-body-bytes", "--heartbeat-timeout", "--served-model-name",
-                 "--api-key-file", "--log-level")
+                 "--api-key-file", "--connect-timeout", "--response-timeout", "--body-timeout", "--log-level")
 
 
 def _forward(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
@@ -199,6 +199,7 @@ def run_local(args: argparse.Namespace) -> int:
     # Without this a SIGTERM would kill the launcher and orphan its children.
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
+    check_port_free(args.host or "127.0.0.1", args.port)  # before minutes of model loading, not after
     model_dir = Path(args.model_path) if args.model_path else tiny_model(args.cache_dir)
     worker_args = _forward(args, _WORKER_FLAGS)
     router_args = _forward(args, _ROUTER_FLAGS) + (["--metrics-require-key"] if args.metrics_require_key else [])

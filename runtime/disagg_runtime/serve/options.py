@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 
 
 class ServeError(Exception):
@@ -14,6 +16,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds below a day, got {value}")
     return value
 
 
@@ -106,8 +115,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default $DISAGG_ENDPOINTS: the operator's ConfigMap)")
     router.add_argument("--max-in-flight", type=_positive, default=4096)
     router.add_argument("--max-body-bytes", type=_positive, default=4 << 20)
-    router.add_argument("--heartbeat-timeout", type=float, default=10.0,
+    router.add_argument("--heartbeat-timeout", type=_seconds, default=10.0,
                         help="seconds of worker silence before a request fails")
+    router.add_argument("--connect-timeout", type=_seconds, default=5.0,
+                        help="seconds to connect to a worker before trying another")
+    router.add_argument("--response-timeout", type=_seconds, default=30.0,
+                        help="seconds a worker may take to answer a request's headers (a frozen one is marked "
+                             "down after this)")
+    router.add_argument("--body-timeout", type=_seconds, default=30.0,
+                        help="seconds a client (or the router, to a worker) may pause while sending a body (408)")
     router.add_argument("--served-model-name", help="model name in responses (default: the workers' model id)")
 
     security = parser.add_argument_group("security")
@@ -152,3 +168,30 @@ def check_serve_arguments(args: argparse.Namespace) -> None:
         raise ServeError("--metrics-require-key needs --api-key-file")
     if not 0 < args.kv_memory_fraction <= 1:
         raise ServeError(f"--kv-memory-fraction must be in (0, 1], got {args.kv_memory_fraction}")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ServeError when `host:port` cannot be bound (in use, or not an address of this machine); 0 always works."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ServeError(f"--host {host}: cannot resolve it: {e.strerror or e}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR as aiohttp sets it: a port in TIME_WAIT is free to the server, only a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ServeError(bind_error(host, port, e)) from None
+
+
+def bind_error(host: str, port: int, error: OSError) -> str:
+    """The one-line message for a port that cannot be bound."""
+    if error.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use; stop what listens there or pick another --port (0: any)"
+    if error.errno == errno.EACCES:
+        return f"port {port} on {host} needs privileges; pick a port above 1023"
+    return f"cannot listen on {host}:{port}: {error.strerror or error}"

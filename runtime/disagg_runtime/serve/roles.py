@@ -56,7 +56,8 @@ def worker_config(args: argparse.Namespace):
 
     return WorkerConfig(max_queue=args.max_queue, prefill_token_budget=args.prefill_token_budget,
                         max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
-                        max_body_bytes=args.max_body_bytes, kv_port=args.kv_port, kv_channel=args.kv_channel,
+                        # the router's messages re-encode a client body; decode's carry its token ids too
+                        max_body_bytes=8 * args.max_body_bytes, body_timeout_s=args.body_timeout, kv_port=args.kv_port, kv_channel=args.kv_channel,
                         kv_compression=args.kv_compression, kv_timeout_s=args.kv_timeout,
                         advertise_host=args.advertise_host, internal_token_file=args.internal_token_file)
 
@@ -89,7 +90,9 @@ async def _serve_router(args: argparse.Namespace) -> None:
                           max_body_bytes=args.max_body_bytes, max_in_flight=args.max_in_flight,
                           heartbeat_timeout_s=args.heartbeat_timeout, served_model_name=args.served_model_name,
                           api_key_file=args.api_key_file, metrics_require_key=args.metrics_require_key,
-                          internal_token_file=args.internal_token_file, model_path=args.model_path)
+                          internal_token_file=args.internal_token_file, model_path=args.model_path,
+                          body_timeout_s=args.body_timeout, connect_timeout_s=args.connect_timeout,
+                          response_timeout_s=args.response_timeout)
     try:
         router = Router(config)
     except SecretFileError as e:

@@ -20,7 +20,9 @@ from ..kv.links import ChannelChoice
 from ..metrics import Role, WorkerMetrics, render
 from ..security.http_auth import internal_auth_middleware
 from ..security.tokens import InternalToken
+from .body import BodyLimits
 from .engine_thread import EngineThread
+from .errors import json_errors
 from .http import BadRequest, error_response, stream_ndjson
 from .protocol import PrefillRequest, WorkerStats
 
@@ -38,7 +40,9 @@ class WorkerConfig:
     prefill_token_budget: int = 4096
     max_batch: int = 256
     max_prompt_tokens: int | None = None
-    max_body_bytes: int = 4 << 20
+    # Above the router's own limit: its messages carry the prompt re-encoded, and decode's its token ids too.
+    max_body_bytes: int = 32 << 20
+    body_timeout_s: float = 60.0
     heartbeat_s: float = 1.0
     kv_port: int = 0
     kv_channel: ChannelChoice = "auto"
@@ -97,7 +101,7 @@ class Worker(ABC):
 
     # ---- app ------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_bytes + 1)
+        app = web.Application(client_max_size=self.config.max_body_bytes + 1, middlewares=[json_errors])
         if self.token is not None:
             app.middlewares.append(internal_auth_middleware(self.token))
             self.token.source.attach(app)
@@ -143,6 +147,11 @@ class Worker(ABC):
                            max_queue=self.config.max_queue, running=running, free_blocks=free, total_blocks=total,
                            block_size=self.engine.block_size, max_context=self.engine.max_context,
                            kv_port=self.kv_port)
+
+    @property
+    def body_limits(self) -> BodyLimits:
+        return BodyLimits(max_bytes=self.config.max_body_bytes, idle_timeout_s=self.config.body_timeout_s,
+                          total_timeout_s=4 * self.config.body_timeout_s)
 
     @property
     def kv_port(self) -> int | None:

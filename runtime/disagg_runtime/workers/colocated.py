@@ -144,7 +144,7 @@ class ColocatedWorker(DecodingWorker):
         if self.draining:
             return error_response(503, "colocated worker is draining", type_="server_error")
         try:
-            msg = await read_model(request, PrefillRequest, self.config.max_body_bytes)
+            msg = await read_model(request, PrefillRequest, self.body_limits)
             job = self._job(msg, await self._tokenize(msg))
         except BadRequest as e:
             return e.response

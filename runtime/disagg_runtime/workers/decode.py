@@ -200,7 +200,7 @@ class DecodeWorker(DecodingWorker):
             return error_response(429, f"decode worker has {len(self.waiting)} requests waiting for KV",
                                   type_="rate_limit_error", headers={"Retry-After": "1"})
         try:
-            job = self._job(await read_model(request, DecodeRequest, self.config.max_body_bytes))
+            job = self._job(await read_model(request, DecodeRequest, self.body_limits))
         except BadRequest as e:
             return e.response
         self.jobs[job.request.request_id] = job

@@ -10,6 +10,8 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from .body import BodyError, BodyLimits, read_whole_body
+from .errors import error_body
 from .protocol import Heartbeat
 
 M = TypeVar("M", bound=BaseModel)
@@ -17,33 +19,35 @@ NDJSON = "application/x-ndjson"
 
 
 def error_response(status: int, message: str, *, type_: str = "invalid_request_error",
-                   headers: dict[str, str] | None = None) -> web.Response:
-    """An OpenAI-style error body: {"error": {"message", "type", "code"}}."""
-    body = {"error": {"message": message, "type": type_, "param": None, "code": status}}
-    return web.json_response(body, status=status, headers=headers)
+                   headers: dict[str, str] | None = None, param: str | None = None) -> web.Response:
+    """An OpenAI-style error body: {"error": {"message", "type", "param", "code"}}."""
+    return web.json_response(error_body(status, message, type_=type_, param=param), status=status, headers=headers)
 
 
 class BadRequest(Exception):
-    """The body is not a valid message; `response` is the 400 (or 413-as-400) to send."""
+    """The request cannot be served as sent; `response` is the 4xx (400 unless `status` says) to send."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None) -> None:
         super().__init__(message)
-        self.response = error_response(400, message)
+        self.status = status
+        self.response = error_response(status, message, param=param)
 
 
-async def read_body(request: web.Request, max_bytes: int) -> bytes:
-    """The body, refusing more than `max_bytes` without reading it all into memory."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise BadRequest(f"request body is {request.content_length} bytes; the limit is {max_bytes}")
-    data = await request.content.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise BadRequest(f"request body exceeds the limit of {max_bytes} bytes")
-    return data
+async def read_body(request: web.Request, limits: BodyLimits | int) -> bytes:
+    """The whole body (`limits`, or a byte limit with default timeouts); BadRequest with 400/408/413/415."""
+    if isinstance(limits, int):
+        limits = BodyLimits(max_bytes=limits)
+    try:
+        return await read_whole_body(request, limits)
+    except BodyError as e:
+        refusal = BadRequest(str(e), status=e.status)
+        refusal.response.force_close()  # the rest of the body is unread or unreadable: no keep-alive after it
+        raise refusal from e
 
 
-async def read_model(request: web.Request, model: type[M], max_bytes: int) -> M:
+async def read_model(request: web.Request, model: type[M], limits: BodyLimits | int) -> M:
     """Parse and validate the body as `model`; BadRequest names the offending field."""
-    data = await read_body(request, max_bytes)
+    data = await read_body(request, limits)
     try:
         return model.model_validate_json(data)
     except ValidationError as e:

@@ -134,7 +134,7 @@ class PrefillWorker(Worker):
         if self.draining:
             return error_response(503, "prefill worker is draining", type_="server_error")
         try:
-            msg = await read_model(request, PrefillRequest, self.config.max_body_bytes)
+            msg = await read_model(request, PrefillRequest, self.body_limits)
             prompt_ids = await self._tokenize(msg)
             params = SamplingParams(**msg.sampling.model_dump())
             self._check(msg.request_id, prompt_ids, params)
