@@ -98,7 +98,8 @@ def test_ordinary_image_references_are_accepted(image):
 def test_a_child_the_server_would_refuse_stops_the_whole_apply():
     objs = render_children(render_input(high_plan()))
     objs[3]["metadata"]["name"] = "Not_A.Name"
-    objs[-1]["spec"]["ports"][0]["port"] = "eighty"
+    router_service = next(o for o in objs if o["kind"] == "Service" and o["spec"].get("type") == "ClusterIP")
+    router_service["spec"]["ports"][0]["port"] = "eighty"
     with pytest.raises(RenderError) as exc:
         validate_children(objs)
     message = str(exc.value)
