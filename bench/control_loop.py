@@ -9,8 +9,8 @@ namespaces, a real Prometheus scraping them, and a load generator that changes t
 - `length_shift`: 4 req/s of chat-like prompts (16-48 tokens in, 16 out), then long summarization-like ones
   (256-480 in, 4-8 out).
 
-The planner sees a synthetic latency profile (e2e/loop_harness.py `tiny_profile`, and `--tp2-profile` adds a
-tp=2 shape) so that its arithmetic, not this CPU's speed, decides the instance counts.
+The planner sees a synthetic latency profile (e2e/loop_harness.py `tiny_profile`; the length shift's adds a tp=2
+shape whose prefill is 0.55x as long, so long prompts that make TTFT bind can move prefill to tp=2) so that its arithmetic, not this CPU's speed, decides the instance counts.
 
     sudo python bench/control_loop.py [--scenarios rate_step,stationary,length_shift] [--interval 6]
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 import kubernetes  # noqa: E402
 
 from e2e.cluster import EmulatedCluster  # noqa: E402
-from e2e.loop_harness import loop_rig  # noqa: E402
+from e2e.loop_harness import loop_rig, tiny_profile  # noqa: E402
 from e2e.scenarios import ScenarioResult, run_scenario  # noqa: E402
 from e2e.traffic import Phase  # noqa: E402
 
@@ -113,10 +113,13 @@ def main() -> int:
                     continue
                 namespace = f"loop-{uuid.uuid4().hex[:6]}"
                 workdir = Path(tmp) / name
-                with loop_rig(api, kubeconfig, namespace, workdir) as rig:
+                # The length shift may change parallelism: its profile has a tp=2 shape, and the search may use it.
+                shift = name == "length_shift"
+                extra = {**replan, "search": {"maxTp": 2 if shift else 1, "maxPp": 1}}
+                with loop_rig(api, kubeconfig, namespace, workdir, profile=tiny_profile(tp2=shift)) as rig:
                     started = time.time()
                     r = run_scenario(rig, name.replace("_", "-"), phases, step_phase=step, interval_s=args.interval,
-                                     window_s=args.window, **replan)
+                                     window_s=args.window, **extra)
                     r.name = name
                     results.append(r)
                     print(f"{name}: {time.time() - started:.0f} s, {json.dumps(r.summary(args.window))}", flush=True)

@@ -36,7 +36,7 @@ PROFILE_CONFIG_MAP = "tiny-profile"
 
 
 def tiny_profile(*, prefill_fixed_s: float = 0.05, prefill_per_token_s: float = 2e-3,
-                 decode_fixed_s: float = 0.02, decode_per_seq_s: float = 0.01) -> LatencyProfile:
+                 decode_fixed_s: float = 0.02, decode_per_seq_s: float = 0.01, tp2: bool = False) -> LatencyProfile:
     """A latency profile of the tiny-llama preset on the `CPU` GPU type: prefill costs
     `prefill_fixed_s + prefill_per_token_s * tokens`, a decode step `decode_fixed_s + decode_per_seq_s * batch`.
     With the defaults one decode instance holds a TPOT of 150 ms up to about 5 req/s of 16-token outputs."""
@@ -45,8 +45,14 @@ def tiny_profile(*, prefill_fixed_s: float = 0.05, prefill_per_token_s: float = 
                for n in (16, 64, 256, 1024) for b in (1, 4)]
     decode = [DecodeSample(batch_size=b, sum_context=b * 64, seconds=decode_fixed_s + decode_per_seq_s * b)
               for b in (1, 2, 4, 8, 16, 32)]
-    return LatencyProfile(model=MODEL_PRESETS["tiny-llama"], gpu="CPU", shapes=[ShapeProfile(prefill=prefill,
-                          decode=decode)], created=dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc))
+    shapes = [ShapeProfile(prefill=prefill, decode=decode)]
+    if tp2:
+        # tp=2: a prefill takes 0.55x as long (per GPU, 1.1x the work) and a decode step 0.8x: worth its second
+        # GPU only where TTFT binds, which long prompts make it do.
+        shapes.append(ShapeProfile(tp=2, prefill=[p.model_copy(update={"seconds": 0.55 * p.seconds}) for p in prefill],
+                                   decode=[d.model_copy(update={"seconds": 0.8 * d.seconds}) for d in decode]))
+    return LatencyProfile(model=MODEL_PRESETS["tiny-llama"], gpu="CPU", shapes=shapes,
+                          created=dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc))
 
 
 def histogram(low: int, high: int) -> dict[str, Any]:
@@ -92,6 +98,7 @@ class LoopRig:
     namespace: str
     workdir: Path
     replan_tick_s: float = 0.5
+    profile: LatencyProfile = field(default_factory=tiny_profile)
     agent: NodeAgent | None = None
     prom: PrometheusServer | None = None
     kubectl: Kubectl | None = None
@@ -106,7 +113,7 @@ class LoopRig:
         self.prom = PrometheusServer([], interval_s=1.0,
                                      scrape_configs=[kubernetes_pods_job(str(self.agent.sd_file))]).start()
         self.kubectl = Kubectl(self.api, self.namespace)
-        self.kubectl.put_config_map(PROFILE_CONFIG_MAP, {"profile.json": tiny_profile().model_dump_json(by_alias=True)})
+        self.kubectl.put_config_map(PROFILE_CONFIG_MAP, {"profile.json": self.profile.model_dump_json(by_alias=True)})
         ready = threading.Event()
         config = OperatorConfig(namespaces=(self.namespace,), kubeconfig=str(self.kubeconfig), plan_workers=1,
                                 prometheus_url=self.prom.url, replan_tick=self.replan_tick_s)

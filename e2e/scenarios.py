@@ -104,7 +104,8 @@ class ScenarioResult:
                 "min_capacity_ratio": self.min_capacity_ratio(),
                 "min_attainment_during_transition": self.min_attainment_during_transition(window_s),
                 "plans": [p.shape for p in self.plans],
-                "errors": [f"{r.status}: {r.error}" for r in self.failed][:5]}
+                "errors": [f"{r.status}: {r.error}" for r in self.failed][:5],
+                "last_replan_messages": sorted({str(s.get("message"))[:300] for s in self.samples[-40:]})[:4]}
 
 
 def plan_shape(plan: dict[str, Any]) -> str:
@@ -138,7 +139,8 @@ def run_scenario(rig: LoopRig, name: str, phases: list[Phase], *, step_phase: in
             plans.append(PlanChange(time.time(), key, plan_shape(plan), float(plan.get("targetRateRps", 0.0))))
         replan = status.get("replan") or {}
         samples.append({"time": time.time(), "workers": rig.workers(), "phase": status.get("phase"),
-                        "replan": replan.get("lastResult"), "replanned": replan.get("replannedTime")})
+                        "replan": replan.get("lastResult"), "replanned": replan.get("replannedTime"),
+                        "message": replan.get("message") or replan.get("error")})
 
     sample()
     initial = dict(samples[-1]["workers"])

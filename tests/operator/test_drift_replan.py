@@ -186,3 +186,21 @@ def test_telemetry_is_configured_from_the_spec() -> None:
         "http://fallback:9090")
     with pytest.raises(TelemetryConfigError, match="--prometheus-url"):
         telemetry_for(make_spec(prometheusUrl=None), "llm", "prod")
+
+
+def test_an_observed_bucket_past_the_context_is_cut_to_what_the_runtime_serves():
+    from disagg_operator.telemetry.replan import served_workload
+    from disagg_planner.api import DisaggServingSpec, LengthHistogram, WorkloadSpec
+
+    spec = DisaggServingSpec.model_validate({
+        "model": {"preset": "tiny-llama"}, "cluster": {"nodes": 1, "gpusPerNode": 8, "gpuType": "CPU"},
+        "workload": {"rate": 1.0}, "slo": {"ttftMs": 1000, "tpotMs": 100}})
+    observed = WorkloadSpec(rate=4.0, dataset=None,
+                            input_lengths=LengthHistogram(edges=[1, 128, 256, 512, 1024], counts=[0, 3, 40, 0]),
+                            output_lengths=LengthHistogram(edges=[2, 4, 8], counts=[5, 38]))
+    served = served_workload(observed, spec)
+    assert served.input_lengths.max_served == 512 - 2
+    assert sum(served.input_lengths.counts) == 43
+    spec.model_copy(update={"workload": served})._lengths_within_context()  # the spec's own check accepts it
+    with pytest.raises(ValueError, match="beyond the 512-token context"):
+        spec.model_copy(update={"workload": observed})._lengths_within_context()

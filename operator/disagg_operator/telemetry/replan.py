@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from disagg_planner.api import DisaggServingSpec, WorkloadSpec
+from disagg_planner.api import DisaggServingSpec, LengthHistogram, WorkloadSpec
 from disagg_planner.workloads import length_histograms
 
 from .drift import DriftDecision, DriftDetector, DriftState, Reading
@@ -149,12 +149,40 @@ async def replan_tick(spec: DisaggServingSpec, status: Mapping[str, Any] | None,
     if drift.workload is None:  # set exactly when drift is confirmed
         return ReplanDecision(result, current.model_copy(update=update), previous, drift=drift, observation=obs)
 
-    update |= {"observed_workload": drift.workload, "spec_workload_hash": workload_hash(spec.workload),
+    observed = served_workload(drift.workload, spec)
+    update |= {"observed_workload": observed, "spec_workload_hash": workload_hash(spec.workload),
                "replanned_time": stamp, "replan_reason": drift.reason[:4096], "replan_plan_hash": None}
-    event = ReplanEvent("Normal", "WorkloadDrift", f"{drift.reason}; re-planning for {_describe(drift.workload)}"
+    event = ReplanEvent("Normal", "WorkloadDrift", f"{drift.reason}; re-planning for {_describe(observed)}"
                         [:1024])
-    return ReplanDecision(result, current.model_copy(update=update), previous, workload=drift.workload,
+    return ReplanDecision(result, current.model_copy(update=update), previous, workload=observed,
                           event=event, drift=drift, observation=obs)
+
+
+def served_workload(workload: WorkloadSpec, spec: DisaggServingSpec) -> WorkloadSpec:
+    """`workload` with its prompt histogram cut at the longest prompt the runtime serves.
+
+    Observed lengths come from Prometheus buckets, whose last edge can lie past the context (a 256-512 bucket
+    for a 512-token model) although every request counted in it was served: without the cut the observed
+    workload would fail the spec's own context check and the re-plan with it.
+    """
+    inputs, outputs = workload.input_lengths, workload.output_lengths
+    if inputs is None or outputs is None:
+        return workload
+    cap = spec.model.spec.max_context - outputs.min_served
+    if spec.runtime.max_prompt_tokens is not None:
+        cap = min(cap, spec.runtime.max_prompt_tokens)
+    if cap < 1 or inputs.max_served <= cap:
+        return workload
+    edges, counts = [], []
+    for low, count in zip(inputs.edges, inputs.counts, strict=False):
+        if low > cap and counts:
+            counts[-1] += count  # served, so within the cap: the bucket was only wider than the context
+            continue
+        edges.append(min(low, cap))
+        counts.append(count)
+    edges.append(edges[-1] + 1 if edges[-1] >= cap else cap + 1)
+    clipped = LengthHistogram(edges=edges, counts=counts)
+    return workload.model_copy(update={"input_lengths": clipped})
 
 
 def _valid_override(spec: DisaggServingSpec, status: ReplanStatus) -> WorkloadSpec | None:
