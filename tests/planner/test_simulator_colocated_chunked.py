@@ -90,7 +90,7 @@ def test_bad_inputs_are_rejected() -> None:
     with pytest.raises(SimulationError):
         chunked(1)
     with pytest.raises(RequestTooLargeError):
-        simulate_colocated_chunked(chunked(512, mem_util=0.3), LAT, [SimRequest(0.0, 200_000, 10)])
+        simulate_colocated_chunked(chunked(512, mem_util=0.5), LAT, [SimRequest(0.0, 500_000, 10)])
 
 
 def test_measured_mixed_steps_are_fitted_and_used() -> None:
