@@ -14,20 +14,23 @@ from dataclasses import dataclass, replace
 
 from ..api.plan import InstancePlacement
 from ..simulator import (
+    ChunkedColocatedConfig,
     ColocatedConfig,
     DisaggConfig,
     PhaseShape,
     SimResult,
     simulate_colocated,
+    simulate_colocated_chunked,
     simulate_disaggregated,
 )
 from .allocate import Candidate
 from .capacity import colocated_capacity, decode_capacity, kv_link_capacity, prefill_capacity
+from .chunked import chunked_capacity
 from .goodput import goodput
 from .placement import InstanceRequest, UnitRequest, nodes_used, pack_colocated, pack_instances, pack_units
 from .problem import MEM_UTIL, SearchProblem
 
-SystemConfig = DisaggConfig | ColocatedConfig
+SystemConfig = DisaggConfig | ColocatedConfig | ChunkedColocatedConfig
 MAX_GROWTH = 4  # instances added to one candidate at most
 LO_FRACTION = 0.5  # of the estimate: where the bisection starts (it shrinks from there if that fails)
 
@@ -74,6 +77,8 @@ def config(problem: SearchProblem, c: Candidate, placement: list[InstancePlaceme
     p = problem
     if c.mode == "colocated":
         shape = PhaseShape(c.prefill.tp, c.prefill.pp, c.n_prefill, p.stage_link(c.prefill.gpus))
+        if c.chunk_budget:
+            return ChunkedColocatedConfig(shape, c.chunk_budget, MEM_UTIL)
         return ColocatedConfig(shape, p.token_budget, MEM_UTIL)
     if c.affinity == "low":
         link = p.stage_link((c.prefill.tp + c.decode.tp) * c.prefill.pp)
@@ -92,7 +97,8 @@ def rate_bound(problem: SearchProblem, c: Candidate) -> float:
     p, lat, stats = problem, problem.latency, problem.stats
     if c.mode == "colocated":
         link = p.stage_link(c.prefill.gpus)
-        one = colocated_capacity(lat, c.prefill, stats, p.token_budget, p.tpot_s, link, MEM_UTIL)
+        bound = chunked_capacity if c.chunk_budget else colocated_capacity
+        one = bound(lat, c.prefill, stats, p.token_budget, p.tpot_s, link, MEM_UTIL)
         return c.n_prefill * one
     together = (c.prefill.tp + c.decode.tp) * c.prefill.pp if c.affinity == "low" else c.decode.gpus
     pre = c.n_prefill * prefill_capacity(lat, c.prefill, stats, p.token_budget)
@@ -107,6 +113,8 @@ def simulate(problem: SearchProblem, cfg: SystemConfig, rate: float, count: int)
     requests = problem.at_rate(rate, count)
     if isinstance(cfg, DisaggConfig):
         return simulate_disaggregated(cfg, problem.latency, requests)
+    if isinstance(cfg, ChunkedColocatedConfig):
+        return simulate_colocated_chunked(cfg, problem.latency, requests)
     return simulate_colocated(cfg, problem.latency, requests)
 
 
