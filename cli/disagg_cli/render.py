@@ -30,16 +30,43 @@ def search_progress(label: str, console: Console) -> Iterator[Callable[[int, int
         yield update
 
 
+def _title(plan: Plan) -> str:
+    if plan.mode == "colocated":
+        how = (f"chunked prefill, {plan.chunk_token_budget} tokens per step" if plan.colocated_prefill == "chunked"
+               else "prefill priority")
+        return f"colocated plan, {how}"
+    return f"{plan.mode} plan, {plan.affinity} node-affinity"
+
+
 def plan_table(plan: Plan) -> Table:
-    """Per phase: shape, replicas, GPUs and instance goodput."""
-    table = Table(title=f"{plan.mode} plan, {plan.affinity} node-affinity", title_justify="left")
-    for column in ("phase", "tp", "pp", "replicas", "GPUs", "instance goodput (req/s)"):
+    """Per phase: shape, replicas, GPUs and the goodput of one instance measured in isolation."""
+    table = Table(title=_title(plan), title_justify="left",
+                  caption="isolated: one instance alone, judged on its phase's SLO only (DistServe §4.1); replicas "
+                          "x isolated need not equal the plan's goodput, which is simulated whole",
+                  caption_justify="left")
+    for column in ("phase", "tp", "pp", "replicas", "GPUs", "isolated instance goodput (req/s)"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     for name in ("prefill", "decode", "colocated"):
         phase = getattr(plan, name)
         if phase is not None:
             table.add_row(name, str(phase.tp), str(phase.pp), str(phase.replicas), str(phase.gpus),
                           f"{phase.instance_goodput_rps:.2f}")
+    return table
+
+
+def alternatives_table(plan: Plan) -> Table | None:
+    """One row per serving mode evaluated, the deployed one marked; None when the plan has no alternatives."""
+    if not plan.alternatives:
+        return None
+    table = Table(title="serving modes evaluated", title_justify="left")
+    for column in ("mode", "GPUs", "goodput (req/s)", "per-GPU goodput", "meets target", ""):
+        table.add_column(column, justify="left" if column in ("mode", "") else "right")
+    for alt in plan.alternatives:
+        chosen = alt.mode == plan.serving_mode
+        mode = f"{alt.mode} ({alt.chunk_token_budget} tokens)" if alt.chunk_token_budget else alt.mode
+        table.add_row(mode, str(alt.gpus) if alt.gpus else "-", f"{alt.goodput_rps:.2f}", f"{alt.per_gpu_goodput:.3f}",
+                      "yes" if alt.meets_target else "no", "deployed" if chosen else (alt.note[:60] or ""),
+                      style="bold" if chosen else None)
     return table
 
 
@@ -85,6 +112,10 @@ def summary_table(plan: Plan) -> Table:
 def print_plan(plan: Plan, console: Console) -> None:
     """The plan as a person reads it: phases, numbers, placement, and a warning when it misses the target."""
     console.print(plan_table(plan))
+    alternatives = alternatives_table(plan)
+    if alternatives is not None:
+        console.print(alternatives)
+        console.print(f"why: {plan.choice}")
     console.print(summary_table(plan))
     console.print("[bold]placement[/bold]")
     for line in placement_summary(plan):

@@ -38,12 +38,14 @@ def previous_status(body: Mapping[str, Any]) -> DisaggServingStatus:
 def describe_plan(plan: Plan) -> str:
     summary = plan_summary(plan)
     if plan.mode == "colocated":
-        shape = f"colocated {summary['prefill_shape']}"
+        how = f"chunked prefill {plan.chunk_token_budget}" if plan.colocated_prefill == "chunked" else "prefill priority"
+        shape = f"colocated ({how}) {summary['prefill_shape']}"
     else:
         shape = f"{plan.affinity}-affinity prefill {summary['prefill_shape']}, decode {summary['decode_shape']}"
     gain = f", {plan.gain_over_colocated:.2f}x colocated per GPU" if plan.gain_over_colocated is not None else ""
+    choice = f"; mode {plan.choice}" if plan.choice else ""
     return (f"{shape} on {plan.gpus} GPUs; predicted goodput {plan.goodput_rps:.3g} req/s "
-            f"({plan.per_gpu_goodput:.3g} per GPU{gain}) for {plan.target_rate_rps:.3g} req/s target")
+            f"({plan.per_gpu_goodput:.3g} per GPU{gain}) for {plan.target_rate_rps:.3g} req/s target{choice}")
 
 
 def success_status(prev: DisaggServingStatus, outcome: Outcome, generation: int | None) -> DisaggServingStatus:

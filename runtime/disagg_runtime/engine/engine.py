@@ -19,6 +19,7 @@ import torch
 from ..kv.payload import KVHeader, KVMismatchError, KVPayload
 from ..models import CausalLM, load_config, load_model
 from ..tokenizer import Tokenizer
+from . import chunked
 from .attention import AttentionBackend, AttentionContext, StepLayout, TorchAttentionBackend
 from .detokenizer import IncrementalDetokenizer
 from .gpu import FusedLlama, GpuAttentionBackend, GpuStepRunner
@@ -194,7 +195,7 @@ class Engine:
     def decode(self) -> list[StepOutput]:
         """One token for every running request; finished requests (also those done at prefill) are released."""
         self._release_finished()
-        running = [s for s in self._seqs.values() if s.decodable]
+        running = [s for s in self._seqs.values() if s.decodable and not s.prefilling]
         if not running:
             return []
         layout = StepLayout(
@@ -226,6 +227,14 @@ class Engine:
         for rid in outputs:
             self.abort(rid)
         return outputs
+
+    def admit_chunked(self, request: GenerationRequest) -> None:
+        """Admit a request whose prompt `mixed_step` prefills in chunks (engine/chunked.py)."""
+        chunked.admit(self, request)
+
+    def mixed_step(self, chunks: Seq[chunked.PrefillChunk]) -> list[StepOutput]:
+        """One token for every running request plus prompt chunks, as one forward (engine/chunked.py)."""
+        return chunked.mixed_step(self, chunks)
 
     # ---- KV export / import ---------------------------------------------------------------------
     def export_kv(self, request_id: str) -> KVPayload:
@@ -302,13 +311,18 @@ class Engine:
         self._seqs[req.request_id] = seq
         return seq
 
-    def _run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int]) -> torch.Tensor:
-        """Forward the packed tokens; float32 logits of the given rows (the tokens that get sampled)."""
-        if self.gpu_runner is not None:
+    def _run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int],
+             backend: AttentionBackend | None = None) -> torch.Tensor:
+        """Forward the packed tokens; float32 logits of the given rows (the tokens that get sampled).
+
+        A `backend` given here (mixed steps) runs the model's own forward with it, not the fused GPU runner.
+        """
+        if self.gpu_runner is not None and backend is None:
             return self.gpu_runner.run(tokens, positions, layout, rows)
+        backend = backend or self.backend
         with torch.inference_mode():
-            meta = self.backend.build_metadata(layout, self.device)
-            ctx = AttentionContext(self.backend, meta, self.cache.layers)
+            meta = backend.build_metadata(layout, self.device)
+            ctx = AttentionContext(backend, meta, self.cache.layers)
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
             pos = torch.tensor(positions, dtype=torch.long, device=self.device)
             hidden = self.model(ids, pos, ctx)
