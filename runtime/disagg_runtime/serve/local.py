@@ -24,7 +24,8 @@ from .options import ServeError
 
 _WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-channel",
                  "--kv-compression", "--kv-timeout", "--prefill-token-budget", "--max-queue", "--max-batch",
-                 "--max-prompt-tokens", "--max-body-bytes", "--log-level")
+                 "--max-prompt-tokens", "--max-body-bytes", "--log-level", "--colocated-prefill",
+                 "--chunk-token-budget")
 _ROUTER_FLAGS = ("--max-in-flight", "--max-body-bytes", "--heartbeat-timeout", "--served-model-name",
                  "--log-level")
 

@@ -55,7 +55,8 @@ def worker_config(args: argparse.Namespace):
                         max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
                         max_body_bytes=args.max_body_bytes, kv_port=args.kv_port, kv_channel=args.kv_channel,
                         kv_compression=args.kv_compression, kv_timeout_s=args.kv_timeout,
-                        advertise_host=args.advertise_host)
+                        advertise_host=args.advertise_host, colocated_prefill=args.colocated_prefill,
+                        chunk_token_budget=args.chunk_token_budget)
 
 
 async def _serve_worker(args: argparse.Namespace) -> None:
