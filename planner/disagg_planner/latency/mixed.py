@@ -83,5 +83,6 @@ def mixed_stage_time(latency: LatencyModel, tp: int, pp: int, decode_batch: int,
     prefill = latency.prefill_stage_time(tp, pp, chunks + decode_batch, tokens, chunk_attn)
     if decode_batch <= 0:
         return prefill
-    _, per_context = latency.decode_coefficients(tp, pp, decode_batch)
-    return max(prefill + per_context * decode_context, latency.decode_time(tp, pp, decode_batch, decode_context))
+    base, per_context = latency.decode_coefficients(tp, pp, decode_batch)
+    kv_read = per_context * decode_context
+    return max(prefill + kv_read, base + kv_read)

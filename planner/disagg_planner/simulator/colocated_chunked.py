@@ -91,6 +91,7 @@ class _ChunkedReplica:
         prefilling: deque[list[int]] = deque()  # admitted: [request, prompt tokens done]
         running: list[tuple[int, int]] = []  # heap of (round it finishes after, request)
         batch = sum_context = rounds = reserved = peak = 0
+        pending = 0  # prompt tokens admitted and not yet prefilled
         t = 0.0
         ptr, m = 0, len(mine)
         while True:
@@ -98,10 +99,11 @@ class _ChunkedReplica:
                 waiting.append(mine[ptr])
                 ptr += 1
             left = budget - batch
-            while left > 0 and waiting and reserved + inputs[waiting[0]] + outputs[waiting[0]] <= capacity \
-                    and sum(inputs[j] - done for j, done in prefilling) < left:
+            while left > 0 and waiting and pending < left and \
+                    reserved + inputs[waiting[0]] + outputs[waiting[0]] <= capacity:
                 j = waiting.popleft()
                 reserved += inputs[j] + outputs[j]
+                pending += inputs[j]
                 prefilling.append([j, 0])
             peak = max(peak, reserved)
             if prefilling and left > 0:
@@ -118,6 +120,7 @@ class _ChunkedReplica:
                     entry[1] = done + take
                     if entry[1] == inputs[j]:
                         completed.append(j)
+                pending -= tokens
                 t += self.mixed_step(batch, sum_context, chunks, tokens, attention)
                 for _ in completed:
                     prefilling.popleft()  # completed chunks are always the queue's head
