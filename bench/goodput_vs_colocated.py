@@ -1,7 +1,7 @@
 """Per-GPU goodput of the three serving modes the planner chooses between (DistServe Fig. 8: 2.0-4.6x over vLLM).
 
 For OPT-13B, OPT-66B and Llama-3-8B on chatbot, code and summarization, one `find_plan` in `spec.mode: auto`
-evaluates disaggregated serving (both node-affinity algorithms), colocated prefill-priority (vLLM before
+evaluates disaggregated serving (both node-affinity algorithms on this slow network), colocated prefill-priority (vLLM before
 chunked prefill; DistServe's "vLLM++" baseline) and colocated chunked prefill (Sarathi-Serve; vLLM today),
 all on the same search, simulator and latency model (analytic roofline calibrated to DistServe's A100
 profile of OPT-13B), on DistServe's testbed: 4 nodes x 8 A100-80GB, NVLink inside a node, 25 Gbit/s between

@@ -34,6 +34,7 @@ from .system import Layout, Measured, measure, place
 
 # Whole-system simulations per search: the best-ranked candidates that pack onto the nodes.
 SYSTEM_CANDIDATES = 4
+ALTERNATE_CANDIDATES = 2  # for the node-affinity algorithm the network does not favour
 COLOCATED_CANDIDATES = 2
 
 
@@ -170,8 +171,11 @@ def _colocated(session: _Session, shapes: list[Shape], chunked: bool = False) ->
     return best
 
 
-def _disaggregated(session: _Session, shapes: list[Shape], affinity: Affinity) -> Measured:
-    """The best disaggregated plan of one node-affinity algorithm (DistServe Algorithm 1 or 2)."""
+def _disaggregated(session: _Session, shapes: list[Shape], affinity: Affinity, alternate: bool = False) -> Measured:
+    """The best disaggregated plan of one node-affinity algorithm (DistServe Algorithm 1 or 2).
+
+    An `alternate` (the affinity the network does not favour, tried second) has fewer candidates simulated whole.
+    """
     spec, problem, budget = session.spec, session.problem, session.spec.gpu_budget
     require_shapes(shapes, problem, budget, 2)
     if affinity == "high":
@@ -192,7 +196,8 @@ def _disaggregated(session: _Session, shapes: list[Shape], affinity: Affinity) -
                 "raise search.maxPp or the budget"
             )
         candidates = unit_candidates(session.unit_goodputs(units), problem.target_rate, budget)
-    best = session.best(session.measure_best(candidates, SYSTEM_CANDIDATES))
+    limit = ALTERNATE_CANDIDATES if alternate else SYSTEM_CANDIDATES
+    best = session.best(session.measure_best(candidates, limit))
     if best is None:
         raise NoFeasiblePlan(
             f"no disaggregated configuration within the budget of {budget} GPUs reaches "
@@ -252,8 +257,7 @@ def find_plan(
     `spec.mode` auto evaluates disaggregated serving, colocated prefill-priority and colocated chunked
     prefill, and the plan lists each as an alternative; an explicit mode is obeyed (a disaggregated plan
     still reports its colocated baseline). `affinity` forces DistServe's high or low node-affinity algorithm
-    (default: both are tried on a multi-node cluster, and the one the network favours wins ties, see
-    affinity.py). `seed` picks
+    (default: the one the network favours, see affinity.py, and high affinity too where that is low). `seed` picks
     the simulated request sample; the same seed gives the same plan whatever `workers` is. Raises
     NoFeasiblePlan when the model does not fit the budget, an SLO is below the unloaded latency or no
     evaluated mode has goodput, PlannerError for an unusable profile.
@@ -265,14 +269,16 @@ def find_plan(
         require_shapes(shapes, problem, spec.gpu_budget, 2 if spec.mode == "disaggregated" else 1)
         require_slos(shapes, problem)
         preferred = affinity or choose_affinity(problem, spec.cluster.nodes).affinity
-        # Both algorithms unless one is forced; on one node low affinity only restricts high (KV is on
-        # NVLink either way), so it is not tried there.
-        both = affinity is None and spec.cluster.nodes > 1
-        affinities = (preferred, "low" if preferred == "high" else "high") if both else (preferred,)
+        # Where the network favours low affinity, high is tried too (its freer pairing may still pay). Where it
+        # favours high (one node, or KV transfer negligible on the network), low affinity only restricts high
+        # (same-stage pairs, KV on NVLink saving a negligible time), so it is not tried.
+        both = affinity is None and preferred == "low"
+        affinities: tuple[Affinity, ...] = (preferred, "high") if both else (preferred,)
         outcomes: list[modes.ModeOutcome] = []
         for mode in modes.modes_to_evaluate(spec.mode):
             if mode == "disaggregated":
-                tried = [_attempt(lambda a=a: _disaggregated(session, shapes, a), mode) for a in affinities]
+                tried = [_attempt(lambda a=a, k=k: _disaggregated(session, shapes, a, k), mode)
+                         for k, a in enumerate(affinities)]
                 outcomes.append(modes.best_of(tried, problem.target))
             else:
                 chunked = mode == "colocated-chunked"
