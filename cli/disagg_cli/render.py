@@ -59,14 +59,13 @@ def alternatives_table(plan: Plan) -> Table | None:
     if not plan.alternatives:
         return None
     table = Table(title="serving modes evaluated", title_justify="left")
-    for column in ("mode", "GPUs", "goodput (req/s)", "per-GPU goodput", "meets target", ""):
-        table.add_column(column, justify="left" if column in ("mode", "") else "right")
+    for column in ("mode", "chunk", "GPUs", "req/s", "req/s/GPU", "meets target", ""):
+        table.add_column(column, justify="left" if column in ("mode", "") else "right", no_wrap=column == "mode")
     for alt in plan.alternatives:
         chosen = alt.mode == plan.serving_mode
-        mode = f"{alt.mode} ({alt.chunk_token_budget} tokens)" if alt.chunk_token_budget else alt.mode
-        table.add_row(mode, str(alt.gpus) if alt.gpus else "-", f"{alt.goodput_rps:.2f}", f"{alt.per_gpu_goodput:.3f}",
-                      "yes" if alt.meets_target else "no", "deployed" if chosen else (alt.note[:60] or ""),
-                      style="bold" if chosen else None)
+        table.add_row(alt.mode, str(alt.chunk_token_budget or "-"), str(alt.gpus) if alt.gpus else "-",
+                      f"{alt.goodput_rps:.2f}", f"{alt.per_gpu_goodput:.3f}", "yes" if alt.meets_target else "no",
+                      "deployed" if chosen else (alt.note[:60] or ""), style="bold" if chosen else None)
     return table
 
 
