@@ -60,12 +60,13 @@ class PrometheusServer:
     """Starts `prometheus` on 127.0.0.1 scraping `targets` every `interval_s`; `stop` ends it."""
 
     def __init__(self, targets: Sequence[ScrapeTarget], *, interval_s: float = 1.0, binary: str | None = None,
-                 ready_timeout_s: float = 20.0) -> None:
+                 ready_timeout_s: float = 20.0, scrape_configs: Sequence[dict] = ()) -> None:
         found = binary or prometheus_binary()
         if found is None:
             raise FileNotFoundError(f"no Prometheus binary at {DEFAULT_BINARY} or on PATH (apt install prometheus)")
         self._binary = found
         self._targets = list(targets)
+        self._scrape_configs = list(scrape_configs)  # jobs of their own (file_sd over the node agent's pods)
         self._interval = interval_s
         self._ready_timeout = ready_timeout_s
         self._dir: Path | None = None
@@ -83,7 +84,7 @@ class PrometheusServer:
             "scrape_configs": [{
                 "job_name": f"target{i}",
                 "static_configs": [{"targets": [t.address], "labels": dict(t.labels)}],
-            } for i, t in enumerate(self._targets)],
+            } for i, t in enumerate(self._targets)] + self._scrape_configs,
         }
 
     def start(self, attempts: int = 3) -> PrometheusServer:

@@ -170,8 +170,27 @@ def test_state_round_trips_through_the_status_dict() -> None:
 
 def test_thresholds_come_from_the_spec_and_are_checked() -> None:
     spec = ReplanSpec(rate_change=0.5, length_change=0.3, stable_intervals=4)
-    assert DriftDetector.from_spec(spec, min_requests=10) == DriftDetector(0.5, 0.3, 4, 10)
+    assert DriftDetector.from_spec(spec, min_requests=10) == DriftDetector(0.5, 0.3, 4, 10, step_change=1.0)
     with pytest.raises(ValueError, match="stable_intervals"):
         DriftDetector(stable_intervals=0)
     with pytest.raises(ValueError, match="min_requests"):
         DriftDetector(min_requests=0)
+
+
+def test_a_step_past_step_change_confirms_on_one_reading():
+    detector = DriftDetector(rate_change=0.2, stable_intervals=3, step_change=1.0)
+    decision = detector.step(DriftState(), PLAN, observe(15.0))
+    assert decision.kind == "confirmed" and "stepped" in decision.reason
+    assert decision.workload is not None and decision.workload.rate == pytest.approx(15.0)
+
+
+def test_a_change_below_step_change_still_waits_for_the_streak():
+    detector = DriftDetector(rate_change=0.2, stable_intervals=3, step_change=1.0)
+    assert detector.step(DriftState(), PLAN, observe(9.0)).kind == "drifting"
+
+
+def test_spec_sets_min_requests_and_step_change():
+    from disagg_planner.api import ReplanSpec
+
+    detector = DriftDetector.from_spec(ReplanSpec(min_requests=10, step_change=None))
+    assert detector.min_requests == 10 and detector.step_change is None

@@ -117,6 +117,7 @@ class DriftDetector:
     length_change: float = 0.2
     stable_intervals: int = 2
     min_requests: float = DEFAULT_MIN_REQUESTS
+    step_change: float | None = None  # a change beyond this confirms on one reading
 
     def __post_init__(self) -> None:
         if self.rate_change <= 0 or self.length_change <= 0:
@@ -127,9 +128,11 @@ class DriftDetector:
             raise ValueError(f"min_requests must be at least 1, got {self.min_requests}")
 
     @classmethod
-    def from_spec(cls, replan: ReplanSpec, min_requests: float = DEFAULT_MIN_REQUESTS) -> DriftDetector:
+    def from_spec(cls, replan: ReplanSpec, min_requests: float | None = None) -> DriftDetector:
         return cls(rate_change=replan.rate_change, length_change=replan.length_change,
-                   stable_intervals=replan.stable_intervals, min_requests=min_requests)
+                   stable_intervals=replan.stable_intervals,
+                   min_requests=replan.min_requests if min_requests is None else min_requests,
+                   step_change=replan.step_change)
 
     def step(self, state: DriftState, planned: WorkloadSpec, obs: WorkloadObservation) -> DriftDecision:
         """Fold one observation into the state; decide whether the plan's workload is still current."""
@@ -153,6 +156,11 @@ class DriftDetector:
         streak = state.streak + 1 if continues else 1
         anchor = state.anchor if continues and state.anchor is not None else reading
         moved = "; ".join(c.describe() for c in drifted)
+        step = self.step_change is not None and any(abs(c.relative) > self.step_change for c in drifted)
+        if step and streak < self.stable_intervals:
+            reason = f"workload stepped past ±{self.step_change:.0%} in one reading: {moved}"
+            return DriftDecision("confirmed", reason, DriftState(), reading, reference, changes,
+                                 workload=obs.to_workload(planned))
         if streak < self.stable_intervals:
             reason = f"drifting ({streak} of {self.stable_intervals} readings): {moved}"
             return DriftDecision("drifting", reason, DriftState(streak, anchor), reading, reference, changes)

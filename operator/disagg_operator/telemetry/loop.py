@@ -30,7 +30,7 @@ from .. import reporting
 from ..errors import InvalidSpecError, KubeApiError, OperatorError
 from ..kube import KubeClient
 from ..reconcile import DISAGG_KIND, Outcome, Reconciler, parse_spec
-from .drift import DEFAULT_MIN_REQUESTS, DriftDetector
+from .drift import DriftDetector
 from .errors import TelemetryConfigError, TelemetryError
 from .names import MetricNames, ScrapeLabels
 from .observation import WorkloadObservation
@@ -82,7 +82,7 @@ class ReplanLoop:
     namespaces: tuple[str, ...] = ()
     default_prometheus_url: str | None = None
     tick_s: float = 10.0
-    min_requests: float = DEFAULT_MIN_REQUESTS
+    min_requests: float | None = None  # None: each resource's spec.replan.minRequests
     names: MetricNames = field(default_factory=MetricNames)
     labels: ScrapeLabels = field(default_factory=ScrapeLabels)
     post_event: EventPoster | None = None  # a KubeEventPoster in the operator; without one, events are logged

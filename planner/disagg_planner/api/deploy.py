@@ -44,15 +44,23 @@ class ReplanSpec(ApiModel):
     """Periodic re-planning against the workload Prometheus observes."""
 
     enabled: bool = False
-    interval_seconds: int = Field(default=300, ge=10, le=86400)
+    interval_seconds: int = Field(default=300, ge=1, le=86400)
     prometheus_url: str | None = Field(default=None, max_length=2048)
-    window_seconds: int = Field(default=600, ge=30, le=86400, description="Look-back for rates and histograms.")
+    window_seconds: int = Field(default=600, ge=5, le=86400, description="Look-back for rates and histograms.")
     rate_change: float = Field(default=0.2, gt=0, le=10, description="Relative arrival-rate change that is drift.")
     length_change: float = Field(
         default=0.2, gt=0, le=10, description="Relative change of mean input or output length that is drift."
     )
     stable_intervals: int = Field(
         default=2, ge=1, le=100, description="Consecutive drifted readings before a re-plan (hysteresis)."
+    )
+    step_change: float | None = Field(
+        default=1.0, gt=0, le=100,
+        description="Relative change that re-plans on one reading, without waiting for stableIntervals: a step "
+        "this large is not noise. Null: always wait.",
+    )
+    min_requests: int = Field(
+        default=50, ge=1, le=10_000_000, description="Requests a reading needs in its window to judge drift."
     )
 
 
