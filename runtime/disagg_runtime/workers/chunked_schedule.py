@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from ..engine import GenerationRequest
 from ..engine.chunked import PrefillChunk
 
 if TYPE_CHECKING:
@@ -24,7 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class _Job(Protocol):
-    request: object
+    """What the stepper needs of a colocated worker's job."""
+
+    request: GenerationRequest
     blocks: int
 
 
