@@ -51,8 +51,8 @@ def spec_for(model: str, workload: str) -> DisaggServingSpec:
     ttft, tpot = SLOS[workload][model]
     return DisaggServingSpec.model_validate({
         "model": {"preset": model},
-        "cluster": {"nodes": 4, "gpusPerNode": 8, "gpuType": "A100-80GB", "intraNodeGbps": 300.0,
-                    "interNodeGbps": 3.125},
+        "cluster": {"nodes": 4, "gpusPerNode": 8, "gpuType": "A100-80GB", "intraNodeBandwidth": "300GB",
+                    "interNodeBandwidth": "25Gbit"},
         "workload": {"rate": SATURATING_RATE, "dataset": workload},
         "slo": {"ttftMs": ttft, "tpotMs": tpot, "attainment": 0.9},
         "mode": "auto",

@@ -42,7 +42,7 @@ CASES = [
 def spec_for(model: str, ttft: float, tpot: float, rate: float, inter_gbps: float) -> DisaggServingSpec:
     return DisaggServingSpec.model_validate({
         "model": {"preset": model},
-        "cluster": {"nodes": 4, "gpusPerNode": 8, "gpuType": "A100-80GB", "interNodeGbps": inter_gbps},
+        "cluster": {"nodes": 4, "gpusPerNode": 8, "gpuType": "A100-80GB", "interNodeBandwidth": f"{inter_gbps:g}GB"},
         "workload": {"rate": rate, "dataset": "chatbot"},
         "slo": {"ttftMs": ttft, "tpotMs": tpot},
     })

@@ -169,7 +169,7 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, interval: f
 
 
 def load_example(name: str) -> dict[str, Any]:
-    return yaml.safe_load((REPO / "examples" / f"disaggserving-{name}.yaml").read_text())
+    return yaml.safe_load((REPO / "examples" / "k8s" / f"disaggserving-{name}.yaml").read_text())
 
 
 # ---- the serving path as processes (e2e/test_serving*.py) -------------------------------------------

@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 pip install -q --upgrade pip
 pip install -q torch==2.13.0          # the CPU build; a bare `torch` pulls GBs of CUDA wheels
 pip install -q -e ".[runtime]"
-disagg plan examples/plan-opt-13b-chatbot.yaml
+disagg plan examples/specs/opt-13b-chatbot.yaml
 exec disagg serve --local "$@"

@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         drift = check_crds(args.root)
         for item in drift:
             print(f"{item.path}: {item.reason}; run `disagg crds --write`", file=sys.stderr)
+        if not drift:
+            print("CRD up to date: " + ", ".join(str(p) for p in CRD_PATHS))
         return 1 if drift else 0
     sys.stdout.write(render_crd_yaml())
     return 0

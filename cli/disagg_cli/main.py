@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 # name -> (module, one-line help). Only the module of the subcommand being run is imported.
@@ -34,6 +35,7 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disagg", description="Goodput-optimised disaggregated LLM serving: plan, simulate, deploy."
     )
+    parser.add_argument("--version", action="version", version=f"disagg {package_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         if name == selected:
@@ -41,6 +43,14 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
         else:
             subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml's), not a second copy kept in the code."""
+    try:
+        return importlib.metadata.version("disagg")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: run `pip install -e .`)"
 
 
 def _selected(argv: list[str]) -> str | None:

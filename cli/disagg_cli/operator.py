@@ -37,6 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--image-pull-policy", default="IfNotPresent", choices=["Always", "IfNotPresent", "Never"])
     parser.add_argument("--liveness", default=None, metavar="URL",
                         help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve the operator's Prometheus metrics (plan in force, re-plans) on this port")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.set_defaults(run=run)
     return parser
@@ -51,7 +53,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     return OperatorConfig(
         namespaces=tuple(args.namespaces), kubeconfig=args.kubeconfig, context=args.context,
         plan_workers=args.plan_workers, plan_threads=args.plan_threads, profiles_dir=args.profiles_dir,
-        liveness_endpoint=args.liveness, prometheus_url=args.prometheus_url, replan_tick=args.replan_tick,
+        liveness_endpoint=args.liveness, metrics_port=args.metrics_port, prometheus_url=args.prometheus_url, replan_tick=args.replan_tick,
         render=RenderSettings(gpu_product_label=args.gpu_product_label, image_pull_policy=args.image_pull_policy),
     )
 

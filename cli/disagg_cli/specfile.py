@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import yaml
@@ -29,9 +30,12 @@ def load_spec(path: str | Path) -> DisaggServingSpec:
         raise SpecFileError(f"{path}: not valid YAML/JSON: {exc}") from None
     body = _spec_body(path, documents)
     try:
-        return DisaggServingSpec.model_validate(body)
+        spec = DisaggServingSpec.model_validate(body)
     except ValidationError as exc:
         raise SpecFileError(f"{path}: invalid spec\n" + format_validation_error(exc)) from None
+    for note in spec.deprecations():
+        print(f"warning: {path}: {note}", file=sys.stderr)
+    return spec
 
 
 def _spec_body(path: Path, documents: list[object]) -> dict:

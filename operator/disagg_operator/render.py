@@ -271,6 +271,8 @@ def _router_deployment(inp: RenderInput) -> dict[str, Any]:
             "--endpoints-file", f"{CONFIG_DIR}/endpoints.json"]
     if inp.spec.runtime.max_prompt_tokens:
         args += ["--max-prompt-tokens", str(inp.spec.runtime.max_prompt_tokens)]
+    if inp.spec.model.path:  # same image as the workers: the router reads the model's chat template there
+        args += ["--model-path", inp.spec.model.path]
     container = _container(inp, "router", args)
     pod_spec: dict[str, Any] = {
         "serviceAccountName": lb.child_name(inp.owner.name, "runtime"),

@@ -70,7 +70,7 @@ def success_status(prev: DisaggServingStatus, outcome: Outcome, generation: int 
         conds = _rollout_conditions(conds, outcome.ready, len(outcome.children), generation)
     return DisaggServingStatus(phase=phase, observed_generation=generation, plan_hash=outcome.plan_hash,
                                children=list(outcome.children), retiring=list(outcome.retiring), conditions=conds,
-                               **plan_summary(outcome.plan))
+                               warnings=outcome.spec.deprecations(), **plan_summary(outcome.plan))
 
 
 def readiness_status(prev: DisaggServingStatus, ready: bool, generation: int | None) -> DisaggServingStatus:

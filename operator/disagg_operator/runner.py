@@ -19,6 +19,7 @@ import kopf
 
 from .handlers import OperatorContext, build_registry
 from .kube import KubeClient, load_api_client
+from .metrics import OperatorMetrics
 from .planning import PlanFn, PlanningService, ProfileStore
 from .reconcile import Reconciler
 from .render import RenderSettings
@@ -39,6 +40,7 @@ class OperatorConfig:
     plan_threads: int = 2
     profiles_dir: Path | None = None
     liveness_endpoint: str | None = None
+    metrics_port: int | None = None  # GET /metrics on 0.0.0.0:PORT (metrics.py); None: not served
     prometheus_url: str | None = None  # for resources whose spec.replan names none
     replan_tick: float = 10.0  # seconds between re-planning passes (each resource has its own interval)
     render: RenderSettings = field(default_factory=RenderSettings)
@@ -96,6 +98,9 @@ async def run_operator(config: OperatorConfig, *, stop_flag: asyncio.Event | thr
 
     registry = build_registry(ctx)
     kopf.on.cleanup(registry=registry, id="stop-replan")(stop_replan)
+    metrics = OperatorMetrics()
+    metrics.register(registry)
+    metrics_site = await metrics.serve("0.0.0.0", config.metrics_port) if config.metrics_port is not None else None
     try:
         await kopf.operator(
             registry=registry,
@@ -109,6 +114,8 @@ async def run_operator(config: OperatorConfig, *, stop_flag: asyncio.Event | thr
         )
     finally:
         await stop_replan()  # no-op when kopf's cleanup already did it
+        if metrics_site is not None:
+            await metrics_site.cleanup()
         poster.close()
         ctx.planning.close()
         ctx.kube.close()

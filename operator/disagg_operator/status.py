@@ -49,6 +49,8 @@ class DisaggServingStatus(ApiModel):
         default_factory=list, description="Kind/name of children of earlier plans that keep serving until the "
         "plan's workloads are ready, and are deleted then.")
     conditions: list[Condition] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list, description="Deprecated spec fields in use (converted), "
+                                "with the field to write instead.")
     replan: ReplanStatus | None = Field(default=None, description="Drift re-planning state (telemetry loop).")
 
     def condition(self, type_: ConditionType) -> Condition | None:

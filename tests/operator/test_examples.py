@@ -13,10 +13,29 @@ from disagg_operator.render import RenderInput, render_children
 
 REPO = Path(__file__).resolve().parents[2]
 WORKLOADS = ("chatbot", "code", "summarization")
+SPECS = sorted((REPO / "examples" / "specs").glob("*.yaml"))
+
+
+def test_examples_are_split_into_specs_and_kubernetes_objects():
+    top = sorted(p.name for p in (REPO / "examples").iterdir())
+    assert top == ["k8s", "specs"], "a planner spec goes in examples/specs, a Kubernetes object in examples/k8s"
+    assert SPECS and sorted(p.name for p in (REPO / "examples" / "k8s").iterdir())
+    for path in (REPO / "examples" / "k8s").iterdir():
+        for doc in filter(None, yaml.safe_load_all(path.read_text())):
+            assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name"), path
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_spec_examples_are_bare_specs_without_deprecated_fields(path, capsys):
+    from disagg_cli.specfile import load_spec
+
+    assert "apiVersion" not in yaml.safe_load(path.read_text())
+    spec = load_spec(path)
+    assert spec.deprecations() == [] and capsys.readouterr().err == ""
 
 
 def _manifest(name: str) -> dict:
-    return yaml.safe_load((REPO / "examples" / f"disaggserving-{name}.yaml").read_text())
+    return yaml.safe_load((REPO / "examples" / "k8s" / f"disaggserving-{name}.yaml").read_text())
 
 
 @pytest.mark.parametrize("name", WORKLOADS)

@@ -65,3 +65,17 @@ def test_patch_clears_unset_fields_and_previous_status_tolerates_foreign_keys():
     prev = reporting.previous_status({"status": {"phase": "Ready", "kopf": {"progress": {}}, "planHash": "h"}})
     assert prev.phase == "Ready" and prev.plan_hash == "h"
     assert reporting.previous_status({"status": {"phase": "Exploded"}}) == DisaggServingStatus()
+
+
+def test_deprecated_bandwidth_fields_are_reported_in_status_warnings():
+    from disagg_operator.reconcile import parse_spec
+    from disagg_operator.telemetry.replan import effective_spec
+
+    raw = spec().to_wire()
+    raw["cluster"] = {k: v for k, v in raw["cluster"].items() if not k.endswith("Bandwidth")} | {"interNodeGbps": 25}
+    old = effective_spec(parse_spec(raw), {})
+    outcome = Outcome(**{**_outcome().__dict__, "spec": old})
+    status = reporting.success_status(DisaggServingStatus(), outcome, generation=1)
+    assert len(status.warnings) == 1 and "interNodeGbps is deprecated" in status.warnings[0]
+    assert reporting.to_patch(status)["warnings"] == status.warnings
+    assert reporting.success_status(DisaggServingStatus(), _outcome(), generation=1).warnings == []

@@ -112,9 +112,9 @@ def test_a_profile_of_another_model_is_refused():
         latency_model(_spec(), profile)
 
 
-@pytest.mark.parametrize(("inter_gbps", "expected"), [(100.0, "high"), (3.125, "low")])
-def test_affinity_follows_the_network(inter_gbps, expected):
-    spec = _spec(model={"preset": "opt-66b"}, cluster={"nodes": 4, "gpusPerNode": 8, "interNodeGbps": inter_gbps},
+@pytest.mark.parametrize(("inter", "expected"), [("800Gbit", "high"), ("25Gbit", "low")])
+def test_affinity_follows_the_network(inter, expected):
+    spec = _spec(model={"preset": "opt-66b"}, cluster={"nodes": 4, "gpusPerNode": 8, "interNodeBandwidth": inter},
                  slo={"ttftMs": 2500, "tpotMs": 150})
     problem = SearchProblem.of(spec, latency_model(spec, None), seed=0)
     choice = choose_affinity(problem, nodes=4)
@@ -123,7 +123,7 @@ def test_affinity_follows_the_network(inter_gbps, expected):
 
 
 def test_low_affinity_plan_pairs_stages_on_nodes():
-    spec = _spec(model={"preset": "opt-66b"}, cluster={"nodes": 2, "gpusPerNode": 8, "interNodeGbps": 3.125},
+    spec = _spec(model={"preset": "opt-66b"}, cluster={"nodes": 2, "gpusPerNode": 8, "interNodeBandwidth": "25Gbit"},
                  workload={"rate": 2.0, "dataset": "chatbot"}, slo={"ttftMs": 2500, "tpotMs": 150},
                  search={"maxPp": 2})
     plan = find_plan(spec, workers=2)

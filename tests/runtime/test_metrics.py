@@ -18,9 +18,19 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
     return names
 
 
+def _serving_section() -> str:
+    # The runtime's table; the operator's own metrics follow under their own heading (tests/operator).
+    return DOC.read_text().split("\n## Operator metrics", 1)[0]
+
+
 def documented() -> dict[str, str]:
-    rows = re.findall(r"^\| `(disagg_[a-z0-9_]+)` \| (\w+) \|", DOC.read_text(), re.M)
+    rows = re.findall(r"^\| `(disagg_[a-z0-9_]+)` \| (\w+) \|", _serving_section(), re.M)
     return dict(rows)
+
+
+def pending() -> set[str]:
+    """Rows documented ahead of the code that emits them (their meaning says `emitted once ...`)."""
+    return set(re.findall(r"^\| `(disagg_[a-z0-9_]+)` \|.*emitted once", _serving_section(), re.M))
 
 
 def test_every_metric_is_documented_with_its_type_and_nothing_else_is():
@@ -28,7 +38,9 @@ def test_every_metric_is_documented_with_its_type_and_nothing_else_is():
     RequestMetrics.create(reg)
     WorkerMetrics.create(reg, "decode")
     types = {f.name + ("_total" if f.type == "counter" else ""): f.type for f in reg.collect()}
-    assert documented() == types
+    docs = documented()
+    assert set(docs) - set(types) <= pending(), "documented but not exported (and not marked pending)"
+    assert {name: docs.get(name) for name in types} == types
 
 
 def test_length_buckets_in_the_doc_match_the_code():

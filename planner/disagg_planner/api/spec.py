@@ -51,6 +51,11 @@ class DisaggServingSpec(ApiModel):
     def gpu_budget(self) -> int:
         return self.search.gpu_budget or self.cluster.total_gpus
 
+    def deprecations(self) -> list[str]:
+        """Notes on deprecated fields the spec was written with (converted; the operator puts them in
+        status.warnings, the CLI prints them)."""
+        return self.cluster.deprecations()
+
     def planning_hash(self) -> str:
         """Hash of the fields that change the plan (not the image, scheduling or replan settings).
 

@@ -10,7 +10,7 @@ from ..latency import LatencyModel, ProfileError
 
 def latency_model(spec: DisaggServingSpec, profile: LatencyProfile | None) -> LatencyModel:
     """The profile's fitted model when given (it must be of the spec's model), else the analytic roofline."""
-    gpu, intra = spec.cluster.gpu_spec, spec.cluster.intra_node_gbps
+    gpu, intra = spec.cluster.gpu_spec, spec.cluster.intra_node_gb_per_s
     if profile is None:
         return LatencyModel.analytic(spec.model.spec, gpu, intra)
     if profile.model.model_dump(exclude={"name"}) != spec.model.spec.model_dump(exclude={"name"}):

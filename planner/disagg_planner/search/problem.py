@@ -48,6 +48,7 @@ class SearchProblem:
     target: float  # attainment, e.g. 0.9
     target_rate: float  # req/s the plan is made for
     token_budget: int
+    # Links in the planner's one unit, GB/s = 10^9 bytes/s (the spec's bandwidths, converted).
     intra_node_gbps: float
     inter_node_gbps: float
     gpus_per_node: int
@@ -67,8 +68,8 @@ class SearchProblem:
             target=spec.slo.attainment,
             target_rate=spec.workload.rate,
             token_budget=spec.runtime.prefill_token_budget,
-            intra_node_gbps=spec.cluster.intra_node_gbps,
-            inter_node_gbps=spec.cluster.inter_node_gbps,
+            intra_node_gbps=spec.cluster.intra_node_gb_per_s,
+            inter_node_gbps=spec.cluster.inter_node_gb_per_s,
             gpus_per_node=spec.cluster.gpus_per_node,
             rel_tol=rel_tol,
         )

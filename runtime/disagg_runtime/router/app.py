@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from ..chat_template import ChatRenderError, ChatTemplate
 from ..metrics import Outcome, RequestMetrics, render
 from ..workers.http import BadRequest, error_response, read_body
 from .flow import Aborter, RequestFlow, UpstreamError
@@ -20,7 +21,6 @@ from .openai import (
     CompletionRequest,
     Kind,
     ResponseWriter,
-    chat_prompt,
     error_body,
     sse,
 )
@@ -49,6 +49,7 @@ class RouterConfig:
     poll_s: float = 0.5
     served_model_name: str | None = None
     drain_timeout_s: float = 300.0
+    model_path: str | None = None  # read for the model's chat template only (workers hold the weights)
 
 
 def _outcome(status: int) -> Outcome:
@@ -62,6 +63,7 @@ class Router:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = RequestMetrics.create(self.registry)
+        self.chat_template = ChatTemplate.for_model(config.model_path)
         self.in_flight = 0
         self.draining = False
         self.drained = asyncio.Event()
@@ -123,7 +125,7 @@ class Router:
 
     async def models(self, _request: web.Request) -> web.Response:
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "disagg",
-                "max_model_len": self.pool.max_context}
+                "max_model_len": self.pool.max_context, "chat_template": self.chat_template.source}
         return web.json_response({"object": "list", "data": [card]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -146,8 +148,11 @@ class Router:
                 max_tokens = req.max_tokens or 16
             else:
                 req = ChatCompletionRequest.model_validate_json(body)
-                prompt, prompt_ids = chat_prompt(req.messages), None
+                messages = [{"role": m.role, "content": m.text} for m in req.messages]
+                prompt, prompt_ids = self.chat_template.render(messages), None
                 max_tokens = req.requested_max_tokens or self.config.default_chat_max_tokens
+        except ChatRenderError as e:
+            raise BadRequest(str(e)) from e
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"

@@ -103,12 +103,6 @@ class ChatCompletionRequest(_Request):
         return self.max_completion_tokens or self.max_tokens
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """A plain role-tagged template (models served here carry no chat template of their own)."""
-    turns = "".join(f"<|{m.role}|>\n{m.text}\n" for m in messages)
-    return turns + "<|assistant|>\n"
-
-
 Kind = Literal["completion", "chat"]
 
 

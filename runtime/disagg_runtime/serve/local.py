@@ -92,7 +92,7 @@ class LocalCluster:
                 listed = ",".join(f"{self.host}:{p}" for n, p in self.ports.items() if n.startswith(f"{role}-"))
                 endpoints += [f"--{role}-endpoints", listed]
             self._spawn("router", ["--role", "router", "--host", self.host, "--port", str(self.port),
-                                   *endpoints, *self.router_args])
+                                   "--model-path", str(self.model_dir), *endpoints, *self.router_args])
             self.ports["router"] = self._announced_port("router", deadline)
             self._wait_ready(deadline)
         except BaseException:

@@ -44,7 +44,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group("model and engine")
     model.add_argument("--model", "--model-path", dest="model_path", metavar="PATH",
-                       help="HF-style model directory (config.json, safetensors, tokenizer.json)")
+                       help="HF-style model directory (config.json, safetensors, tokenizer.json); the router "
+                            "reads only its chat template (chat_template.jinja or tokenizer_config.json)")
     model.add_argument("--model-spec", default=os.environ.get("DISAGG_MODEL_SPEC"), metavar="JSON",
                        help="without --model-path: random weights of this ModelSpec's shape (default "
                             "$DISAGG_MODEL_SPEC)")

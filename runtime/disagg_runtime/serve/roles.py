@@ -74,10 +74,14 @@ async def _serve_worker(args: argparse.Namespace) -> None:
 async def _serve_router(args: argparse.Namespace) -> None:
     from ..router.app import Router, RouterConfig
 
+    if args.model_path and not Path(args.model_path).is_dir():
+        raise ServeError(f"--model-path {args.model_path}: not a directory (the router reads the model's chat "
+                         "template from it; leave the flag out for the role-tag template)")
     config = RouterConfig(prefill=args.prefill_endpoints, decode=args.decode_endpoints,
                           colocated=args.colocated_endpoints, endpoints_file=args.endpoints_file,
                           max_body_bytes=args.max_body_bytes, max_in_flight=args.max_in_flight,
-                          heartbeat_timeout_s=args.heartbeat_timeout, served_model_name=args.served_model_name)
+                          heartbeat_timeout_s=args.heartbeat_timeout, served_model_name=args.served_model_name,
+                          model_path=args.model_path)
     router = Router(config)
     await serve_until_stopped(router.app(), args.host or "0.0.0.0", args.port, drain=router.start_drain,
                               drained=router.drained, extra=lambda: {"role": "router"})
