@@ -40,10 +40,10 @@ def _replan(**over):
 
 
 def test_a_rate_step_rolls_out_a_bigger_plan_without_failing_a_request(rig):
-    result = run_scenario(rig, "step", [Phase(14, 4.0), Phase(22, 12.0)], step_phase=1,
+    result = run_scenario(rig, "step", [Phase(14, 4.0), Phase(36, 12.0)], step_phase=1,
                           interval_s=INTERVAL_S, window_s=WINDOW_S, **_replan())
     logs = rig.agent.all_logs()[-4000:]
-    assert result.rollouts, f"no re-plan after a 3x step; samples: {result.samples[-3:]}\n{logs}"
+    assert result.rollouts, f"no re-plan after a 3x step: {result.summary(WINDOW_S)}; {rig.kubectl.status('step').get('replan')}\n{logs}"
     # The step is visible in the window after a scrape or two; one reading past stepChange confirms it at the
     # next check. Planning itself (seconds of search on a loaded 2-core machine) comes on top.
     assert result.detection_intervals is not None and result.detection_intervals <= 2.0 + 1 / INTERVAL_S, \

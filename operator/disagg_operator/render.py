@@ -22,6 +22,7 @@ serve) are listed in `endpoints.json` beside the new plan's, so the router uses 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any
 from disagg_planner.api import DisaggServingSpec, LatencyProfile, Plan
 
 from . import labels as lb
-from . import topology
+from . import rendezvous, topology
 from .topology import Segment, WorkerGroup
 
 CONFIG_DIR = "/etc/disagg"
@@ -185,7 +186,7 @@ def _stateful_set(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
     pod_labels = {**lb.pod_labels(inp.owner.name), **selector, lb.PHASE: group.phase}
     pod_spec: dict[str, Any] = {
         "serviceAccountName": lb.child_name(inp.owner.name, "runtime"),
-        "containers": [_worker_container(inp, seg) for seg in group.segments],
+        "containers": [_worker_container(inp, seg, _stage0_service(inp, group)) for seg in group.segments],
         "volumes": _volumes(inp),
         "topologySpreadConstraints": topology.spread_constraints(selector),
     }
@@ -204,7 +205,16 @@ def _stateful_set(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
     }
 
 
-def _worker_container(inp: RenderInput, seg: Segment) -> dict[str, Any]:
+def _stage0_service(inp: RenderInput, group: WorkerGroup) -> str | None:
+    """The headless Service (and StatefulSet) name of the stage-0 segment pods of `group`'s instances."""
+    if all(seg.stage is None for seg in group.segments):
+        return None
+    stage0 = WorkerGroup(component="segment-s0", phase=group.phase, replicas=group.replicas,
+                         segments=tuple(dataclasses.replace(seg, stage=0) for seg in group.segments))
+    return lb.worker_name(inp.owner.name, stage0.component, stage0.shape_id)
+
+
+def _worker_container(inp: RenderInput, seg: Segment, stage0_service: str | None = None) -> dict[str, Any]:
     rt = inp.spec.runtime
     weights = (["--model-path", inp.spec.model.path] if inp.spec.model.path
                else ["--model-spec", f"{CONFIG_DIR}/model.json"])
@@ -219,7 +229,13 @@ def _worker_container(inp: RenderInput, seg: Segment) -> dict[str, Any]:
         args += ["--colocated-prefill", "chunked", "--chunk-token-budget", seg.scheduler.removeprefix("chunked-")]
     if seg.stage is not None:
         args += ["--stage", str(seg.stage)]
+    args += rendezvous.rank_args(seg)
     container = _container(inp, seg.role, args)
+    env = rendezvous.rank_env(seg, stage0_service, inp.owner.namespace)
+    if env:
+        container["env"] = env
+    if not rendezvous.serves_http(seg):
+        del container["readinessProbe"]  # its ranks follow rank 0's pod and serve no HTTP
     if seg.role == "prefill":
         container["ports"].append({"name": "kv", "containerPort": KV_PORT, "protocol": "TCP"})
     if topology.uses_gpus(inp.spec):

@@ -18,7 +18,7 @@ def _spec(**over):
 @pytest.mark.parametrize(("over", "field", "text"), [
     ({"slo": {"ttftMs": -5, "tpotMs": 100}}, "spec.slo.ttftMs", "greater than 0"),
     ({"cluster": {"nodes": 1, "gpusPerNode": "eight"}}, "spec.cluster.gpusPerNode", "integer"),
-    ({"search": {"maxTp": 3}}, "spec.search.maxTp", "power of two"),
+    ({"search": {"maxTp": 0}}, "spec.search.maxTp", "greater than or equal to 1"),
     ({"model": {"preset": "opt-13b", "colour": "red"}}, "spec.model.colour", "Extra inputs"),
     ({"model": {}}, "spec.model", "exactly one of model.preset or model.custom"),
 ])

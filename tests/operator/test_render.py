@@ -11,6 +11,7 @@ import pytest
 from disagg_operator import labels as lb
 from disagg_operator.errors import RenderError
 from disagg_operator.render import RenderSettings, child_key, render_children, workload_endpoints
+from disagg_planner.api import PhasePlan
 from disagg_runtime.router.pool import read_endpoints
 from disagg_runtime.serve.options import add_serve_arguments, check_serve_arguments
 from operator_plans import OWNER, colocated_plan, high_plan, low_plan, render_input, spec
@@ -292,3 +293,50 @@ def test_names_too_long_for_kubernetes_are_refused():
 
     with pytest.raises(RenderError, match="at most 52 characters"):
         child_name("x" * 60, "segment-s0")
+
+
+def _launch_plan(container, args, pod_index="1"):
+    """The runtime's own rank launcher reading the container's env (downward-API values filled in)."""
+    from disagg_runtime.parallel.launcher import LaunchPlan
+
+    env = {}
+    for item in container.get("env", []):
+        value = item.get("value")
+        if value is None:  # fieldRef: what the kubelet would put there
+            value = pod_index if item["name"] == "POD_INDEX" else "10.0.0.7"
+        env[item["name"]] = value.replace("$(POD_INDEX)", env.get("POD_INDEX", ""))
+    return LaunchPlan.from_env(args.tp * args.pp, tp=args.tp, stage=args.stage if args.pp > 1 else None, env=env)
+
+
+def test_tp2_pp2_instance_in_one_pod_launches_its_four_ranks_locally():
+    decode = _by_key(render_children(render_input(high_plan())))["StatefulSet/chat-decode"]
+    container = _pod(decode)["containers"][0]
+    args = _runtime_args(container)
+    plan = _launch_plan(container, args)
+    assert (args.tp, args.pp, _gpus(decode)["decode"]) == (2, 2, 4)
+    assert (plan.world, plan.first_rank, plan.local_ranks, plan.master_addr) == (4, 0, 4, "127.0.0.1")
+    assert plan.master_port == 29501 and "readinessProbe" in container
+
+
+def test_tp2_pp2_stage_pods_find_rank_0_through_the_stage_0_service():
+    s = spec(cluster={"nodes": 4, "gpusPerNode": 4, "gpuType": "A100-80GB"})
+    plan = low_plan().model_copy(update={"decode": PhasePlan(tp=2, pp=2, replicas=2, instance_goodput_rps=2.5)})
+    children = _by_key(render_children(render_input(plan, s)))
+    s0, s1 = children["StatefulSet/chat-segment-s0"], children["StatefulSet/chat-segment-s1"]
+    stage0 = s0["metadata"]["name"]
+    assert s0["spec"]["serviceName"] == stage0 and children["Service/chat-segment-s0"]["spec"]["clusterIP"] == "None"
+    for stage, sts in enumerate((s0, s1)):
+        assert _gpus(sts) == {"prefill": 2, "decode": 2}
+        for container in _pod(sts)["containers"]:
+            args = _runtime_args(container)
+            launch = _launch_plan(container, args)
+            assert (args.tp, args.pp, args.stage) == (2, 2, stage)
+            assert (launch.world, launch.first_rank, launch.local_ranks) == (4, 2 * stage, 2)
+            assert launch.master_addr == f"{stage0}-1.{stage0}.serving.svc"
+            assert launch.master_port == {"prefill": 29500, "decode": 29501}[args.role]
+            assert ("readinessProbe" in container) == (stage == 0)  # later stages serve no HTTP
+            if args.role == "prefill":
+                assert args.advertise_host == "$(POD_IP)"  # expanded by the kubelet from status.podIP
+    for version in K8S_VERSIONS:
+        for obj in (s0, s1):
+            kubernetes_validate.validate(obj, version, strict=True)

@@ -40,7 +40,7 @@ def test_preset_resolves_to_known_shape():
     ("override", "loc", "fragment"),
     [
         ({"slo": {"ttftMs": -1, "tpotMs": 100}}, "slo.ttftMs", "greater than 0"),
-        ({"search": {"maxTp": 3}}, "search.maxTp", "power of two"),
+        ({"search": {"maxTp": 0}}, "search.maxTp", "greater than or equal to 1"),
         ({"cluster": {"nodes": 2, "gpusPerNode": "eight"}}, "cluster.gpusPerNode", "integer"),
         ({"model": {"preset": "opt-13b", "colour": "blue"}}, "model.colour", "Extra inputs"),
         ({"model": {}}, "model", "exactly one of model.preset or model.custom"),

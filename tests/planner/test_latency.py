@@ -161,3 +161,19 @@ def test_kv_transfer_time() -> None:
     assert kv_transfer_time(OPT13, 1000, 25.0) == pytest.approx(1000 * per_token / 25e9)
     with pytest.raises(ValueError, match="positive"):
         kv_transfer_time(OPT13, 10, 0.0)
+
+
+def test_pp_round_is_the_runtimes_micro_batched_step():
+    from disagg_planner.api import GPU_PRESETS, MODEL_PRESETS
+    from disagg_planner.latency import LatencyModel
+    from disagg_planner.simulator.rounds import RoundCost
+
+    lat = LatencyModel.analytic(MODEL_PRESETS["opt-13b"], GPU_PRESETS["A100-80GB"], 300.0)
+    cost = RoundCost(lat, 1, 2, 25.0)
+    # 5 sequences on 2 stages: micro-batches of 3 and 2; the round is 3 stage-times of a 3-sequence
+    # micro-batch (the first crosses both stages, the second follows one stage behind) plus one send.
+    stage_base, _ = lat.decode_coefficients(1, 2, 3)
+    send = 3 * lat.stage(1, 2).hidden_bytes_per_token / 25e9
+    assert cost.base(5) == pytest.approx(3 * stage_base + send)
+    assert cost.base(1) == pytest.approx(2 * lat.decode_coefficients(1, 2, 1)[0] + lat.stage(1, 2).hidden_bytes_per_token / 25e9)
+    assert RoundCost(lat, 1, 1, None).base(5) == pytest.approx(lat.decode_coefficients(1, 1, 5)[0])

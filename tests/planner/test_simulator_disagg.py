@@ -86,16 +86,21 @@ def test_more_prefill_instances_cut_queueing() -> None:
     assert two.mean_ttft < one.mean_ttft / 2
 
 
-def test_prefill_pipeline_keeps_stages_busy() -> None:
+def test_prefill_pipeline_runs_micro_batches_as_the_runtime_does() -> None:
     one = [SimRequest(0.0, 2000, 1)]
     cfg = DisaggConfig(PhaseShape(1, 2, 1), PhaseShape(1, 1, 1), 25.0, prefill_token_budget=2000)
     stage = LAT.prefill_time(1, 2, [2000])
     send = 2000 * OPT13.hidden_size * 2 / 300e9
     assert simulate_disaggregated(cfg, LAT, one).results[0].ttft == pytest.approx(2 * stage + send)
-    # A burst of ten: a new batch enters stage 0 whenever it frees, so batches finish one stage apart.
+    # A burst of ten one-prompt batches: the runtime starts a batch once the previous left the last stage.
     burst = [SimRequest(0.0, 2000, 1) for _ in range(10)]
     ttfts = sorted(r.ttft for r in simulate_disaggregated(cfg, LAT, burst).results)
-    assert ttfts[-1] == pytest.approx(2 * stage + send + 9 * stage)
+    assert ttfts[-1] == pytest.approx(10 * (2 * stage + send))
+    # Two prompts in one batch: two micro-batches, the second one stage-time behind the first.
+    pair = [SimRequest(0.0, 1000, 1), SimRequest(0.0, 1000, 1)]
+    half = LAT.prefill_time(1, 2, [1000])
+    ttfts = [r.ttft for r in simulate_disaggregated(cfg, LAT, pair).results]
+    assert ttfts == pytest.approx([3 * half + send / 2] * 2)
 
 
 def test_results_follow_the_callers_order() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from .base import ApiModel
 
@@ -15,20 +15,10 @@ class SLOSpec(ApiModel):
     attainment: float = Field(default=0.9, gt=0, le=1.0, description="Share of requests that must attain.")
 
 
-def _power_of_two(value: int, field: str) -> int:
-    if value & (value - 1):
-        raise ValueError(f"{field} must be a power of two, got {value}")
-    return value
-
-
 class SearchBounds(ApiModel):
     """Limits on the placement search."""
 
-    max_tp: int = Field(default=8, ge=1, le=64)
+    max_tp: int = Field(default=8, ge=1, le=64, description="Largest tensor-parallel degree searched; every "
+                        "degree up to it that divides the model's heads is tried.")
     max_pp: int = Field(default=8, ge=1, le=64)
     gpu_budget: int | None = Field(default=None, ge=1, le=1 << 16, description="Default: the whole cluster.")
-
-    @field_validator("max_tp")
-    @classmethod
-    def _tp_pow2(cls, v: int) -> int:
-        return _power_of_two(v, "max_tp")

@@ -152,6 +152,24 @@ class LatencyModel:
         return mixed_stage_time(self, tp, pp, decode_batch, decode_context, chunks, chunk_tokens, chunk_attention)
 
     @staticmethod
+    def micro_batches(pp: int, sequences: int) -> int:
+        """Micro-batches the runtime cuts a step of `sequences` into (disagg_runtime.parallel.pipeline)."""
+        return max(1, min(pp, sequences))
+
+    @staticmethod
+    def pipelined_step(micro_stage_time: float, pp: int, micro: int, micro_act_bytes: float,
+                       link_gbps: float) -> float:
+        """One step cut into `micro` micro-batches through pp stages, as the runtime runs it (GPipe).
+
+        The first micro-batch crosses all pp stages (pp-1 activation sends on the way); each stage starts
+        the next micro-batch as soon as it has sent the previous one, so the others follow one stage-time
+        apart: (micro + pp - 1) stage-times of one micro-batch plus pp-1 sends.
+        """
+        if pp == 1:
+            return micro * micro_stage_time
+        return (micro + pp - 1) * micro_stage_time + (pp - 1) * micro_act_bytes / (link_gbps * 1e9)
+
+    @staticmethod
     def pipeline_latency(stage_time: float, pp: int, act_bytes: int, link_gbps: float) -> float:
         """End-to-end time through pp equal stages, with pp-1 activation sends of `act_bytes` between them."""
         if pp == 1:

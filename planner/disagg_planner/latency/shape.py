@@ -54,13 +54,35 @@ def non_layer_params(model: ModelSpec) -> int:
 
 
 def check_shape(model: ModelSpec, tp: int, pp: int) -> None:
-    """Raise ShapeError when heads or layers cannot be divided as asked."""
+    """Raise ShapeError when heads, KV heads, the MLP or layers cannot be divided as asked.
+
+    The runtime's rules (disagg_runtime.parallel.tp.check_shardable): tp divides the attention heads, the KV
+    heads (split whole over the tp ranks; the engine does not replicate them, though the KV resharding plan
+    could move replicated heads) and the MLP width; pp stages take contiguous layer ranges, so any pp up to
+    the layer count works (uneven splits allowed).
+    """
     if tp < 1 or pp < 1:
         raise ShapeError(f"tp and pp must be >= 1, got tp={tp} pp={pp}")
     if model.num_heads % tp:
         raise ShapeError(f"tp={tp} does not divide {model.name}'s {model.num_heads} attention heads")
+    if model.num_kv_heads % tp:
+        raise ShapeError(f"tp={tp} does not divide {model.name}'s {model.num_kv_heads} KV heads")
+    if model.ffn_size % tp:
+        raise ShapeError(f"tp={tp} does not divide {model.name}'s MLP width {model.ffn_size}")
     if pp > model.num_layers:
         raise ShapeError(f"pp={pp} exceeds {model.name}'s {model.num_layers} layers")
+
+
+def tensor_parallel_degrees(model: ModelSpec, limit: int) -> list[int]:
+    """Every tp up to `limit` the model splits over (not only powers of two: OPT-66B's 72 heads allow 3)."""
+    out = []
+    for tp in range(1, limit + 1):
+        try:
+            check_shape(model, tp, 1)
+        except ShapeError:
+            continue
+        out.append(tp)
+    return out
 
 
 def stage_shape(model: ModelSpec, tp: int, pp: int) -> StageShape:

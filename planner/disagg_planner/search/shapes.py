@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..api.slo import SearchBounds
 from ..latency import LatencyModel
+from ..latency.shape import tensor_parallel_degrees
 
 
 @dataclass(frozen=True, order=True)
@@ -44,24 +45,17 @@ class Segments:
         return Shape(self.decode_tp, self.pp)
 
 
-def _powers_of_two(limit: int) -> list[int]:
-    out, tp = [], 1
-    while tp <= limit:
-        out.append(tp)
-        tp *= 2
-    return out
-
-
 def instance_shapes(
     latency: LatencyModel, bounds: SearchBounds, gpus_per_node: int, max_gpus: int, num_layers: int
 ) -> list[Shape]:
     """Every (tp, pp) that fits the model's weights in memory and `max_gpus`, smallest first.
 
-    tp is a power of two within a node (tensor-parallel all-reduces need NVLink); pp never exceeds the layer count.
+    tp is any degree the model splits over (heads, KV heads, MLP) within a node (tensor-parallel all-reduces
+    need NVLink); pp is any stage count up to the layer count.
     """
     shapes = [
         Shape(tp, pp)
-        for tp in _powers_of_two(min(bounds.max_tp, gpus_per_node))
+        for tp in tensor_parallel_degrees(latency.model, min(bounds.max_tp, gpus_per_node))
         for pp in range(1, min(bounds.max_pp, num_layers) + 1)
         if tp * pp <= max_gpus and latency.fits(tp, pp)
     ]
@@ -72,7 +66,7 @@ def segment_units(
     latency: LatencyModel, bounds: SearchBounds, gpus_per_node: int, max_gpus: int, num_layers: int
 ) -> list[Segments]:
     """Every low-affinity unit: prefill_tp + decode_tp <= GPUs per node, both segments' instances fit memory."""
-    tps = _powers_of_two(min(bounds.max_tp, gpus_per_node))
+    tps = tensor_parallel_degrees(latency.model, min(bounds.max_tp, gpus_per_node))
     units = [
         Segments(tp_p, tp_d, pp)
         for pp in range(1, min(bounds.max_pp, num_layers) + 1)

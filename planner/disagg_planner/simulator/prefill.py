@@ -2,8 +2,9 @@
 
 Each arrival goes to the instance with the fewest queued tokens (ties: the one whose first stage frees
 first). A batch forms when stage 0 frees: queued prompts are taken in order while their tokens fit the
-budget (a prompt longer than the budget runs alone). With pp stages, a new batch enters stage 0 as soon
-as stage 0 frees, so up to pp batches are in flight; each stage runs batches in order.
+budget (a prompt longer than the budget runs alone). With pp stages the runtime cuts a batch into up to pp
+micro-batches that follow each other through the stages (`LatencyModel.pipelined_step`), and starts the
+next batch when this one has left the last stage.
 
 Prefill-side memory for KV waiting to be pulled is not bounded here: at rates that meet the SLOs the
 waiting set is small, and past them attainment is already lost.
@@ -58,14 +59,13 @@ def simulate_prefill(
                 tokens += inputs[j]
             inst.queued_tokens -= tokens
             sum_sq = sum(inputs[j] * inputs[j] for j in members)
-            t = stage_time(tp, pp, len(members), tokens, sum_sq)
-            ready = start
-            send = tokens * act_send_per_token
-            for k in range(pp):
-                begin = ready if ready > stages[k] else stages[k]
-                stages[k] = begin + t
-                ready = stages[k] + send
-            finish = stages[pp - 1]
+            if pp == 1:
+                finish = start + stage_time(tp, pp, len(members), tokens, sum_sq)
+            else:
+                parts = LatencyModel.micro_batches(pp, len(members))
+                t = stage_time(tp, pp, -(-len(members) // parts), -(-tokens // parts), -(-sum_sq // parts))
+                finish = start + (parts + pp - 1) * t + (pp - 1) * (tokens / parts) * act_send_per_token
+            stages[:] = [finish] * pp
             for j in members:
                 done[j] = finish
 

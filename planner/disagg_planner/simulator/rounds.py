@@ -16,8 +16,10 @@ from ..latency import LatencyModel
 class RoundCost:
     """Round times of one decode (or colocated) instance shape, with base(B) cached per batch size.
 
-    With pp stages, the running set is split into pp micro-batches that follow each other through the
-    stages, so a round lasts pp stage-times of a ceil(B/pp) micro-batch plus pp-1 activation sends.
+    With pp stages the runtime cuts a round into M = min(pp, B) micro-batches of ceil(B/M) sequences that
+    follow each other through the stages (disagg_runtime.parallel.pipeline): a round lasts M + pp - 1
+    stage-times of one micro-batch plus pp-1 activation sends (`LatencyModel.pipelined_step`). The
+    per-context part follows the same count: (M + pp - 1) / M of one stage's slope, taken at M = pp.
     """
 
     __slots__ = ("_base", "_latency", "_link", "pp", "slope", "tp")
@@ -28,16 +30,17 @@ class RoundCost:
         self._link = stage_link_gbps or latency.intra_node_gbps
         self._base: list[float] = [0.0]
         _, per_context = latency.decode_coefficients(tp, pp, 1)
-        self.slope = per_context  # pp stages x (1/pp of the context each) = one stage's slope per token
+        self.slope = per_context * (2 * pp - 1) / pp
 
     def base(self, batch: int) -> float:
         cache = self._base
         while len(cache) <= batch:
             b = len(cache)
-            micro = -(-b // self.pp)
+            parts = LatencyModel.micro_batches(self.pp, b)
+            micro = -(-b // parts)
             stage_base, _ = self._latency.decode_coefficients(self.tp, self.pp, micro)
             act = micro * self._latency.stage(self.tp, self.pp).hidden_bytes_per_token
-            cache.append(LatencyModel.pipeline_latency(stage_base, self.pp, act, self._link))
+            cache.append(LatencyModel.pipelined_step(stage_base, self.pp, parts, act, self._link))
         return cache[batch]
 
     def elapsed(self, batch: int, sum_context: int, rounds: int) -> float:

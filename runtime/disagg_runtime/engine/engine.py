@@ -29,6 +29,7 @@ from .sampler import sample
 from .sequence import Sequence
 from .types import (
     DuplicateRequest,
+    EngineError,
     GenerationRequest,
     InvalidRequest,
     KVCacheFull,
@@ -77,6 +78,8 @@ class Engine:
                                             block_size=block_size, max_context=cfg.max_context,
                                             cuda_graphs=cuda_graphs)
         self.allocator = BlockAllocator(num_blocks)
+        # A pipeline-parallel stage runs its forward steps through parallel.pipeline.PipelineStepRunner.
+        self.step_runner = None
         # Unseeded sampling draws from here; tensor-parallel ranks pass the same seed so they agree.
         self._rng = torch.Generator(device=self.device)
         if sampling_seed is None:
@@ -317,8 +320,13 @@ class Engine:
 
         A `backend` given here (mixed steps) runs the model's own forward with it, not the fused GPU runner.
         """
-        if self.gpu_runner is not None and backend is None:
-            return self.gpu_runner.run(tokens, positions, layout, rows)
+        if backend is None:
+            runner = self.step_runner or self.gpu_runner
+            if runner is not None:
+                return runner.run(tokens, positions, layout, rows)
+        elif self.step_runner is not None:
+            raise EngineError("chunked prefill (mixed steps) runs on single-stage instances only; a pipeline-"
+                              "parallel colocated instance must use --colocated-prefill priority")
         backend = backend or self.backend
         with torch.inference_mode():
             meta = backend.build_metadata(layout, self.device)

@@ -14,6 +14,7 @@ from .errors import KVChannelError, KVNotFound
 from .framing import FramedStream
 from .links import ChannelChoice, Endpoint, open_link
 from .payload import KVHeader, KVPayload
+from .reshard import KVSlice
 
 
 @dataclass(frozen=True)
@@ -47,24 +48,33 @@ class KVPuller:
         self.on_transfer = on_transfer
         self._links: dict[KVAddress, _Link] = {}
 
+    async def _channel(self, address: KVAddress, link: _Link) -> KVChannel:
+        if link.channel is None or link.channel.broken:
+            if link.channel is not None:
+                await link.channel.close()
+            stream = await FramedStream.connect(address.host, address.port, timeout=self.timeout)
+            try:
+                link.channel = await open_link(stream, local=self.local, device=self.device,
+                                               override=self.channel, codec=self.codec)
+            except BaseException:
+                await stream.close()
+                raise
+        return link.channel
+
     async def pull(self, address: KVAddress, request_id: str,
-                   expect: Callable[[KVHeader], None] | None = None) -> KVPayload:
-        """Fetch `request_id`'s KV from `address`; raises KVNotFound, KVMismatchError, KVTimeout, KVChannelError."""
+                   expect: Callable[[KVHeader], None] | None = None, kv_slice: KVSlice | None = None) -> KVPayload:
+        """Fetch `request_id`'s KV (or only `kv_slice` of it) from `address`.
+
+        Raises KVNotFound, KVMismatchError, KVTimeout, KVChannelError.
+        """
         link = self._links.setdefault(address, _Link())
         async with link.lock:
-            if link.channel is None or link.channel.broken:
-                if link.channel is not None:
-                    await link.channel.close()
-                stream = await FramedStream.connect(address.host, address.port, timeout=self.timeout)
-                try:
-                    link.channel = await open_link(stream, local=self.local, device=self.device,
-                                                   override=self.channel, codec=self.codec)
-                except BaseException:
-                    await stream.close()
-                    raise
-            channel = link.channel
+            channel = await self._channel(address, link)
+            msg: dict = {"type": "pull", "requestId": request_id}
+            if kv_slice is not None:
+                msg["slice"] = kv_slice.model_dump()
             try:
-                await channel.stream.send_json({"type": "pull", "requestId": request_id})
+                await channel.stream.send_json(msg)
                 payload, stats = await channel.recv(expect=expect, device=self.device)
             except KVNotFound:
                 raise
@@ -74,6 +84,20 @@ class KVPuller:
         if self.on_transfer is not None:
             self.on_transfer(stats)
         return payload
+
+    async def release(self, address: KVAddress, request_id: str) -> None:
+        """Tell the prefill instance at `address` that every piece of `request_id`'s KV arrived (it frees it)."""
+        link = self._links.setdefault(address, _Link())
+        async with link.lock:
+            channel = await self._channel(address, link)
+            try:
+                await channel.stream.send_json({"type": "release", "requestId": request_id})
+                reply = await channel.stream.recv_json()
+            except BaseException:
+                channel.broken = True
+                raise
+        if reply.get("type") != "released":
+            raise KVChannelError(f"KV server {address} answered {reply.get('type')!r} to a release of {request_id}")
 
     async def close(self) -> None:
         for link in self._links.values():

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from pydantic import ValidationError
 
 from .channel import KVChannel, LayerStream, TransferStats
-from .errors import KVChannelError, KVNotFound
+from .errors import KVChannelError, KVMismatchError, KVNotFound
 from .framing import FramedStream
 from .links import Endpoint, accept_link
 from .payload import KVHeader
+from .reshard import KVSlice
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,18 @@ class KVLease:
 
 
 class KVSource(Protocol):
-    """What the KV server sends from (the prefill worker's parked requests)."""
+    """What the KV server sends from (the prefill worker's parked requests, or one rank's share of them)."""
 
     async def checkout(self, request_id: str) -> KVLease:
         """The request's KV, waiting (bounded) while its prefill runs; KVNotFound if there is none."""
+        ...
+
+    async def checkout_slice(self, request_id: str, kv_slice: KVSlice) -> KVLease:
+        """Only `kv_slice` (global layers and KV heads) of the request's KV; its lease frees nothing."""
+        ...
+
+    async def release_pulled(self, request_id: str) -> None:
+        """Every slice of the request reached its decode ranks: free its KV (KVNotFound if unknown here)."""
         ...
 
 
@@ -87,12 +97,21 @@ class KVServer:
                 msg = await channel.stream.recv_json(wait_forever=True)
             except KVChannelError:
                 return  # the decode end closed its link
-            if msg.get("type") != "pull" or not isinstance(msg.get("requestId"), str):
-                raise KVChannelError(f"expected a pull, got {msg!r}")
+            if msg.get("type") not in ("pull", "release") or not isinstance(msg.get("requestId"), str):
+                raise KVChannelError(f"expected a pull or a release, got {msg!r}")
+            if msg["type"] == "release":
+                await self._release(channel, msg["requestId"])
+                continue
             try:
-                lease = await self.source.checkout(msg["requestId"])
+                if msg.get("slice") is None:
+                    lease = await self.source.checkout(msg["requestId"])
+                else:
+                    lease = await self.source.checkout_slice(msg["requestId"], _slice(msg["slice"]))
             except KVNotFound as e:
                 await channel.send_error("not_found", str(e))
+                continue
+            except KVMismatchError as e:
+                await channel.send_error("mismatch", str(e))
                 continue
             except KVChannelError as e:
                 await channel.send_error("internal", str(e))
@@ -106,6 +125,14 @@ class KVServer:
             if self.on_transfer is not None:
                 self.on_transfer(stats)
 
+    async def _release(self, channel: KVChannel, request_id: str) -> None:
+        try:
+            await self.source.release_pulled(request_id)
+        except KVNotFound as e:
+            await channel.send_error("not_found", str(e))
+            return
+        await channel.stream.send_json({"type": "released"})
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -113,3 +140,10 @@ class KVServer:
         for task in list(self._links):
             task.cancel()
         await asyncio.gather(*self._links, return_exceptions=True)
+
+
+def _slice(data: object) -> KVSlice:
+    try:
+        return KVSlice.model_validate(data)
+    except ValidationError as e:
+        raise KVMismatchError(f"malformed KV slice {data!r}: {e.errors()[0]['msg']}") from e

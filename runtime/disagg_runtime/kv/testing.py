@@ -58,3 +58,34 @@ async def stream_pair(timeout: float = 5.0) -> tuple[FramedStream, FramedStream]
     srv = await accepted
     server.close()
     return srv, client
+
+
+class ShareSource:
+    """One prefill rank's share of parked payloads: serves slices of it, records releases (rank 0's job)."""
+
+    def __init__(self, payloads: list[KVPayload], held) -> None:
+        from .reshard import KVSlice, cut
+
+        self.held = held
+        self.parked: dict[str, KVPayload] = {}
+        for p in payloads:
+            whole = KVSlice.of(range(p.header.num_layers), range(p.header.num_kv_heads))
+            keys, values = cut(p.keys, p.values, whole, held)
+            header = p.header.model_copy(update={"num_layers": len(held.layers), "num_kv_heads": len(held.heads)})
+            self.parked[p.header.request_id] = KVPayload(header, keys, values)
+        self.released: list[str] = []
+
+    async def checkout(self, request_id: str) -> KVLease:
+        raise KVNotFound("slices only")
+
+    async def checkout_slice(self, request_id: str, kv_slice) -> KVLease:
+        from .sharded import slice_lease
+
+        if request_id not in self.parked:
+            raise KVNotFound(f"no KV parked for {request_id}")
+        return slice_lease(self.parked[request_id], self.held, kv_slice)
+
+    async def release_pulled(self, request_id: str) -> None:
+        if self.parked.pop(request_id, None) is None:
+            raise KVNotFound(f"no KV parked for {request_id}")
+        self.released.append(request_id)

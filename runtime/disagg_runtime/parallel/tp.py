@@ -14,8 +14,6 @@ own group over global ranks 0..tp-1, which is wrong when several instances share
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -81,9 +79,9 @@ def shard_model(model: CausalLM, group) -> tuple[CausalLM, int]:
 
     cfg = model.config
     backend = dist.get_backend(group)
-    if backend == "gloo":
-        _prepare_cpu_allreduce(tp)
     deepspeed.init_distributed(dist_backend=backend)
+    if backend == "gloo":
+        _use_timed_allreduce()
     layer_cls, row_parallel = ROW_PARALLEL[type(model)]
     even = all(n % (_DS_GRAIN * tp) == 0 for n in (cfg.hidden_size, cfg.ffn_size))
     ds_engine = deepspeed.init_inference(
@@ -99,19 +97,14 @@ def shard_model(model: CausalLM, group) -> tuple[CausalLM, int]:
     return sharded, tp
 
 
-def _prepare_cpu_allreduce(tp: int) -> None:
-    # On CPU DeepSpeed all-reduces through its shared-memory kernel, which spans the whole world (it
-    # ignores the group) and needs LOCAL_SIZE (set by the deepspeed launcher) to equal the world
-    # size; without it the kernel touches unmapped memory. So a CPU instance must be its own world.
-    world = dist.get_world_size()
-    if tp != world:
-        raise TensorParallelError(
-            f"on CPU a tensor-parallel instance must be its own torch.distributed world (tp={tp}, world={world}): "
-            "DeepSpeed's CPU all-reduce ignores process groups")
-    local = os.environ.setdefault("LOCAL_SIZE", str(world))
-    if int(local) != world:
-        raise TensorParallelError(f"LOCAL_SIZE={local} but the world has {world} ranks; DeepSpeed's CPU "
-                                  "all-reduce needs every rank on this host")
+def _use_timed_allreduce() -> None:
+    # On CPU DeepSpeed all-reduces through its shared-memory kernel, which busy-waits on its peers' flags
+    # holding the GIL, forever when a peer died, and spans the whole world whatever group it is given.
+    # Its own fallback, torch.distributed's gloo all-reduce over the tp group, honours the group's
+    # timeout and lets a failed rank surface as an error; the kernel is only taken above level 0.
+    from deepspeed.comm import comm
+
+    comm.cdb.shm_vector_kernel_level = 0
 
 
 def shared_seed(group) -> int:

@@ -18,7 +18,7 @@ def run_serve(args: argparse.Namespace) -> int:
             return run_local(args)
         from .roles import run_role
 
-        run_role(args)
+        return run_role(args)
     except ServeError as e:
         print(f"disagg serve: {e}", file=sys.stderr)
         return 2

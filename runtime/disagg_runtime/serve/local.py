@@ -24,8 +24,8 @@ from .options import ServeError
 
 _WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-channel",
                  "--kv-compression", "--kv-timeout", "--prefill-token-budget", "--max-queue", "--max-batch",
-                 "--max-prompt-tokens", "--max-body-bytes", "--log-level", "--colocated-prefill",
-                 "--chunk-token-budget")
+                 "--max-prompt-tokens", "--max-body-bytes", "--collective-timeout", "--log-level",
+                 "--colocated-prefill", "--chunk-token-budget")
 _ROUTER_FLAGS = ("--max-in-flight", "--max-body-bytes", "--heartbeat-timeout", "--served-model-name",
                  "--log-level")
 
@@ -54,7 +54,8 @@ class LocalCluster:
     decode_workers: int = 1
     colocated_workers: int = 0
     worker_args: list[str] = field(default_factory=list)
-    role_args: dict[str, list[str]] = field(default_factory=dict)  # per role, after worker_args (e.g. --device)
+    # Per role ("decode"), then per instance ("decode-1"), after worker_args (e.g. --device, --tp).
+    role_args: dict[str, list[str]] = field(default_factory=dict)
     router_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 120.0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -84,7 +85,8 @@ class LocalCluster:
             common = ["--model-path", str(self.model_dir), "--host", self.host, "--port", "0", *self.worker_args]
             for role, count in self.worker_counts.items():
                 for i in range(count):
-                    self._spawn(f"{role}-{i}", ["--role", role, *common, *self.role_args.get(role, [])])
+                    self._spawn(f"{role}-{i}", ["--role", role, *common, *self.role_args.get(role, []),
+                                                *self.role_args.get(f"{role}-{i}", [])])
             for name in list(self.processes):
                 self.ports[name] = self._announced_port(name, deadline)
             endpoints: list[str] = []
@@ -147,6 +149,16 @@ class LocalCluster:
         self.stop()
 
 
+def parallel_role_args(args: argparse.Namespace) -> dict[str, list[str]]:
+    """--tp/--pp of each role from --prefill-tp, --prefill-pp, --decode-tp, --decode-pp."""
+    out: dict[str, list[str]] = {}
+    for role in ("prefill", "decode"):
+        tp, pp = getattr(args, f"{role}_tp", 1), getattr(args, f"{role}_pp", 1)
+        if tp * pp > 1:
+            out[role] = ["--tp", str(tp), "--pp", str(pp)]
+    return out
+
+
 class _Stop(Exception):
     """SIGTERM or SIGHUP reached the launcher."""
 
@@ -165,7 +177,8 @@ def run_local(args: argparse.Namespace) -> int:
     cluster = LocalCluster(model_dir=model_dir, port=args.port, host=args.host or "127.0.0.1",
                            prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                            colocated_workers=args.colocated_workers if args.colocated else 0,
-                           worker_args=worker_args, router_args=_forward(args, _ROUTER_FLAGS))
+                           worker_args=worker_args, router_args=_forward(args, _ROUTER_FLAGS),
+                           role_args=parallel_role_args(args))
     try:
         url = cluster.start()
     except (KeyboardInterrupt, _Stop):

@@ -59,6 +59,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--tp", type=_positive, default=1, help="tensor-parallel degree of this instance")
     model.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel degree of this instance")
     model.add_argument("--stage", type=int, help="pipeline stage this pod serves (with --pp > 1)")
+    model.add_argument("--collective-timeout", type=float, default=10.0,
+                       help="seconds any collective between the ranks of a tp x pp instance may take; a rank "
+                            "silent for longer takes the instance out of service")
 
     net = parser.add_argument_group("network")
     net.add_argument("--host", default=None, help="bind address (default 0.0.0.0; 127.0.0.1 with --local)")
@@ -100,6 +103,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     local = parser.add_argument_group("--local")
     local.add_argument("--prefill-workers", type=_positive, default=1)
     local.add_argument("--decode-workers", type=_positive, default=1)
+    for role in ("prefill", "decode"):
+        local.add_argument(f"--{role}-tp", type=_positive, default=1, help=f"tensor-parallel degree of each {role} "
+                           "instance (one process per rank)")
+        local.add_argument(f"--{role}-pp", type=_positive, default=1, help=f"pipeline stages of each {role} instance")
     local.add_argument("--colocated", action="store_true",
                        help="the colocated baseline instead: router + --colocated-workers colocated workers")
     local.add_argument("--colocated-workers", type=_positive, default=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from .options import ServeError
@@ -23,18 +24,8 @@ def _device(name: str) -> str:
     return name
 
 
-def load_engine(args: argparse.Namespace):
-    """The engine for --model-path with the engine flags applied."""
-    import torch
-
-    from ..engine import Engine
-
-    if args.tp * args.pp != 1:
-        raise ServeError(
-            f"--tp {args.tp} --pp {args.pp}: multi-GPU instances need one process per GPU rank, which this "
-            "worker does not launch yet; serve tp=1, pp=1 instances (the planner can be bounded with "
-            "search.maxTp=1, maxPp=1)"
-        )
+def resolve_model_dir(args: argparse.Namespace) -> Path:
+    """The model directory --model-path names (or the random model --model-spec describes)."""
     if args.model_path:
         model_dir = Path(args.model_path)
     else:
@@ -43,6 +34,16 @@ def load_engine(args: argparse.Namespace):
         model_dir = model_for_spec(args.model_spec, args.cache_dir)
     if not (model_dir / "config.json").is_file():
         raise ServeError(f"{model_dir}: no config.json; --model-path must be an HF-style model directory")
+    return model_dir
+
+
+def load_engine(args: argparse.Namespace):
+    """The engine for --model-path with the engine flags applied (one rank: tp = pp = 1)."""
+    import torch
+
+    from ..engine import Engine
+
+    model_dir = resolve_model_dir(args)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     return Engine.load(model_dir, device=_device(args.device), dtype=dtype, block_size=args.block_size,
                        num_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction)
@@ -87,8 +88,31 @@ async def _serve_router(args: argparse.Namespace) -> None:
                               drained=router.drained, extra=lambda: {"role": "router"})
 
 
-def run_role(args: argparse.Namespace) -> None:
-    """Serve `args.role` until SIGINT, or until drained after SIGTERM / POST /drain."""
+def _run_rank(args: argparse.Namespace) -> int:
+    from .ranked import run_rank
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_rank(args)
+    except ServeError as e:
+        log.error("rank %s: %s", os.environ.get("RANK"), e)
+        return 2
+
+
+def run_role(args: argparse.Namespace) -> int:
+    """Serve `args.role` until SIGINT, or until drained after SIGTERM / POST /drain; the exit code.
+
+    A worker with --tp x --pp > 1 launches its ranks (one process each) and supervises them.
+    """
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.role != "router" and args.tp * args.pp > 1:
+        from ..parallel.launcher import LaunchPlan, launch
+
+        try:
+            plan = LaunchPlan.from_env(args.tp * args.pp, tp=args.tp, stage=args.stage if args.pp > 1 else None)
+        except ValueError as e:
+            raise ServeError(str(e)) from e
+        return launch(_run_rank, args, plan, grace_s=args.collective_timeout + 5)
     serve = _serve_router if args.role == "router" else _serve_worker
     asyncio.run(serve(args))
+    return 0

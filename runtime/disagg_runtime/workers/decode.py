@@ -26,7 +26,8 @@ from ..kv import Endpoint, KVAddress, KVChannelError, KVHeader, KVMismatchError,
 from .decoding import DecodingWorker
 from .engine_thread import EngineThreadStopped
 from .http import BadRequest, error_response, read_model
-from .protocol import DecodeRequest, ErrorEvent
+from .protocol import DecodeRequest, ErrorEvent, KVSourceRef
+from .sharded_kv import ShardedKVImport
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class _Job:
     first_token: int
     source: KVAddress
     blocks: int
+    ref: KVSourceRef | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     state: str = "waiting"  # waiting -> pulling -> running -> done
     aborted: bool = False
@@ -56,6 +58,7 @@ class DecodeWorker(DecodingWorker):
         self.puller = KVPuller(local=Endpoint.here(self.engine.device), device=self.engine.device,
                                channel=self.config.kv_channel, codec=self.config.kv_compression,
                                timeout=self.config.kv_timeout_s, on_transfer=self._transferred)
+        self.sharded_kv = ShardedKVImport(self.engine, self.puller)
         self._wakeup = asyncio.Event()
         self._admitter: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -127,10 +130,13 @@ class DecodeWorker(DecodingWorker):
     async def _pull(self, job: _Job) -> None:
         rid = job.request.request_id
         try:
-            payload = await self.puller.pull(job.source, rid, expect=self._expect(job))
-            if job.aborted:
-                return
-            await self.thread.submit(lambda: self.engine.import_kv(job.request, payload, job.first_token))
+            if job.ref is not None and self.sharded_kv.applies(job.ref):
+                await self.sharded_kv.pull_and_import(job.request, job.ref, job.first_token, self.thread.submit)
+            else:
+                payload = await self.puller.pull(job.source, rid, expect=self._expect(job))
+                if job.aborted:
+                    return
+                await self.thread.submit(lambda: self.engine.import_kv(job.request, payload, job.first_token))
             job.state = "running"
             if job.aborted:  # aborted while importing: free what import took
                 await self.thread.submit(lambda: self.engine.abort(rid))
@@ -158,7 +164,7 @@ class DecodeWorker(DecodingWorker):
         request = GenerationRequest(msg.request_id, list(msg.prompt_ids), params)
         need = self.engine.kv_tokens(len(msg.prompt_ids), params.max_tokens)
         return _Job(request, msg.first_token_id, KVAddress(msg.kv.host, msg.kv.port),
-                    blocks_for(need, self.engine.block_size))
+                    blocks_for(need, self.engine.block_size), ref=msg.kv)
 
     async def decode_handler(self, request: web.Request) -> web.StreamResponse:
         if self.draining:
@@ -194,6 +200,13 @@ class DecodeWorker(DecodingWorker):
                 pass  # nothing left to free
             self._wakeup.set()
         return True
+
+    def fail_in_flight(self, message: str) -> None:
+        """The instance is out of service: waiting, pulling and running requests all end with `message`."""
+        for job in self.jobs.values():
+            job.aborted = True
+        self.waiting.clear()
+        super().fail_in_flight(message)
 
     def _transferred(self, stats: TransferStats) -> None:
         self.metrics.transferred(channel=stats.channel, wire_bytes=stats.wire_bytes, seconds=stats.seconds)

@@ -82,6 +82,10 @@ class DecodingWorker(Worker):
                 self._end(job)
         self._on_released()
 
+    def fail_in_flight(self, message: str) -> None:
+        """The instance is out of service: every request not yet done ends with `message`."""
+        self._fail(list(self.jobs), message)
+
     def _end(self, job: StreamedJob) -> None:
         job.state = "done"
         self.jobs.pop(job.request.request_id, None)

@@ -16,11 +16,13 @@ from aiohttp import web
 
 from ..engine import GenerationRequest, SamplingParams, StepOutput, blocks_for
 from ..kv import Endpoint, KVLease, KVNotFound, KVServer, TransferStats, payload_layers
+from ..kv.reshard import KVSlice
+from ..kv.sharded import slice_lease
 from .base import Worker
 from .engine_thread import EngineThreadStopped
 from .http import BadRequest, error_response, read_model
 from .prefill_queue import PrefillQueue, QueueFull
-from .protocol import ErrorEvent, KVSourceRef, PrefillRequest, PrefillResult, TokenEvent
+from .protocol import ErrorEvent, KVRankRef, KVSourceRef, PrefillRequest, PrefillResult, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class PrefillWorker(Worker):
                                   port=self.config.kv_port, timeout=self.config.kv_timeout_s,
                                   on_transfer=self._transferred)
         self._reaper: asyncio.Task | None = None
+        # A multi-rank instance (parallel.instance.InstanceEngine) lists every rank's KV server here.
+        self.kv_ranks: list[KVRankRef] = []
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def _on_start(self) -> None:
@@ -149,7 +153,9 @@ class PrefillWorker(Worker):
             return
         kv = None
         if not out.finished:
-            kv = KVSourceRef(host=self.config.advertise_host or "", port=self.kv_server.port)
+            shape = getattr(self.engine, "shape", None)
+            kv = KVSourceRef(host=self.config.advertise_host or "", port=self.kv_server.port,
+                             tp=shape.tp if shape else 1, pp=shape.pp if shape else 1, ranks=self.kv_ranks)
         first = TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
                            finish_reason=out.finish_reason)
         yield PrefillResult(request_id=out.request_id, prompt_ids=prompt_ids, first=first, kv=kv)
@@ -186,6 +192,29 @@ class PrefillWorker(Worker):
                 await self._free(request_id)
 
         return KVLease(payload.header, payload_layers(payload), release)
+
+    async def checkout_slice(self, request_id: str, kv_slice: KVSlice) -> KVLease:
+        """A slice of this rank's KV of a parked request; the request stays parked until `release_pulled`."""
+        if request_id not in self.parked:
+            raise KVNotFound(f"prefill worker holds no KV for {request_id} (never prefilled, expired or released)")
+        payload = await self.thread.submit(lambda: self.engine.export_kv(request_id))
+        held = getattr(self.engine, "kv_share", None) or KVSlice.of(range(self.engine.num_layers),
+                                                                     range(self.engine.num_kv_heads))
+        return slice_lease(payload, held, kv_slice)
+
+    async def release_pulled(self, request_id: str) -> None:
+        """Every decode rank has its slices: free the request's KV (on every rank of this instance)."""
+        if request_id not in self.parked:
+            raise KVNotFound(f"prefill worker holds no KV for {request_id}")
+        await self._free(request_id)
+
+    def fail_in_flight(self, message: str) -> None:
+        """The instance is out of service: every queued request ends with `message`, parked KV is dropped."""
+        for rid in self.queue.ids():
+            job = self.queue.remove(rid)
+            if job is not None:
+                _fail(job.done, RuntimeError(message))
+        self.parked.clear()
 
     async def _free(self, request_id: str) -> None:
         if self.parked.pop(request_id, None) is None:

@@ -60,6 +60,11 @@ class PrefillQueue(Generic[J]):
         with self._lock:
             return any(q.request_id == request_id for q in self._items)
 
+    def ids(self) -> list[str]:
+        """Ids of the waiting requests, FCFS order."""
+        with self._lock:
+            return [q.request_id for q in self._items]
+
     def remove(self, request_id: str) -> J | None:
         """Take a waiting request out (abort); None if it is not waiting."""
         with self._lock:

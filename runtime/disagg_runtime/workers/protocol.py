@@ -30,11 +30,33 @@ class SamplingSpec(WireModel):
     ignore_eos: bool = False
 
 
+class KVRankRef(WireModel):
+    """The KV server of one rank of a multi-rank prefill instance; host "" is the instance's own host."""
+
+    host: str = ""
+    port: int = Field(ge=1, le=65535)
+
+
 class KVSourceRef(WireModel):
-    """Where the decode worker pulls a request's KV from."""
+    """Where the decode worker pulls a request's KV from (rank 0's KV server; `ranks` when tp x pp > 1)."""
 
     host: str
     port: int = Field(ge=1, le=65535)
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+    ranks: list[KVRankRef] = Field(default_factory=list, description="every rank's KV server, rank order")
+
+    @model_validator(mode="after")
+    def _ranks_match(self) -> KVSourceRef:
+        if self.tp * self.pp > 1 and len(self.ranks) != self.tp * self.pp:
+            raise ValueError(f"a tp={self.tp} x pp={self.pp} KV source lists {len(self.ranks)} ranks")
+        return self
+
+    def sources(self) -> tuple[tuple[str, int], ...]:
+        """(host, port) of every rank's KV server, rank order."""
+        if not self.ranks:
+            return ((self.host, self.port),)
+        return tuple((r.host or self.host, r.port) for r in self.ranks)
 
 
 class PrefillRequest(WireModel):
