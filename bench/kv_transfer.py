@@ -60,7 +60,7 @@ SERVER = textwrap.dedent(
                 p.keys = [k.to(device) for k in p.keys]
                 p.values = [v.to(device) for v in p.values]
                 self.payloads[p.header.request_id] = p
-        async def checkout(self, rid):
+        async def checkout(self, rid, ticket=None):
             p = self.payloads[rid]
             async def release(ok):
                 pass

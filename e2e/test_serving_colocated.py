@@ -60,7 +60,7 @@ async def test_router_serves_colocated_instances_from_the_operators_endpoints_fi
     path = tmp_path / "endpoints.json"
     path.write_text(json.dumps({"colocated": [f"http://127.0.0.1:{serving.ports['colocated-0']}"]}))
     cmd = [sys.executable, "-m", "disagg_runtime.serve", "--role", "router", "--host", "127.0.0.1", "--port", "0",
-           "--endpoints-file", str(path)]
+           "--endpoints-file", str(path), "--internal-token-file", serving.token_file]
     router = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert select.select([router.stdout], [], [], 60)[0], "the router did not announce its port"

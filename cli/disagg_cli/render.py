@@ -39,18 +39,23 @@ def _title(plan: Plan) -> str:
 
 
 def plan_table(plan: Plan) -> Table:
-    """Per phase: shape, replicas, GPUs and the goodput of one instance measured in isolation."""
+    """Per phase: shape, replicas, GPUs, each instance's share of the plan's goodput, and its goodput alone.
+
+    The share column adds up (replicas x share = the plan's goodput); the isolated column is what sized the
+    replica counts, and need not add up: replicas simulated together share bursts (more) and KV transfer
+    (less), and the plan's goodput is measured on the whole system.
+    """
     table = Table(title=_title(plan), title_justify="left",
-                  caption="isolated: one instance alone, judged on its phase's SLO only (DistServe §4.1); replicas "
-                          "x isolated need not equal the plan's goodput, which is simulated whole",
+                  caption="share = plan goodput / replicas; isolated = one instance alone, judged on its phase's "
+                          "SLO only (DistServe §4.1)",
                   caption_justify="left")
-    for column in ("phase", "tp", "pp", "replicas", "GPUs", "isolated instance goodput (req/s)"):
+    for column in ("phase", "tp", "pp", "replicas", "GPUs", "share of goodput (req/s)", "isolated (req/s)"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     for name in ("prefill", "decode", "colocated"):
         phase = getattr(plan, name)
         if phase is not None:
             table.add_row(name, str(phase.tp), str(phase.pp), str(phase.replicas), str(phase.gpus),
-                          f"{phase.instance_goodput_rps:.2f}")
+                          f"{plan.goodput_rps / phase.replicas:.2f}", f"{phase.instance_goodput_rps:.2f}")
     return table
 
 
@@ -94,6 +99,7 @@ def summary_table(plan: Plan) -> Table:
         ("GPUs", str(plan.gpus)),
         ("target rate", f"{plan.target_rate_rps:.2f} req/s"),
         ("goodput", f"{plan.goodput_rps:.2f} req/s"),
+        ("goodput interval", interval_text(plan)),
         ("per-GPU goodput", f"{plan.per_gpu_goodput:.3f} req/s"),
         ("attainment at target", f"{plan.predicted_attainment:.1%}"),
     ]
@@ -106,6 +112,14 @@ def summary_table(plan: Plan) -> Table:
     for label, value in rows:
         table.add_row(label, value)
     return table
+
+
+def interval_text(plan: Plan) -> str:
+    """`26.10-30.40 req/s (90%, 5 seeds)`, or `n/a` for a plan made without one."""
+    iv = plan.goodput_interval
+    if iv is None:
+        return "n/a"
+    return f"{iv.low_rps:.2f}-{iv.high_rps:.2f} req/s ({iv.coverage:.0%}, {iv.method} x{len(iv.seeds)})"
 
 
 def print_plan(plan: Plan, console: Console) -> None:

@@ -59,6 +59,8 @@ KINDS: dict[str, Kind] = {k.kind: k for k in (
     Kind("v1", "Service", "services"),
     Kind("apps/v1", "StatefulSet", "statefulsets"),
     Kind("apps/v1", "Deployment", "deployments"),
+    Kind("v1", "Secret", "secrets"),
+    Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
 )}
 CHILD_KINDS: tuple[Kind, ...] = tuple(KINDS.values())
 

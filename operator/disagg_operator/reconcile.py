@@ -36,11 +36,12 @@ from .profiles import ProfileResolver
 from .render import Owner, RenderInput, RenderSettings, child_key, render_children
 from .rollout import retiring_endpoints, sort_stale
 from .telemetry.replan import effective_spec
+from .token_secret import desired_token_secret
 
 APPLIED_HASH = "disagg.io/applied-hash"
 DISAGG_KIND = Kind(API_VERSION, KIND, PLURAL)
 DISAGG_CHILD = {kind.kind: kind for kind in CHILD_KINDS}
-_FIRST = ("ServiceAccount", "ConfigMap")  # referenced by the pods: apply them before the workloads
+_FIRST = ("ServiceAccount", "ConfigMap", "Secret")  # referenced by the pods: apply them before the workloads
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,10 @@ class Reconciler:
             # Survives operator restarts: a resource planned before is not searched again.
             self._planning.remember(key, Plan.model_validate(status["plan"]))
         result = await self._planning.plan(spec, profile)
+        secret, token = await desired_token_secret(self.kube, owner, key, spec.internal_token.rotation)
         inp = RenderInput(owner=owner, spec=spec, plan=result.plan, plan_hash=key, profile=profile,
-                          settings=self._settings)
-        desired = render_children(inp)
+                          settings=self._settings, internal_token=token)
+        desired = [secret, *render_children(inp)]
         keys = tuple(child_key(o) for o in desired)
         common = dict(spec=spec, plan=result.plan, plan_hash=key, plan_cached=result.cached,
                       plan_changed=status.get("planHash") != key, children=keys)
@@ -153,7 +155,7 @@ class Reconciler:
         live = await self._live_children(owner)
         stale = sort_stale({k: o for k, o in live.items() if controlled_by(o, owner)}, set(keys))
         if stale.retiring:
-            desired = render_children(replace(inp, retiring_endpoints=retiring_endpoints(live, stale.retiring)))
+            desired = [secret, *render_children(replace(inp, retiring_endpoints=retiring_endpoints(live, stale.retiring)))]
         results = await self._converge_all(desired, live)
         applied = {child_key(o) for o, (_, changed) in zip(desired, results, strict=True) if changed}
         workloads_ready = all(is_ready(obj) for obj, _ in results)

@@ -18,6 +18,11 @@ chunked prefill they also get `--colocated-prefill chunked --chunk-token-budget 
 Worker groups are named after their shape (`<instance>-<component>-<shape>`, see topology.py). While
 a rollout runs, `RenderInput.retiring_endpoints` (the pods of earlier plans' workloads that still
 serve) are listed in `endpoints.json` beside the new plan's, so the router uses both.
+
+Security (security_context.py, credentials.py, netpol.py): every pod meets the restricted Pod Security
+Standard and mounts the internal token, whose rotation names the worker workloads (a rotation rolls out
+like a new shape; the router re-reads the token in place). The router also mounts the users' API keys
+when the spec names them. The NetworkPolicies come last.
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from disagg_planner.api import DisaggServingSpec, LatencyProfile, Plan
 
 from . import labels as lb
 from . import rendezvous, topology
+from .credentials import TokenRef, add_api_keys, add_internal_token
+from .netpol import network_policies
+from .security_context import restrict
 from .topology import Segment, WorkerGroup
 
 CONFIG_DIR = "/etc/disagg"
@@ -73,17 +81,22 @@ class RenderInput:
     profile: LatencyProfile | None = None
     settings: RenderSettings = RenderSettings()
     retiring_endpoints: Mapping[str, list[str]] = field(default_factory=dict)
+    internal_token: TokenRef | None = None  # the operator-owned token Secret; None renders pods without one
 
 
 def render_children(inp: RenderInput) -> list[dict[str, Any]]:
     """All children for one plan, in apply order."""
     workers: list[dict[str, Any]] = []
+    revision = inp.internal_token.revision if inp.internal_token else ""
     for group in topology.worker_groups(inp.plan, inp.spec):
+        group = replace(group, revision=revision)
         workers.append(_headless_service(inp, group))
         workers.append(_stateful_set(inp, group))
     statefulsets = [w for w in workers if w["kind"] == "StatefulSet"]
+    policies = network_policies(inp, lambda what: _meta(inp, lb.child_name(inp.owner.name, f"np-{what}"),
+                                                        "network-policy"), ROLE_PORTS, KV_PORT)
     return [_service_account(inp), _config_map(inp, statefulsets), *workers, _router_deployment(inp),
-            _router_service(inp)]
+            _router_service(inp), *policies]
 
 
 def child_key(obj: dict[str, Any]) -> str:
@@ -191,6 +204,8 @@ def _stateful_set(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
         "topologySpreadConstraints": topology.spread_constraints(selector),
     }
     _add_scheduling(inp, pod_spec)
+    template_meta = {"labels": pod_labels, "annotations": _scrape(group.segments[0].role)}
+    _secure(inp, pod_spec, template_meta, gpus=group.gpus_per_pod if topology.uses_gpus(inp.spec) else 0)
     return {
         "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta,
         "spec": {
@@ -199,10 +214,16 @@ def _stateful_set(inp: RenderInput, group: WorkerGroup) -> dict[str, Any]:
             # Instances are independent; ordered start would serialise minutes-long model loads.
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector},
-            "template": {"metadata": {"labels": pod_labels, "annotations": _scrape(group.segments[0].role)},
-                         "spec": pod_spec},
+            "template": {"metadata": template_meta, "spec": pod_spec},
         },
     }
+
+
+def _secure(inp: RenderInput, pod_spec: dict[str, Any], template_meta: dict[str, Any] | None, *, gpus: int) -> None:
+    """Restricted pods with the internal token; `template_meta` (workers only) carries the token's version."""
+    if inp.internal_token is not None:
+        add_internal_token(pod_spec, template_meta, inp.internal_token)
+    restrict(pod_spec, gpus=gpus)
 
 
 def _stage0_service(inp: RenderInput, group: WorkerGroup) -> str | None:
@@ -298,11 +319,13 @@ def _router_deployment(inp: RenderInput) -> dict[str, Any]:
     container["volumeMounts"] = container["volumeMounts"][:1]
     if inp.spec.scheduling.tolerations:
         pod_spec["tolerations"] = topology.tolerations(inp.spec)
+    template_meta = {"labels": pod_labels, "annotations": _scrape("router")}
+    add_api_keys(pod_spec, inp.spec.router)
+    _secure(inp, pod_spec, None, gpus=0)  # the router re-reads a rotated token: no restart (credentials.py)
     return {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(inp, name, "router", "router"),
         "spec": {"replicas": inp.spec.runtime.router_replicas, "selector": {"matchLabels": selector},
-                 "template": {"metadata": {"labels": pod_labels, "annotations": _scrape("router")},
-                              "spec": pod_spec}},
+                 "template": {"metadata": template_meta, "spec": pod_spec}},
     }
 
 

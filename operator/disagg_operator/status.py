@@ -41,6 +41,8 @@ class DisaggServingStatus(ApiModel):
     prefill_shape: str | None = Field(default=None, description="e.g. `2x tp2pp1`.")
     decode_shape: str | None = None
     goodput_rps: float | None = Field(default=None, ge=0, description="Predicted goodput of the whole plan.")
+    goodput_interval: str | None = Field(
+        default=None, description="e.g. `26.1-30.4 req/s (90%, 5 seeds)`: where a fresh trace's goodput falls.")
     per_gpu_goodput: float | None = Field(default=None, ge=0)
     gain_over_colocated: float | None = Field(default=None, ge=0)
     gpus: int | None = Field(default=None, ge=0)
@@ -87,6 +89,13 @@ def shape_of(phase: PhasePlan | None) -> str | None:
     return f"{phase.replicas}x tp{phase.tp}pp{phase.pp}"
 
 
+def _interval(plan: Plan) -> str | None:
+    iv = plan.goodput_interval
+    if iv is None:
+        return None
+    return f"{iv.low_rps:.3g}-{iv.high_rps:.3g} req/s ({iv.coverage:.0%}, {len(iv.seeds)} seeds)"
+
+
 def plan_summary(plan: Plan) -> dict[str, object]:
     """The status fields derived from a plan (shapes, goodput, gain)."""
     if plan.mode == "colocated":
@@ -95,6 +104,7 @@ def plan_summary(plan: Plan) -> dict[str, object]:
         prefill, decode = shape_of(plan.prefill), shape_of(plan.decode)
     return {
         "plan": plan, "prefill_shape": prefill, "decode_shape": decode, "goodput_rps": plan.goodput_rps,
+        "goodput_interval": _interval(plan),
         "per_gpu_goodput": plan.per_gpu_goodput, "gain_over_colocated": plan.gain_over_colocated,
         "gpus": plan.gpus,
     }

@@ -71,6 +71,9 @@ class WorkerGroup:
     phase: str  # the disagg.io/phase label: prefill, decode, colocated or paired
     replicas: int
     segments: tuple[Segment, ...]
+    # What else the pods' identity depends on (the internal token's version): a new revision renders a
+    # workload of a new name, which rolls out beside the serving one like a new shape does.
+    revision: str = ""
 
     @property
     def gpus_per_pod(self) -> int:
@@ -86,6 +89,8 @@ class WorkerGroup:
         # A scheduler is named only when set, so that the workloads of plans without one keep their names.
         shape = [self.component, self.phase,
                  [[s.role, s.tp, s.pp, s.stage, *([s.scheduler] if s.scheduler else [])] for s in self.segments]]
+        if self.revision:
+            shape.append(self.revision)
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:6]
 
 

@@ -42,11 +42,16 @@ DATASET_SOURCES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class SimRequest:
-    """One request of a simulated trace: arrival time (seconds) and token counts."""
+    """One request of a simulated trace: arrival time (seconds) and token counts.
+
+    `max_tokens` is the limit the client sent, when the workload gives it (None: the output length). An
+    engine checks a request against prompt + max_tokens; its KV memory grows with the actual output.
+    """
 
     arrival: float
     input_len: int
     output_len: int
+    max_tokens: int | None = None
 
     def clip(self, max_context: int) -> SimRequest:
         """Fit the request into `max_context` tokens the way a server truncates a prompt.
@@ -58,9 +63,10 @@ class SimRequest:
             raise ValueError(f"max_context must be at least 2 tokens, got {max_context}")
         output = min(self.output_len, max_context - 1)
         prompt = min(self.input_len, max_context - output)
-        if output == self.output_len and prompt == self.input_len:
+        limit = None if self.max_tokens is None else max(output, min(self.max_tokens, max_context - prompt))
+        if output == self.output_len and prompt == self.input_len and limit == self.max_tokens:
             return self
-        return SimRequest(self.arrival, prompt, output)
+        return SimRequest(self.arrival, prompt, output, limit)
 
 
 def clip_requests(requests: Sequence[SimRequest], max_context: int) -> list[SimRequest]:
@@ -103,16 +109,22 @@ def sample_lengths(hist: LengthHistogram, n: int, rng: np.random.Generator) -> n
 def sample_requests(workload: WorkloadSpec, rate: float, n: int, seed: int) -> list[SimRequest]:
     """`n` requests with Poisson arrivals at `rate` req/s (first at t = 1/rate on average, not 0).
 
-    Lengths are drawn independently from the workload's histograms. The same seed gives the same trace;
-    arrivals and lengths use separate streams, so changing `rate` keeps the lengths.
+    Lengths are drawn independently from the workload's histograms (max_tokens too, when it has one). The
+    same seed gives the same trace; arrivals and lengths use separate streams, so changing `rate` keeps
+    the lengths.
     """
     if rate <= 0:
         raise ValueError(f"rate must be positive, got {rate}")
     if n < 1:
         raise ValueError(f"need at least one request, got n={n}")
     input_hist, output_hist = length_histograms(workload)
-    arrival_rng, length_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    # Three streams; the first two are what spawn(2) gave, so traces without max_tokens are unchanged.
+    arrival_rng, length_rng, limit_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     arrivals = np.cumsum(arrival_rng.exponential(1.0 / rate, size=n))
     inputs = sample_lengths(input_hist, n, length_rng)
     outputs = sample_lengths(output_hist, n, length_rng)
-    return [SimRequest(float(t), int(i), int(o)) for t, i, o in zip(arrivals, inputs, outputs, strict=True)]
+    if workload.max_tokens_lengths is None:
+        return [SimRequest(float(t), int(i), int(o)) for t, i, o in zip(arrivals, inputs, outputs, strict=True)]
+    limits = np.maximum(sample_lengths(workload.max_tokens_lengths, n, limit_rng), outputs)
+    return [SimRequest(float(t), int(i), int(o), int(m))
+            for t, i, o, m in zip(arrivals, inputs, outputs, limits, strict=True)]

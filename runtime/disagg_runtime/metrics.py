@@ -98,9 +98,20 @@ class WorkerMetrics:
     kv_transfer_seconds: Histogram
     step_seconds: Histogram
     batch_tokens: Histogram
+    preemptions: Counter
+    swapped_tokens: Counter
+    recomputed_tokens: Counter
+    preempted_requests: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry, role: Role) -> WorkerMetrics:
+        metrics = cls._build(registry, role)
+        for counter in (metrics.preemptions, metrics.swapped_tokens, metrics.recomputed_tokens):
+            counter.labels(role)  # export zeros so rate() and the must-be-zero checks work from the start
+        return metrics
+
+    @classmethod
+    def _build(cls, registry: CollectorRegistry, role: Role) -> WorkerMetrics:
         return cls(
             role=role,
             queue_depth=Gauge("disagg_queue_depth", "Requests waiting: prefill queue, or decode waiting for KV.",
@@ -118,6 +129,14 @@ class WorkerMetrics:
             batch_tokens=Histogram("disagg_engine_batch_tokens", "Tokens per engine step (prompt tokens for "
                                    "prefill, sequences for decode).", ["role"], buckets=LENGTH_BUCKETS,
                                    registry=registry),
+            preemptions=Counter("disagg_preemptions", "Running requests preempted because a decode step could "
+                                "not get KV blocks.", ["role"], registry=registry),
+            swapped_tokens=Counter("disagg_preemption_swapped_tokens", "KV tokens swapped out to host memory "
+                                   "by preemption.", ["role"], registry=registry),
+            recomputed_tokens=Counter("disagg_preemption_recomputed_tokens", "Tokens prefilled again to "
+                                      "rebuild the KV of preempted requests.", ["role"], registry=registry),
+            preempted_requests=Gauge("disagg_preempted_requests", "Requests preempted and waiting to resume.", ["role"],
+                            registry=registry),
         )
 
     def set_load(self, *, queued: int, running: int, blocks_used: int, blocks_free: int) -> None:
@@ -125,6 +144,14 @@ class WorkerMetrics:
         self.running.labels(self.role).set(running)
         self.kv_blocks_used.labels(self.role).set(blocks_used)
         self.kv_blocks_free.labels(self.role).set(blocks_free)
+
+    def set_preempted(self, n: int) -> None:
+        self.preempted_requests.labels(self.role).set(n)
+
+    def preempted(self, *, preemptions: int, swapped_tokens: int, recomputed_tokens: int) -> None:
+        self.preemptions.labels(self.role).inc(preemptions)
+        self.swapped_tokens.labels(self.role).inc(swapped_tokens)
+        self.recomputed_tokens.labels(self.role).inc(recomputed_tokens)
 
     def transferred(self, *, channel: str, wire_bytes: int, seconds: float) -> None:
         self.kv_transfer_bytes.labels(self.role, channel).inc(wire_bytes)

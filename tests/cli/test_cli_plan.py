@@ -49,13 +49,16 @@ def test_manifest_plan_prints_plan_json(plan_json):
     [chosen] = [a for a in plan.alternatives if a.mode == plan.serving_mode]
     assert chosen.per_gpu_goodput == plan.per_gpu_goodput
     assert plan.choice.startswith(plan.serving_mode)
+    iv = doc["goodputInterval"]
+    assert iv["method"] == "repeated-seeds" and iv["lowRps"] <= plan.goodput_rps <= iv["highRps"]
 
 
 def test_bare_spec_prints_the_modes_evaluated_and_why(tmp_path, capsys):
     assert main(["plan", str(_write(tmp_path, SPEC)), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     for text in ("serving modes evaluated", "disaggregated", "colocated-chunked", "deployed", "why: ",
-                 "per-GPU goodput", "isolated instance goodput", "node 0:"):
+                 "per-GPU goodput", "isolated", "node 0:",
+                 "goodput interval", "repeated-seeds", "share of goodput"):
         assert text in out
 
 

@@ -9,6 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from disagg_operator.crd import render_crd_yaml
+from disagg_operator.kube import CHILD_KINDS
 from helm_engine import ChartError, lint, template
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +62,12 @@ def test_rbac_is_least_privilege():
     role = next(d for d in _docs() if d["kind"] == "ClusterRole")
     grants = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert all("*" not in verbs for verbs in grants.values())
-    assert not any(r in ("secrets", "pods", "roles", "clusterroles", "rolebindings") for _, r in grants)
+    assert not any(r in ("pods", "roles", "clusterroles", "rolebindings") for _, r in grants)
+    # The internal-token Secrets it owns: no watch (it never streams Secrets), nothing beyond its verbs.
+    assert grants[("", "secrets")] == {"get", "list", "create", "patch", "delete"}
+    for kind in CHILD_KINDS:  # every kind it renders, it can apply, list (pruning) and delete
+        group = kind.api_version.rpartition("/")[0]
+        assert {"get", "list", "create", "patch", "delete"} <= grants[(group, kind.plural)], kind
     assert grants[("disagg.io", "disaggservings")] == {"get", "list", "watch", "patch"}  # never create/delete CRs
     assert grants[("disagg.io", "disaggservings/status")] == {"get", "patch"}
     assert grants[("apps", "statefulsets")] == {"get", "list", "watch", "create", "patch", "delete"}

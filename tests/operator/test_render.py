@@ -64,6 +64,8 @@ def test_high_affinity_one_statefulset_per_phase_with_tp_times_pp_gpus():
     assert sorted(children) == sorted([
         "ServiceAccount/chat-runtime", "ConfigMap/chat-plan", "Service/chat-prefill", "StatefulSet/chat-prefill",
         "Service/chat-decode", "StatefulSet/chat-decode", "Deployment/chat-router", "Service/chat",
+        *(f"NetworkPolicy/chat-np-{p}" for p in ("default-deny", "router", "prefill-http", "decode-http",
+                                                 "prefill-kv", "kv-nccl", "ranks")),
     ])
     prefill, decode = children["StatefulSet/chat-prefill"], children["StatefulSet/chat-decode"]
     assert prefill["spec"]["replicas"] == 3 and _gpus(prefill) == {"prefill": 2}

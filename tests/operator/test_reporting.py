@@ -5,6 +5,7 @@ from __future__ import annotations
 from disagg_operator import reporting
 from disagg_operator.reconcile import Outcome
 from disagg_operator.status import DisaggServingStatus, set_condition
+from disagg_planner.api import GoodputInterval
 from operator_plans import colocated_plan, high_plan, spec
 
 
@@ -35,6 +36,17 @@ def test_success_reports_plan_shapes_goodput_and_conditions():
                               "Progressing": ("True", "ChildrenApplied"), "Ready": ("False", "ReplicasNotReady")}
     planned = status.condition("Planned")
     assert "prefill 3x tp2pp1" in planned.message and "2.10x colocated" in planned.message
+
+
+def test_the_goodput_interval_is_in_the_status():
+    plan = high_plan().model_copy(update={"goodput_interval": GoodputInterval(
+        low_rps=4.6, high_rps=5.3, coverage=0.9, seeds=[0, 1, 2, 3, 4], samples_rps=[5.0, 4.9, 5.1, 5.0, 4.8])})
+    status = reporting.success_status(DisaggServingStatus(), _outcome(plan), generation=1)
+    assert status.goodput_interval == "4.6-5.3 req/s (90%, 5 seeds)"
+    assert "90% interval 4.6-5.3 over 5 seeds" in status.condition("Planned").message
+    assert reporting.to_patch(status)["goodputInterval"] == status.goodput_interval
+    without = reporting.success_status(DisaggServingStatus(), _outcome(), generation=1)
+    assert without.goodput_interval is None and "interval" not in without.condition("Planned").message
 
 
 def test_ready_and_paused_phases():

@@ -1,12 +1,17 @@
 """Replica allocation: fewest replicas that reach the rate; the most goodput when the budget binds."""
 
+import math
+
 from disagg_planner.search.allocate import (
+    _pair,
     colocated_candidates,
     disaggregated_candidates,
     ranked,
     unit_candidates,
 )
 from disagg_planner.search.shapes import Segments, Shape
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def test_replicas_reach_the_target_rate_with_the_fewest_gpus():
@@ -41,3 +46,26 @@ def test_ranking_prefers_reaching_the_rate_then_fewer_gpus():
     # tp8: 1 instance (8 GPUs, 20 req/s); tp4: 2 instances (8 GPUs, 12 req/s); tp1: the budget's 8 (8 req/s)
     order = [c.prefill for c in ranked(cands, 10.0)]
     assert order == [Shape(8, 1), Shape(4, 1), Shape(1, 1)]
+
+
+def _pair_by_enumeration(gp, vp, gd, vd, rate, budget):
+    """Every prefill count under the budget, each with its matching decode count (the definition)."""
+    n, m = math.ceil(rate / vp), math.ceil(rate / vd)
+    if n * gp + m * gd <= budget:
+        return n, m, min(n * vp, m * vd)
+    options = []
+    for n in range(1, (budget - gd) // gp + 1):
+        m = min((budget - n * gp) // gd, max(1, math.ceil(n * vp / vd - 1e-9)))
+        options.append((min(n * vp, m * vd), -(n * gp + m * gd), n, m))
+    est, _, n, m = max(options)
+    return n, m, est
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(gp=st.sampled_from([1, 2, 3, 4, 8, 16]), gd=st.sampled_from([1, 2, 4, 5, 8]),
+       vp=st.floats(0.1, 50), vd=st.floats(0.1, 50), rate=st.floats(1, 5000), budget=st.integers(2, 1024))
+def test_budget_bound_split_matches_enumerating_every_count(gp, gd, vp, vd, rate, budget):
+    if gp + gd > budget:
+        assert _pair(gp, vp, gd, vd, rate, budget) is None
+        return
+    assert _pair(gp, vp, gd, vd, rate, budget) == _pair_by_enumeration(gp, vp, gd, vd, rate, budget)

@@ -56,6 +56,20 @@ def test_mixed_batches_give_the_unchunked_greedy_tokens(model_dirs, variant, chu
     assert engine.free_blocks == engine.total_blocks  # every request released its blocks
 
 
+@pytest.mark.parametrize("preemption", ["swap", "recompute"])
+def test_mixed_steps_preempt_on_demand_and_still_give_the_unchunked_tokens(llama_dir, preemption):
+    early = dict(zip(("a", "b"), _prompts(1, (9, 23)), strict=True))
+    late = dict(zip(("c", "d", "e"), _prompts(2, (40, 17, 5)), strict=True))
+    want = Engine.load(llama_dir, num_blocks=256, block_size=8).generate(
+        [_req(rid, p) for rid, p in {**early, **late}.items()])
+    # 16 blocks hold every prompt (14 blocks) but not every whole life (21): decode growth must preempt.
+    engine = Engine.load(llama_dir, num_blocks=16, block_size=8, preemption=preemption)
+    got = _chunked_run(engine, early, late, 7)
+    assert engine.preemption_stats.preemptions > 0
+    assert got == want
+    assert engine.free_blocks == engine.total_blocks
+
+
 def test_a_chunked_prompt_ends_with_the_kv_of_a_whole_prefill(llama_dir):
     [prompt] = _prompts(3, (37,))
     whole = Engine.load(llama_dir, num_blocks=64, block_size=8)
@@ -87,7 +101,7 @@ def test_bad_chunks_and_full_memory_are_refused(llama_dir):
     with pytest.raises(InvalidRequest, match="17 tokens"):
         engine.mixed_step([PrefillChunk("a", 17)])
     with pytest.raises(KVCacheFull):
-        engine.admit_chunked(_req("b", list(range(4, 40)), max_tokens=8))
+        engine.admit_chunked(_req("b", list(range(4, 52)), max_tokens=8))  # 6 prompt blocks + watermark
     engine.mixed_step([PrefillChunk("a", 16)])
     with pytest.raises(InvalidRequest, match="no prompt left"):
         engine.mixed_step([PrefillChunk("a", 1)])

@@ -158,3 +158,34 @@ def test_graph_replay_matches_eager_decode(tmp_path, batch):
                                            torch.tensor(layout.context_lens, device=dev))
     assert graphed.shape == eager.shape == (batch, engine.config.vocab_size)
     assert _rel(graphed, eager) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_preemption_on_the_fused_graph_path(tmp_path):
+    # Block tables grow and change under preemption and the graphs take them as inputs: every request
+    # must still finish, and a swap round trip through pinned host memory must bring the KV back bit for bit.
+    path = write_random_model(tmp_path, arch="llama", seed=6, **GPU_SHAPE)
+    requests = _requests([9, 14, 20, 25, 30, 12], max_tokens=40, seed=6)
+    tight = Engine.load(path, device="cuda", dtype=torch.bfloat16, num_blocks=24, block_size=8)
+    assert tight.gpu_runner is not None and tight.gpu_runner.sizes
+    got = {r.request_id: [] for r in requests}
+    for out in tight.prefill(requests):
+        got[out.request_id].append(out.token_id)
+    while tight.num_running:
+        for out in tight.decode():
+            got[out.request_id].append(out.token_id)
+    assert all(len(v) == 40 for v in got.values())
+    assert tight.preemption_stats.swapped_tokens > 0 and tight.swap_space.used_bytes == 0
+    assert tight.free_blocks == tight.total_blocks
+
+    tight.prefill(_requests([21], max_tokens=30, seed=7, prefix="x"))
+    for _ in range(4):
+        tight.decode()
+    seq = tight._seqs["x0"]
+    before = tight.cache.read(seq.block_table, seq.num_cached)
+    tight._preempt(seq)
+    assert seq.swapped is not None and seq.swapped.keys[0].is_pinned()
+    tight._resume()
+    after = tight.cache.read(seq.block_table, seq.num_cached)
+    assert all(torch.equal(x, y) for x, y in zip(before[0] + before[1], after[0] + after[1], strict=True))

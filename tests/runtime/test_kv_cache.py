@@ -1,4 +1,4 @@
-"""Paged KV cache: block accounting, admission (too large vs temporarily full), and KV import checks."""
+"""Paged KV cache: block accounting, on-demand admission (too large vs temporarily full), and KV import checks."""
 
 from __future__ import annotations
 
@@ -66,17 +66,19 @@ def test_request_that_can_never_fit_is_refused(llama_dir):
 
 def test_temporarily_full_cache_refuses_then_admits_and_running_requests_are_unaffected(llama_dir):
     alone = Engine.load(llama_dir, num_blocks=64).generate([_req("a", 20, 12, seed=1)])["a"]
-    engine = Engine.load(llama_dir, num_blocks=10, block_size=4)  # 40 tokens of KV
-    got = {o.request_id: [o.token_id] for o in engine.prefill([_req("a", 20, 12, seed=1)])}  # 31 tokens: 8 blocks
-    assert engine.free_blocks == 2 and engine.can_admit(8) and not engine.can_admit(9)
+    engine = Engine.load(llama_dir, num_blocks=10, block_size=4)  # 40 tokens of KV, watermark 1 block
+    got = {o.request_id: [o.token_id] for o in engine.prefill([_req("a", 20, 12, seed=1)])}  # prompt: 5 blocks
+    assert engine.free_blocks == 5 and engine.watermark_blocks == 1
+    assert engine.can_admit(16) and not engine.can_admit(17)  # 4 blocks + the watermark fit, 5 do not
     for _ in range(3):
         got["a"] += [o.token_id for o in engine.decode()]
-    with pytest.raises(KVCacheFull, match="needs 3 KV blocks, 2 of 10 free"):
-        engine.prefill([_req("b", 6, 4, seed=2)])
-    late = _req("b", 6, 4, seed=2)
+    assert engine.free_blocks == 4  # 23 tokens cached: a grew into a 6th block
+    with pytest.raises(KVCacheFull, match=r"needs 4 KV blocks \(\+1 watermark\), 4 of 10 free"):
+        engine.prefill([_req("b", 16, 4, seed=2)])
+    late = _req("b", 12, 4, seed=2)
     with pytest.raises(KVCacheFull):  # the whole batch is refused, nothing admitted
         engine.prefill([_req("c", 1, 1), late])
-    assert engine.request_ids == ["a"] and engine.free_blocks == 2
+    assert engine.request_ids == ["a"] and engine.free_blocks == 4
     _drain(engine, got)
     assert got["a"] == alone and engine.free_blocks == 10
     got.update({o.request_id: [o.token_id] for o in engine.prefill([late])})
@@ -103,8 +105,8 @@ def test_import_refuses_mismatched_kv_and_leaves_the_engine_untouched(llama_dir,
     assert target.request_ids == [] and target.free_blocks == 16
     target.import_kv(req, payload, first)
     assert target.request_ids == ["x"]
-    busy = Engine.load(llama_dir, num_blocks=6, block_size=4)  # 24 tokens; the import needs 16
-    busy.prefill([_req("running", 9, 4, seed=3)])  # 12 tokens: 3 blocks
-    with pytest.raises(KVCacheFull, match="need 4 KV blocks, 3 of 6 free"):
+    busy = Engine.load(llama_dir, num_blocks=6, block_size=4)  # 24 tokens; the import's prompt needs 3 blocks
+    busy.prefill([_req("running", 13, 4, seed=3)])  # its prompt: 4 blocks
+    with pytest.raises(KVCacheFull, match="need 3 KV blocks, 2 of 6 free"):
         busy.import_kv(req, payload, first)
-    assert busy.request_ids == ["running"] and busy.free_blocks == 3
+    assert busy.request_ids == ["running"] and busy.free_blocks == 2

@@ -93,16 +93,23 @@ async def test_each_step_carries_the_decodes_and_prompt_chunks_within_the_budget
     assert worker.jobs["a"].state == "running"
 
 
-async def test_a_request_is_admitted_only_when_its_whole_life_kv_fits(model_dir):
-    worker = _worker(model_dir, blocks=6, budget=64)  # each needs ceil((30 + 20 - 1) / 16) = 4 blocks
+async def test_prompts_are_admitted_on_their_prompt_blocks_and_decode_growth_preempts(model_dir):
+    # Each prompt needs 2 blocks (30 tokens), each whole life 4 (30 + 20 - 1): both prompts fit 6 blocks
+    # with the watermark to spare, both lives do not, so decoding them together must preempt one.
+    worker = _worker(model_dir, blocks=6, budget=64)
     worker.loop = asyncio.get_running_loop()
     _submit(worker, "first", 30, 20)
     _submit(worker, "second", 30, 20)
-    assert worker._step() and worker.engine.request_ids == ["first"]
-    while "first" in worker.engine.request_ids:
-        assert worker._step()
-        assert "second" not in worker.engine.request_ids or "first" not in worker.engine.request_ids
-    assert worker._step() and worker.engine.request_ids == ["second"]
+    engine = worker.engine
+    assert worker._step() and sorted(engine.request_ids) == ["first", "second"]
+    for _ in range(200):
+        if not engine.num_running:
+            break
+        assert worker._step()  # also while everything left is preempted: the step resumes it
+    assert not engine.num_running
+    engine.decode()  # releases the finished
+    assert engine.preemption_stats.preemptions > 0
+    assert engine.free_blocks == engine.total_blocks
 
 
 async def test_aborting_a_prompt_mid_chunks_frees_its_kv(model_dir):

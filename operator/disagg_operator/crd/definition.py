@@ -35,6 +35,8 @@ PRINTER_COLUMNS: tuple[dict[str, Any], ...] = (
     {"name": "Prefill", "type": "string", "jsonPath": ".status.prefillShape", "description": "replicas x parallelism"},
     {"name": "Decode", "type": "string", "jsonPath": ".status.decodeShape", "description": "replicas x parallelism"},
     {"name": "Goodput", "type": "number", "jsonPath": ".status.goodputRps", "description": "predicted req/s"},
+    {"name": "Interval", "type": "string", "jsonPath": ".status.goodputInterval", "priority": 1,
+     "description": "where a fresh trace's goodput falls (prediction interval)"},
     {"name": "Gain", "type": "number", "jsonPath": ".status.gainOverColocated", "priority": 1,
      "description": "per-GPU goodput over the best colocated plan"},
     {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpus", "priority": 1},

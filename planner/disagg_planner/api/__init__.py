@@ -4,15 +4,17 @@ from .base import ApiModel
 from .cluster import GPU_PRESETS, ClusterSpec, GPUSpec
 from .deploy import ConfigMapKeyRef, ProfileRef, ReplanSpec, RuntimeSpec, SchedulingSpec, Toleration
 from .model import MODEL_PRESETS, ModelRef, ModelSpec
-from .plan import InstancePlacement, ModeAlternative, PhasePlan, Plan, ServingMode
+from .plan import GoodputInterval, InstancePlacement, ModeAlternative, PhasePlan, Plan, ServingMode
 from .profile import DecodeSample, LatencyProfile, MixedSample, PrefillSample, ShapeProfile
+from .security import InternalTokenSpec, NetworkPolicySpec, PeerSelector, RouterSpec, SecretKeyRef
 from .slo import SearchBounds, SLOSpec
 from .spec import DisaggServingSpec
 from .workload import LengthHistogram, WorkloadSpec
 
 __all__ = [
     "ApiModel", "ClusterSpec", "ConfigMapKeyRef", "DecodeSample", "DisaggServingSpec", "GPUSpec", "GPU_PRESETS",
-    "InstancePlacement", "LatencyProfile", "LengthHistogram", "MODEL_PRESETS", "MixedSample", "ModeAlternative", "ModelRef", "ModelSpec",
-    "PhasePlan", "Plan", "ProfileRef", "PrefillSample", "ReplanSpec", "RuntimeSpec", "SLOSpec", "SchedulingSpec",
-    "SearchBounds", "ServingMode", "ShapeProfile", "Toleration", "WorkloadSpec",
+    "GoodputInterval", "InstancePlacement", "InternalTokenSpec", "LatencyProfile", "LengthHistogram",
+    "MODEL_PRESETS", "MixedSample", "ModeAlternative", "ModelRef", "ModelSpec", "NetworkPolicySpec", "PeerSelector",
+    "PhasePlan", "Plan", "ProfileRef", "PrefillSample", "ReplanSpec", "RouterSpec", "RuntimeSpec", "SLOSpec",
+    "SchedulingSpec", "SearchBounds", "SecretKeyRef", "ServingMode", "ShapeProfile", "Toleration", "WorkloadSpec",
 ]

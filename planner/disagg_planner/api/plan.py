@@ -19,7 +19,9 @@ class PhasePlan(ApiModel):
     tp: int = Field(ge=1, description="Tensor (intra-op) parallel degree.")
     pp: int = Field(ge=1, description="Pipeline (inter-op) parallel degree.")
     replicas: int = Field(ge=1)
-    instance_goodput_rps: float = Field(ge=0, description="Goodput of one instance alone, req/s.")
+    instance_goodput_rps: float = Field(ge=0, description=(
+        "Goodput of one instance simulated alone (its phase only), req/s. The plan's goodput is the whole "
+        "system simulated together, so it need not equal replicas x this."))
 
     @property
     def gpus_per_instance(self) -> int:
@@ -52,6 +54,22 @@ class ModeAlternative(ApiModel):
     note: str = Field(default="", description="Why the mode has no plan, when it has none.")
 
 
+class GoodputInterval(ApiModel):
+    """How sure the plan is of its goodput: where the goodput of a fresh request trace would fall.
+
+    `method` "repeated-seeds": the plan's configuration is re-measured on `seeds` (fresh request samples of
+    the same workload, the plan's own seed first), and the interval is a normal prediction interval for one
+    more draw at `coverage`, widened by the bisection's tolerance (see search/estimator.py).
+    """
+
+    low_rps: float = Field(ge=0)
+    high_rps: float = Field(ge=0)
+    coverage: float = Field(gt=0, lt=1, description="Share of fresh traces whose goodput the interval is meant to hold.")
+    method: Literal["repeated-seeds"] = "repeated-seeds"
+    seeds: list[int] = Field(default_factory=list, description="Seeds of the request samples measured.")
+    samples_rps: list[float] = Field(default_factory=list, description="Goodput on each of `seeds`.")
+
+
 class Plan(ApiModel):
     """A placement with its predicted goodput; `mode` says which of the phase fields are set."""
 
@@ -67,7 +85,11 @@ class Plan(ApiModel):
     target_rate_rps: float = Field(ge=0, description="Workload rate the plan was made for.")
     goodput_rps: float = Field(ge=0, description="Highest rate meeting the attainment target.")
     per_gpu_goodput: float = Field(ge=0)
-    predicted_attainment: float = Field(ge=0, le=1, description="Simulated attainment at the target rate.")
+    predicted_attainment: float = Field(
+        ge=0, le=1, description=("Simulated steady-state attainment at the target rate (0 past the plan's capacity); "
+                                 ">= the SLO's attainment exactly when goodput_rps >= target_rate_rps."))
+    goodput_interval: GoodputInterval | None = Field(
+        default=None, description="Prediction interval for goodput over fresh request traces.")
     colocated_per_gpu_goodput: float | None = Field(default=None, ge=0, description="Best colocated baseline.")
     gain_over_colocated: float | None = Field(default=None, ge=0)
     latency_source: Literal["profile", "analytic"] = "analytic"

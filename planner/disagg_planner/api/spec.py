@@ -12,6 +12,7 @@ from .base import ApiModel
 from .cluster import ClusterSpec
 from .deploy import ProfileRef, ReplanSpec, RuntimeSpec, SchedulingSpec
 from .model import ModelRef
+from .security import InternalTokenSpec, NetworkPolicySpec, RouterSpec
 from .slo import SearchBounds, SLOSpec
 from .workload import WorkloadSpec
 
@@ -37,6 +38,9 @@ class DisaggServingSpec(ApiModel):
         "chunked prefill, deploy the highest per-GPU goodput that meets the target rate. colocated: the better "
         "of the two colocated schedulers.",
     )
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    internal_token: InternalTokenSpec = Field(default_factory=InternalTokenSpec)
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
 
     @model_validator(mode="after")
     def _budget_within_cluster(self) -> DisaggServingSpec:

@@ -46,6 +46,12 @@ class WorkloadSpec(ApiModel):
     dataset: DatasetName | None = Field(default="chatbot", description="Named length shape.")
     input_lengths: LengthHistogram | None = None
     output_lengths: LengthHistogram | None = None
+    max_tokens_lengths: LengthHistogram | None = Field(
+        default=None,
+        description="Optional: the max_tokens clients send (a request's limit is the larger of a draw and its "
+        "output). The engine refuses prompt + max_tokens beyond the context or the KV cache; its KV grows with "
+        "the actual output.",
+    )
 
     @model_validator(mode="after")
     def _has_lengths(self) -> WorkloadSpec:

@@ -1,4 +1,5 @@
-"""Per-GPU memory: weights, activation workspace, and the KV-cache capacity that is left."""
+"""Per-GPU memory: weights, activation workspace, the KV-cache capacity that is left, and how many
+requests it holds when KV blocks are taken on demand (the runtime engine's policy)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,20 @@ def kv_capacity_tokens(model: ModelSpec, gpu: GPUSpec, tp: int, pp: int, mem_uti
     if free <= 0:
         return 0
     return int(math.floor(free / stage.kv_bytes_per_token))
+
+
+def usable_kv_tokens(capacity_tokens: int, block_size: int, watermark: float) -> int:
+    """KV tokens running sequences can fill: whole blocks, less the watermark admission keeps free."""
+    blocks = capacity_tokens // block_size
+    reserve = math.ceil(watermark * blocks) if watermark > 0 else 0
+    return max(0, blocks - reserve) * block_size
+
+
+def mean_kv_tokens(mean_input: float, mean_output: float, block_size: int) -> float:
+    """KV tokens one request holds on average over its decode with blocks taken on demand.
+
+    Its KV grows linearly from the prompt to prompt + output, so it holds the prompt plus half the output
+    on average, and its last block is on average half empty. (A whole-life reservation would hold
+    prompt + max_tokens throughout.)
+    """
+    return mean_input + mean_output / 2 + block_size / 2

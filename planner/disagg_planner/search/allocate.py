@@ -47,11 +47,32 @@ def _pair(
     n, m = math.ceil(rate / vp), math.ceil(rate / vd)
     if n * gp + m * gd <= budget:
         return n, m, min(n * vp, m * vd)
-    # The budget binds: for each prefill count, the decode count that matches it (or all that is left).
+    # The budget binds: for each prefill count n, the decode count that matches it (or all that is left).
+    # Up to the last n whose matching decode count still fits, the estimate is n x vp and grows with n;
+    # past it decode gets what is left, which only shrinks. So the best n is that one or the next: found by
+    # bisection, the cost does not grow with the budget.
+    top = (budget - gd) // gp
+
+    def matched(k: int) -> int:
+        return max(1, math.ceil(k * vp / vd - 1e-9))
+
+    def fits(k: int) -> bool:
+        return matched(k) * gd + k * gp <= budget
+
+    lo, hi = 1, top  # fits(1) holds: gp + gd <= budget and matched(1) is the fewest decode instances
+    if not fits(1):
+        lo = hi = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
     options = []
-    for n in range(1, (budget - gd) // gp + 1):
-        m = min((budget - n * gp) // gd, max(1, math.ceil(n * vp / vd - 1e-9)))
-        options.append((min(n * vp, m * vd), -(n * gp + m * gd), n, m))
+    for k in range(max(1, lo - 1), min(top, lo + 2) + 1):
+        d = min((budget - k * gp) // gd, matched(k))
+        if d >= 1:
+            options.append((min(k * vp, d * vd), -(k * gp + d * gd), k, d))
     est, _, n, m = max(options)
     return n, m, est
 

@@ -13,8 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..latency import LatencyModel
+from ..latency.memory import mean_kv_tokens, usable_kv_tokens
 from ..simulator.rounds import RoundCost
+from ..simulator.types import KVPolicy
 from .shapes import Shape
+
+# The engine's defaults, which the simulated configurations also use (simulator.KVPolicy).
+KV_BLOCK_SIZE = KVPolicy().block_size
+KV_WATERMARK = KVPolicy().watermark
 
 
 @dataclass(frozen=True)
@@ -73,13 +79,16 @@ def decode_capacity(
 ) -> float:
     """Requests/s of a decode instance at its largest batch whose rounds still meet the TPOT SLO.
 
-    The batch is capped by KV memory (each request reserves input + output tokens); each round gives every
-    running request one token, so the rate is batch / (round time x mean output).
+    The batch is capped by KV memory as the engine manages it: blocks on demand, so in steady state a
+    request holds its prompt plus half its output on average (`latency.memory.mean_kv_tokens`) within the
+    cache less the admission watermark. Each round gives every running request one token, so the rate is
+    batch / (round time x mean output).
     """
     cost = RoundCost(latency, shape.tp, shape.pp, link)
-    footprint = stats.mean_input + stats.mean_output
+    footprint = mean_kv_tokens(stats.mean_input, stats.mean_output, KV_BLOCK_SIZE)
     context = stats.mean_input + stats.mean_output / 2
-    by_memory = int(latency.kv_capacity_tokens(shape.tp, shape.pp, mem_util) // footprint)
+    usable = usable_kv_tokens(latency.kv_capacity_tokens(shape.tp, shape.pp, mem_util), KV_BLOCK_SIZE, KV_WATERMARK)
+    by_memory = int(usable // footprint)
 
     def round_time(batch: int) -> float:
         return cost.base(batch) + cost.slope * batch * context

@@ -26,7 +26,7 @@ from ..simulator import (
 )
 from .capacity import colocated_capacity, decode_capacity, kv_link_capacity, prefill_capacity
 from .chunked import chunked_capacity
-from .goodput import goodput
+from .estimator import RateCurve, search_goodput
 from .problem import IDEAL_LINK_GBPS, MEM_UTIL, SearchProblem
 from .shapes import Shape
 
@@ -72,20 +72,15 @@ def capacity(problem: SearchProblem, task: PhaseTask) -> float:
 
 
 def phase_goodput(problem: SearchProblem, task: PhaseTask) -> PhaseResult:
-    """Bisection on rate over single-instance simulations of the task's phase."""
+    """Bisection on rate over single-instance simulations of the task's phase (the plan's estimator, alone)."""
     bound = capacity(problem, task)
     if bound <= 0:
         return PhaseResult(task, 0.0, 0)
     count = problem.instance_requests(bound, _time_inside(problem, task.kind))
-    calls = 0
-
-    def attainment(rate: float) -> float:
-        nonlocal calls
-        calls += 1
-        return phase_attainment(problem, task, rate, count)
-
-    found = goodput(attainment, problem.target, LO_FRACTION * bound, bound, rel_tol=problem.rel_tol, max_expand=0)
-    return PhaseResult(task, found, calls)
+    curve = RateCurve(lambda rate: phase_attainment(problem, task, rate, count), bound)
+    found = search_goodput(curve, problem.target, anchor=None, guess=bound, rel_tol=problem.rel_tol,
+                           lo_fraction=LO_FRACTION)
+    return PhaseResult(task, found, curve.runs)
 
 
 def _time_inside(problem: SearchProblem, kind: Kind) -> float:

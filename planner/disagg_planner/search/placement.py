@@ -9,6 +9,7 @@ free index in order of decreasing group size, so every power-of-two group starts
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from ..api.plan import InstancePlacement, Phase
@@ -35,11 +36,17 @@ class UnitRequest:
 
 
 class _Nodes:
-    """Free-GPU bookkeeping: GPUs are only taken, never returned, so each node's free GPUs are a suffix."""
+    """Free-GPU bookkeeping: GPUs are only taken, never returned, so each node's free GPUs are a suffix.
+
+    Nodes are kept in one min-heap of node indices per free-GPU count (stale entries are skipped when met),
+    so a best-fit lookup costs O(GPUs per node + log nodes) and a whole packing is linear in the nodes.
+    """
 
     def __init__(self, nodes: int, gpus_per_node: int) -> None:
         self.size = gpus_per_node
         self.used = [0] * nodes
+        self.by_free: list[list[int]] = [[] for _ in range(gpus_per_node + 1)]
+        self.by_free[gpus_per_node] = list(range(nodes))  # sorted: already a heap
 
     def free(self, node: int) -> int:
         return self.size - self.used[node]
@@ -48,12 +55,18 @@ class _Nodes:
         """The node with the least free room that still holds `need` GPUs (`prefer` first if it fits)."""
         if prefer is not None and self.free(prefer) >= need:
             return prefer
-        fitting = [n for n in range(len(self.used)) if self.free(n) >= need]
-        return min(fitting, key=lambda n: (self.free(n), n)) if fitting else None
+        for free in range(max(need, 1), self.size + 1):
+            heap = self.by_free[free]
+            while heap and self.free(heap[0]) != free:
+                heapq.heappop(heap)
+            if heap:
+                return heap[0]
+        return None
 
     def take(self, node: int, need: int) -> list[int]:
         start = self.used[node]
         self.used[node] += need
+        heapq.heappush(self.by_free[self.free(node)], node)
         return list(range(start, start + need))
 
 

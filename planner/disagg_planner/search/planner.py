@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Literal
 
-from ..api.plan import ModeAlternative, PhasePlan, Plan, ServingMode
+from ..api.plan import GoodputInterval, ModeAlternative, PhasePlan, Plan, ServingMode
 from ..api.profile import LatencyProfile
 from ..api.spec import DisaggServingSpec
 from ..errors import NoFeasiblePlan
@@ -24,6 +24,7 @@ from . import modes
 from .affinity import Affinity, choose_affinity
 from .allocate import Candidate, colocated_candidates, disaggregated_candidates, ranked, unit_candidates
 from .chunked import chunk_budgets
+from .confidence import choose, goodput_interval
 from .evaluate import PhaseTask, capacity
 from .feasibility import require_shapes, require_slos
 from .latency_source import latency_model
@@ -33,7 +34,7 @@ from .shapes import Segments, Shape, instance_shapes, segment_units
 from .system import Layout, Measured, measure, place
 
 # Whole-system simulations per search: the best-ranked candidates that pack onto the nodes.
-SYSTEM_CANDIDATES = 4
+SYSTEM_CANDIDATES = 3
 ALTERNATE_CANDIDATES = 2  # for the node-affinity algorithm the network does not favour
 COLOCATED_CANDIDATES = 2
 
@@ -46,7 +47,10 @@ class _Session:
     problem: SearchProblem
     pool: TaskPool
     progress: Progress | None
+    seed: int = 0
     cache: PhaseCache = field(default_factory=PhaseCache)
+    reseeded: dict[int, SearchProblem] = field(default_factory=dict)
+    intervals: dict[int, GoodputInterval] = field(default_factory=dict)
     total: int = 0
     done: int = 0
 
@@ -128,22 +132,34 @@ class _Session:
         return [m for m in measured if m is not None]
 
     def best(self, measured: list[Measured]) -> Measured | None:
-        """Meets the target first, then fewest GPUs, then most goodput; None when nothing has goodput."""
-        useful = [m for m in measured if m.goodput > 0]
-        if not useful:
-            return None
-        rate, target = self.problem.target_rate, self.problem.target
+        """Meets the target first, then fewest GPUs among statistical ties (confidence.choose)."""
+        return choose(measured, self.problem.target_rate, gpus=lambda m: m.candidate.gpus,
+                      goodput=lambda m: m.goodput, meets=lambda m: m.meets(self.problem.target),
+                      interval=self.interval)
 
-        def key(m: Measured) -> tuple[bool, float, int, float]:
-            return m.meets(target), min(m.goodput, rate), -m.candidate.gpus, m.goodput
+    # -- confidence -----------------------------------------------------------------------------------
+    def problem_on(self, seed: int) -> SearchProblem:
+        """The search problem on another seed's request sample (same model, SLOs and rate)."""
+        if seed not in self.reseeded:
+            base = self.problem
+            self.reseeded[seed] = base if seed == self.seed else SearchProblem.of(self.spec, base.latency, seed,
+                                                                                  base.rel_tol)
+        return self.reseeded[seed]
 
-        return max(useful, key=key)  # max keeps the first (best-ranked) among equals
+    def interval(self, m: Measured) -> GoodputInterval:
+        """The goodput interval of a measured candidate (computed once; REPEATS whole-system searches)."""
+        key = id(m)
+        if key not in self.intervals:
+            self.intervals[key] = goodput_interval(self.problem_on, self.seed, m.config, m.bound, m.goodput,
+                                                   self.pool)
+        return self.intervals[key]
 
 
 def _open(spec: DisaggServingSpec, profile: LatencyProfile | None, workers: int | None,
           progress: Progress | None, seed: int) -> _Session:
     problem = SearchProblem.of(spec, latency_model(spec, profile), seed)
-    return _Session(spec, problem, TaskPool(workers if workers is not None else (os.cpu_count() or 1)), progress)
+    return _Session(spec, problem, TaskPool(workers if workers is not None else (os.cpu_count() or 1)), progress,
+                    seed)
 
 
 def _colocated(session: _Session, shapes: list[Shape], chunked: bool = False) -> Measured:
@@ -220,6 +236,7 @@ def _plan(session: _Session, m: Measured, colocated_per_gpu: float | None,
         goodput_rps=m.goodput, per_gpu_goodput=per_gpu, predicted_attainment=m.attainment_at_target,
         colocated_per_gpu_goodput=colocated_per_gpu,
         gain_over_colocated=(per_gpu / colocated_per_gpu) if colocated_per_gpu else None,
+        goodput_interval=session.interval(m),
         latency_source=session.problem.latency.source, spec_hash=session.spec.planning_hash(),
         alternatives=alternatives or [], choice=choice,
     )
@@ -245,7 +262,7 @@ def find_colocated_plan(
         require_shapes(shapes, session.problem, spec.gpu_budget, 1)
         require_slos(shapes, session.problem)
         best = _colocated(session, shapes)
-    return _plan(session, best, best.goodput / best.candidate.gpus)
+        return _plan(session, best, best.goodput / best.candidate.gpus)  # inside: the interval uses the pool
 
 
 def find_plan(
@@ -283,9 +300,10 @@ def find_plan(
             else:
                 chunked = mode == "colocated-chunked"
                 outcomes.append(_attempt(lambda c=chunked: _colocated(session, shapes, c), mode))
-    chosen = modes.choose(outcomes, spec.mode, problem.target, problem.target_rate)
-    return _plan(session, chosen.measured, modes.colocated_per_gpu(outcomes),
-                 [o.alternative(problem.target) for o in outcomes], modes.explain(chosen, outcomes, problem))
+        chosen = modes.choose(outcomes, spec.mode, problem.target, problem.target_rate)
+        # Inside the pool: the plan's goodput interval re-measures the chosen configuration on it.
+        return _plan(session, chosen.measured, modes.colocated_per_gpu(outcomes),
+                     [o.alternative(problem.target) for o in outcomes], modes.explain(chosen, outcomes, problem))
 
 
 def _attempt(run: Callable[[], Measured], mode: ServingMode) -> modes.ModeOutcome:

@@ -22,7 +22,7 @@ SYSTEM_LIFETIMES = 5
 MIN_REQUESTS = 1000
 MAX_INSTANCE_REQUESTS = 3000
 MIN_SYSTEM_REQUESTS = 2000
-MAX_SYSTEM_REQUESTS = 20000
+MAX_SYSTEM_REQUESTS = 12000
 # Requests arriving in the first part of a run meet an empty system; they are left out of attainment.
 WARMUP_SHARE = 0.2
 # Usable share of GPU memory, as the runtime configures its KV cache.
@@ -53,6 +53,7 @@ class SearchProblem:
     inter_node_gbps: float
     gpus_per_node: int
     rel_tol: float = 0.03
+    limits: np.ndarray | None = None  # max_tokens per request, when the workload gives them
 
     @classmethod
     def of(cls, spec: DisaggServingSpec, latency: LatencyModel, seed: int, rel_tol: float = 0.03) -> SearchProblem:
@@ -63,6 +64,8 @@ class SearchProblem:
             arrivals=np.array([r.arrival for r in sample]),
             inputs=np.array([r.input_len for r in sample], dtype=np.int64),
             outputs=np.array([r.output_len for r in sample], dtype=np.int64),
+            limits=None if spec.workload.max_tokens_lengths is None
+            else np.array([r.max_tokens for r in sample], dtype=np.int64),
             ttft_s=spec.slo.ttft_ms / 1000,
             tpot_s=spec.slo.tpot_ms / 1000,
             target=spec.slo.attainment,
@@ -106,7 +109,10 @@ class SearchProblem:
         arrivals = (self.arrivals[:count] / rate).tolist()
         inputs = self.inputs[:count].tolist()
         outputs = [1] * len(inputs) if first_token_only else self.outputs[:count].tolist()
-        return [SimRequest(a, i, o) for a, i, o in zip(arrivals, inputs, outputs, strict=True)]
+        if self.limits is None or first_token_only:
+            return [SimRequest(a, i, o) for a, i, o in zip(arrivals, inputs, outputs, strict=True)]
+        limits = self.limits[:count].tolist()
+        return [SimRequest(a, i, o, m) for a, i, o, m in zip(arrivals, inputs, outputs, limits, strict=True)]
 
     def attainment(self, result: SimResult, ttft_s: float | None = None, tpot_s: float | None = None) -> float:
         """Steady-state attainment: the share after the warm-up requests meeting both SLOs (None: this SLO)."""

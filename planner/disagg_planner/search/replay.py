@@ -10,10 +10,10 @@ from ..api.plan import Plan
 from ..api.profile import LatencyProfile
 from ..api.spec import DisaggServingSpec
 from ..errors import PlannerError
-from ..simulator import ColocatedConfig, DisaggConfig, PhaseShape
+from ..simulator import ChunkedColocatedConfig, ColocatedConfig, DisaggConfig, PhaseShape
+from .estimator import SystemConfig, SystemCurve, simulate
 from .latency_source import latency_model
 from .problem import MEM_UTIL, WARMUP_SHARE, SearchProblem
-from .system import SystemConfig, simulate
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class RatePoint:
     tpot_attainment: float
     p90_ttft_s: float
     p90_tpot_s: float
+    beyond_capacity: bool = False  # past the plan's capacity bound: no steady state, attainment taken as 0
 
 
 def plan_config(problem: SearchProblem, plan: Plan) -> SystemConfig:
@@ -35,7 +36,12 @@ def plan_config(problem: SearchProblem, plan: Plan) -> SystemConfig:
         if plan.colocated is None:
             raise PlannerError("a colocated plan needs its `colocated` phase")
         c = plan.colocated
-        return ColocatedConfig(PhaseShape(c.tp, c.pp, c.replicas, p.stage_link(c.tp * c.pp)), p.token_budget,
+        shape = PhaseShape(c.tp, c.pp, c.replicas, p.stage_link(c.tp * c.pp))
+        if plan.colocated_prefill == "chunked":
+            if plan.chunk_token_budget is None:
+                raise PlannerError("a chunked-prefill colocated plan needs its `chunkTokenBudget`")
+            return ChunkedColocatedConfig(shape, plan.chunk_token_budget, MEM_UTIL)
+        return ColocatedConfig(shape, p.token_budget,
                                MEM_UTIL)
     if plan.prefill is None or plan.decode is None:
         raise PlannerError("a disaggregated plan needs both `prefill` and `decode` phases")
@@ -55,21 +61,28 @@ def plan_config(problem: SearchProblem, plan: Plan) -> SystemConfig:
 def attainment_curve(
     spec: DisaggServingSpec, plan: Plan, rates: list[float], profile: LatencyProfile | None = None, seed: int = 0,
 ) -> list[RatePoint]:
-    """Simulate the plan at each rate (the search's request sample, scaled to the rate)."""
+    """Simulate the plan at each rate, as the planner's estimator does (estimator.py).
+
+    The same request sample and count per rate as the search's rate curve, so the point at the plan's
+    target rate is the plan's predicted attainment. Past the plan's capacity bound every attainment is 0
+    (`beyond_capacity`; the finite run's p90 latencies are still shown).
+    """
     problem = SearchProblem.of(spec, latency_model(spec, profile), seed)
     cfg = plan_config(problem, plan)
-    count = problem.system_requests(max(rates))
+    curve = SystemCurve(problem, cfg)
     points = []
     for rate in rates:
-        result = simulate(problem, cfg, rate, count)
+        result = simulate(problem, cfg, rate, curve.count)
         skip = int(len(result.results) * WARMUP_SHARE)
+        over = rate > curve.bound
         points.append(RatePoint(
             rate=rate,
-            attainment=problem.attainment(result),
-            ttft_attainment=problem.attainment(result, tpot_s=float("inf")),
-            tpot_attainment=problem.attainment(result, ttft_s=float("inf")),
+            attainment=0.0 if over else problem.attainment(result),
+            ttft_attainment=0.0 if over else problem.attainment(result, tpot_s=float("inf")),
+            tpot_attainment=0.0 if over else problem.attainment(result, ttft_s=float("inf")),
             p90_ttft_s=float(_p90(result.ttfts[skip:])),
             p90_tpot_s=float(_p90(result.tpots[skip:])),
+            beyond_capacity=over,
         ))
     return points
 

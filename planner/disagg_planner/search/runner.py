@@ -30,6 +30,7 @@ class TaskPool:
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
         self._executor: Executor | None = None
+        self._closed = False
 
     def map(self, fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
         if self.workers == 1 or len(tasks) <= 1:
@@ -45,6 +46,8 @@ class TaskPool:
         return self._pool().submit(fn, *args)
 
     def _pool(self) -> Executor:
+        if self._closed:  # a pool made now would outlive the search (its processes and threads leak)
+            raise RuntimeError("TaskPool used after close(); run the work inside its `with` block")
         if self._executor is None:
             # fork is cheapest and safe in a single-threaded process; a threaded host (the operator) gets
             # forkserver, whose children do not inherit other threads' locks.
@@ -54,6 +57,7 @@ class TaskPool:
         return self._executor
 
     def close(self) -> None:
+        self._closed = True
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None

@@ -1,38 +1,34 @@
-"""Whole-configuration measurement: place a candidate, simulate it end to end, grow it until it meets the rate.
+"""Whole-configuration measurement: place a candidate, fit its replica counts to the rate, measure it whole.
 
-Per-instance goodputs come from short isolated runs; the whole system (both phases, KV over the link its
-placement implies, routing across replicas) can land a little below the sum of its parts. When it misses
-the target rate at the target attainment, the phase that misses more (TTFT vs TPOT at that rate) gets one
-more instance, while the budget and the nodes allow.
+Replica counts come from arithmetic on per-instance goodputs (allocate.py); the whole system (both phases,
+KV over the link its placement implies, routing across replicas) can do better (replicas share bursts) or
+worse (KV transfer). One run at the target rate checks it, on a sample whose size is bounded whatever the
+cluster (problem.system_requests), and the counts move by what that check and the capacity bounds say:
+
+* it meets the target: each phase's count is bisected down towards the fewest instances whose capacity
+  still covers the rate (fewer can never meet it), so shrinking costs O(log replicas) runs, not one per
+  instance;
+* it misses: counts first jump to what the capacity bounds require, then the phase that misses more
+  gets one instance at a time, up to MAX_GROWTH runs, while the budget and the nodes allow.
+
+Goodput and attainment at target then come from the estimator (estimator.py), reusing these runs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..api.plan import InstancePlacement
-from ..simulator import (
-    ChunkedColocatedConfig,
-    ColocatedConfig,
-    DisaggConfig,
-    PhaseShape,
-    SimResult,
-    simulate_colocated,
-    simulate_colocated_chunked,
-    simulate_disaggregated,
-)
+from ..simulator import ChunkedColocatedConfig, ColocatedConfig, DisaggConfig, PhaseShape, SimResult
 from .allocate import Candidate
-from .capacity import colocated_capacity, decode_capacity, kv_link_capacity, prefill_capacity
-from .chunked import chunked_capacity
-from .goodput import goodput
+from .estimator import SystemConfig, SystemCurve, estimate_system, instance_bounds, simulate
 from .placement import InstanceRequest, UnitRequest, nodes_used, pack_colocated, pack_instances, pack_units
 from .problem import MEM_UTIL, SearchProblem
 
-SystemConfig = DisaggConfig | ColocatedConfig | ChunkedColocatedConfig
-MAX_GROWTH = 4  # instances added to one candidate at most
-LO_FRACTION = 0.5  # of the estimate: where the bisection starts (it shrinks from there if that fails)
+__all__ = ["Layout", "Measured", "SystemConfig", "config", "measure", "place", "rate_bound", "simulate"]
+
+MAX_GROWTH = 4  # one-instance growth steps per candidate, at most
 
 
 @dataclass(frozen=True)
@@ -46,10 +42,12 @@ class Layout:
 
 @dataclass(frozen=True)
 class Measured:
-    """A candidate after whole-system simulation (and growth): its placement, goodput and attainment at target."""
+    """A candidate after fitting: its placement, simulator config, capacity bound, goodput and attainment."""
 
     candidate: Candidate
     placement: list[InstancePlacement]
+    config: SystemConfig
+    bound: float
     goodput: float
     attainment_at_target: float
     simulations: int
@@ -61,6 +59,8 @@ class Measured:
 def place(c: Candidate, layout: Layout) -> list[InstancePlacement] | None:
     """Node and GPU indices for every stage of every instance; None when the candidate does not pack."""
     nodes, per_node = layout.nodes, layout.gpus_per_node
+    if c.gpus > nodes * per_node:
+        return None
     if c.mode == "colocated":
         return pack_colocated(c.prefill.tp, c.prefill.pp, c.n_prefill, nodes, per_node)
     if c.affinity == "low":
@@ -72,8 +72,8 @@ def place(c: Candidate, layout: Layout) -> list[InstancePlacement] | None:
     )
 
 
-def config(problem: SearchProblem, c: Candidate, placement: list[InstancePlacement]) -> SystemConfig:
-    """The simulator configuration of a placed candidate."""
+def config(problem: SearchProblem, c: Candidate, placement: list[InstancePlacement] | None) -> SystemConfig:
+    """The simulator configuration of a candidate (placed: its KV link follows the nodes it spans)."""
     p = problem
     if c.mode == "colocated":
         shape = PhaseShape(c.prefill.tp, c.prefill.pp, c.n_prefill, p.stage_link(c.prefill.gpus))
@@ -88,92 +88,67 @@ def config(problem: SearchProblem, c: Candidate, placement: list[InstancePlaceme
     prefill = PhaseShape(c.prefill.tp, c.prefill.pp, c.n_prefill, p.stage_link(c.prefill.gpus))
     decode = PhaseShape(c.decode.tp, c.decode.pp, c.n_decode, p.stage_link(c.decode.gpus))
     # All on one node: KV moves over NVLink; otherwise plan for the network (a pair may still share a node).
-    kv_link = p.intra_node_gbps if nodes_used(placement) == 1 else p.inter_node_gbps
+    one_node = placement is not None and nodes_used(placement) == 1
+    kv_link = p.intra_node_gbps if one_node else p.inter_node_gbps
     return DisaggConfig(prefill, decode, kv_link, p.token_budget, MEM_UTIL)
 
 
 def rate_bound(problem: SearchProblem, c: Candidate) -> float:
-    """Steady-state capacity of the whole candidate: replicas x instance capacity of its slower phase."""
-    p, lat, stats = problem, problem.latency, problem.stats
+    """Steady-state capacity of the whole candidate, KV over the network (see estimator.config_bound)."""
+    pre, dec = instance_bounds(problem, config(problem, c, None))
     if c.mode == "colocated":
-        link = p.stage_link(c.prefill.gpus)
-        bound = chunked_capacity if c.chunk_budget else colocated_capacity
-        one = bound(lat, c.prefill, stats, p.token_budget, p.tpot_s, link, MEM_UTIL)
-        return c.n_prefill * one
-    together = (c.prefill.tp + c.decode.tp) * c.prefill.pp if c.affinity == "low" else c.decode.gpus
-    pre = c.n_prefill * prefill_capacity(lat, c.prefill, stats, p.token_budget)
-    kv_link = p.intra_node_gbps if c.affinity == "low" else p.inter_node_gbps
-    one = min(decode_capacity(lat, c.decode, stats, p.tpot_s, p.stage_link(together), MEM_UTIL),
-              kv_link_capacity(lat, stats, kv_link))
-    return min(pre, c.n_decode * one)
+        return c.n_prefill * pre
+    return min(c.n_prefill * pre, c.n_decode * dec)
 
 
-def simulate(problem: SearchProblem, cfg: SystemConfig, rate: float, count: int) -> SimResult:
-    """One whole-system run at `rate` req/s over the first `count` requests of the sample."""
-    requests = problem.at_rate(rate, count)
-    if isinstance(cfg, DisaggConfig):
-        return simulate_disaggregated(cfg, problem.latency, requests)
-    if isinstance(cfg, ChunkedColocatedConfig):
-        return simulate_colocated_chunked(cfg, problem.latency, requests)
-    return simulate_colocated(cfg, problem.latency, requests)
+@dataclass
+class _Fit:
+    """The candidate being fitted, where it sits, and its rate curve (runs on discarded curves: `earlier`)."""
+
+    candidate: Candidate
+    placement: list[InstancePlacement]
+    curve: SystemCurve
+    earlier: int = 0
+
+    @property
+    def runs(self) -> int:
+        return self.earlier + self.curve.runs
+
+    def keep(self, trial: _Fit) -> _Fit:
+        """`trial` replaces this fit; this one's runs still count."""
+        trial.earlier = self.runs
+        return trial
+
+    def drop(self, trial: _Fit) -> None:
+        """`trial` is discarded; its runs still count."""
+        self.earlier += trial.curve.runs
 
 
 def measure(problem: SearchProblem, layout: Layout, candidate: Candidate) -> Measured | None:
-    """Fit the candidate to the target rate by whole-system runs, then find its goodput. None if it does not pack.
-
-    Replica counts come from isolated instances; together they may do better (several prefill instances
-    share one queue's bursts) or worse (KV transfer, routing). So: while the system meets the target at the
-    target rate, drop an instance of the phase with the most slack; while it misses, add one to the phase
-    that misses more. Each step is one run at the target rate; one bisection measures the result.
-    """
+    """Fit the candidate's counts to the target rate, then estimate it. None if it does not pack."""
     placement = place(candidate, layout)
     if placement is None:
         return None
-    runs = 0
-
-    def at_target(c: Candidate, where: list[InstancePlacement]) -> SimResult:
-        nonlocal runs
-        runs += 1
-        cfg = config(problem, c, where)
-        return simulate(problem, cfg, problem.target_rate, problem.system_requests(rate_bound(problem, c)))
-
-    result = at_target(candidate, placement)
-    if problem.attainment(result) >= problem.target:
-        while (smaller := _shrink(problem, candidate, result, layout, at_target)) is not None:
-            candidate, placement, result = smaller
-    else:
-        for _ in range(MAX_GROWTH):
-            bigger = _grow(problem, candidate, result, layout)
-            if bigger is None:
-                break
-            candidate, placement = bigger
-            result = at_target(candidate, placement)
-            if problem.attainment(result) >= problem.target:
-                break
-    found, more = _goodput(problem, candidate, placement, result)
-    return Measured(candidate, placement, found, problem.attainment(result), runs + more)
+    fit = _Fit(candidate, placement, SystemCurve(problem, config(problem, candidate, placement)))
+    fit = _shrink(problem, layout, fit) if _passes(problem, fit) else _grow(problem, layout, fit)
+    est = estimate_system(problem, fit.curve.cfg, guess=fit.candidate.estimate, curve=fit.curve)
+    return Measured(fit.candidate, fit.placement, fit.curve.cfg, fit.curve.bound, est.goodput,
+                    est.attainment_at_target, fit.earlier + est.runs)
 
 
-def _goodput(
-    problem: SearchProblem, c: Candidate, placement: list[InstancePlacement], at_target: SimResult
-) -> tuple[float, int]:
-    """Bisection on rate for the whole configuration, reusing the run at the target rate."""
-    bound = rate_bound(problem, c)
-    if bound <= 0:
-        return 0.0, 0
-    cfg, count = config(problem, c, placement), problem.system_requests(bound)
-    seen: dict[float, float] = {problem.target_rate: problem.attainment(at_target)}
+def _passes(problem: SearchProblem, fit: _Fit) -> bool:
+    return fit.curve(problem.target_rate) >= problem.target
 
-    def attainment(rate: float) -> float:
-        if rate not in seen:
-            seen[rate] = problem.attainment(simulate(problem, cfg, rate, count))
-        return seen[rate]
 
-    estimate = min(c.estimate, bound)
-    start = problem.target_rate if attainment(problem.target_rate) >= problem.target else LO_FRACTION * estimate
-    found = goodput(attainment, problem.target, min(start, 0.99 * bound), bound, rel_tol=problem.rel_tol,
-                    max_expand=0)
-    return found, len(seen) - 1
+def _fitted(problem: SearchProblem, layout: Layout, c: Candidate) -> _Fit | None:
+    placement = place(c, layout)
+    if placement is None:
+        return None
+    return _Fit(c, placement, SystemCurve(problem, config(problem, c, placement)))
+
+
+def _counts(c: Candidate) -> tuple[int, int]:
+    return c.n_prefill, c.n_decode
 
 
 def _with_counts(c: Candidate, n_prefill: int, n_decode: int) -> Candidate:
@@ -185,44 +160,87 @@ def _with_counts(c: Candidate, n_prefill: int, n_decode: int) -> Candidate:
                    estimate=min(n_prefill * c.prefill_goodput, n_decode * c.decode_goodput))
 
 
-def _phase_steps(problem: SearchProblem, c: Candidate, result: SimResult) -> list[tuple[int, int]]:
-    """Count changes (prefill, decode) of one step, most-missing phase first (colocated and units: together)."""
+def _least_counts(problem: SearchProblem, fit: _Fit) -> tuple[int, int]:
+    """Fewest instances of each phase whose capacity covers the target rate (below them it cannot pass)."""
+    pre, dec = instance_bounds(problem, fit.curve.cfg)
+    rate = problem.target_rate
+    need_p = math.ceil(rate / pre) if pre > 0 else math.inf
+    need_d = math.ceil(rate / dec) if dec > 0 else math.inf
+    c = fit.candidate
     if c.mode == "colocated":
-        return [(1, 0)]
-    if c.affinity == "low":
-        return [(1, 1)]
+        return need_p, 0
+    if c.affinity == "low":  # units: one prefill and one decode instance each
+        both = max(need_p, need_d)
+        return both, both
+    return need_p, need_d
+
+
+def _phase_order(problem: SearchProblem, fit: _Fit) -> list[str]:
+    """Phases to change, the one missing more at the target rate first (units and colocated: one knob)."""
+    c = fit.candidate
+    if c.mode == "colocated" or c.affinity == "low":
+        return ["both"]
+    rate = problem.target_rate
+    result: SimResult | None = fit.curve.results.get(rate)
+    if result is None:  # overloaded by the bound: the phase whose capacity falls short misses more
+        pre, dec = instance_bounds(problem, fit.curve.cfg)
+        return ["prefill", "decode"] if c.n_prefill * pre <= c.n_decode * dec else ["decode", "prefill"]
     ttft_ok = problem.attainment(result, tpot_s=math.inf)
     tpot_ok = problem.attainment(result, ttft_s=math.inf)
-    return [(1, 0), (0, 1)] if ttft_ok <= tpot_ok else [(0, 1), (1, 0)]
+    return ["prefill", "decode"] if ttft_ok <= tpot_ok else ["decode", "prefill"]
 
 
-RunAtTarget = Callable[[Candidate, list[InstancePlacement]], SimResult]
+def _set(c: Candidate, phase: str, count: int) -> Candidate:
+    if phase == "prefill":
+        return _with_counts(c, count, c.n_decode)
+    if phase == "decode":
+        return _with_counts(c, c.n_prefill, count)
+    return _with_counts(c, count, count if c.mode == "disaggregated" else 0)
 
 
-def _shrink(
-    problem: SearchProblem, c: Candidate, result: SimResult, layout: Layout, at_target: RunAtTarget
-) -> tuple[Candidate, list[InstancePlacement], SimResult] | None:
-    """One instance fewer of the phase with the most slack that still meets the target; None if neither does."""
-    for dp, dd in reversed(_phase_steps(problem, c, result)):
-        if c.n_prefill - dp < 1 or (c.mode == "disaggregated" and c.n_decode - dd < 1):
-            continue
-        smaller = _with_counts(c, c.n_prefill - dp, c.n_decode - dd)
-        placement = place(smaller, layout)
-        if placement is None:
-            continue
-        trial = at_target(smaller, placement)
-        if problem.attainment(trial) >= problem.target:
-            return smaller, placement, trial
-    return None
+def _count(c: Candidate, phase: str) -> int:
+    return c.n_decode if phase == "decode" else c.n_prefill
 
 
-def _grow(
-    problem: SearchProblem, c: Candidate, result: SimResult, layout: Layout
-) -> tuple[Candidate, list[InstancePlacement]] | None:
-    """One more instance (a unit for low affinity) of the phase that misses more; None past budget or nodes."""
-    dp, dd = _phase_steps(problem, c, result)[0]
-    bigger = replace(_with_counts(c, c.n_prefill + dp, c.n_decode + dd), grown=c.grown + 1)
-    if bigger.gpus > layout.budget:
-        return None
-    placement = place(bigger, layout)
-    return None if placement is None else (bigger, placement)
+def _shrink(problem: SearchProblem, layout: Layout, fit: _Fit) -> _Fit:
+    """Bisect each phase's count down (most slack first) to the fewest that still meet the target."""
+    least_p, least_d = _least_counts(problem, fit)
+    for phase in reversed(_phase_order(problem, fit)):
+        lo, hi = max(1, least_d if phase == "decode" else least_p), _count(fit.candidate, phase)
+        while lo < hi:  # hi passes; below the capacity bound's count nothing can
+            mid = (lo + hi) // 2
+            trial = _fitted(problem, layout, _set(fit.candidate, phase, mid))
+            if trial is not None and _passes(problem, trial):
+                fit, hi = fit.keep(trial), mid
+            else:
+                if trial is not None:
+                    fit.drop(trial)
+                lo = mid + 1
+    return fit
+
+
+def _grow(problem: SearchProblem, layout: Layout, fit: _Fit) -> _Fit:
+    """Jump to the counts the capacity bounds require, then one instance at a time while it misses."""
+    least_p, least_d = _least_counts(problem, fit)
+    c = fit.candidate
+    if math.isfinite(least_p) and math.isfinite(least_d):
+        jump = _with_counts(c, max(c.n_prefill, least_p), max(c.n_decode, least_d))
+        if _counts(jump) != _counts(c) and jump.gpus <= layout.budget:
+            trial = _fitted(problem, layout, replace(jump, grown=c.grown + 1))
+            if trial is not None:
+                fit = fit.keep(trial)
+                if _passes(problem, fit):
+                    return fit
+    for _ in range(MAX_GROWTH):
+        c = fit.candidate
+        phase = _phase_order(problem, fit)[0]
+        bigger = replace(_set(c, phase, _count(c, phase) + 1), grown=c.grown + 1)
+        if bigger.gpus > layout.budget:
+            break
+        trial = _fitted(problem, layout, bigger)
+        if trial is None:
+            break
+        fit = fit.keep(trial)
+        if _passes(problem, fit):
+            break
+    return fit

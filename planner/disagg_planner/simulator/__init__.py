@@ -6,6 +6,7 @@ from .disaggregated import simulate_disaggregated
 from .types import (
     ColocatedConfig,
     DisaggConfig,
+    KVPolicy,
     ModelDoesNotFitError,
     PhaseShape,
     RequestResult,
@@ -15,7 +16,7 @@ from .types import (
 )
 
 __all__ = [
-    "ChunkedColocatedConfig", "ColocatedConfig", "DisaggConfig", "ModelDoesNotFitError", "PhaseShape", "RequestResult",
-    "RequestTooLargeError", "SimResult", "SimulationError", "simulate_colocated", "simulate_colocated_chunked",
-    "simulate_disaggregated",
+    "ChunkedColocatedConfig", "ColocatedConfig", "DisaggConfig", "KVPolicy", "ModelDoesNotFitError", "PhaseShape",
+    "RequestResult", "RequestTooLargeError", "SimResult", "SimulationError", "simulate_colocated",
+    "simulate_colocated_chunked", "simulate_disaggregated",
 ]

@@ -1,9 +1,11 @@
 """Colocated serving (the vLLM baseline): each replica runs prefill and decode on the same GPUs.
 
 A replica's step is either a prefill batch or one decode round, never both. Prefill has priority (vLLM's
-default scheduler before chunked prefill): at every round boundary, if the head of the FCFS wait queue
-fits in KV memory (input + output tokens reserved), waiting prompts are prefilled together up to the
-token budget and memory; otherwise every running request advances one token. Decode therefore stalls
+default scheduler before chunked prefill): at every round boundary, if the engine would admit the head of
+the FCFS wait queue (its prompt's KV blocks fit with the watermark to spare and no preempted request
+waits, `kv_blocks`), waiting prompts are prefilled together up to the token budget and memory; otherwise
+every running request advances one token, growing into new blocks on demand; when they run out, the
+newest is preempted (its swap or recompute cost added to the round) and resumes later. Decode therefore stalls
 for every prefill batch, which is the interference disaggregation removes. Requests go to replicas
 round-robin in arrival order, so replicas are independent and simulated one after another.
 
@@ -13,7 +15,6 @@ rounds are micro-batched over the stages as in the disaggregated decode instance
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from ..latency import LatencyModel
 from ..workloads import SimRequest
+from .kv_blocks import BlockLedger, OnDemandBatch, preemption_costs
 from .rounds import RoundCost
 from .trace import Trace, check_fits, instance_capacity
 from .types import ColocatedConfig, SimResult
@@ -33,15 +35,17 @@ def simulate_colocated(cfg: ColocatedConfig, latency: LatencyModel, requests: Se
     capacity = instance_capacity(latency, shape, cfg.mem_util, "colocated")
     if not trace.inputs:
         return SimResult([], [0] * shape.instances, capacity)
-    footprints = [i + o for i, o in zip(trace.inputs, trace.outputs, strict=True)]
-    check_fits(footprints, capacity, "colocated", "prompt + output")
+    footprints = [i + m - 1 for i, m in zip(trace.inputs, trace.limits, strict=True)]
+    check_fits(footprints, capacity // cfg.kv.block_size * cfg.kv.block_size, "colocated", "prompt + max_tokens - 1")
 
     first = np.empty(len(trace.inputs))
     last = np.empty(len(trace.inputs))
     cost = RoundCost(latency, shape.tp, shape.pp, shape.stage_link_gbps)
     replica = _Replica(cfg, latency, cost, capacity, trace, first, last)
-    peaks = [replica.run(list(range(r, len(trace.inputs), shape.instances))) for r in range(shape.instances)]
-    return trace.result(first, last, peaks, capacity)
+    batches = [replica.run(list(range(r, len(trace.inputs), shape.instances))) for r in range(shape.instances)]
+    peaks = [b.ledger.peak * b.ledger.bs for b in batches]
+    return trace.result(first, last, peaks, capacity, preemptions=sum(b.preemptions for b in batches),
+                        preempted_tokens=sum(b.preempted_tokens for b in batches))
 
 
 class _Replica:
@@ -66,65 +70,63 @@ class _Replica:
         self.capacity = capacity
         self.arrivals, self.inputs, self.outputs = trace.arrivals, trace.inputs, trace.outputs
         self.first, self.last = first, last
+        self.policy = cfg.kv
+        self.costs = preemption_costs(latency, self.tp, self.pp, self.link, cfg.kv)
 
     def prefill_step(self, tokens: int, batch: int, sum_sq: int) -> float:
         stage = self.latency.prefill_stage_time(self.tp, self.pp, batch, tokens, sum_sq)
         return LatencyModel.pipeline_latency(stage, self.pp, tokens * self.hidden_bytes, self.link)
 
-    def run(self, mine: list[int]) -> int:
-        """Simulate the requests `mine` (arrival order); returns the peak KV tokens reserved."""
+    def run(self, mine: list[int]) -> OnDemandBatch:
+        """Simulate the requests `mine` (arrival order); returns the replica's final batch state."""
         arrivals, inputs, outputs = self.arrivals, self.inputs, self.outputs
-        first, last, cost, capacity, budget = self.first, self.last, self.cost, self.capacity, self.budget
+        first, last, cost, budget = self.first, self.last, self.cost, self.budget
+        kv = OnDemandBatch(BlockLedger(self.capacity, self.policy), self.policy, *self.costs)
+        ledger = kv.ledger
         waiting: deque[int] = deque()
-        running: list[tuple[int, int]] = []  # heap of (round it finishes after, request)
-        batch = sum_context = rounds = reserved = peak = 0
         t = 0.0
         ptr, m = 0, len(mine)
         while True:
             while ptr < m and arrivals[mine[ptr]] <= t:
                 waiting.append(mine[ptr])
                 ptr += 1
-            if waiting and reserved + inputs[waiting[0]] + outputs[waiting[0]] <= capacity:
+            if waiting and kv.can_admit(inputs[waiting[0]]):
                 members: list[int] = []
-                tokens = sum_sq = 0
+                tokens = sum_sq = blocks = 0
                 while waiting:
                     j = waiting[0]
-                    need = inputs[j] + outputs[j]
-                    if members and tokens + inputs[j] > budget or reserved + need > capacity:
+                    if members and tokens + inputs[j] > budget or not kv.can_admit(inputs[j], blocks):
                         break
                     waiting.popleft()
                     members.append(j)
                     tokens += inputs[j]
                     sum_sq += inputs[j] * inputs[j]
-                    reserved += need
-                peak = max(peak, reserved)
+                    blocks += ledger.blocks(inputs[j])
+                ledger.take(blocks)
                 t += self.prefill_step(tokens, len(members), sum_sq)
                 for j in members:
                     first[j] = t
                     if outputs[j] == 1:
                         last[j] = t
-                        reserved -= inputs[j] + 1
+                        ledger.give(ledger.blocks(inputs[j]))
                     else:
-                        heapq.heappush(running, (rounds + outputs[j] - 1, j))
-                        batch += 1
-                        sum_context += inputs[j] + 1
+                        kv.join(j, inputs[j], outputs[j] - 1)
                 continue
-            if batch:
-                k = running[0][0] - rounds
-                if not waiting and ptr < m:  # an arrival triggers a prefill at the next boundary after it
-                    k = min(k, cost.rounds_until(batch, sum_context, arrivals[mine[ptr]] - t))
-                t += cost.elapsed(batch, sum_context, k)
-                sum_context += k * batch
-                rounds += k
-                while running and running[0][0] == rounds:
-                    _, j = heapq.heappop(running)
+            if kv.batch or kv.num_preempted:
+                t += kv.prepare_round()  # blocks for this round: preempt the newest or resume the oldest
+                if not kv.batch:
+                    continue  # everything left is preempted and cannot resume yet
+                k = min(kv.rounds_to_next_finish(), kv.rounds_until_short())
+                if waiting and kv.can_admit(inputs[waiting[0]]):
+                    k = 1  # resumes just cleared the way: the engine prefills right after this round
+                elif not waiting and ptr < m:  # an arrival triggers a prefill at the next boundary after it
+                    k = min(k, cost.rounds_until(kv.batch, kv.sum_context, arrivals[mine[ptr]] - t))
+                t += cost.elapsed(kv.batch, kv.sum_context, k)
+                kv.advance(k)
+                for j in kv.pop_finished():
                     last[j] = t
-                    batch -= 1
-                    need = inputs[j] + outputs[j]
-                    sum_context -= need
-                    reserved -= need
                 continue
             if ptr < m:
                 t = max(t, arrivals[mine[ptr]])
                 continue
-            return peak
+            return kv

@@ -1,50 +1,50 @@
-"""Decode instances: pull-based KV admission and continuous batching, advanced in closed form.
+"""Decode instances: pull-based KV admission, on-demand KV blocks with preemption, continuous batching.
 
-A request whose prefill finished is assigned to the decode instance with the least KV committed
-(reserved + waiting), and waits there FCFS. The instance pulls the head's KV only when its reservation
-(input + output tokens) fits its KV capacity; meanwhile the KV stays in prefill memory (the paper's pull
-model), so a burst of prefills cannot overrun decode memory. Transfers on one instance's link run one
-after another. A transferred request joins the running batch at the next round boundary; every round
-gives each running request one token, and a request leaves after output_len - 1 rounds (its first token
-came from prefill).
+A request whose prefill finished is assigned to the decode instance with the least KV committed (in use
+plus waiting), and waits there FCFS. The instance pulls the head's KV when the engine would admit it: its
+prompt's blocks fit with the watermark to spare and no preempted request waits (`kv_blocks`); meanwhile
+the KV stays in prefill memory (the paper's pull model). The prompt's blocks are reserved when the pull
+starts. Transfers on one instance's link run one after another. A transferred request joins the running
+batch at the next round boundary; every round gives each running request one token and the blocks it
+grows into; when they run out, the newest is preempted (swap or recompute, its cost added to the round)
+and resumes later. A request leaves after output_len - 1 rounds of decoding (its first token came from
+prefill).
 
 Between batch changes the instance runs rounds back to back, so it is woken only at the boundary where
-a request finishes or where a waiting transfer has landed (see `rounds.RoundCost`).
+a request finishes, where a waiting transfer has landed, or where memory runs short (see
+`rounds.RoundCost` and `kv_blocks.BlockLedger`).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
+from .kv_blocks import BlockLedger, OnDemandBatch
 from .rounds import RoundCost
-
-_INF = float("inf")
+from .types import KVPolicy
 
 
 class _DecodeInstance:
-    __slots__ = (
-        "batch", "capacity", "epoch", "joiners", "link_free", "now", "peak", "pending", "pending_tokens",
-        "reserved", "round", "running", "sum_context", "wake_rounds",
-    )
+    __slots__ = ("epoch", "joiners", "kv", "link_free", "now", "pending", "pending_tokens", "wake_rounds")
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.reserved = 0  # KV tokens committed to running and in-transfer requests
-        self.peak = 0
+    def __init__(self, kv: OnDemandBatch) -> None:
+        self.kv = kv
         self.pending: deque[int] = deque()  # prefilled, waiting for room (KV still on the prefill side)
         self.pending_tokens = 0
         self.link_free = 0.0
         self.joiners: deque[tuple[float, int]] = deque()  # (transfer done, request), in done order
-        self.running: list[tuple[int, int]] = []  # heap of (round it finishes after, request)
-        self.batch = 0
-        self.sum_context = 0
-        self.round = 0  # rounds completed since the instance was created
         self.now = 0.0  # time of the last round boundary (or of the start of the current run)
         self.epoch = 0
         self.wake_rounds = 0
+
+    @property
+    def committed(self) -> int:
+        """KV tokens in use or waiting for a pull: what assignment balances."""
+        return self.kv.ledger.used * self.kv.ledger.bs + self.pending_tokens
 
 
 def simulate_decode(
@@ -57,41 +57,43 @@ def simulate_decode(
     inputs: list[int],
     outputs: list[int],
     finish: np.ndarray,
-) -> list[int]:
+    policy: KVPolicy | None = None,
+    costs: tuple[Callable[[int], float], Callable[[int], float]] = (lambda _t: 0.0, lambda _t: 0.0),
+) -> list[OnDemandBatch]:
     """Fill `finish[j]` (time of the last token) for every request in `order` (sorted by `ready`).
 
-    Returns the peak KV tokens reserved on each instance.
+    `costs` are the (preempt, resume) seconds of a sequence by its cached tokens. Returns each
+    instance's batch state (its ledger holds the peak blocks; it counts the preemptions).
     """
-    pool = [_DecodeInstance(capacity) for _ in range(instances)]
+    policy = policy or KVPolicy()
+    pool = [_DecodeInstance(OnDemandBatch(BlockLedger(capacity, policy), policy, *costs)) for _ in range(instances)]
     events: list[tuple[float, int, int]] = []  # (time, instance, epoch)
 
     def schedule(d: int) -> None:
         inst = pool[d]
+        kv = inst.kv
         inst.epoch += 1
-        if inst.batch == 0:
+        if kv.batch == 0:
             if inst.joiners:
                 inst.wake_rounds = 0
-                heapq.heappush(events, (inst.joiners[0][0], d, inst.epoch))
+                heapq.heappush(events, (max(inst.joiners[0][0], inst.now), d, inst.epoch))
             return
-        k = inst.running[0][0] - inst.round
+        k = min(kv.rounds_to_next_finish(), kv.rounds_until_short())
         if inst.joiners:
-            k_join = cost.rounds_until(inst.batch, inst.sum_context, inst.joiners[0][0] - inst.now)
-            k = min(k, k_join)
+            k = min(k, cost.rounds_until(kv.batch, kv.sum_context, inst.joiners[0][0] - inst.now))
         inst.wake_rounds = k
-        heapq.heappush(events, (inst.now + cost.elapsed(inst.batch, inst.sum_context, k), d, inst.epoch))
+        heapq.heappush(events, (inst.now + cost.elapsed(kv.batch, kv.sum_context, k), d, inst.epoch))
 
     def pull(inst: _DecodeInstance, t: float) -> bool:
         pulled = False
+        kv = inst.kv
         while inst.pending:
             j = inst.pending[0]
-            need = inputs[j] + outputs[j]
-            if inst.reserved + need > inst.capacity:
+            if not kv.can_admit(inputs[j]):
                 break
             inst.pending.popleft()
-            inst.pending_tokens -= need
-            inst.reserved += need
-            if inst.reserved > inst.peak:
-                inst.peak = inst.reserved
+            inst.pending_tokens -= inputs[j] + outputs[j]
+            kv.ledger.take(kv.ledger.blocks(inputs[j]))  # reserved for the pull
             start = t if t > inst.link_free else inst.link_free
             inst.link_free = start + inputs[j] * transfer_seconds_per_token
             inst.joiners.append((inst.link_free, j))
@@ -102,29 +104,22 @@ def simulate_decode(
         joiners = inst.joiners
         while joiners and joiners[0][0] <= t:
             _, j = joiners.popleft()
-            heapq.heappush(inst.running, (inst.round + outputs[j] - 1, j))
-            inst.batch += 1
-            inst.sum_context += inputs[j] + 1
+            inst.kv.join(j, inputs[j], outputs[j] - 1)
 
     def boundary(d: int, t: float) -> None:
         inst = pool[d]
-        if inst.batch == 0:
-            inst.now = t  # an idle instance starts its first round when the first transfer lands
-        else:
-            k = inst.wake_rounds
-            inst.sum_context += k * inst.batch
-            inst.round += k
-            inst.now = t
-            running = inst.running
-            while running and running[0][0] == inst.round:
-                _, j = heapq.heappop(running)
+        kv = inst.kv
+        if kv.batch:
+            kv.advance(inst.wake_rounds)
+            for j in kv.pop_finished():
                 finish[j] = t
-                inst.batch -= 1
-                fp = inputs[j] + outputs[j]
-                inst.sum_context -= fp
-                inst.reserved -= fp
-            pull(inst, t)
+        inst.now = t  # an idle instance starts its first round when the first transfer lands
+        pull(inst, t)
         admit_landed(inst, t)
+        if kv.batch or kv.num_preempted:
+            inst.now += kv.prepare_round()  # blocks for the coming round: preempt or resume
+            if kv.num_preempted == 0:
+                pull(inst, inst.now)
         schedule(d)
 
     n = len(order)
@@ -134,7 +129,7 @@ def simulate_decode(
             j = order[ptr]
             ptr += 1
             t = float(ready[j])
-            d = min(range(instances), key=lambda i: pool[i].reserved + pool[i].pending_tokens)
+            d = min(range(instances), key=lambda i: pool[i].committed)
             inst = pool[d]
             inst.pending.append(j)
             inst.pending_tokens += inputs[j] + outputs[j]
@@ -144,4 +139,4 @@ def simulate_decode(
         t, d, epoch = heapq.heappop(events)
         if epoch == pool[d].epoch:
             boundary(d, t)
-    return [inst.peak for inst in pool]
+    return [inst.kv for inst in pool]

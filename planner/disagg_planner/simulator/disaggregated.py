@@ -9,6 +9,7 @@ import numpy as np
 from ..latency import LatencyModel, kv_transfer_time
 from ..workloads import SimRequest
 from .decode import simulate_decode
+from .kv_blocks import preemption_costs
 from .prefill import simulate_prefill
 from .rounds import RoundCost
 from .trace import Trace, check_fits, instance_capacity
@@ -27,14 +28,15 @@ def simulate_disaggregated(cfg: DisaggConfig, latency: LatencyModel, requests: S
     if not trace.inputs:
         return SimResult([], [0] * cfg.decode.instances, decode_cap)
     check_fits(trace.inputs, prefill_cap, "prefill", "its prompt")
-    footprints = [i + o for i, o in zip(trace.inputs, trace.outputs, strict=True) if o > 1]
-    check_fits(footprints, decode_cap, "decode", "prompt + output")
+    footprints = [i + m - 1 for i, m, o in zip(trace.inputs, trace.limits, trace.outputs, strict=True) if o > 1]
+    check_fits(footprints, decode_cap // cfg.kv.block_size * cfg.kv.block_size, "decode", "prompt + max_tokens - 1")
 
     first = simulate_prefill(cfg.prefill, latency, cfg.prefill_token_budget, trace.arrivals, trace.inputs)
     last = first.copy()
     by_ready = np.argsort(first, kind="stable").tolist()
     to_decode = [j for j in by_ready if trace.outputs[j] > 1]
-    peaks = simulate_decode(
+    link = cfg.decode.stage_link_gbps or latency.intra_node_gbps
+    batches = simulate_decode(
         instances=cfg.decode.instances,
         capacity=decode_cap,
         cost=RoundCost(latency, cfg.decode.tp, cfg.decode.pp, cfg.decode.stage_link_gbps),
@@ -44,5 +46,9 @@ def simulate_disaggregated(cfg: DisaggConfig, latency: LatencyModel, requests: S
         inputs=trace.inputs,
         outputs=trace.outputs,
         finish=last,
+        policy=cfg.kv,
+        costs=preemption_costs(latency, cfg.decode.tp, cfg.decode.pp, link, cfg.kv),
     )
-    return trace.result(first, last, peaks, decode_cap)
+    peaks = [b.ledger.peak * b.ledger.bs for b in batches]
+    return trace.result(first, last, peaks, decode_cap, preemptions=sum(b.preemptions for b in batches),
+                        preempted_tokens=sum(b.preempted_tokens for b in batches))

@@ -12,7 +12,9 @@ waiting set is small, and past them attainment is already lost.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -69,17 +71,50 @@ def simulate_prefill(
             for j in members:
                 done[j] = finish
 
-    single = instances[0] if len(instances) == 1 else None
-    for i, t in enumerate(arrivals):
-        if single is not None:
-            target = single
-            start_batches(target, t)
-        else:
-            for inst in instances:
-                start_batches(inst, t)
-            target = min(instances, key=lambda p: (p.queued_tokens, p.stage_free[0]))
-        target.queue.append(i)
-        target.queued_tokens += inputs[i]
+    if len(instances) == 1:
+        single = instances[0]
+        for i, t in enumerate(arrivals):
+            start_batches(single, t)
+            single.queue.append(i)
+            single.queued_tokens += inputs[i]
+    else:
+        _route(instances, arrivals, inputs, start_batches)
     for inst in instances:
         start_batches(inst, float("inf"))
     return done
+
+
+def _route(
+    instances: list[_PrefillInstance], arrivals: list[float], inputs: list[int],
+    start_batches: Callable[[_PrefillInstance, float], None],
+) -> None:
+    """Queue each arrival on the instance with the fewest queued tokens (ties: first stage free first, then index).
+
+    Two heaps keep this O(log instances) per request, so a run's cost does not grow with the replica count:
+    `starts` holds, for each instance with a queue, when its next batch starts (only those before the
+    arrival are advanced); `load` holds (queued tokens, stage-0 free time, index) entries, stale ones
+    skipped when they reach the top.
+    """
+    def key(d: int) -> tuple[int, float, int]:
+        inst = instances[d]
+        return inst.queued_tokens, inst.stage_free[0], d
+
+    starts: list[tuple[float, int]] = []
+    load = [key(d) for d in range(len(instances))]  # sorted, so already a heap
+    for i, t in enumerate(arrivals):
+        while starts and starts[0][0] < t:
+            _, d = heapq.heappop(starts)
+            inst = instances[d]
+            start_batches(inst, t)
+            heapq.heappush(load, key(d))
+            if inst.queue:
+                heapq.heappush(starts, (max(inst.stage_free[0], arrivals[inst.queue[0]]), d))
+        while load[0] != key(load[0][2]):
+            heapq.heappop(load)
+        d = load[0][2]
+        inst = instances[d]
+        if not inst.queue:
+            heapq.heappush(starts, (max(inst.stage_free[0], t), d))
+        inst.queue.append(i)
+        inst.queued_tokens += inputs[i]
+        heapq.heappush(load, key(d))

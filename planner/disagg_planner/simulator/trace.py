@@ -14,12 +14,17 @@ from .types import ModelDoesNotFitError, PhaseShape, RequestTooLargeError, SimRe
 
 @dataclass
 class Trace:
-    """Requests sorted by arrival; `order[k]` is the caller's index of the k-th arrival."""
+    """Requests sorted by arrival; `order[k]` is the caller's index of the k-th arrival.
+
+    `limits` are the requests' max_tokens (their output length when the workload does not give one):
+    what an engine checks a request against, since it cannot know the output length.
+    """
 
     order: np.ndarray
     arrivals: list[float]
     inputs: list[int]
     outputs: list[int]
+    limits: list[int]
 
     @classmethod
     def of(cls, requests: Sequence[SimRequest]) -> Trace:
@@ -29,10 +34,14 @@ class Trace:
         outputs = [requests[i].output_len for i in order.tolist()]
         if inputs and (min(inputs) < 1 or min(outputs) < 1):
             raise SimulationError("every request needs input_len >= 1 and output_len >= 1")
-        return cls(order, arrival[order].tolist(), inputs, outputs)
+        limits = [requests[i].max_tokens or requests[i].output_len for i in order.tolist()]
+        if any(m < o for m, o in zip(limits, outputs, strict=True)):
+            raise SimulationError("a request's output_len exceeds its max_tokens")
+        return cls(order, arrival[order].tolist(), inputs, outputs, limits)
 
     def result(
-        self, first_token: np.ndarray, last_token: np.ndarray, peaks: list[int], capacity: int
+        self, first_token: np.ndarray, last_token: np.ndarray, peaks: list[int], capacity: int,
+        preemptions: int = 0, preempted_tokens: int = 0,
     ) -> SimResult:
         """Latencies from the first/last token times (arrival order), returned in the caller's order."""
         arrivals = np.asarray(self.arrivals)
@@ -42,7 +51,8 @@ class Trace:
         tpot = np.where(outputs > 1, (e2e - ttft) / np.maximum(outputs - 1, 1), 0.0)
         back = np.empty_like(self.order)
         back[self.order] = np.arange(len(self.order))
-        return SimResult.from_arrays(ttft[back], tpot[back], e2e[back], peaks, capacity)
+        return SimResult.from_arrays(ttft[back], tpot[back], e2e[back], peaks, capacity, preemptions,
+                                     preempted_tokens)
 
 
 def instance_capacity(latency: LatencyModel, shape: PhaseShape, mem_util: float, role: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
 
@@ -45,6 +46,29 @@ class PhaseShape:
 
 
 @dataclass(frozen=True)
+class KVPolicy:
+    """How decode memory is managed: the runtime engine's on-demand blocks, watermark and preemption.
+
+    `host_link_gbps` is each GPU's link to host memory (PCIe 4.0 x16: ~25 GB/s), which swaps cross.
+    """
+
+    block_size: int = 16
+    watermark: float = 0.01
+    preemption: Literal["swap", "recompute"] = "swap"
+    host_link_gbps: float = 25.0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise SimulationError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0 <= self.watermark < 1:
+            raise SimulationError(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.preemption not in ("swap", "recompute"):
+            raise SimulationError(f"preemption must be swap or recompute, got {self.preemption!r}")
+        if self.host_link_gbps <= 0:
+            raise SimulationError(f"host_link_gbps must be positive, got {self.host_link_gbps}")
+
+
+@dataclass(frozen=True)
 class DisaggConfig:
     """Prefill and decode instances, the link KV moves over (GB/s), and the prefill batch token budget."""
 
@@ -53,6 +77,7 @@ class DisaggConfig:
     kv_link_gbps: float
     prefill_token_budget: int = 4096
     mem_util: float = 0.9
+    kv: KVPolicy = field(default_factory=KVPolicy)
 
     def __post_init__(self) -> None:
         if self.kv_link_gbps <= 0:
@@ -72,6 +97,7 @@ class ColocatedConfig:
     shape: PhaseShape
     prefill_token_budget: int = 4096
     mem_util: float = 0.9
+    kv: KVPolicy = field(default_factory=KVPolicy)
 
     def __post_init__(self) -> None:
         if self.prefill_token_budget < 1:
@@ -93,18 +119,21 @@ class RequestResult:
 
 @dataclass
 class SimResult:
-    """Per-request latencies in the trace's order, plus memory peaks (KV tokens) for inspection."""
+    """Per-request latencies in the trace's order, plus memory peaks (KV tokens) and preemptions."""
 
     results: list[RequestResult]
     peak_kv_tokens: list[int] = field(default_factory=list)  # per decode (or colocated) instance
     kv_capacity_tokens: int = 0  # of one such instance
+    preemptions: int = 0  # over all decode (or colocated) instances
+    preempted_tokens: int = 0  # KV tokens swapped out or dropped for recompute by those preemptions
 
     @classmethod
     def from_arrays(
-        cls, ttft: np.ndarray, tpot: np.ndarray, e2e: np.ndarray, peak_kv_tokens: list[int], kv_capacity_tokens: int
+        cls, ttft: np.ndarray, tpot: np.ndarray, e2e: np.ndarray, peak_kv_tokens: list[int], kv_capacity_tokens: int,
+        preemptions: int = 0, preempted_tokens: int = 0,
     ) -> SimResult:
         results = [RequestResult(a, b, c) for a, b, c in zip(ttft.tolist(), tpot.tolist(), e2e.tolist(), strict=True)]
-        out = cls(results, peak_kv_tokens, kv_capacity_tokens)
+        out = cls(results, peak_kv_tokens, kv_capacity_tokens, preemptions, preempted_tokens)
         out.__dict__["_arrays"] = (ttft, tpot, e2e)  # pre-fill the cached_property below
         return out
 

@@ -90,16 +90,19 @@ _BACKEND = MixedAttentionBackend()
 
 
 def admit(engine: Engine, request: GenerationRequest) -> None:
-    """Admit a request for chunked prefill: blocks for its whole life, no token computed yet.
+    """Admit a request for chunked prefill: its prompt's blocks, no token computed yet.
 
-    Raises what `Engine.prefill` raises for a bad request, and KVCacheFull when its blocks are not free now.
+    The same rule as `Engine.can_admit`: the prompt's blocks fit with the watermark free and no preempted
+    request waits; decode blocks then grow on demand (Engine._grow_or_preempt). Raises what `Engine.prefill`
+    raises for a bad request, and KVCacheFull when the engine would not admit it now.
     """
     engine._validate(request)
-    size = engine.kv_tokens(len(request.prompt_ids), request.sampling.max_tokens)
-    need = blocks_for(size, engine.block_size)
-    if need > engine.allocator.free:
-        raise KVCacheFull(f"request needs {need} KV blocks, {engine.allocator.free} of {engine.total_blocks} free")
-    engine._admit(request, size, decodable=True)
+    prompt = len(request.prompt_ids)
+    if not engine.can_admit(prompt):
+        need = blocks_for(prompt, engine.block_size)
+        raise KVCacheFull(f"request needs {need} KV blocks (+{engine.watermark_blocks} watermark), "
+                          f"{engine.allocator.free} of {engine.total_blocks} free, {engine.num_preempted} preempted")
+    engine._admit(request, decodable=True)
 
 
 def mixed_step(engine: Engine, chunks: Seq[PrefillChunk]) -> list[StepOutput]:
@@ -107,7 +110,9 @@ def mixed_step(engine: Engine, chunks: Seq[PrefillChunk]) -> list[StepOutput]:
     every prompt whose last chunk this was. Finished requests are released, as `Engine.decode` does."""
     engine._release_finished()
     chunk_seqs = _check_chunks(engine, chunks)
-    decoding = [s for s in engine._seqs.values() if s.decodable and not s.prefilling and not s.finished]
+    engine._grow_or_preempt()  # the decode tokens' blocks, preempting the latest admitted as Engine.decode does
+    engine._resume()
+    decoding = engine._running()
     if not decoding and not chunk_seqs:
         return []
     tokens: list[int] = []

@@ -1,10 +1,13 @@
 """The engine: batched prefill, continuous-batching decode, and KV export/import over a paged cache.
 
-A request is admitted with blocks for its whole life (prompt + max_tokens - 1 tokens of KV: the last
-generated token is never fed back), so running requests never run out of memory. Prefill runs all
-prompts of a batch as one packed forward (no padding) and returns each request's first token; the
-prompt KV stays until `release` (a prefill worker exports it first) or decode continues here.
-`decode` advances every running request by one token and releases the ones that finish.
+KV blocks are taken on demand (`block_manager.py`): a request is admitted when its prompt's blocks fit
+with the watermark to spare, and each decode step extends the block tables its sequences grow into.
+When a step cannot get those blocks, the latest admitted sequences are preempted (swapped to host
+memory or dropped for recompute, `preemption.py`) and resume, oldest first, when blocks free up; a
+step that runs out of memory therefore preempts, it never fails. Prefill runs all prompts of a batch as
+one packed forward (no padding) and returns each request's first token; the prompt KV stays until
+`release` (a prefill worker exports it first) or decode continues here. `decode` advances every
+running request by one token and releases the ones that finish.
 """
 
 from __future__ import annotations
@@ -21,10 +24,18 @@ from ..models import CausalLM, load_config, load_model
 from ..tokenizer import Tokenizer
 from . import chunked
 from .attention import AttentionBackend, AttentionContext, StepLayout, TorchAttentionBackend
+from .block_manager import DEFAULT_WATERMARK, BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .gpu import FusedLlama, GpuAttentionBackend, GpuStepRunner
 from .kv_cache import BlockAllocator, PagedKVCache, blocks_for
 from .memory import plan_num_blocks
+from .preemption import (
+    DEFAULT_SWAP_SPACE_BYTES,
+    PREEMPTION_MODES,
+    HostSwapSpace,
+    PreemptionMode,
+    PreemptionStats,
+)
 from .sampler import sample
 from .sequence import Sequence
 from .types import (
@@ -46,10 +57,13 @@ class Engine:
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, model_id: str, num_blocks: int,
                  block_size: int = 16, tp_size: int = 1, attention_backend: AttentionBackend | None = None,
-                 sampling_seed: int | None = None, cuda_graphs: bool = True) -> None:
+                 sampling_seed: int | None = None, cuda_graphs: bool = True, kv_watermark: float = DEFAULT_WATERMARK,
+                 preemption: PreemptionMode = "swap", swap_space_bytes: int = DEFAULT_SWAP_SPACE_BYTES) -> None:
         cfg = model.config
         if cfg.num_kv_heads % tp_size:
             raise ValueError(f"{cfg.num_kv_heads} KV heads cannot be split over tp={tp_size}")
+        if preemption not in PREEMPTION_MODES:
+            raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
         weight = model.lm_head.weight
         self.model = model
         self.config = cfg
@@ -78,6 +92,13 @@ class Engine:
                                             block_size=block_size, max_context=cfg.max_context,
                                             cuda_graphs=cuda_graphs)
         self.allocator = BlockAllocator(num_blocks)
+        self.blocks = BlockManager(self.allocator, block_size=block_size, watermark=kv_watermark)
+        self.preemption: PreemptionMode = preemption
+        self.swap_space = HostSwapSpace(swap_space_bytes if preemption == "swap" else 0)
+        self.preemption_stats = PreemptionStats()
+        self._admissions = 0
+        self._num_preempted = 0  # a plain int: workers read it from their event loop while the engine steps
+        self._reserved: dict[str, list[int]] = {}  # prompt blocks set aside for KV on its way (import_kv)
         # A pipeline-parallel stage runs its forward steps through parallel.pipeline.PipelineStepRunner.
         self.step_runner = None
         # Unseeded sampling draws from here; tensor-parallel ranks pass the same seed so they agree.
@@ -92,13 +113,16 @@ class Engine:
     def load(cls, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
              block_size: int = 16, num_blocks: int | None = None, kv_memory_fraction: float = 0.9,
              tp_group=None, model_id: str | None = None,
-             attention_backend: AttentionBackend | None = None, cuda_graphs: bool = True) -> Engine:
+             attention_backend: AttentionBackend | None = None, cuda_graphs: bool = True,
+             kv_watermark: float = DEFAULT_WATERMARK, preemption: PreemptionMode = "swap",
+             swap_space_bytes: int = DEFAULT_SWAP_SPACE_BYTES) -> Engine:
         """Load config.json, safetensors and tokenizer.json from `model_dir`.
 
         dtype defaults to float32 on CPU; on GPU to the checkpoint's half dtype, else bfloat16. With a
         `tp_group` (a torch.distributed group) the model is sharded over it with DeepSpeed and this
         engine holds one shard; every rank must make the same calls in the same order. On a GPU,
-        `cuda_graphs=False` keeps the fused Llama path but launches decode steps eagerly.
+        `cuda_graphs=False` keeps the fused Llama path but launches decode steps eagerly. `kv_watermark`,
+        `preemption` and `swap_space_bytes` set the on-demand KV policy (`block_manager`, `preemption`).
         """
         cfg = load_config(model_dir)
         dev = torch.device(device)
@@ -120,7 +144,8 @@ class Engine:
         tokenizer = Tokenizer.from_dir(model_dir, eos_token_ids=cfg.eos_token_ids, bos_token_id=cfg.bos_token_id)
         return cls(model, tokenizer, model_id=model_id or default_model_id(model_dir), num_blocks=num_blocks,
                    block_size=block_size, tp_size=tp_size, attention_backend=attention_backend,
-                   sampling_seed=seed, cuda_graphs=cuda_graphs)
+                   sampling_seed=seed, cuda_graphs=cuda_graphs, kv_watermark=kv_watermark, preemption=preemption,
+                   swap_space_bytes=swap_space_bytes)
 
     # ---- capacity -------------------------------------------------------------------------------
     @property
@@ -132,18 +157,35 @@ class Engine:
         return self.allocator.free
 
     @property
+    def watermark_blocks(self) -> int:
+        """Blocks admission leaves free so that running sequences can grow."""
+        return self.blocks.watermark_blocks
+
+    @property
     def num_running(self) -> int:
-        """Requests holding KV here and not yet finished."""
+        """Requests admitted here and not yet finished (preempted ones included: they resume here)."""
         return sum(not s.finished for s in self._seqs.values())
 
     @property
+    def num_preempted(self) -> int:
+        """Requests preempted and waiting for blocks to resume."""
+        return self._num_preempted
+
+    @property
     def request_ids(self) -> list[str]:
-        """Every request holding KV here (finished ones included until released)."""
+        """Every request admitted here (finished ones included until released, preempted ones too)."""
         return list(self._seqs)
 
-    def can_admit(self, num_tokens: int) -> bool:
-        """Whether `num_tokens` tokens of KV fit in the free blocks now."""
-        return blocks_for(num_tokens, self.block_size) <= self.allocator.free
+    def can_admit(self, prompt_tokens: int, *, pending_blocks: int = 0) -> bool:
+        """Whether a new request with a prompt of `prompt_tokens` may be admitted now.
+
+        Its prompt's blocks, plus `pending_blocks` promised to others, must fit with the watermark free,
+        and no preempted request may be waiting: those resume first, or a stream of new short requests
+        could starve them.
+        """
+        if self.num_preempted:
+            return False
+        return self.blocks.fits_with_watermark(blocks_for(prompt_tokens, self.block_size) + pending_blocks)
 
     @staticmethod
     def kv_tokens(prompt_len: int, max_tokens: int) -> int:
@@ -151,7 +193,10 @@ class Engine:
         return prompt_len + max_tokens - 1
 
     def check_admissible(self, prompt_len: int, max_tokens: int) -> None:
-        """Raise RequestTooLarge if such a request could never run here, however idle the engine."""
+        """Raise RequestTooLarge if such a request could never run here, however idle the engine.
+
+        Its whole life must fit the whole cache: alone, it must be able to finish without preempting itself.
+        """
         if prompt_len + max_tokens > self.max_context:
             raise RequestTooLarge(f"prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds the model context "
                                   f"of {self.max_context} tokens")
@@ -165,8 +210,9 @@ class Engine:
         """Run the prompts as one packed batch; return each request's first token.
 
         All or nothing: an invalid request raises before any is admitted, and KVCacheFull when the
-        batch does not fit now. With `reserve_decode=False` (a prefill-only worker) only the prompt's
-        blocks are taken; such requests are never decoded here, only exported and released.
+        prompts' blocks do not fit now with the watermark to spare. Only the prompts' blocks are taken;
+        decoding grows them. With `reserve_decode=False` (a prefill-only worker) the requests are never
+        decoded here, only exported and released, so no watermark is kept for them.
         """
         if not requests:
             return []
@@ -175,13 +221,12 @@ class Engine:
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise DuplicateRequest(f"request ids repeat within the batch: {ids}")
-        sizes = [self.kv_tokens(len(r.prompt_ids), r.sampling.max_tokens) if reserve_decode else len(r.prompt_ids)
-                 for r in requests]
-        need = sum(blocks_for(n, self.block_size) for n in sizes)
-        if need > self.allocator.free:
-            raise KVCacheFull(f"prefill batch needs {need} KV blocks, {self.allocator.free} of "
-                              f"{self.total_blocks} free")
-        seqs = [self._admit(r, n, decodable=reserve_decode) for r, n in zip(requests, sizes, strict=True)]
+        need = sum(blocks_for(len(r.prompt_ids), self.block_size) for r in requests)
+        spare = self.watermark_blocks if reserve_decode else 0
+        if need + spare > self.allocator.free:
+            raise KVCacheFull(f"prefill batch needs {need} KV blocks (+{spare} watermark), {self.allocator.free} "
+                              f"of {self.total_blocks} free")
+        seqs = [self._admit(r, decodable=reserve_decode) for r in requests]
         lens = [s.prompt_len for s in seqs]
         layout = StepLayout(
             is_prefill=True, seq_lens=lens, context_lens=lens, block_tables=[s.block_table for s in seqs],
@@ -196,9 +241,16 @@ class Engine:
         return self._emit(seqs, logits)
 
     def decode(self) -> list[StepOutput]:
-        """One token for every running request; finished requests (also those done at prefill) are released."""
+        """One token for every running request; finished requests (also those done at prefill) are released.
+
+        First the running sequences get the blocks this step writes into, preempting the latest admitted
+        while they do not fit; then preempted sequences resume, oldest first, while their blocks fit with
+        the watermark to spare. Preempted sequences produce no token this step.
+        """
         self._release_finished()
-        running = [s for s in self._seqs.values() if s.decodable and not s.prefilling]
+        self._grow_or_preempt()
+        self._resume()
+        running = self._running()
         if not running:
             return []
         layout = StepLayout(
@@ -264,17 +316,33 @@ class Engine:
                                   f"prompt has {len(request.prompt_ids)}")
         if not 0 <= first_token < self.config.vocab_size:
             raise InvalidRequest(f"first_token {first_token} is outside the vocabulary")
+        reserved = self._reserved.get(request.request_id)
+        need = blocks_for(len(request.prompt_ids), self.block_size)
+        if reserved is None and need > self.allocator.free:
+            raise KVCacheFull(f"need {need} KV blocks, {self.allocator.free} of {self.total_blocks} free")
         seq = self._new_sequence(request)
         # Replaying the first token puts the detokenizer where the prefill side left it (same text held back).
         seq.append(first_token, self.eos_token_ids)
         if seq.finished:
             raise InvalidRequest(f"request {request.request_id} already finished at its first token "
                                  f"({seq.finish_reason}); there is nothing to decode")
-        size = self.kv_tokens(seq.prompt_len, request.sampling.max_tokens)
-        seq.block_table = self.allocator.allocate(blocks_for(size, self.block_size))
+        seq.block_table = self._reserved.pop(request.request_id, None) or self.allocator.allocate(need)
         self.cache.write(seq.block_table, kv.keys, kv.values)
         seq.num_cached = seq.prompt_len
-        self._seqs[request.request_id] = seq
+        self._enter(seq)
+
+    def reserve(self, request_id: str, prompt_tokens: int) -> bool:
+        """Set aside the prompt's blocks for a request whose KV is on its way; False if `can_admit` says no.
+
+        `import_kv` of that request uses them; `abort` gives them back. Reserving on the engine's own
+        thread keeps decode steps from growing into blocks a pull in flight was promised.
+        """
+        if request_id in self._reserved or request_id in self._seqs:
+            raise DuplicateRequest(f"request {request_id!r} is already in this engine")
+        if not self.can_admit(prompt_tokens):
+            return False
+        self._reserved[request_id] = self.allocator.allocate(blocks_for(prompt_tokens, self.block_size))
+        return True
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def release(self, request_id: str) -> None:
@@ -282,12 +350,20 @@ class Engine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             raise UnknownRequest(f"no request {request_id!r} in this engine")
-        self.allocator.release(seq.block_table)
+        self.blocks.free_seq(seq)
+        if seq.preempted:
+            self._num_preempted -= 1
+        if seq.swapped is not None:
+            self.swap_space.drop(seq.swapped)
+            seq.swapped = None
 
     def abort(self, request_id: str) -> bool:
-        """Stop and free a request if it is still here; False if it was not (already done or unknown)."""
+        """Stop and free a request (or its reservation) if it is still here; False if it was not."""
+        reserved = self._reserved.pop(request_id, None)
+        if reserved is not None:
+            self.allocator.release(reserved)
         if request_id not in self._seqs:
-            return False
+            return reserved is not None
         self.release(request_id)
         return True
 
@@ -307,12 +383,92 @@ class Engine:
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.sampling.stop)
         return Sequence(request=req, detok=detok)
 
-    def _admit(self, req: GenerationRequest, kv_tokens: int, *, decodable: bool) -> Sequence:
+    def _admit(self, req: GenerationRequest, *, decodable: bool) -> Sequence:
         seq = self._new_sequence(req)
         seq.decodable = decodable
-        seq.block_table = self.allocator.allocate(blocks_for(kv_tokens, self.block_size))
-        self._seqs[req.request_id] = seq
+        seq.block_table = self.allocator.allocate(blocks_for(seq.prompt_len, self.block_size))
+        self._enter(seq)
         return seq
+
+    def _enter(self, seq: Sequence) -> None:
+        self._admissions += 1
+        seq.admitted = self._admissions
+        self._seqs[seq.request_id] = seq
+
+    # ---- on-demand blocks and preemption --------------------------------------------------------
+    def _running(self) -> list[Sequence]:
+        # A prompt still being prefilled in chunks holds its prompt's blocks and takes no decode step.
+        return [s for s in self._seqs.values() if s.decodable and not s.preempted and not s.prefilling]
+
+    def _grow_or_preempt(self) -> None:
+        """Give every running sequence the block its next token goes into, preempting the latest admitted."""
+        running = self._running()
+        while running and self.blocks.total_growth(running) > self.allocator.free:
+            victim = max(running, key=lambda s: s.admitted)
+            running.remove(victim)
+            self._preempt(victim)
+        for seq in running:
+            self.blocks.grow(seq, seq.num_cached + 1)
+
+    def _preempt(self, seq: Sequence) -> None:
+        kv = None
+        if self.preemption == "swap":
+            kv = self.swap_space.swap_out(self.cache, seq.block_table, seq.num_cached)
+        self.preemption_stats.preemptions += 1
+        if kv is not None:
+            self.preemption_stats.swapped_tokens += kv.num_tokens
+        else:
+            seq.num_cached = 0  # recompute from scratch on resume (no swap, or the swap space is full)
+        seq.swapped = kv
+        seq.preempted = True
+        self._num_preempted += 1
+        self.blocks.free_seq(seq)
+
+    def _resume(self) -> None:
+        """Bring back preempted sequences, oldest admitted first, while their blocks fit."""
+        waiting = sorted((s for s in self._seqs.values() if s.preempted), key=lambda s: s.admitted)
+        if not waiting:
+            return
+        # With nothing running, nothing else can grow into the watermark: resume without it, or a
+        # sequence whose whole life needs every block would never come back.
+        spare = self.watermark_blocks if self._running() else 0
+        recompute: list[Sequence] = []
+        for seq in waiting:
+            tokens = seq.swapped.num_tokens if seq.swapped is not None else self._context_len(seq)
+            need = blocks_for(tokens + 1, self.block_size)  # + the slot of this step's token
+            if need + spare > self.allocator.free:
+                break
+            seq.block_table = self.allocator.allocate(need)
+            seq.preempted = False
+            self._num_preempted -= 1
+            if seq.swapped is not None:
+                self.swap_space.swap_in(self.cache, seq.block_table, seq.swapped)
+                seq.swapped = None
+            else:
+                recompute.append(seq)
+            spare = self.watermark_blocks
+        if recompute:
+            self._recompute(recompute)
+
+    @staticmethod
+    def _context_len(seq: Sequence) -> int:
+        """Tokens whose KV a decode step needs: the prompt and every output token but the last (the input)."""
+        return seq.prompt_len + len(seq.output_ids) - 1
+
+    def _recompute(self, seqs: list[Sequence]) -> None:
+        """Rebuild the KV of preempted sequences with one packed prefill; its logits are dropped."""
+        contexts = [s.request.prompt_ids + s.output_ids[:-1] for s in seqs]
+        lens = [len(c) for c in contexts]
+        layout = StepLayout(
+            is_prefill=True, seq_lens=lens, context_lens=lens, block_tables=[s.block_table for s in seqs],
+            slot_mapping=[slot for s, n in zip(seqs, lens, strict=True) for slot in self.cache.slots(s.block_table, 0, n)],
+            block_size=self.block_size)
+        tokens = [t for c in contexts for t in c]
+        positions = [p for n in lens for p in range(n)]
+        self._run(tokens, positions, layout, [lens[0] - 1])
+        for s, n in zip(seqs, lens, strict=True):
+            s.num_cached = n
+        self.preemption_stats.recomputed_tokens += sum(lens)
 
     def _run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int],
              backend: AttentionBackend | None = None) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """Paged KV cache: fixed-size blocks handed out from a free list, one block table per sequence.
 
 Each layer holds K and V tensors of shape [num_blocks, block_size, kv_heads, head_dim]; a token's
-slot is `block * block_size + offset`. Admission reserves a sequence's whole lifetime (prompt plus
-every token it may generate) up front, so a running sequence can never run out of blocks and no
-preemption is needed; `free_blocks` is what a new request can still get.
+slot is `block * block_size + offset`. Sequences get blocks as they grow (`block_manager.py`); when a
+decode step cannot get them the engine preempts (`preemption.py`).
 """
 
 from __future__ import annotations
@@ -60,6 +59,7 @@ class PagedKVCache:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
         self.layers = [LayerKV(torch.zeros(shape, dtype=dtype, device=device),
                                torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
 

@@ -6,6 +6,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalDetokenizer
+from .preemption import SwappedKV
 from .types import FinishReason, GenerationRequest, StepOutput
 
 
@@ -18,7 +19,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0
-    decodable: bool = True  # False: prefilled for export only, no blocks reserved for decoding
+    decodable: bool = True  # False: prefilled for export only, never decoded here
+    admitted: int = 0  # admission order in its engine: the latest admitted is preempted first
+    preempted: bool = False  # holds no blocks; resumes from `swapped` or by recomputing its KV
+    swapped: SwappedKV | None = None
     finish_reason: FinishReason | None = None
 
     @property

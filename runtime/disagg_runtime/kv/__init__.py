@@ -2,14 +2,14 @@
 
 from .channel import ChannelKind, KVChannel, TransferStats, payload_layers
 from .codec import Fp8Codec, RawCodec, make_codec
-from .errors import KVChannelError, KVMismatchError, KVNotFound, KVTimeout
+from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound, KVTimeout
 from .links import Endpoint, choose_channel
 from .payload import KVHeader, KVPayload
 from .puller import KVAddress, KVPuller
 from .server import KVLease, KVServer, KVSource
 
 __all__ = [
-    "ChannelKind", "Endpoint", "Fp8Codec", "KVAddress", "KVChannel", "KVChannelError", "KVHeader", "KVLease",
+    "ChannelKind", "Endpoint", "Fp8Codec", "KVAddress", "KVChannel", "KVChannelError", "KVForbidden", "KVHeader", "KVLease",
     "KVMismatchError", "KVNotFound", "KVPayload", "KVPuller", "KVServer", "KVSource", "KVTimeout", "RawCodec",
     "TransferStats", "choose_channel", "make_codec", "payload_layers",
 ]

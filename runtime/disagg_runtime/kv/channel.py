@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from .codec import LayerCodec, PartSpec, make_codec
-from .errors import KVChannelError, KVMismatchError, KVNotFound, KVTimeout
+from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound, KVTimeout
 from .framing import FramedStream
 from .payload import KVHeader, KVPayload
 
@@ -51,6 +51,8 @@ def _remote_error(message: dict) -> KVChannelError:
     code = message.get("code")
     if code == "not_found":
         return KVNotFound(text)
+    if code == "forbidden":
+        return KVForbidden(text)
     if code == "mismatch":
         return KVMismatchError(text)
     if code == "timeout":
@@ -130,11 +132,11 @@ class KVChannel(ABC):
     ) -> tuple[KVPayload, TransferStats]:
         """Receive one payload. `expect` raises KVMismatchError for a header this end cannot use.
 
-        A KVNotFound answer leaves the link usable; any other error marks it broken.
+        A KVNotFound or KVForbidden answer leaves the link usable; any other error marks it broken.
         """
         try:
             return await self._recv(expect, torch.device(device))
-        except KVNotFound:
+        except (KVNotFound, KVForbidden):
             raise
         except KVMismatchError as e:
             self.broken = True

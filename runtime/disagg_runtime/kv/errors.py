@@ -17,4 +17,8 @@ class KVNotFound(KVChannelError, LookupError):
     """The prefill side holds no KV for the requested id (never prefilled, expired, or already pulled)."""
 
 
-__all__ = ["KVChannelError", "KVMismatchError", "KVNotFound", "KVTimeout"]
+class KVForbidden(KVChannelError, PermissionError):
+    """A pull without the ticket the prefill worker issued with that request's KV (the link stays usable)."""
+
+
+__all__ = ["KVChannelError", "KVForbidden", "KVMismatchError", "KVNotFound", "KVTimeout"]

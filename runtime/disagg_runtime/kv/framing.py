@@ -52,7 +52,9 @@ class FramedStream:
     async def _read_head(self, want: int, what: str, *, wait_forever: bool = False) -> int:
         kind, length = _HEAD.unpack(await self._read_exactly(_HEAD.size, what, wait_forever=wait_forever))
         if kind != want:
-            raise KVChannelError(f"KV protocol error from {self.peer}: expected {what}, got frame kind {kind}")
+            # 0x44 is the first byte of the token challenge (kv/auth.py) of a server that requires a token.
+            hint = "; the KV server requires the internal token (--internal-token-file)" if kind == 0x44 else ""
+            raise KVChannelError(f"KV protocol error from {self.peer}: expected {what}, got frame kind {kind}{hint}")
         return length
 
     async def send_json(self, message: dict) -> None:

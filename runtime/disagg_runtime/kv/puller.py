@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .channel import KVChannel, TransferStats
+from ..security.tokens import InternalToken
+from .auth import prove_to_server
+from .channel import KVChannel, TransferStats, _remote_error
 from .codec import CodecName
-from .errors import KVChannelError, KVNotFound
+from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound
 from .framing import FramedStream
 from .links import ChannelChoice, Endpoint, open_link
 from .payload import KVHeader, KVPayload
@@ -35,17 +37,22 @@ class _Link:
 
 
 class KVPuller:
-    """Keeps one link per prefill instance; pulls on a link are serialised (a link is one byte pipe)."""
+    """Keeps one link per prefill instance; pulls on a link are serialised (a link is one byte pipe).
+
+    With `token`, every new link first proves the internal token and checks the server's proof (kv/auth.py).
+    """
 
     def __init__(self, *, local: Endpoint, device: torch.device | str = "cpu", channel: ChannelChoice = "auto",
                  codec: CodecName = "none", timeout: float = 30.0,
-                 on_transfer: Callable[[TransferStats], None] | None = None) -> None:
+                 on_transfer: Callable[[TransferStats], None] | None = None,
+                 token: InternalToken | None = None) -> None:
         self.local = local
         self.device = torch.device(device)
         self.channel = channel
         self.codec = codec
         self.timeout = timeout
         self.on_transfer = on_transfer
+        self.token = token
         self._links: dict[KVAddress, _Link] = {}
 
     async def _channel(self, address: KVAddress, link: _Link) -> KVChannel:
@@ -54,6 +61,8 @@ class KVPuller:
                 await link.channel.close()
             stream = await FramedStream.connect(address.host, address.port, timeout=self.timeout)
             try:
+                if self.token is not None:
+                    await prove_to_server(stream, self.token)
                 link.channel = await open_link(stream, local=self.local, device=self.device,
                                                override=self.channel, codec=self.codec)
             except BaseException:
@@ -62,21 +71,31 @@ class KVPuller:
         return link.channel
 
     async def pull(self, address: KVAddress, request_id: str,
-                   expect: Callable[[KVHeader], None] | None = None, kv_slice: KVSlice | None = None) -> KVPayload:
-        """Fetch `request_id`'s KV (or only `kv_slice` of it) from `address`.
+                   expect: Callable[[KVHeader], None] | None = None, kv_slice: KVSlice | None = None, *,
+                   ticket: str | None = None) -> KVPayload:
+        """Fetch `request_id`'s KV (or only `kv_slice` of it) from `address`, presenting the `ticket` its
+        prefill worker issued.
 
-        Raises KVNotFound, KVMismatchError, KVTimeout, KVChannelError.
+        Raises KVNotFound, KVForbidden, KVMismatchError, KVTimeout, KVChannelError; a payload made for
+        another request id is a KVMismatchError.
         """
+
+        def check(header: KVHeader) -> None:
+            if header.request_id != request_id:
+                raise KVMismatchError(f"pulled {request_id} but the KV server sent {header.request_id}")
+            if expect is not None:
+                expect(header)
+
         link = self._links.setdefault(address, _Link())
         async with link.lock:
             channel = await self._channel(address, link)
-            msg: dict = {"type": "pull", "requestId": request_id}
+            msg: dict = {"type": "pull", "requestId": request_id, "ticket": ticket}
             if kv_slice is not None:
                 msg["slice"] = kv_slice.model_dump()
             try:
                 await channel.stream.send_json(msg)
-                payload, stats = await channel.recv(expect=expect, device=self.device)
-            except KVNotFound:
+                payload, stats = await channel.recv(expect=check, device=self.device)
+            except (KVNotFound, KVForbidden):
                 raise
             except BaseException:
                 channel.broken = True
@@ -85,17 +104,19 @@ class KVPuller:
             self.on_transfer(stats)
         return payload
 
-    async def release(self, address: KVAddress, request_id: str) -> None:
+    async def release(self, address: KVAddress, request_id: str, *, ticket: str | None = None) -> None:
         """Tell the prefill instance at `address` that every piece of `request_id`'s KV arrived (it frees it)."""
         link = self._links.setdefault(address, _Link())
         async with link.lock:
             channel = await self._channel(address, link)
             try:
-                await channel.stream.send_json({"type": "release", "requestId": request_id})
+                await channel.stream.send_json({"type": "release", "requestId": request_id, "ticket": ticket})
                 reply = await channel.stream.recv_json()
             except BaseException:
                 channel.broken = True
                 raise
+        if reply.get("type") == "error":
+            raise _remote_error(reply)
         if reply.get("type") != "released":
             raise KVChannelError(f"KV server {address} answered {reply.get('type')!r} to a release of {request_id}")
 

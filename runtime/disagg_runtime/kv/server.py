@@ -11,8 +11,10 @@ from typing import Protocol
 import torch
 from pydantic import ValidationError
 
+from ..security.tokens import InternalToken
+from .auth import verify_client
 from .channel import KVChannel, LayerStream, TransferStats
-from .errors import KVChannelError, KVMismatchError, KVNotFound
+from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound
 from .framing import FramedStream
 from .links import Endpoint, accept_link
 from .payload import KVHeader
@@ -33,25 +35,31 @@ class KVLease:
 class KVSource(Protocol):
     """What the KV server sends from (the prefill worker's parked requests, or one rank's share of them)."""
 
-    async def checkout(self, request_id: str) -> KVLease:
-        """The request's KV, waiting (bounded) while its prefill runs; KVNotFound if there is none."""
+    async def checkout(self, request_id: str, ticket: str | None) -> KVLease:
+        """The request's KV, waiting (bounded) while its prefill runs; KVNotFound if there is none,
+        KVForbidden if `ticket` is not the one issued with this request's KV."""
         ...
 
-    async def checkout_slice(self, request_id: str, kv_slice: KVSlice) -> KVLease:
+    async def checkout_slice(self, request_id: str, kv_slice: KVSlice, ticket: str | None) -> KVLease:
         """Only `kv_slice` (global layers and KV heads) of the request's KV; its lease frees nothing."""
         ...
 
-    async def release_pulled(self, request_id: str) -> None:
+    async def release_pulled(self, request_id: str, ticket: str | None) -> None:
         """Every slice of the request reached its decode ranks: free its KV (KVNotFound if unknown here)."""
         ...
 
 
 class KVServer:
-    """Accepts links from decode ends and answers their pulls, one at a time per link."""
+    """Accepts links from decode ends and answers their pulls, one at a time per link.
+
+    With `token`, a connection that does not prove it holds the internal token is closed before its
+    first control message is read (kv/auth.py).
+    """
 
     def __init__(self, source: KVSource, *, local: Endpoint, device: torch.device | str = "cpu",
                  host: str = "0.0.0.0", port: int = 0, timeout: float = 30.0,
-                 on_transfer: Callable[[TransferStats], None] | None = None) -> None:
+                 on_transfer: Callable[[TransferStats], None] | None = None,
+                 token: InternalToken | None = None) -> None:
         self.source = source
         self.local = local
         self.device = torch.device(device)
@@ -59,6 +67,7 @@ class KVServer:
         self.port = port
         self.timeout = timeout
         self.on_transfer = on_transfer
+        self.token = token
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task] = set()
 
@@ -74,6 +83,8 @@ class KVServer:
         stream = FramedStream(reader, writer, timeout=self.timeout)
         channel: KVChannel | None = None
         try:
+            if self.token is not None:
+                await verify_client(stream, self.token)
             channel = await accept_link(stream, local=self.local, device=self.device)
             await self._serve(channel)
         except KVChannelError as e:
@@ -97,16 +108,22 @@ class KVServer:
                 msg = await channel.stream.recv_json(wait_forever=True)
             except KVChannelError:
                 return  # the decode end closed its link
-            if msg.get("type") not in ("pull", "release") or not isinstance(msg.get("requestId"), str):
+            ticket = msg.get("ticket")
+            if (msg.get("type") not in ("pull", "release") or not isinstance(msg.get("requestId"), str)
+                    or not isinstance(ticket, str | None)):
                 raise KVChannelError(f"expected a pull or a release, got {msg!r}")
             if msg["type"] == "release":
-                await self._release(channel, msg["requestId"])
+                await self._release(channel, msg["requestId"], ticket)
                 continue
             try:
                 if msg.get("slice") is None:
-                    lease = await self.source.checkout(msg["requestId"])
+                    lease = await self.source.checkout(msg["requestId"], ticket)
                 else:
-                    lease = await self.source.checkout_slice(msg["requestId"], _slice(msg["slice"]))
+                    lease = await self.source.checkout_slice(msg["requestId"], _slice(msg["slice"]), ticket)
+            except KVForbidden as e:
+                log.warning("refused a pull from %s: %s", channel.stream.peer, e)
+                await channel.send_error("forbidden", str(e))
+                continue
             except KVNotFound as e:
                 await channel.send_error("not_found", str(e))
                 continue
@@ -125,9 +142,13 @@ class KVServer:
             if self.on_transfer is not None:
                 self.on_transfer(stats)
 
-    async def _release(self, channel: KVChannel, request_id: str) -> None:
+    async def _release(self, channel: KVChannel, request_id: str, ticket: str | None) -> None:
         try:
-            await self.source.release_pulled(request_id)
+            await self.source.release_pulled(request_id, ticket)
+        except KVForbidden as e:
+            log.warning("refused a release from %s: %s", channel.stream.peer, e)
+            await channel.send_error("forbidden", str(e))
+            return
         except KVNotFound as e:
             await channel.send_error("not_found", str(e))
             return

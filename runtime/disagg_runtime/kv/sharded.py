@@ -35,7 +35,7 @@ class ShareTarget:
 
 
 async def pull_share(puller: KVPuller, sources: list[KVAddress], src: Parallelism, target: ShareTarget,
-                     request_id: str, num_tokens: int, device: torch.device) -> KVPayload:
+                     request_id: str, num_tokens: int, device: torch.device, ticket: str | None = None) -> KVPayload:
     """This rank's share of `request_id`'s KV, pulled straight from the prefill ranks that hold its pieces."""
     if len(sources) != src.world:
         raise KVMismatchError(f"request {request_id}: {len(sources)} KV sources for a tp={src.tp} x pp={src.pp} "
@@ -51,7 +51,7 @@ async def pull_share(puller: KVPuller, sources: list[KVAddress], src: Parallelis
                 raise KVMismatchError(f"request {request_id}: KV piece {piece.model_dump()} from {address} is "
                                       f"(model, dtype, tokens, layers, heads) = {got}, expected {want}")
 
-        payload = await puller.pull(address, request_id, expect=check, kv_slice=piece)
+        payload = await puller.pull(address, request_id, expect=check, kv_slice=piece, ticket=ticket)
         return piece, payload.keys, payload.values
 
     pieces = await asyncio.gather(*(one(p.slice, sources[p.src_rank]) for p in plan))
@@ -90,6 +90,7 @@ class ShareSpec:
     src_tp: int
     src_pp: int
     num_tokens: int
+    ticket: str | None = None  # what rank 0 of the prefill instance issued with the request's KV
 
     @property
     def src(self) -> Parallelism:
@@ -103,4 +104,5 @@ class ShareSpec:
 async def pull_spec(puller: KVPuller, spec: ShareSpec, target: ShareTarget, request_id: str,
                     device: torch.device) -> KVPayload:
     """`pull_share` for a ShareSpec."""
-    return await pull_share(puller, spec.addresses, spec.src, target, request_id, spec.num_tokens, device)
+    return await pull_share(puller, spec.addresses, spec.src, target, request_id, spec.num_tokens, device,
+                            ticket=spec.ticket)

@@ -32,7 +32,7 @@ class DictSource:
         self.parked = {p.header.request_id: p for p in payloads or []}
         self.released: list[tuple[str, bool]] = []
 
-    async def checkout(self, request_id: str) -> KVLease:
+    async def checkout(self, request_id: str, ticket: str | None = None) -> KVLease:
         if request_id not in self.parked:
             raise KVNotFound(f"no KV parked for {request_id}")
         payload = self.parked[request_id]
@@ -75,17 +75,17 @@ class ShareSource:
             self.parked[p.header.request_id] = KVPayload(header, keys, values)
         self.released: list[str] = []
 
-    async def checkout(self, request_id: str) -> KVLease:
+    async def checkout(self, request_id: str, ticket: str | None = None) -> KVLease:
         raise KVNotFound("slices only")
 
-    async def checkout_slice(self, request_id: str, kv_slice) -> KVLease:
+    async def checkout_slice(self, request_id: str, kv_slice, ticket: str | None = None) -> KVLease:
         from .sharded import slice_lease
 
         if request_id not in self.parked:
             raise KVNotFound(f"no KV parked for {request_id}")
         return slice_lease(self.parked[request_id], self.held, kv_slice)
 
-    async def release_pulled(self, request_id: str) -> None:
+    async def release_pulled(self, request_id: str, ticket: str | None = None) -> None:
         if self.parked.pop(request_id, None) is None:
             raise KVNotFound(f"no KV parked for {request_id}")
         self.released.append(request_id)

@@ -98,6 +98,11 @@ class InstanceEngine:
             return self.engine.abort(request_id)  # the instance is gone; only local state is left to free
         return self._call(("abort", request_id), lambda: self.engine.abort(request_id))
 
+    def reserve(self, request_id: str, prompt_tokens: int) -> bool:
+        """Engine.reserve on every rank: block accounting must stay identical for preemption to agree."""
+        return self._call(("reserve", request_id, prompt_tokens),
+                          lambda: self.engine.reserve(request_id, prompt_tokens))
+
     def release(self, request_id: str) -> None:
         if self.failure is not None:
             return self.engine.release(request_id)
@@ -197,6 +202,8 @@ def follow(engine: Engine, groups: InstanceGroups, lock: threading.Lock, kv: KVS
                     engine.abort(descriptor[1])
                 elif kind == "release":
                     engine.release(descriptor[1])
+                elif kind == "reserve":
+                    engine.reserve(descriptor[1], descriptor[2])
                 elif kind == "pull":
                     if kv is None:
                         raise CollectiveError("this rank has no KV puller")

@@ -20,6 +20,7 @@ from ..kv.links import ChannelChoice
 from ..kv.reshard import KVSlice
 from ..kv.server import KVLease
 from ..kv.sharded import ShareSpec, ShareTarget, pull_spec, slice_lease
+from ..security.tokens import InternalToken
 
 
 class LoopThread:
@@ -39,14 +40,17 @@ class LoopThread:
 
 
 class RankKVSource:
-    """Serves slices of this rank's share of parked requests (whole-KV pulls and releases go to rank 0)."""
+    """Serves slices of this rank's share of parked requests (whole-KV pulls and releases go to rank 0).
+
+    It does not know the tickets rank 0 issues (a pull for a slice of another request is refused only by
+    the internal token here); docs/security.md says so."""
 
     def __init__(self, engine: Engine, lock: threading.Lock, held: KVSlice) -> None:
         self.engine = engine
         self.lock = lock
         self.held = held
 
-    async def checkout(self, request_id: str) -> KVLease:
+    async def checkout(self, request_id: str, ticket: str | None = None) -> KVLease:
         raise KVNotFound(f"rank of a multi-rank prefill instance serves slices of {request_id} only; "
                          "whole-KV pulls go to rank 0")
 
@@ -57,11 +61,11 @@ class RankKVSource:
             except UnknownRequest as e:
                 raise KVNotFound(f"this rank holds no KV for {request_id}") from e
 
-    async def checkout_slice(self, request_id: str, kv_slice: KVSlice) -> KVLease:
+    async def checkout_slice(self, request_id: str, kv_slice: KVSlice, ticket: str | None = None) -> KVLease:
         payload = await asyncio.to_thread(self._export, request_id)
         return slice_lease(payload, self.held, kv_slice)
 
-    async def release_pulled(self, request_id: str) -> None:
+    async def release_pulled(self, request_id: str, ticket: str | None = None) -> None:
         raise KVNotFound(f"releases of {request_id} go to rank 0 of the prefill instance")
 
 
@@ -69,10 +73,10 @@ class RankKVServer:
     """A follower prefill rank's KV server."""
 
     def __init__(self, engine: Engine, lock: threading.Lock, held: KVSlice, *, port: int = 0,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, token: InternalToken | None = None) -> None:
         self.thread = LoopThread("rank-kv-server")
         self.server = KVServer(RankKVSource(engine, lock, held), local=Endpoint.here(engine.device),
-                               device=engine.device, port=port, timeout=timeout)
+                               device=engine.device, port=port, timeout=timeout, token=token)
 
     def start(self) -> int:
         return self.thread.run(self.server.start()).result(30)
@@ -88,13 +92,13 @@ class RankKVPuller:
     """A follower decode rank's puller: starts a pull on "pull", hands the payload over on "import"."""
 
     def __init__(self, target: ShareTarget, *, device: torch.device, channel: ChannelChoice = "auto",
-                 codec: CodecName = "none", timeout: float = 30.0) -> None:
+                 codec: CodecName = "none", timeout: float = 30.0, token: InternalToken | None = None) -> None:
         self.thread = LoopThread("rank-kv-puller")
         self.target = target
         self.device = device
         self.timeout = timeout
         self.puller = KVPuller(local=Endpoint.here(device), device=device, channel=channel, codec=codec,
-                               timeout=timeout)
+                               timeout=timeout, token=token)
         self._pulls: dict[str, concurrent.futures.Future] = {}
 
     def start_pull(self, request_id: str, spec: ShareSpec) -> None:

@@ -14,7 +14,11 @@ from pydantic import ValidationError
 
 from ..chat_template import ChatRenderError, ChatTemplate
 from ..metrics import Outcome, RequestMetrics, render
+from ..security.http_auth import internal_token_client_middleware
+from ..security.secret_file import SecretFile
+from ..security.tokens import InternalToken
 from ..workers.http import BadRequest, error_response, read_body
+from .auth import api_key_middleware
 from .flow import Aborter, RequestFlow, UpstreamError
 from .openai import (
     ChatCompletionRequest,
@@ -50,6 +54,9 @@ class RouterConfig:
     served_model_name: str | None = None
     drain_timeout_s: float = 300.0
     model_path: str | None = None  # read for the model's chat template only (workers hold the weights)
+    api_key_file: str | None = None  # clients must send one of its keys (one a line)
+    metrics_require_key: bool = False  # /metrics behind the API key too
+    internal_token_file: str | None = None  # sent to the workers (which refuse requests without it)
 
 
 def _outcome(status: int) -> Outcome:
@@ -70,9 +77,16 @@ class Router:
         self.session: aiohttp.ClientSession | None = None
         self.pool: WorkerPool | None = None
         self.aborter: Aborter | None = None
+        self.api_keys = SecretFile(config.api_key_file, what="API key") if config.api_key_file else None
+        self.token = InternalToken.from_file(config.internal_token_file) if config.internal_token_file else None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes + 1)
+        for secret in (self.api_keys, self.token.source if self.token else None):
+            if secret is not None:
+                secret.attach(app)
+        if self.api_keys is not None:
+            app.middlewares.append(api_key_middleware(self.api_keys, protect_metrics=self.config.metrics_require_key))
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -87,7 +101,9 @@ class Router:
         # No total timeout: streams are long; liveness comes from the workers' heartbeats instead.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         connector = aiohttp.TCPConnector(limit=0)
-        self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, read_bufsize=_READ_BUFSIZE)
+        middlewares = (internal_token_client_middleware(self.token),) if self.token else ()
+        self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, read_bufsize=_READ_BUFSIZE,
+                                             middlewares=middlewares)
         self.pool = WorkerPool(self.session, prefill=self.config.prefill, decode=self.config.decode,
                                colocated=self.config.colocated, endpoints_file=self.config.endpoints_file, poll_s=self.config.poll_s)
         self.aborter = Aborter(self.session)

@@ -223,7 +223,7 @@ class RequestFlow:
         msg = DecodeRequest(request_id=self.request_id, prompt_ids=result.prompt_ids,
                             sampling=self.prefill_msg.sampling, first_token_id=result.first.token_id,
                             kv=result.kv)
-        tokens = len(result.prompt_ids) + self.prefill_msg.sampling.max_tokens
+        tokens = len(result.prompt_ids)  # decode admits by the prompt's KV; blocks for outputs come on demand
         tried: set[str] = set()
         while True:
             try:

@@ -2,17 +2,22 @@
 
 With `--colocated`, router + colocated workers instead (the vLLM-style baseline, same model and flags).
 Workers start first on free ports and announce them on stdout; the router is then pointed at them.
-Each child is a `python -m disagg_runtime.serve --role ...` process, exactly what a pod runs.
+Each child is a `python -m disagg_runtime.serve --role ...` process, exactly what a pod runs. They share
+an internal token (a fresh one in a private temporary file unless `--internal-token-file` names one), so
+the workers' ports refuse anyone but this router, as in a cluster.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,12 +27,13 @@ from pathlib import Path
 from .model_cache import tiny_model
 from .options import ServeError
 
-_WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-channel",
+_WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-watermark",
+                 "--preemption", "--swap-space-gib", "--kv-channel",
                  "--kv-compression", "--kv-timeout", "--prefill-token-budget", "--max-queue", "--max-batch",
                  "--max-prompt-tokens", "--max-body-bytes", "--collective-timeout", "--log-level",
                  "--colocated-prefill", "--chunk-token-budget")
 _ROUTER_FLAGS = ("--max-in-flight", "--max-body-bytes", "--heartbeat-timeout", "--served-model-name",
-                 "--log-level")
+                 "--api-key-file", "--log-level")
 
 
 def _forward(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
@@ -57,9 +63,26 @@ class LocalCluster:
     # Per role ("decode"), then per instance ("decode-1"), after worker_args (e.g. --device, --tp).
     role_args: dict[str, list[str]] = field(default_factory=dict)
     router_args: list[str] = field(default_factory=list)
+    internal_token_file: str | None = None  # None: a fresh token, removed again by stop()
     startup_timeout_s: float = 120.0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    _own_token: str | None = None
+
+    @property
+    def token_file(self) -> str | None:
+        """The internal token's file the processes share (None before `start`): what another process
+        joining this deployment (a second router, say) passes as --internal-token-file."""
+        return self.internal_token_file or self._own_token
+
+    def _token_file(self) -> str:
+        if self.internal_token_file is not None:
+            return self.internal_token_file
+        fd, path = tempfile.mkstemp(prefix="disagg-token-")  # mode 0600: only this user's processes read it
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        self._own_token = path
+        return path
 
     def _spawn(self, name: str, args: list[str]) -> None:
         cmd = [sys.executable, "-m", "disagg_runtime.serve", *args]
@@ -82,7 +105,9 @@ class LocalCluster:
         """Start every process and wait until the router is ready; returns its base URL."""
         deadline = time.monotonic() + self.startup_timeout_s
         try:
-            common = ["--model-path", str(self.model_dir), "--host", self.host, "--port", "0", *self.worker_args]
+            token = ["--internal-token-file", self._token_file()]
+            common = ["--model-path", str(self.model_dir), "--host", self.host, "--port", "0", *token,
+                      *self.worker_args]
             for role, count in self.worker_counts.items():
                 for i in range(count):
                     self._spawn(f"{role}-{i}", ["--role", role, *common, *self.role_args.get(role, []),
@@ -94,7 +119,7 @@ class LocalCluster:
                 listed = ",".join(f"{self.host}:{p}" for n, p in self.ports.items() if n.startswith(f"{role}-"))
                 endpoints += [f"--{role}-endpoints", listed]
             self._spawn("router", ["--role", "router", "--host", self.host, "--port", str(self.port),
-                                   "--model-path", str(self.model_dir), *endpoints, *self.router_args])
+                                   "--model-path", str(self.model_dir), *endpoints, *token, *self.router_args])
             self.ports["router"] = self._announced_port("router", deadline)
             self._wait_ready(deadline)
         except BaseException:
@@ -140,6 +165,9 @@ class LocalCluster:
                 proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
+        if self._own_token is not None:
+            os.unlink(self._own_token)
+            self._own_token = None
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -174,18 +202,20 @@ def run_local(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, _raise_stop)
     model_dir = Path(args.model_path) if args.model_path else tiny_model(args.cache_dir)
     worker_args = _forward(args, _WORKER_FLAGS)
+    router_args = _forward(args, _ROUTER_FLAGS) + (["--metrics-require-key"] if args.metrics_require_key else [])
     cluster = LocalCluster(model_dir=model_dir, port=args.port, host=args.host or "127.0.0.1",
                            prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                            colocated_workers=args.colocated_workers if args.colocated else 0,
-                           worker_args=worker_args, router_args=_forward(args, _ROUTER_FLAGS),
-                           role_args=parallel_role_args(args))
+                           worker_args=worker_args, router_args=router_args,
+                           role_args=parallel_role_args(args), internal_token_file=args.internal_token_file)
     try:
         url = cluster.start()
     except (KeyboardInterrupt, _Stop):
         return 0
     workers = " + ".join(f"{n} {role}" for role, n in cluster.worker_counts.items())
     print(f"disagg: serving {model_dir} at {url}  (router + {workers}; Ctrl-C stops)", flush=True)
-    print(f"  curl -N {url}/v1/completions -H 'Content-Type: application/json' "
+    auth = " -H 'Authorization: Bearer KEY'" if args.api_key_file else ""
+    print(f"  curl -N {url}/v1/completions{auth} -H 'Content-Type: application/json' "
           """-d '{"prompt": "Hello", "max_tokens": 32, "stream": true}'""", flush=True)
     try:
         while all(p.poll() is None for p in cluster.processes.values()):

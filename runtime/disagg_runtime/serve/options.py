@@ -24,6 +24,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _watermark(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def _endpoints(text: str) -> list[str]:
     items = [e.strip() for e in text.split(",") if e.strip()]
     for e in items:
@@ -56,6 +63,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--block-size", type=_positive, default=16, help="KV-cache block size, tokens")
     model.add_argument("--num-kv-blocks", type=_positive, help="KV-cache blocks (default: from memory)")
     model.add_argument("--kv-memory-fraction", type=float, default=0.9)
+    model.add_argument("--kv-watermark", type=_watermark, default=0.01,
+                       help="share of KV blocks a new request must leave free (blocks for outputs come on demand)")
+    model.add_argument("--preemption", choices=["swap", "recompute"], default="swap",
+                       help="when KV runs out: swap the latest admitted request to host memory (bit-exact), or "
+                            "drop its KV and prefill it again on resume")
+    model.add_argument("--swap-space-gib", type=float, default=4.0,
+                       help="host memory for swapped-out KV; beyond it preemption recomputes")
     model.add_argument("--tp", type=_positive, default=1, help="tensor-parallel degree of this instance")
     model.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel degree of this instance")
     model.add_argument("--stage", type=int, help="pipeline stage this pod serves (with --pp > 1)")
@@ -100,6 +114,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of worker silence before a request fails")
     router.add_argument("--served-model-name", help="model name in responses (default: the workers' model id)")
 
+    security = parser.add_argument_group("security")
+    security.add_argument("--api-key-file", metavar="PATH",
+                          help="router: clients must send one of this file's keys (one a line; re-read when it "
+                               "changes) as 'Authorization: Bearer KEY' or 'x-api-key'")
+    security.add_argument("--metrics-require-key", action="store_true",
+                          help="router: /metrics needs an API key too (probes stay open)")
+    security.add_argument("--internal-token-file", metavar="PATH",
+                          help="the deployment's shared token (current first, then the previous one during a "
+                               "rotation): workers and KV links refuse peers without it, the router sends it. "
+                               "--local generates one unless given")
+
     local = parser.add_argument_group("--local")
     local.add_argument("--prefill-workers", type=_positive, default=1)
     local.add_argument("--decode-workers", type=_positive, default=1)
@@ -127,5 +152,7 @@ def check_serve_arguments(args: argparse.Namespace) -> None:
                          "or --endpoints-file")
     if args.stage is not None and not 0 <= args.stage < args.pp:
         raise ServeError(f"--stage {args.stage} is not a stage of a --pp {args.pp} pipeline")
+    if args.metrics_require_key and not args.api_key_file:
+        raise ServeError("--metrics-require-key needs --api-key-file")
     if not 0 < args.kv_memory_fraction <= 1:
         raise ServeError(f"--kv-memory-fraction must be in (0, 1], got {args.kv_memory_fraction}")

@@ -74,20 +74,22 @@ def _follow(args: argparse.Namespace, engine, groups: InstanceGroups) -> int:
     from ..kv.reshard import share_of
     from ..parallel.instance import full_layers
     from ..parallel.rank_kv import RankKVPuller, RankKVServer
+    from ..security.tokens import InternalToken
 
+    token = InternalToken.from_file(args.internal_token_file) if args.internal_token_file else None
     lock = threading.Lock()
     server = puller = None
     port = None
     if args.role == "prefill":
         held = share_of(groups.layout, full_layers(engine), engine.config.num_kv_heads)
-        server = RankKVServer(engine, lock, held, timeout=args.kv_timeout)
+        server = RankKVServer(engine, lock, held, timeout=args.kv_timeout, token=token)
         port = server.start()
     elif args.role == "decode":
         from ..workers.sharded_kv import share_target
 
         target = share_target(engine, groups.rank, groups.layout.shape)
         puller = RankKVPuller(target, device=engine.device, channel=args.kv_channel, codec=args.kv_compression,
-                              timeout=args.kv_timeout)
+                              timeout=args.kv_timeout, token=token)
     groups.gather_objects((args.advertise_host or "", port))
     try:
         return follow(engine, groups, lock, puller)

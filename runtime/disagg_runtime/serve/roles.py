@@ -46,7 +46,9 @@ def load_engine(args: argparse.Namespace):
     model_dir = resolve_model_dir(args)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     return Engine.load(model_dir, device=_device(args.device), dtype=dtype, block_size=args.block_size,
-                       num_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction)
+                       num_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
+                       kv_watermark=args.kv_watermark, preemption=args.preemption,
+                       swap_space_bytes=int(args.swap_space_gib * 2**30))
 
 
 def worker_config(args: argparse.Namespace):
@@ -57,23 +59,28 @@ def worker_config(args: argparse.Namespace):
                         max_body_bytes=args.max_body_bytes, kv_port=args.kv_port, kv_channel=args.kv_channel,
                         kv_compression=args.kv_compression, kv_timeout_s=args.kv_timeout,
                         advertise_host=args.advertise_host, colocated_prefill=args.colocated_prefill,
-                        chunk_token_budget=args.chunk_token_budget)
+                        chunk_token_budget=args.chunk_token_budget, internal_token_file=args.internal_token_file)
 
 
 async def _serve_worker(args: argparse.Namespace) -> None:
+    from ..security.secret_file import SecretFileError
     from ..workers.colocated import ColocatedWorker
     from ..workers.decode import DecodeWorker
     from ..workers.prefill import PrefillWorker
 
     engine = load_engine(args)
     cls = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}[args.role]
-    worker = cls(engine, worker_config(args))
+    try:
+        worker = cls(engine, worker_config(args))
+    except SecretFileError as e:
+        raise ServeError(str(e)) from e
     await serve_until_stopped(worker.app(), args.host or "0.0.0.0", args.port, drain=worker.start_drain,
                               drained=worker.drained, extra=lambda: {"role": args.role, "kvPort": worker.kv_port})
 
 
 async def _serve_router(args: argparse.Namespace) -> None:
     from ..router.app import Router, RouterConfig
+    from ..security.secret_file import SecretFileError
 
     if args.model_path and not Path(args.model_path).is_dir():
         raise ServeError(f"--model-path {args.model_path}: not a directory (the router reads the model's chat "
@@ -82,8 +89,12 @@ async def _serve_router(args: argparse.Namespace) -> None:
                           colocated=args.colocated_endpoints, endpoints_file=args.endpoints_file,
                           max_body_bytes=args.max_body_bytes, max_in_flight=args.max_in_flight,
                           heartbeat_timeout_s=args.heartbeat_timeout, served_model_name=args.served_model_name,
-                          model_path=args.model_path)
-    router = Router(config)
+                          api_key_file=args.api_key_file, metrics_require_key=args.metrics_require_key,
+                          internal_token_file=args.internal_token_file, model_path=args.model_path)
+    try:
+        router = Router(config)
+    except SecretFileError as e:
+        raise ServeError(str(e)) from e
     await serve_until_stopped(router.app(), args.host or "0.0.0.0", args.port, drain=router.start_drain,
                               drained=router.drained, extra=lambda: {"role": "router"})
 

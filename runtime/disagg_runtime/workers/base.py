@@ -18,6 +18,8 @@ from pydantic import BaseModel
 from ..engine import GenerationRequest, InvalidRequest, RequestTooLarge, SamplingParams, StepOutput
 from ..kv.links import ChannelChoice
 from ..metrics import Role, WorkerMetrics, render
+from ..security.http_auth import internal_auth_middleware
+from ..security.tokens import InternalToken
 from .engine_thread import EngineThread
 from .http import BadRequest, error_response, stream_ndjson
 from .protocol import PrefillRequest, WorkerStats
@@ -47,6 +49,7 @@ class WorkerConfig:
     drain_timeout_s: float = 300.0
     colocated_prefill: Literal["priority", "chunked"] = "priority"  # colocated workers' scheduler
     chunk_token_budget: int = 512  # chunked: tokens per mixed step, decode tokens included
+    internal_token_file: str | None = None  # every route but probes and /metrics, and the KV links, need it
 
 
 class Worker(ABC):
@@ -58,6 +61,7 @@ class Worker(ABC):
         self.engine = engine
         self.config = config
         self.registry = registry or CollectorRegistry()
+        self.token = InternalToken.from_file(config.internal_token_file) if config.internal_token_file else None
         self.metrics = WorkerMetrics.create(self.registry, self.role)
         self.thread = EngineThread(self._step, name=f"{self.role}-engine")
         self.draining = False
@@ -96,6 +100,9 @@ class Worker(ABC):
     # ---- app ------------------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes + 1)
+        if self.token is not None:
+            app.middlewares.append(internal_auth_middleware(self.token))
+            self.token.source.attach(app)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/stats", self.stats_handler)
@@ -131,6 +138,7 @@ class Worker(ABC):
         queued, queued_tokens, running = self._load()
         free, total = self.engine.free_blocks, self.engine.total_blocks
         self.metrics.set_load(queued=queued, running=running, blocks_used=total - free, blocks_free=free)
+        self.metrics.set_preempted(self.engine.num_preempted)
         return WorkerStats(role=self.role, model_id=self.engine.model_id,
                            ready=self.started and self.thread.alive and not self.draining,
                            draining=self.draining, queue_depth=queued, queued_tokens=queued_tokens,

@@ -2,7 +2,8 @@
 
 Every step is one engine forward carrying a token for each running request plus chunks of waiting prompts,
 up to the chunk token budget: the decode tokens count first, then the prompts already being prefilled
-continue in FCFS order, then new prompts are admitted from the wait queue while their whole-life KV fits,
+continue in FCFS order, then new prompts are admitted from the wait queue while the engine would admit them (prompt blocks with the
+watermark free, no preempted request waiting),
 the batch has room and the prompts in progress do not already fill what is left of the budget. A prompt's
 first token comes with its last chunk.
 """
@@ -70,11 +71,11 @@ class ChunkedStepper:
         w, engine = self.worker, self.worker.engine
         present = set(engine.request_ids)
         self.in_progress = deque(p for p in self.in_progress if p.job.request.request_id in present)  # aborted
-        decoding = engine.num_running - len(self.in_progress)
+        decoding = engine.num_running - engine.num_preempted - len(self.in_progress)
         room = self.budget - decoding
         self._admit(room)
         chunks = plan_chunks(list(self.in_progress), room)
-        if not chunks and decoding == 0:
+        if not chunks and decoding == 0 and not engine.num_preempted:  # preempted ones resume in a step
             return False
         start = time.perf_counter()
         try:
@@ -100,17 +101,18 @@ class ChunkedStepper:
         """Move waiting jobs into the engine while the rule in the module doc allows."""
         w, engine = self.worker, self.worker.engine
         pending = sum(p.left for p in self.in_progress)
-        free = engine.free_blocks
+        blocks = 0  # prompt blocks of the jobs taken below, not yet allocated
         slots = w.config.max_batch - engine.num_running
         taken = []
         with w._lock:
-            while w._waiting and pending < room and slots > 0 and w._waiting[0].blocks <= free:
+            while w._waiting and pending < room and slots > 0 and engine.can_admit(
+                    len(w._waiting[0].request.prompt_ids), pending_blocks=blocks):
                 job = w._waiting.popleft()
                 n = len(job.request.prompt_ids)
                 w._waiting_tokens -= n
                 taken.append(job)
                 pending += n
-                free -= job.blocks
+                blocks += engine.blocks.blocks_for(n)
                 slots -= 1
         for job in taken:
             try:

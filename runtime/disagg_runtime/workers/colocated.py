@@ -2,9 +2,11 @@
 
 The scheduler is the one the planner's colocated simulator models (disagg_planner/simulator/colocated.py),
 so measured and predicted attainment compare like for like. Each engine step is either
-  - a prefill batch: when the head of the FCFS wait queue fits in free KV (prompt + max_tokens for its
-    whole life), waiting prompts are taken in order while they fit the token budget and the KV, or
-  - one decode step for every running request, when nothing waiting fits.
+  - a prefill batch: when the head of the FCFS wait queue may be admitted (its prompt's KV fits with the
+    engine's watermark to spare and no preempted request waits to resume), waiting prompts are taken in
+    order while they fit the token budget and the KV, or
+  - one decode step for every running request, when nothing waiting fits. KV for generated tokens comes
+    on demand; when it runs out the engine preempts the latest admitted, which resume here.
 Prefill therefore stalls decode, which is the interference disaggregation removes. There is no KV
 transfer: the request's stream (first token, then the rest) comes from this one instance.
 
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)  # identity: a job is found in the wait queue by itself, not by equal fields
 class _Job:
     request: GenerationRequest
-    blocks: int  # KV blocks for the request's whole life, taken at prefill
+    blocks: int  # KV blocks of the prompt, taken at prefill (decoding takes more on demand)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     state: str = "waiting"  # waiting -> running -> done
 
@@ -80,8 +82,7 @@ class ColocatedWorker(DecodingWorker):
 
     # ---- engine thread --------------------------------------------------------------------------
     def _take_prefill_batch(self) -> list[_Job]:
-        """The FCFS prefix to prefill now: empty unless the head's whole-life KV fits (prefill priority)."""
-        free = self.engine.free_blocks
+        """The FCFS prefix to prefill now: empty unless the head may be admitted (prefill priority)."""
         room = self.config.max_batch - self.engine.num_running
         budget = self.config.prefill_token_budget
         with self._lock:
@@ -91,7 +92,7 @@ class ColocatedWorker(DecodingWorker):
                 n = len(job.request.prompt_ids)
                 if batch and tokens + n > budget:  # a head longer than the budget still runs alone
                     break
-                if blocks + job.blocks > free or len(batch) >= room:
+                if len(batch) >= room or not self.engine.can_admit(n, pending_blocks=blocks):
                     break
                 batch.append(job)
                 tokens += n
@@ -109,8 +110,7 @@ class ColocatedWorker(DecodingWorker):
             self._prefill(batch)
             return True
         if self.engine.num_running:
-            self._decode_step()
-            return True
+            return self._decode_step()
         return False
 
     def _prefill(self, batch: list[_Job]) -> None:
@@ -134,8 +134,8 @@ class ColocatedWorker(DecodingWorker):
         self._check_sampling(len(prompt_ids), params)
         if msg.request_id in self.jobs:
             raise BadRequest(f"request id {msg.request_id} is already in use")
-        need = self.engine.kv_tokens(len(prompt_ids), params.max_tokens)
-        return _Job(GenerationRequest(msg.request_id, prompt_ids, params), blocks_for(need, self.engine.block_size))
+        return _Job(GenerationRequest(msg.request_id, prompt_ids, params),
+                    blocks_for(len(prompt_ids), self.engine.block_size))
 
     def _enqueue(self, job: _Job) -> bool:
         """Append to the wait queue; False when it holds `max_queue` requests."""

@@ -1,8 +1,11 @@
 """Decode worker: continuous batching over requests whose KV it pulls from prefill workers.
 
-A request waits (FIFO) until the engine has blocks for its whole life; only then is its KV pulled
-(the paper's pull model: a burst of prefills cannot overrun decode memory, the KV waits on the prefill
-side). Blocks promised to pulls still in flight count as taken, so admission never overcommits.
+A request waits (FIFO) until the engine may admit it (its prompt's KV fits with the engine's watermark to
+spare, and no preempted request waits to resume); only then is its KV pulled (the paper's pull model: a
+burst of prefills cannot overrun decode memory, the KV waits on the prefill side). The prompt's blocks are
+reserved on the engine thread before the pull, so decode steps cannot grow into them while it is in
+flight. Blocks for generated tokens come on demand; when they run out the engine preempts the latest
+admitted requests, which stay here and resume.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 
 from aiohttp import web
 
@@ -20,7 +24,6 @@ from ..engine import (
     InvalidRequest,
     RequestTooLarge,
     SamplingParams,
-    blocks_for,
 )
 from ..kv import Endpoint, KVAddress, KVChannelError, KVHeader, KVMismatchError, KVPuller, TransferStats
 from .decoding import DecodingWorker
@@ -37,7 +40,6 @@ class _Job:
     request: GenerationRequest
     first_token: int
     source: KVAddress
-    blocks: int
     ref: KVSourceRef | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     state: str = "waiting"  # waiting -> pulling -> running -> done
@@ -53,11 +55,10 @@ class DecodeWorker(DecodingWorker):
         super().__init__(*args, **kwargs)
         self.jobs: dict[str, _Job] = {}  # narrows DecodingWorker.jobs to this worker's job type
         self.waiting: deque[_Job] = deque()
-        self.reserved_blocks = 0  # promised to pulls in flight, not yet taken from the engine
-        self.pulling = 0
         self.puller = KVPuller(local=Endpoint.here(self.engine.device), device=self.engine.device,
                                channel=self.config.kv_channel, codec=self.config.kv_compression,
-                               timeout=self.config.kv_timeout_s, on_transfer=self._transferred)
+                               timeout=self.config.kv_timeout_s, on_transfer=self._transferred,
+                               token=self.token)
         self.sharded_kv = ShardedKVImport(self.engine, self.puller)
         self._wakeup = asyncio.Event()
         self._admitter: asyncio.Task | None = None
@@ -89,8 +90,11 @@ class DecodeWorker(DecodingWorker):
     def _step(self) -> bool:
         if not self.engine.num_running:
             return False
-        self._decode_step()
-        return True
+        preempted = self.engine.num_preempted
+        stepped = self._decode_step()
+        if preempted and not self.engine.num_preempted:
+            self.loop.call_soon_threadsafe(self._wakeup.set)  # admission waited for them to resume
+        return stepped
 
     def _on_released(self) -> None:
         self._wakeup.set()  # the engine released their blocks: someone waiting may fit now
@@ -101,18 +105,39 @@ class DecodeWorker(DecodingWorker):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self.waiting:
-                job = self.waiting[0]
-                running = len(self.jobs) - len(self.waiting)
-                if running >= self.config.max_batch:
+                room = self.config.max_batch - (len(self.jobs) - len(self.waiting))
+                candidates = list(islice(self.waiting, max(room, 0)))
+                if not candidates:
                     break
-                if self.reserved_blocks + job.blocks > self.engine.free_blocks:
+                try:
+                    taken = await self.thread.submit(lambda c=candidates: self._reserve(c))
+                except EngineThreadStopped:
+                    return
+                for job in candidates[:taken]:
+                    if job.aborted:  # aborted while waiting for the engine thread: give its blocks back
+                        self._forget(job.request.request_id)
+                        continue
+                    self.waiting.remove(job)
+                    job.state = "pulling"
+                    task = asyncio.create_task(self._pull(job))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                if taken < len(candidates):
                     break
-                self.waiting.popleft()
-                job.state = "pulling"
-                self.reserved_blocks += job.blocks
-                task = asyncio.create_task(self._pull(job))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+
+    def _reserve(self, candidates: list[_Job]) -> int:
+        """On the engine thread: reserve prompt blocks for the FCFS prefix that may be admitted; its length."""
+        for n, job in enumerate(candidates):
+            if not self.engine.reserve(job.request.request_id, len(job.request.prompt_ids)):
+                return n
+        return len(candidates)
+
+    def _forget(self, request_id: str) -> None:
+        """Free whatever the engine holds for a request, without waiting (it may hold nothing)."""
+        try:
+            self.thread.submit(lambda: self.engine.abort(request_id))
+        except EngineThreadStopped:
+            pass  # the engine is gone, and its memory with it
 
     def _expect(self, job: _Job):
         engine = self.engine
@@ -129,14 +154,17 @@ class DecodeWorker(DecodingWorker):
 
     async def _pull(self, job: _Job) -> None:
         rid = job.request.request_id
+        imported = False
         try:
             if job.ref is not None and self.sharded_kv.applies(job.ref):
                 await self.sharded_kv.pull_and_import(job.request, job.ref, job.first_token, self.thread.submit)
             else:
-                payload = await self.puller.pull(job.source, rid, expect=self._expect(job))
+                payload = await self.puller.pull(job.source, rid, expect=self._expect(job),
+                                                  ticket=job.ref.ticket if job.ref else None)
                 if job.aborted:
                     return
                 await self.thread.submit(lambda: self.engine.import_kv(job.request, payload, job.first_token))
+            imported = True
             job.state = "running"
             if job.aborted:  # aborted while importing: free what import took
                 await self.thread.submit(lambda: self.engine.abort(rid))
@@ -152,7 +180,8 @@ class DecodeWorker(DecodingWorker):
             job.events.put_nowait(ErrorEvent(message=f"decode worker failed to import the KV: {e}", code=500))
             self._end(job)
         finally:
-            self.reserved_blocks -= job.blocks
+            if not imported:
+                self._forget(rid)  # the reservation made before the pull
             self._wakeup.set()
 
     # ---- HTTP -----------------------------------------------------------------------------------
@@ -162,9 +191,7 @@ class DecodeWorker(DecodingWorker):
         if msg.request_id in self.jobs:
             raise BadRequest(f"request id {msg.request_id} is already in use")
         request = GenerationRequest(msg.request_id, list(msg.prompt_ids), params)
-        need = self.engine.kv_tokens(len(msg.prompt_ids), params.max_tokens)
-        return _Job(request, msg.first_token_id, KVAddress(msg.kv.host, msg.kv.port),
-                    blocks_for(need, self.engine.block_size), ref=msg.kv)
+        return _Job(request, msg.first_token_id, KVAddress(msg.kv.host, msg.kv.port), ref=msg.kv)
 
     async def decode_handler(self, request: web.Request) -> web.StreamResponse:
         if self.draining:

@@ -12,6 +12,7 @@ import time
 from typing import Protocol
 
 from ..engine import GenerationRequest, StepOutput
+from ..engine.preemption import PreemptionStats
 from .base import Worker
 from .protocol import ErrorEvent, TokenEvent
 
@@ -32,6 +33,7 @@ class DecodingWorker(Worker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.jobs: dict[str, StreamedJob] = {}  # every request not yet done; event loop only
+        self._preemptions_seen = PreemptionStats()  # engine thread only
 
     # ---- subclass hooks -------------------------------------------------------------------------
     def _on_token(self, job: StreamedJob) -> None:
@@ -41,10 +43,12 @@ class DecodingWorker(Worker):
         """Requests ended and the engine freed their blocks (event loop)."""
 
     # ---- engine thread --------------------------------------------------------------------------
-    def _decode_step(self) -> None:
-        """One decode step for every running request; on an engine error they all fail, new ones still run."""
+    def _decode_step(self) -> bool:
+        """One decode step for every running request; on an engine error they all fail, new ones still run.
+
+        False when no request could step (all preempted and waiting for blocks): the thread may idle.
+        """
         start = time.perf_counter()
-        batch = self.engine.num_running
         try:
             outputs = self.engine.decode()
         except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving new ones
@@ -53,10 +57,21 @@ class DecodingWorker(Worker):
             for rid in failed:
                 self.engine.abort(rid)
             self.loop.call_soon_threadsafe(self._fail, failed, f"decode step failed: {e}")
-            return
-        self.metrics.stepped(seconds=time.perf_counter() - start, tokens=batch)
-        if outputs:
-            self.loop.call_soon_threadsafe(self._dispatch, outputs)
+            return True
+        self._count_preemptions()
+        if not outputs:
+            return False
+        self.metrics.stepped(seconds=time.perf_counter() - start, tokens=len(outputs))
+        self.loop.call_soon_threadsafe(self._dispatch, outputs)
+        return True
+
+    def _count_preemptions(self) -> None:
+        now, seen = self.engine.preemption_stats, self._preemptions_seen
+        if now != seen:
+            self.metrics.preempted(preemptions=now.preemptions - seen.preemptions,
+                                   swapped_tokens=now.swapped_tokens - seen.swapped_tokens,
+                                   recomputed_tokens=now.recomputed_tokens - seen.recomputed_tokens)
+            self._preemptions_seen = PreemptionStats(now.preemptions, now.swapped_tokens, now.recomputed_tokens)
 
     # ---- event loop: results --------------------------------------------------------------------
     def _dispatch(self, outputs: list[StepOutput]) -> None:

@@ -8,14 +8,16 @@ prefill memory is the buffer. KV nobody pulls within `kv_ttl_s` (the decode work
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from ..engine import GenerationRequest, SamplingParams, StepOutput, blocks_for
-from ..kv import Endpoint, KVLease, KVNotFound, KVServer, TransferStats, payload_layers
+from ..kv import Endpoint, KVForbidden, KVLease, KVNotFound, KVServer, TransferStats, payload_layers
 from ..kv.reshard import KVSlice
 from ..kv.sharded import slice_lease
 from .base import Worker
@@ -31,7 +33,7 @@ class RequestAborted(Exception):
     """The router aborted the request while it waited."""
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: jobs are kept in a set
 class _Job:
     request: GenerationRequest
     done: asyncio.Future[StepOutput]
@@ -41,6 +43,9 @@ class _Job:
 @dataclass
 class _Parked:
     since: float
+    # Binds the KV to the request the router sent: only a pull that presents it (the router passes it to
+    # the decode worker it picks) gets the KV, so one request id cannot be used to pull another's KV.
+    ticket: str
     leased: bool = False
 
 
@@ -54,9 +59,12 @@ class PrefillWorker(Worker):
         self.queue: PrefillQueue[_Job] = PrefillQueue(token_budget=self.config.prefill_token_budget,
                                                       max_queue=self.config.max_queue)
         self.parked: dict[str, _Parked] = {}
+        # Requests whose first token is not out yet. The queue alone would miss a batch the engine thread
+        # took and still runs: a drain then stopped the KV server under requests about to park their KV.
+        self.unresolved: set[_Job] = set()
         self.kv_server = KVServer(self, local=Endpoint.here(self.engine.device), device=self.engine.device,
                                   port=self.config.kv_port, timeout=self.config.kv_timeout_s,
-                                  on_transfer=self._transferred)
+                                  on_transfer=self._transferred, token=self.token)
         self._reaper: asyncio.Task | None = None
         # A multi-rank instance (parallel.instance.InstanceEngine) lists every rank's KV server here.
         self.kv_ranks: list[KVRankRef] = []
@@ -80,7 +88,7 @@ class PrefillWorker(Worker):
         app.router.add_post("/abort", self.abort_handler)
 
     def _idle(self) -> bool:
-        return not len(self.queue) and not self.parked
+        return not len(self.queue) and not self.unresolved and not self.parked
 
     def _load(self) -> tuple[int, int, int]:
         return len(self.queue), self.queue.queued_tokens, len(self.parked)
@@ -112,7 +120,7 @@ class PrefillWorker(Worker):
                 self.thread.submit(lambda: self.engine.abort(out.request_id))
             return
         if not out.finished:
-            self.parked[out.request_id] = _Parked(since=time.monotonic())
+            self.parked[out.request_id] = _Parked(since=time.monotonic(), ticket=secrets.token_urlsafe(24))
         job.done.set_result(out)
 
     # ---- HTTP -----------------------------------------------------------------------------------
@@ -136,6 +144,8 @@ class PrefillWorker(Worker):
         job = _Job(GenerationRequest(msg.request_id, prompt_ids, params), loop.create_future(), loop)
         try:
             self.queue.push(msg.request_id, len(prompt_ids), job)
+            self.unresolved.add(job)
+            job.done.add_done_callback(lambda _done: self.unresolved.discard(job))
             self.thread.wake()
         except QueueFull as e:
             return error_response(429, str(e), type_="rate_limit_error", headers={"Retry-After": "1"})
@@ -152,10 +162,12 @@ class PrefillWorker(Worker):
             yield ErrorEvent(message=f"prefill failed: {e}", code=500)
             return
         kv = None
-        if not out.finished:
+        parked = self.parked.get(out.request_id)
+        if not out.finished and parked is not None:
             shape = getattr(self.engine, "shape", None)
             kv = KVSourceRef(host=self.config.advertise_host or "", port=self.kv_server.port,
-                             tp=shape.tp if shape else 1, pp=shape.pp if shape else 1, ranks=self.kv_ranks)
+                             tp=shape.tp if shape else 1, pp=shape.pp if shape else 1, ranks=self.kv_ranks,
+                             ticket=parked.ticket)
         first = TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
                            finish_reason=out.finish_reason)
         yield PrefillResult(request_id=out.request_id, prompt_ids=prompt_ids, first=first, kv=kv)
@@ -173,10 +185,11 @@ class PrefillWorker(Worker):
         return False
 
     # ---- KV source (called by the KV server) -----------------------------------------------------
-    async def checkout(self, request_id: str) -> KVLease:
+    async def checkout(self, request_id: str, ticket: str | None) -> KVLease:
         parked = self.parked.get(request_id)
         if parked is None:
             raise KVNotFound(f"prefill worker holds no KV for {request_id} (never prefilled, expired or pulled)")
+        _check_ticket(parked, request_id, ticket)
         if parked.leased:
             raise KVNotFound(f"KV of {request_id} is being sent to another decode worker")
         parked.leased = True
@@ -193,19 +206,21 @@ class PrefillWorker(Worker):
 
         return KVLease(payload.header, payload_layers(payload), release)
 
-    async def checkout_slice(self, request_id: str, kv_slice: KVSlice) -> KVLease:
+    async def checkout_slice(self, request_id: str, kv_slice: KVSlice, ticket: str | None) -> KVLease:
         """A slice of this rank's KV of a parked request; the request stays parked until `release_pulled`."""
         if request_id not in self.parked:
             raise KVNotFound(f"prefill worker holds no KV for {request_id} (never prefilled, expired or released)")
+        _check_ticket(self.parked[request_id], request_id, ticket)
         payload = await self.thread.submit(lambda: self.engine.export_kv(request_id))
         held = getattr(self.engine, "kv_share", None) or KVSlice.of(range(self.engine.num_layers),
                                                                      range(self.engine.num_kv_heads))
         return slice_lease(payload, held, kv_slice)
 
-    async def release_pulled(self, request_id: str) -> None:
+    async def release_pulled(self, request_id: str, ticket: str | None) -> None:
         """Every decode rank has its slices: free the request's KV (on every rank of this instance)."""
         if request_id not in self.parked:
             raise KVNotFound(f"prefill worker holds no KV for {request_id}")
+        _check_ticket(self.parked[request_id], request_id, ticket)
         await self._free(request_id)
 
     def fail_in_flight(self, message: str) -> None:
@@ -237,6 +252,11 @@ class PrefillWorker(Worker):
                     log.warning("freeing KV of %s: no decode worker pulled it within %.0fs", rid,
                                 self.config.kv_ttl_s)
                     await self._free(rid)
+
+
+def _check_ticket(parked: _Parked, request_id: str, ticket: str | None) -> None:
+    if not hmac.compare_digest((ticket or "").encode(), parked.ticket.encode()):
+        raise KVForbidden(f"a pull for {request_id} without the ticket issued with its KV")
 
 
 def _fail(future: asyncio.Future, error: BaseException) -> None:

@@ -42,6 +42,8 @@ class KVSourceRef(WireModel):
 
     host: str
     port: int = Field(ge=1, le=65535)
+    ticket: str | None = Field(default=None, max_length=128,
+                               description="Issued by the prefill worker with this request's KV; a pull must present it.")
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
     ranks: list[KVRankRef] = Field(default_factory=list, description="every rank's KV server, rank order")

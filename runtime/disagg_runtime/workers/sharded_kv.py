@@ -45,7 +45,8 @@ class ShardedKVImport:
                               submit: Callable) -> None:
         """Raises KVChannelError (with the reason) when any rank's share could not be pulled or imported."""
         rid = request.request_id
-        spec = ShareSpec(sources=ref.sources(), src_tp=ref.tp, src_pp=ref.pp, num_tokens=len(request.prompt_ids))
+        spec = ShareSpec(sources=ref.sources(), src_tp=ref.tp, src_pp=ref.pp, num_tokens=len(request.prompt_ids),
+                         ticket=ref.ticket)
         engine = self.engine
         if self.instance is not None:
             await submit(lambda: self.instance.start_pulls(rid, spec))
@@ -63,6 +64,6 @@ class ShardedKVImport:
         else:
             await submit(lambda: engine.import_kv(request, payload, first_token))
         try:
-            await self.puller.release(KVAddress(ref.host, ref.port), rid)
+            await self.puller.release(KVAddress(ref.host, ref.port), rid, ticket=ref.ticket)
         except KVChannelError as e:  # the prefill side frees it after its TTL instead
             log.warning("could not release the KV of %s at the prefill instance: %s", rid, e)

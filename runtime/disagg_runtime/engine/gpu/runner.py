@@ -108,8 +108,8 @@ class GpuStepRunner:
         h[2, :b] = layout.slot_mapping
         h[3, :b] = layout.context_lens
         self._pad(b, size)
-        # Block tables are fixed for a request's life (blocks are reserved at admission): copy them only
-        # when the set of running requests changes.
+        # Block tables change only when a request joins, leaves, is preempted or grows into a new block
+        # (every block_size steps): copy them only then.
         if layout.block_tables != self._last_tables:
             for i, table in enumerate(layout.block_tables):
                 self._host_tables_np[i, :len(table)] = table
