@@ -118,7 +118,7 @@ def _outcome(mode: str, gpus: int, goodput: float, attainment: float = 0.95) -> 
     cand = Candidate("colocated" if mode != "disaggregated" else "disaggregated", "high", shape,
                      None if mode != "disaggregated" else shape, gpus, 0, goodput / gpus, 0.0, gpus, goodput,
                      chunk_budget=512 if mode == "colocated-chunked" else 0)
-    return modes.ModeOutcome(mode, Measured(cand, [], goodput, attainment, 1))
+    return modes.ModeOutcome(mode, Measured(cand, [], None, goodput, goodput, attainment, 1))  # config unused here
 
 
 def test_highest_per_gpu_among_those_meeting_the_target_wins():
