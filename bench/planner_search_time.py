@@ -1,7 +1,8 @@
 """How long the placement search takes as the cluster grows (goals on 2 cores: < 3 s at 4 x 8, < 10 s at 128 x 8).
 
 Each case runs the whole `find_plan` (the disaggregated search, its goodput interval and the colocated
-baseline) with all cores, on nodes of 8 A100-80GB with the analytic latency model, DistServe's chatbot
+baseline; since issue 11 the spec's default mode auto also searches both colocated modes and chooses, which
+the committed JSON, measured before that merge, does not include) with all cores, on nodes of 8 A100-80GB with the analytic latency model, DistServe's chatbot
 workload and SLOs (OPT-13B: TTFT 0.25 s / TPOT 0.1 s; OPT-66B: 2.5 s / 0.15 s), at 5 req/s per node, as
 issue #16 measured. The machine is shared: the load average is recorded before and after every timed run,
 along with the CPU seconds the search used (its own and its

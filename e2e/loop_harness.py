@@ -69,6 +69,10 @@ def loop_spec(rate: float, *, input_lengths: tuple[int, int] = (16, 48), output_
         "workload": {"rate": rate, "dataset": None, "inputLengths": histogram(*input_lengths),
                      "outputLengths": histogram(*output_lengths)},
         "slo": {"ttftMs": 1000, "tpotMs": 150},
+        # The profile is synthetic, not what these CPU pods do: under it `auto` would pick colocated
+        # workers, which on this machine saturate near 4.4 req/s, and telemetry counts finished requests
+        # as arrivals, so a 3x step would not show. The mode choice has its own e2e (test_mode_switch.py).
+        "mode": "disaggregated",
         "search": {"maxTp": 1, "maxPp": 1},
         "runtime": {"image": "local/disagg-runtime:e2e"},
         "replan": {"enabled": True, "intervalSeconds": interval_s, "windowSeconds": window_s, "rateChange": 0.5,

@@ -17,7 +17,8 @@ from .specs import by_group, container_gpus, expected_workloads, small
 SPEC = small(model={"preset": "opt-66b", "path": "/models/opt-66b"},
              cluster={"nodes": 2, "gpusPerNode": 4,
                       "gpu": {"name": "G40", "memoryGib": 40, "peakTflops": 312, "hbmGbps": 2039}},
-             slo={"ttftMs": 5000, "tpotMs": 400}, search={"maxTp": 2, "maxPp": 2})
+             slo={"ttftMs": 5000, "tpotMs": 400}, search={"maxTp": 2, "maxPp": 2},
+             mode="disaggregated")  # about multi-GPU prefill/decode pods; auto could colocate
 
 
 def _parse(container) -> argparse.Namespace:

@@ -10,6 +10,7 @@ import json
 import aiohttp
 import pytest
 from disagg_runtime.models.testing import write_random_model
+from disagg_runtime.security.tokens import INTERNAL_TOKEN_HEADER, InternalToken
 from disagg_runtime.serve.local import LocalCluster
 
 from .conftest import complete
@@ -60,7 +61,9 @@ async def test_a_gzipped_request_is_served_end_to_end(serving):
 async def test_workers_answer_every_error_in_the_envelope(serving):
     prefill = f"http://127.0.0.1:{serving.ports['prefill-0']}"
     decode = f"http://127.0.0.1:{serving.ports['decode-0']}"
-    async with aiohttp.ClientSession() as s:
+    # The router's own credential: without it a worker answers 403 before anything else (issue 18's tests).
+    token = InternalToken.from_file(serving.token_file)
+    async with aiohttp.ClientSession(headers={INTERNAL_TOKEN_HEADER: token.header_value()}) as s:
         for method, url, status in (("GET", f"{prefill}/prefill", 405), ("GET", f"{decode}/nope", 404),
                                     ("POST", f"{prefill}/prefill", 400)):
             async with s.request(method, url, data=b"{not json") as resp:

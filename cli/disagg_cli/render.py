@@ -30,6 +30,14 @@ def search_progress(label: str, console: Console) -> Iterator[Callable[[int, int
         yield update
 
 
+def _title(plan: Plan) -> str:
+    if plan.mode == "colocated":
+        how = (f"chunked prefill, {plan.chunk_token_budget} tokens per step" if plan.colocated_prefill == "chunked"
+               else "prefill priority")
+        return f"colocated plan, {how}"
+    return f"{plan.mode} plan, {plan.affinity} node-affinity"
+
+
 def plan_table(plan: Plan) -> Table:
     """Per phase: shape, replicas, GPUs, each instance's share of the plan's goodput, and its goodput alone.
 
@@ -37,8 +45,9 @@ def plan_table(plan: Plan) -> Table:
     replica counts, and need not add up: replicas simulated together share bursts (more) and KV transfer
     (less), and the plan's goodput is measured on the whole system.
     """
-    table = Table(title=f"{plan.mode} plan, {plan.affinity} node-affinity", title_justify="left",
-                  caption="share = plan goodput / replicas; isolated = one instance simulated alone",
+    table = Table(title=_title(plan), title_justify="left",
+                  caption="share = plan goodput / replicas; isolated = one instance alone, judged on its phase's "
+                          "SLO only (DistServe §4.1)",
                   caption_justify="left")
     for column in ("phase", "tp", "pp", "replicas", "GPUs", "share of goodput (req/s)", "isolated (req/s)"):
         table.add_column(column, justify="left" if column == "phase" else "right")
@@ -47,6 +56,21 @@ def plan_table(plan: Plan) -> Table:
         if phase is not None:
             table.add_row(name, str(phase.tp), str(phase.pp), str(phase.replicas), str(phase.gpus),
                           f"{plan.goodput_rps / phase.replicas:.2f}", f"{phase.instance_goodput_rps:.2f}")
+    return table
+
+
+def alternatives_table(plan: Plan) -> Table | None:
+    """One row per serving mode evaluated, the deployed one marked; None when the plan has no alternatives."""
+    if not plan.alternatives:
+        return None
+    table = Table(title="serving modes evaluated", title_justify="left")
+    for column in ("mode", "chunk", "GPUs", "req/s", "req/s/GPU", "meets target", ""):
+        table.add_column(column, justify="left" if column in ("mode", "") else "right", no_wrap=column == "mode")
+    for alt in plan.alternatives:
+        chosen = alt.mode == plan.serving_mode
+        table.add_row(alt.mode, str(alt.chunk_token_budget or "-"), str(alt.gpus) if alt.gpus else "-",
+                      f"{alt.goodput_rps:.2f}", f"{alt.per_gpu_goodput:.3f}", "yes" if alt.meets_target else "no",
+                      "deployed" if chosen else (alt.note[:60] or ""), style="bold" if chosen else None)
     return table
 
 
@@ -101,6 +125,10 @@ def interval_text(plan: Plan) -> str:
 def print_plan(plan: Plan, console: Console) -> None:
     """The plan as a person reads it: phases, numbers, placement, and a warning when it misses the target."""
     console.print(plan_table(plan))
+    alternatives = alternatives_table(plan)
+    if alternatives is not None:
+        console.print(alternatives)
+        console.print(f"why: {plan.choice}")
     console.print(summary_table(plan))
     console.print("[bold]placement[/bold]")
     for line in placement_summary(plan):

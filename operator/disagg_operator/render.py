@@ -12,7 +12,8 @@ shape), `--tp`, `--pp`, `--stage` (a pipeline stage of a multi-node low-affinity
 fixed `--kv-port`; the router gets `--endpoints-file endpoints.json`, per-pod URLs through the
 headless Services, which it re-reads, so a re-plan reaches it without a restart. The ConfigMap is
 mounted at /etc/disagg: `plan.json`, `model.json`, `endpoints.json` and, when planning used one,
-`profile.json`. A colocated plan renders `--role colocated` workers, listed under `colocated`.
+`profile.json`. A colocated plan renders `--role colocated` workers, listed under `colocated`; with
+chunked prefill they also get `--colocated-prefill chunked --chunk-token-budget N` from the plan.
 
 Worker groups are named after their shape (`<instance>-<component>-<shape>`, see topology.py). While
 a rollout runs, `RenderInput.retiring_endpoints` (the pods of earlier plans' workloads that still
@@ -245,6 +246,8 @@ def _worker_container(inp: RenderInput, seg: Segment, stage0_service: str | None
         args += ["--max-prompt-tokens", str(rt.max_prompt_tokens)]
     if seg.role == "prefill":
         args += ["--kv-port", str(KV_PORT)]
+    if seg.scheduler is not None:  # colocated chunked prefill (topology.worker_groups)
+        args += ["--colocated-prefill", "chunked", "--chunk-token-budget", seg.scheduler.removeprefix("chunked-")]
     if seg.stage is not None:
         args += ["--stage", str(seg.stage)]
     args += rendezvous.rank_args(seg)

@@ -42,15 +42,17 @@ def previous_status(body: Mapping[str, Any]) -> DisaggServingStatus:
 def describe_plan(plan: Plan) -> str:
     summary = plan_summary(plan)
     if plan.mode == "colocated":
-        shape = f"colocated {summary['prefill_shape']}"
+        how = f"chunked prefill {plan.chunk_token_budget}" if plan.colocated_prefill == "chunked" else "prefill priority"
+        shape = f"colocated ({how}) {summary['prefill_shape']}"
     else:
         shape = f"{plan.affinity}-affinity prefill {summary['prefill_shape']}, decode {summary['decode_shape']}"
     gain = f", {plan.gain_over_colocated:.2f}x colocated per GPU" if plan.gain_over_colocated is not None else ""
+    choice = f"; mode {plan.choice}" if plan.choice else ""
     iv = plan.goodput_interval
     interval = (f", {iv.coverage:.0%} interval {iv.low_rps:.3g}-{iv.high_rps:.3g} over {len(iv.seeds)} seeds"
                 if iv is not None else "")
     return (f"{shape} on {plan.gpus} GPUs; predicted goodput {plan.goodput_rps:.3g} req/s{interval} "
-            f"({plan.per_gpu_goodput:.3g} per GPU{gain}) for {plan.target_rate_rps:.3g} req/s target")
+            f"({plan.per_gpu_goodput:.3g} per GPU{gain}) for {plan.target_rate_rps:.3g} req/s target{choice}")
 
 
 def planning_status(prev: DisaggServingStatus, message: str, generation: int | None) -> DisaggServingStatus:

@@ -24,7 +24,8 @@ node, so KV caches move over NVLink instead of the network. Two ways were weighe
 Each worker group's workloads are named after its shape (`WorkerGroup.shape_id`, a digest of what its
 pods run, not of how many there are): a plan that changes a group's parallelism renders a workload of
 a new name, which rolls out beside the running one (see `rollout.py`), while a plan that only changes
-replica counts scales the running workload in place.
+replica counts scales the running workload in place. A colocated group's scheduler (chunked prefill and
+its token budget) is part of its shape: switching it rolls out beside the running workload too.
 
 GPU node selectors come from the cluster's GPU name (`nvidia.com/gpu.product` by default) merged
 with `spec.scheduling.nodeSelector` (the user's keys win); a CPU "cluster" requests no GPUs.
@@ -55,6 +56,7 @@ class Segment:
     tp: int
     pp: int
     stage: int | None = None
+    scheduler: str | None = None  # colocated chunked prefill: "chunked-<budget>"; None: the role's default
 
     @property
     def gpus(self) -> int:
@@ -84,7 +86,9 @@ class WorkerGroup:
     @property
     def shape_id(self) -> str:
         """6 hex digits naming what each pod runs (containers, parallelism, stage); replicas left out."""
-        shape = [self.component, self.phase, [[s.role, s.tp, s.pp, s.stage] for s in self.segments]]
+        # A scheduler is named only when set, so that the workloads of plans without one keep their names.
+        shape = [self.component, self.phase,
+                 [[s.role, s.tp, s.pp, s.stage, *([s.scheduler] if s.scheduler else [])] for s in self.segments]]
         if self.revision:
             shape.append(self.revision)
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:6]
@@ -94,7 +98,8 @@ def worker_groups(plan: Plan, spec: DisaggServingSpec) -> list[WorkerGroup]:
     """The worker StatefulSets a plan needs, in a stable order."""
     per_node = spec.cluster.gpus_per_node
     if plan.mode == "colocated":
-        groups = [_whole_instances("colocated", _need(plan.colocated, "colocated"))]
+        chunked = f"chunked-{plan.chunk_token_budget}" if plan.colocated_prefill == "chunked" else None
+        groups = [_whole_instances("colocated", _need(plan.colocated, "colocated"), chunked)]
     elif plan.affinity == "high":
         groups = [_whole_instances("prefill", _need(plan.prefill, "prefill")),
                   _whole_instances("decode", _need(plan.decode, "decode"))]
@@ -115,9 +120,9 @@ def _need(phase: PhasePlan | None, name: str) -> PhasePlan:
     return phase
 
 
-def _whole_instances(role: Role, phase: PhasePlan) -> WorkerGroup:
+def _whole_instances(role: Role, phase: PhasePlan, scheduler: str | None = None) -> WorkerGroup:
     return WorkerGroup(component=role, phase=role, replicas=phase.replicas,
-                       segments=(Segment(role, phase.tp, phase.pp),))
+                       segments=(Segment(role, phase.tp, phase.pp, scheduler=scheduler),))
 
 
 def _paired_segments(prefill: PhasePlan, decode: PhasePlan, per_node: int) -> list[WorkerGroup]:

@@ -1,6 +1,8 @@
 """Measure an engine's prefill and decode step times over a grid; write the planner's latency profile.
 
 Prefill is timed on batches of random prompts (prompt blocks only, released after each run).
+Mixed steps (chunked prefill) are timed with `batch` decoding sequences plus one prompt prefilled in two
+chunks (at offset 0 and at offset chunk), so the fit sees chunk attention over an earlier chunk's KV.
 Decode is timed with `batch` sequences whose prompt KV is imported as zeros: the step reads and
 computes exactly what it would with real KV, and no long prefill is spent building it. Every
 shape is run once untimed first (allocator, kernels, CUDA graphs warm up). Grid points that
@@ -19,17 +21,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from disagg_planner.api import DecodeSample, LatencyProfile, PrefillSample, ShapeProfile
+from disagg_planner.api import DecodeSample, LatencyProfile, MixedSample, PrefillSample, ShapeProfile
+from disagg_planner.latency.mixed import chunk_attention
 
 from .engine import Engine, GenerationRequest, SamplingParams
+from .engine.chunked import PrefillChunk
 from .engine.kv_cache import blocks_for
 from .kv.payload import KVHeader, KVPayload
 
 GRIDS: dict[str, dict[str, list[int]]] = {
     "small": {"prefill_lengths": [16, 64, 256], "prefill_batches": [1, 4], "decode_batches": [1, 4, 16],
-              "contexts": [16, 128, 256]},
+              "contexts": [16, 128, 256], "mixed_batches": [0, 4, 16], "mixed_chunks": [16, 64]},
     "full": {"prefill_lengths": [128, 256, 512, 1024, 2048, 4096], "prefill_batches": [1, 2, 4, 8],
-             "decode_batches": [1, 8, 32, 64, 128, 256], "contexts": [128, 512, 1024, 2048, 4096]},
+             "decode_batches": [1, 8, 32, 64, 128, 256], "contexts": [128, 512, 1024, 2048, 4096],
+             "mixed_batches": [0, 16, 64, 128], "mixed_chunks": [256, 512, 1024, 2048]},
 }
 
 # torch.cuda.get_device_name() substrings -> the GPU type names the planner knows (ClusterSpec.gpu_type).
@@ -60,15 +65,19 @@ def device_description(device: torch.device) -> str:
 
 def profile_engine(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batches: Sequence[int],
                    decode_batches: Sequence[int], contexts: Sequence[int], repeats: int = 3,
-                   gpu: str | None = None, log: Callable[[str], None] | None = None) -> LatencyProfile:
-    """Time prefill over lengths x batches and decode over batches x contexts; return the profile."""
+                   gpu: str | None = None, log: Callable[[str], None] | None = None,
+                   mixed_batches: Sequence[int] = (), mixed_chunks: Sequence[int] = ()) -> LatencyProfile:
+    """Time prefill over lengths x batches, decode over batches x contexts and (when given) mixed steps over
+    decode batches x chunk sizes; return the profile."""
     return run_profile(engine, prefill_lengths=prefill_lengths, prefill_batches=prefill_batches,
-                       decode_batches=decode_batches, contexts=contexts, repeats=repeats, gpu=gpu, log=log).profile
+                       decode_batches=decode_batches, contexts=contexts, repeats=repeats, gpu=gpu, log=log,
+                       mixed_batches=mixed_batches, mixed_chunks=mixed_chunks).profile
 
 
 def run_profile(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batches: Sequence[int],
                 decode_batches: Sequence[int], contexts: Sequence[int], repeats: int = 3,
-                gpu: str | None = None, log: Callable[[str], None] | None = None) -> ProfileRun:
+                gpu: str | None = None, log: Callable[[str], None] | None = None,
+                mixed_batches: Sequence[int] = (), mixed_chunks: Sequence[int] = ()) -> ProfileRun:
     """`profile_engine`, also saying which grid points were skipped."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -98,6 +107,18 @@ def run_profile(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batch
             decode.extend(samples)
             say(f"decode batch {batch:>4} at context {context:>5}: "
                 f"{statistics.median(s.seconds for s in samples) * 1e3:9.2f} ms")
+    mixed: list[MixedSample] = []
+    mixed_context = sorted(contexts)[len(contexts) // 2] if contexts else 0
+    for chunk in mixed_chunks:
+        for batch in mixed_batches:
+            why = _mixed_unfit(engine, mixed_context, batch, chunk, repeats)
+            if why:
+                skipped.append(f"mixed {batch}+{chunk}: {why}")
+                continue
+            samples = _time_mixed(engine, mixed_context, batch, chunk, repeats)
+            mixed.extend(samples)
+            say(f"mixed step, {batch:>4} decodes + {chunk:>5}-token chunk: "
+                f"{statistics.median(s.seconds for s in samples) * 1e3:9.2f} ms")
     if not prefill or not decode:
         raise RuntimeError(f"nothing measurable for {'prefill' if not prefill else 'decode'}: {skipped}")
     cfg = engine.config
@@ -105,7 +126,7 @@ def run_profile(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batch
         model=cfg.to_model_spec(engine.model_id, engine.dtype_name),
         gpu=gpu or gpu_type_name(engine.device), device=device_description(engine.device),
         runtime=f"disagg engine ({engine.backend.name} attention)",
-        shapes=[ShapeProfile(tp=engine.tp_size, pp=1, prefill=prefill, decode=decode)],
+        shapes=[ShapeProfile(tp=engine.tp_size, pp=1, prefill=prefill, decode=decode, mixed=mixed)],
     )
     return ProfileRun(profile=profile, skipped=skipped)
 
@@ -124,6 +145,17 @@ def _decode_unfit(engine: Engine, context: int, batch: int, repeats: int) -> str
     if context + steps + 1 > engine.max_context:
         return f"context + steps exceeds the model context ({engine.max_context})"
     need = batch * blocks_for(engine.kv_tokens(context, steps + 1), engine.block_size)
+    if need > engine.total_blocks:
+        return f"needs {need} KV blocks, the cache has {engine.total_blocks}"
+    return None
+
+
+def _mixed_unfit(engine: Engine, context: int, batch: int, chunk: int, repeats: int) -> str | None:
+    steps = 2 * (repeats + 1)
+    if 2 * chunk + 1 > engine.max_context or context + steps + 1 > engine.max_context:
+        return f"longer than the model context ({engine.max_context})"
+    need = batch * blocks_for(engine.kv_tokens(context, steps + 1), engine.block_size) + blocks_for(
+        2 * chunk, engine.block_size)
     if need > engine.total_blocks:
         return f"needs {need} KV blocks, the cache has {engine.total_blocks}"
     return None
@@ -162,20 +194,53 @@ def _zero_kv(engine: Engine, context: int) -> tuple[list[torch.Tensor], list[tor
     return keys, values
 
 
-def _time_decode(engine: Engine, context: int, batch: int, repeats: int) -> list[DecodeSample]:
-    steps = repeats + 1
+def _time_mixed(engine: Engine, context: int, batch: int, chunk: int, repeats: int) -> list[MixedSample]:
+    steps = 2 * (repeats + 1)
+    ids = _import_decoders(engine, context, batch, steps, "m")
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    samples = []
+    try:
+        for run in range(repeats + 1):  # run 0 warms up
+            rid = f"profile-m{chunk}x{batch}-{run}"
+            [prompt] = _prompts(engine, 2 * chunk, 1, seed=chunk * 1000 + batch)
+            engine.admit_chunked(GenerationRequest(rid, prompt, params))
+            for k in range(2):
+                sum_context = sum(engine._seqs[i].num_cached for i in ids)
+                _sync(engine.device)
+                start = time.perf_counter()
+                engine.mixed_step([PrefillChunk(rid, chunk)])
+                _sync(engine.device)
+                seconds = time.perf_counter() - start
+                if run > 0:
+                    samples.append(MixedSample(decode_batch=batch, decode_context=sum_context, chunks=1,
+                                               chunk_tokens=chunk, chunk_attention=chunk_attention(k * chunk, chunk),
+                                               seconds=seconds))
+            engine.abort(rid)  # done at its first token: already released
+    finally:
+        for rid in ids:
+            engine.abort(rid)
+    return samples
+
+
+def _import_decoders(engine: Engine, context: int, batch: int, steps: int, tag: str) -> list[str]:
+    """`batch` sequences holding `context` tokens of zero KV, each able to decode `steps` more tokens."""
     params = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
     keys, values = _zero_kv(engine, context)
-    prompts = _prompts(engine, context, batch, seed=context * 1000 + batch)
     ids = []
-    for i, prompt in enumerate(prompts):
-        rid = f"profile-d{context}x{batch}-{i}"
+    for i, prompt in enumerate(_prompts(engine, context, batch, seed=context * 1000 + batch)):
+        rid = f"profile-{tag}{context}x{batch}-{i}"
         header = KVHeader(request_id=rid, model_id=engine.model_id, num_layers=engine.num_layers,
                           num_kv_heads=engine.num_kv_heads, head_dim=engine.head_dim, dtype=engine.dtype_name,
                           num_tokens=context)
         # first_token must not end the request at once; prompt[0] is any in-vocab id and EOS is ignored.
         engine.import_kv(GenerationRequest(rid, prompt, params), KVPayload(header, keys, values), prompt[0])
         ids.append(rid)
+    return ids
+
+
+def _time_decode(engine: Engine, context: int, batch: int, repeats: int) -> list[DecodeSample]:
+    steps = repeats + 1
+    ids = _import_decoders(engine, context, batch, steps, "d")
     samples = []
     try:
         for step in range(steps):

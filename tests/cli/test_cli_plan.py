@@ -39,17 +39,33 @@ def plan_json(tmp_path_factory):
 
 def test_manifest_plan_prints_plan_json(plan_json):
     plan = Plan.model_validate_json(plan_json)
-    assert plan.mode == "disaggregated"
-    assert "perGpuGoodput" in json.loads(plan_json)  # the camelCase wire form the CR status uses
-    iv = json.loads(plan_json)["goodputInterval"]
+    doc = json.loads(plan_json)
+    assert "perGpuGoodput" in doc and "mode" in doc  # the camelCase wire form the CR status uses
+    # spec.mode defaults to auto: every mode evaluated is listed, the deployed one among them.
+    alternatives = doc["alternatives"]
+    assert [a["mode"] for a in alternatives] == ["disaggregated", "colocated", "colocated-chunked"]
+    for alt in alternatives:
+        assert {"mode", "perGpuGoodput", "goodputRps", "gpus", "meetsTarget"} <= set(alt)
+    [chosen] = [a for a in plan.alternatives if a.mode == plan.serving_mode]
+    assert chosen.per_gpu_goodput == plan.per_gpu_goodput
+    assert plan.choice.startswith(plan.serving_mode)
+    iv = doc["goodputInterval"]
     assert iv["method"] == "repeated-seeds" and iv["lowRps"] <= plan.goodput_rps <= iv["highRps"]
 
 
-def test_bare_spec_prints_a_table(tmp_path, capsys):
+def test_bare_spec_prints_the_modes_evaluated_and_why(tmp_path, capsys):
     assert main(["plan", str(_write(tmp_path, SPEC)), "--workers", "1"]) == 0
     out = capsys.readouterr().out
-    for text in ("prefill", "decode", "per-GPU goodput", "colocated baseline", "gain over colocated", "node 0:",
-                 "goodput interval", "repeated-seeds", "share of goodput", "isolated"):
+    for text in ("serving modes evaluated", "disaggregated", "colocated-chunked", "deployed", "why: ",
+                 "per-GPU goodput", "isolated", "node 0:",
+                 "goodput interval", "repeated-seeds", "share of goodput"):
+        assert text in out
+
+
+def test_an_explicit_disaggregated_spec_prints_its_phases_and_baseline(tmp_path, capsys):
+    assert main(["plan", str(_write(tmp_path, dict(SPEC, mode="disaggregated"))), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    for text in ("disaggregated plan", "prefill", "decode", "colocated baseline", "gain over colocated", "node 0:"):
         assert text in out
 
 

@@ -148,6 +148,23 @@ def test_colocated_plan_has_one_workload():
     assert children[sts[0]]["spec"]["replicas"] == 4 and _gpus(children[sts[0]]) == {"colocated": 1}
 
 
+def test_a_chunked_prefill_plan_renders_its_scheduler_and_a_workload_of_its_own():
+    priority = colocated_plan().model_copy(update={"colocated_prefill": "priority"})
+    chunked = colocated_plan().model_copy(update={"colocated_prefill": "chunked", "chunk_token_budget": 512})
+    names, args = {}, {}
+    for name, plan in (("priority", priority), ("chunked", chunked)):
+        [sts] = [o for o in render_children(render_input(plan)) if o["kind"] == "StatefulSet"]
+        names[name] = sts["metadata"]["name"]
+        [container] = _pod(sts)["containers"]
+        args[name] = _runtime_args(container)
+    assert (args["chunked"].colocated_prefill, args["chunked"].chunk_token_budget) == ("chunked", 512)
+    assert args["priority"].colocated_prefill == "priority"
+    # A scheduler switch is a new workload (surge rollout); a plan without one keeps its old name.
+    assert names["priority"] != names["chunked"]
+    [old] = [o for o in render_children(render_input(colocated_plan())) if o["kind"] == "StatefulSet"]
+    assert old["metadata"]["name"] == names["priority"]
+
+
 def test_every_child_is_owned_and_labelled():
     for obj in render_children(render_input(high_plan())):
         meta = obj["metadata"]

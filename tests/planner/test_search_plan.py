@@ -13,6 +13,7 @@ def _spec(**over) -> DisaggServingSpec:
         "cluster": {"nodes": 1, "gpusPerNode": 4},
         "workload": {"rate": 4.0, "dataset": "chatbot"},
         "slo": {"ttftMs": 250, "tpotMs": 100},
+        "mode": "disaggregated",  # these tests are about the disaggregated search; tests/planner/test_search_modes.py
     }
     base.update(over)
     return DisaggServingSpec.model_validate(base)

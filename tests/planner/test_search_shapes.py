@@ -35,7 +35,7 @@ def test_planner_picks_tp3_when_only_three_way_shards_fit():
         "cluster": {"nodes": 1, "gpusPerNode": 6,
                     "gpu": {"name": "G60", "memoryGib": 60, "peakTflops": 312, "hbmGbps": 2039}},
         "workload": {"rate": 0.5, "dataset": "chatbot"}, "slo": {"ttftMs": 4000, "tpotMs": 300},
-        "search": {"maxPp": 1}})
+        "search": {"maxPp": 1}, "mode": "disaggregated"})  # about disaggregated shapes: auto could colocate
     plan = find_plan(spec, workers=1)
     assert (plan.prefill.tp, plan.decode.tp) == (3, 3)
     assert plan.gpus == 6

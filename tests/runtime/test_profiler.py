@@ -59,3 +59,24 @@ def test_cli_writes_a_loadable_profile(llama_dir, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().err
     assert _cli([str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_mixed_steps_are_timed_and_fitted_by_the_planner(llama_dir):
+    from disagg_planner.api import GPU_PRESETS
+    from disagg_planner.latency import LatencyModel
+    from disagg_planner.latency.mixed import chunk_attention
+
+    engine = Engine.load(llama_dir, num_blocks=256)
+    profile = profile_engine(engine, prefill_lengths=[8, 32, 64], prefill_batches=[1], decode_batches=[1, 4],
+                             contexts=[16, 64], repeats=1, mixed_batches=[0, 4], mixed_chunks=[8, 32])
+    mixed = profile.shapes[0].mixed
+    # Two chunks (offset 0 and offset chunk) per (batch, chunk) and timed run.
+    assert sorted((s.decode_batch, s.chunk_tokens, s.chunk_attention) for s in mixed) == sorted(
+        (b, c, chunk_attention(k * c, c)) for b in (0, 4) for c in (8, 32) for k in (0, 1))
+    assert all(s.decode_context == 0 for s in mixed if s.decode_batch == 0)
+    assert all(s.decode_context >= 4 * 64 for s in mixed if s.decode_batch == 4)
+    assert engine.request_ids == [] and engine.free_blocks == engine.total_blocks
+    cpu = GPU_PRESETS["A100-80GB"].model_copy(update={"name": "CPU"})
+    model = LatencyModel.from_profile(profile, cpu, 100.0)
+    assert (1, 1) in model.mixed_fits
+    assert model.mixed_stage_time(1, 1, 4, 300, 1, 32, 32 * 32) > 0

@@ -4,8 +4,8 @@ from .base import ApiModel
 from .cluster import GPU_PRESETS, ClusterSpec, GPUSpec
 from .deploy import ConfigMapKeyRef, ProfileRef, ReplanSpec, RuntimeSpec, SchedulingSpec, Toleration
 from .model import MODEL_PRESETS, ModelRef, ModelSpec
-from .plan import GoodputInterval, InstancePlacement, PhasePlan, Plan
-from .profile import DecodeSample, LatencyProfile, PrefillSample, ShapeProfile
+from .plan import GoodputInterval, InstancePlacement, ModeAlternative, PhasePlan, Plan, ServingMode
+from .profile import DecodeSample, LatencyProfile, MixedSample, PrefillSample, ShapeProfile
 from .security import InternalTokenSpec, NetworkPolicySpec, PeerSelector, RouterSpec, SecretKeyRef
 from .slo import SearchBounds, SLOSpec
 from .spec import DisaggServingSpec
@@ -14,7 +14,7 @@ from .workload import LengthHistogram, WorkloadSpec
 __all__ = [
     "ApiModel", "ClusterSpec", "ConfigMapKeyRef", "DecodeSample", "DisaggServingSpec", "GPUSpec", "GPU_PRESETS",
     "GoodputInterval", "InstancePlacement", "InternalTokenSpec", "LatencyProfile", "LengthHistogram",
-    "MODEL_PRESETS", "ModelRef", "ModelSpec", "NetworkPolicySpec", "PeerSelector", "PhasePlan", "Plan",
-    "ProfileRef", "PrefillSample", "ReplanSpec", "RouterSpec", "RuntimeSpec", "SLOSpec", "SchedulingSpec",
-    "SearchBounds", "SecretKeyRef", "ShapeProfile", "Toleration", "WorkloadSpec",
+    "MODEL_PRESETS", "MixedSample", "ModeAlternative", "ModelRef", "ModelSpec", "NetworkPolicySpec", "PeerSelector",
+    "PhasePlan", "Plan", "ProfileRef", "PrefillSample", "ReplanSpec", "RouterSpec", "RuntimeSpec", "SLOSpec",
+    "SchedulingSpec", "SearchBounds", "SecretKeyRef", "ServingMode", "ShapeProfile", "Toleration", "WorkloadSpec",
 ]

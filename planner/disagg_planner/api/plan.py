@@ -9,6 +9,8 @@ from pydantic import Field
 from .base import ApiModel
 
 Phase = Literal["prefill", "decode", "colocated"]
+# The serving modes the planner compares: colocated-chunked is colocated with chunked prefill.
+ServingMode = Literal["disaggregated", "colocated", "colocated-chunked"]
 
 
 class PhasePlan(ApiModel):
@@ -38,6 +40,18 @@ class InstancePlacement(ApiModel):
     stage: int = Field(ge=0)
     node: int = Field(ge=0)
     gpus: list[int]
+
+
+class ModeAlternative(ApiModel):
+    """The best plan of one serving mode, as the mode choice saw it."""
+
+    mode: ServingMode
+    per_gpu_goodput: float = Field(ge=0)
+    goodput_rps: float = Field(ge=0)
+    gpus: int = Field(ge=0, description="0 when the mode has no feasible plan.")
+    meets_target: bool = Field(description="Simulated attainment at the target rate meets the SLO attainment.")
+    chunk_token_budget: int | None = Field(default=None, ge=1, description="colocated-chunked: tokens per step.")
+    note: str = Field(default="", description="Why the mode has no plan, when it has none.")
 
 
 class GoodputInterval(ApiModel):
@@ -80,3 +94,17 @@ class Plan(ApiModel):
     gain_over_colocated: float | None = Field(default=None, ge=0)
     latency_source: Literal["profile", "analytic"] = "analytic"
     spec_hash: str = ""
+    colocated_prefill: Literal["priority", "chunked"] | None = Field(
+        default=None, description="Colocated plans: prefill-priority steps, or chunked prefill mixed into decode steps.")
+    chunk_token_budget: int | None = Field(
+        default=None, ge=1, description="Chunked prefill: tokens per mixed step (running decodes + prompt chunks).")
+    alternatives: list[ModeAlternative] = Field(
+        default_factory=list, description="The best plan of every serving mode evaluated (spec.mode auto).")
+    choice: str = Field(default="", description="Why this mode was deployed, in one line.")
+
+    @property
+    def serving_mode(self) -> ServingMode:
+        """disaggregated, colocated or colocated-chunked (the mode names of `alternatives`)."""
+        if self.mode == "colocated" and self.colocated_prefill == "chunked":
+            return "colocated-chunked"
+        return self.mode

@@ -35,6 +35,23 @@ class DecodeSample(ApiModel):
     seconds: float = Field(gt=0)
 
 
+class MixedSample(ApiModel):
+    """One timed mixed step (chunked prefill): one token for each of `decode_batch` running sequences plus
+    `chunks` prompt chunks of `chunk_tokens` tokens in all.
+
+    `chunk_attention` is Σ((offset + c)² - offset²) over the chunks (c tokens starting at `offset`): the
+    causal-attention work of the chunk against the prompt's earlier chunks, in the units of a prefill's
+    Σlen² (the chunks of one prompt add up to its length²).
+    """
+
+    decode_batch: int = Field(ge=0)
+    decode_context: int = Field(ge=0, description="Σ tokens already in each decoding sequence's KV cache.")
+    chunks: int = Field(ge=0)
+    chunk_tokens: int = Field(ge=0)
+    chunk_attention: int = Field(ge=0)
+    seconds: float = Field(gt=0)
+
+
 class ShapeProfile(ApiModel):
     """Samples for one instance shape.
 
@@ -46,6 +63,9 @@ class ShapeProfile(ApiModel):
     pp: int = Field(default=1, ge=1)
     prefill: list[PrefillSample] = Field(default_factory=list)
     decode: list[DecodeSample] = Field(default_factory=list)
+    mixed: list[MixedSample] = Field(
+        default_factory=list, description="Chunked-prefill steps; without them the planner derives mixed steps "
+        "from the prefill and decode fits.")
 
 
 class LatencyProfile(ApiModel):

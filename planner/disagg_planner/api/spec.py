@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -31,6 +32,12 @@ class DisaggServingSpec(ApiModel):
         default=None, description="A measured latency profile in a ConfigMap; the planner fits its model to it."
     )
     paused: bool = Field(default=False, description="Plan and report only; apply nothing (what-if mode).")
+    mode: Literal["auto", "disaggregated", "colocated"] = Field(
+        default="auto",
+        description="Serving mode. auto: evaluate disaggregated, colocated (prefill priority) and colocated with "
+        "chunked prefill, deploy the highest per-GPU goodput that meets the target rate. colocated: the better "
+        "of the two colocated schedulers.",
+    )
     router: RouterSpec = Field(default_factory=RouterSpec)
     internal_token: InternalTokenSpec = Field(default_factory=InternalTokenSpec)
     network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
@@ -85,4 +92,5 @@ class DisaggServingSpec(ApiModel):
         payload = {k: getattr(self, k).model_dump(mode="json") for k in keys}
         payload["model"].pop("path", None)
         payload["prefill_token_budget"] = self.runtime.prefill_token_budget  # the simulator batches by it
+        payload["mode"] = self.mode
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

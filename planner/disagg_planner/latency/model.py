@@ -12,6 +12,7 @@ from ..api.profile import LatencyProfile
 from . import analytic
 from .fit import LinearFit, ProfileError, fit_decode, fit_prefill
 from .memory import kv_capacity_tokens
+from .mixed import MixedFit, fit_mixed_shapes, mixed_stage_time
 from .shape import StageShape, allreduce_time, stage_shape
 
 Shape = tuple[int, int]
@@ -57,6 +58,7 @@ class LatencyModel:
         self.decode_fits: dict[Shape, LinearFit] = dict(decode_fits or {})
         if source == "profile" and not (self.prefill_fits and self.decode_fits):
             raise ProfileError("a profile-based latency model needs prefill and decode fits")
+        self.mixed_fits: dict[Shape, MixedFit] = {}  # measured chunked-prefill steps (latency/mixed.py)
         self._stages: dict[Shape, StageShape] = {}
         self._capacity: dict[tuple[int, int, float], int] = {}
 
@@ -88,7 +90,9 @@ class LatencyModel:
         if not prefill or not decode:
             missing = "prefill" if not prefill else "decode"
             raise ProfileError(f"profile has no {missing} samples in any shape; the planner needs both phases")
-        return cls(profile.model, gpu, intra_node_gbps, "profile", prefill, decode)
+        fitted = cls(profile.model, gpu, intra_node_gbps, "profile", prefill, decode)
+        fitted.mixed_fits = fit_mixed_shapes(profile.shapes)
+        return fitted
 
     # -- shapes and memory --------------------------------------------------------------------------
     def stage(self, tp: int, pp: int) -> StageShape:
@@ -141,6 +145,11 @@ class LatencyModel:
         """ONE stage's time for one decode step of `batch` sequences holding `sum_context` tokens."""
         base, per_context = self.decode_coefficients(tp, pp, batch)
         return base + per_context * sum_context
+
+    def mixed_stage_time(self, tp: int, pp: int, decode_batch: int, decode_context: int, chunks: int,
+                         chunk_tokens: int, chunk_attention: int) -> float:
+        """ONE stage's time for a chunked-prefill step: decode tokens plus prompt chunks (latency/mixed.py)."""
+        return mixed_stage_time(self, tp, pp, decode_batch, decode_context, chunks, chunk_tokens, chunk_attention)
 
     @staticmethod
     def micro_batches(pp: int, sequences: int) -> int:

@@ -31,6 +31,7 @@ class Candidate:
     gpus: int
     estimate: float
     grown: int = 0  # instances added after whole-system simulation (system.py)
+    chunk_budget: int = 0  # colocated with chunked prefill: tokens per mixed step (0: prefill priority)
 
     def rank_key(self, target_rate: float) -> tuple[float, int, float]:
         """Larger is better: reaches the target rate, then fewer GPUs, then more goodput."""

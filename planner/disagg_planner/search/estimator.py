@@ -21,14 +21,23 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..simulator import ColocatedConfig, DisaggConfig, SimResult, simulate_colocated, simulate_disaggregated
+from ..simulator import (
+    ChunkedColocatedConfig,
+    ColocatedConfig,
+    DisaggConfig,
+    SimResult,
+    simulate_colocated,
+    simulate_colocated_chunked,
+    simulate_disaggregated,
+)
 from ..simulator.types import PhaseShape
 from .capacity import colocated_capacity, decode_capacity, kv_link_capacity, prefill_capacity
+from .chunked import chunked_capacity
 from .goodput import goodput
 from .problem import SearchProblem
 from .shapes import Shape
 
-SystemConfig = DisaggConfig | ColocatedConfig
+SystemConfig = DisaggConfig | ColocatedConfig | ChunkedColocatedConfig
 # When the anchor fails, the search restarts this far below it (it shrinks further from there if that fails).
 BELOW_ANCHOR = 0.5
 
@@ -38,6 +47,8 @@ def simulate(problem: SearchProblem, cfg: SystemConfig, rate: float, count: int)
     requests = problem.at_rate(rate, count)
     if isinstance(cfg, DisaggConfig):
         return simulate_disaggregated(cfg, problem.latency, requests)
+    if isinstance(cfg, ChunkedColocatedConfig):
+        return simulate_colocated_chunked(cfg, problem.latency, requests)
     return simulate_colocated(cfg, problem.latency, requests)
 
 
@@ -52,6 +63,10 @@ def _link(problem: SearchProblem, phase: PhaseShape) -> float:
 def instance_bounds(problem: SearchProblem, cfg: SystemConfig) -> tuple[float, float]:
     """Capacity (req/s) of ONE instance of each phase of `cfg`: (prefill, decode), or (colocated, colocated)."""
     lat, stats = problem.latency, problem.stats
+    if isinstance(cfg, ChunkedColocatedConfig):
+        one = chunked_capacity(lat, _shape(cfg.shape), stats, problem.token_budget, problem.tpot_s,
+                               _link(problem, cfg.shape), cfg.mem_util)
+        return one, one
     if isinstance(cfg, ColocatedConfig):
         one = colocated_capacity(lat, _shape(cfg.shape), stats, cfg.prefill_token_budget, problem.tpot_s,
                                  _link(problem, cfg.shape), cfg.mem_util)
@@ -66,7 +81,7 @@ def instance_bounds(problem: SearchProblem, cfg: SystemConfig) -> tuple[float, f
 def config_bound(problem: SearchProblem, cfg: SystemConfig) -> float:
     """Steady-state capacity of the whole configuration: replicas x instance capacity of its slower phase."""
     pre, dec = instance_bounds(problem, cfg)
-    if isinstance(cfg, ColocatedConfig):
+    if isinstance(cfg, ColocatedConfig | ChunkedColocatedConfig):
         return cfg.shape.instances * pre
     return min(cfg.prefill.instances * pre, cfg.decode.instances * dec)
 

@@ -15,13 +15,22 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ..simulator import ColocatedConfig, DisaggConfig, PhaseShape, simulate_colocated, simulate_disaggregated
+from ..simulator import (
+    ChunkedColocatedConfig,
+    ColocatedConfig,
+    DisaggConfig,
+    PhaseShape,
+    simulate_colocated,
+    simulate_colocated_chunked,
+    simulate_disaggregated,
+)
 from .capacity import colocated_capacity, decode_capacity, kv_link_capacity, prefill_capacity
+from .chunked import chunked_capacity
 from .estimator import RateCurve, search_goodput
 from .problem import IDEAL_LINK_GBPS, MEM_UTIL, SearchProblem
 from .shapes import Shape
 
-Kind = Literal["prefill", "decode", "colocated"]
+Kind = Literal["prefill", "decode", "colocated", "colocated-chunked"]
 # The bisection brackets goodput in [LO_FRACTION, 1] x the capacity bound. Past capacity a queue only
 # grows; a finite run would still pass there, so the bound is a ceiling, never extrapolated.
 LO_FRACTION = 0.3
@@ -31,13 +40,15 @@ LO_FRACTION = 0.3
 class PhaseTask:
     """Find the goodput of ONE instance of `shape` serving phase `kind`.
 
-    `link` joins its pipeline stages; `kv_link` (decode only) is the link its KV cache arrives over.
+    `link` joins its pipeline stages; `kv_link` (decode only) is the link its KV cache arrives over;
+    `chunk_budget` (colocated-chunked only) the tokens of one mixed step.
     """
 
     kind: Kind
     shape: Shape
     link: float
     kv_link: float = IDEAL_LINK_GBPS
+    chunk_budget: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,8 @@ def capacity(problem: SearchProblem, task: PhaseTask) -> float:
     if task.kind == "decode":
         return min(decode_capacity(lat, shape, stats, problem.tpot_s, task.link, MEM_UTIL),
                    kv_link_capacity(lat, stats, task.kv_link))
+    if task.kind == "colocated-chunked":
+        return chunked_capacity(lat, shape, stats, problem.token_budget, problem.tpot_s, task.link, MEM_UTIL)
     return colocated_capacity(lat, shape, stats, problem.token_budget, problem.tpot_s, task.link, MEM_UTIL)
 
 
@@ -93,5 +106,8 @@ def phase_attainment(problem: SearchProblem, task: PhaseTask, rate: float, count
         feed = PhaseShape(shape.tp, shape.pp, feeders, task.link)
         cfg = DisaggConfig(feed, one, task.kv_link, problem.token_budget, MEM_UTIL)
         return problem.attainment(simulate_disaggregated(cfg, lat, requests), ttft_s=math.inf)
+    if task.kind == "colocated-chunked":
+        chunked = ChunkedColocatedConfig(one, task.chunk_budget, MEM_UTIL)
+        return problem.attainment(simulate_colocated_chunked(chunked, lat, requests))
     colo = ColocatedConfig(one, problem.token_budget, MEM_UTIL)
     return problem.attainment(simulate_colocated(colo, lat, requests))

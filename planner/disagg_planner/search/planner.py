@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Literal
 
-from ..api.plan import GoodputInterval, PhasePlan, Plan
+from ..api.plan import GoodputInterval, ModeAlternative, PhasePlan, Plan, ServingMode
 from ..api.profile import LatencyProfile
 from ..api.spec import DisaggServingSpec
 from ..errors import NoFeasiblePlan
+from . import modes
 from .affinity import Affinity, choose_affinity
 from .allocate import Candidate, colocated_candidates, disaggregated_candidates, ranked, unit_candidates
+from .chunked import chunk_budgets
 from .confidence import choose, goodput_interval
 from .evaluate import PhaseTask, capacity
 from .feasibility import require_shapes, require_slos
@@ -34,6 +36,7 @@ from .system import Layout, Measured, measure, place
 
 # Whole-system simulations per search: the best-ranked candidates that pack onto the nodes.
 SYSTEM_CANDIDATES = 3
+ALTERNATE_CANDIDATES = 2  # for the node-affinity algorithm the network does not favour
 COLOCATED_CANDIDATES = 2
 
 
@@ -90,6 +93,18 @@ class _Session:
         items = [self._item(s, s.gpus, (PhaseTask(kind, s, link(s.gpus), kv_link),)) for s in shapes]
         self.expect(len(items))
         return branch_and_bound(items, self.problem, self.cache, self.pool, self.tick)
+
+    def chunked_goodputs(self, shapes: list[Shape]) -> dict[tuple[Shape, int], float]:
+        """Instance goodput of chunked-prefill colocated shapes, each at the chunk budgets derived for it."""
+        p = self.problem
+        items = []
+        for s in shapes:
+            link = p.stage_link(s.gpus)
+            for budget in chunk_budgets(p.token_budget):
+                items.append(self._item((s, budget), s.gpus, (PhaseTask("colocated-chunked", s, link,
+                                                                        chunk_budget=budget),)))
+        self.expect(len(items))
+        return branch_and_bound(items, p, self.cache, self.pool, self.tick)
 
     def unit_goodputs(self, units: list[Segments]) -> dict[Segments, tuple[float, float]]:
         items = []
@@ -148,14 +163,65 @@ def _open(spec: DisaggServingSpec, profile: LatencyProfile | None, workers: int 
                     seed)
 
 
-def _colocated(session: _Session, shapes: list[Shape]) -> Measured:
-    goodputs = session.phase_goodputs("colocated", shapes)
-    candidates = colocated_candidates(goodputs, session.problem.target_rate, session.spec.gpu_budget)
+def _colocated(session: _Session, shapes: list[Shape], chunked: bool = False) -> Measured:
+    """The best colocated plan: prefill-priority steps, or (`chunked`) chunked prefill mixed into decode steps."""
+    rate, budget = session.problem.target_rate, session.spec.gpu_budget
+    # The phase cache makes the second call free when the prefill-priority mode was evaluated already.
+    priority = session.phase_goodputs("colocated", shapes)
+    if chunked:
+        # Chunked instances are simulated only in the shapes that prefill priority does not dominate: the
+        # chunked rate bound (either phase alone) is too loose to prune with, and a shape dominated under one
+        # colocated scheduler rarely wins under the other (both share its memory and step costs).
+        kept = [s for s in shapes if s in priority] or shapes
+        candidates = [replace(c, chunk_budget=chunk)
+                      for (shape, chunk), value in session.chunked_goodputs(kept).items()
+                      for c in colocated_candidates({shape: value}, rate, budget)]
+    else:
+        candidates = colocated_candidates(priority, rate, budget)
     best = session.best(session.measure_best(candidates, COLOCATED_CANDIDATES))
     if best is None:
+        what = "chunked-prefill colocated" if chunked else "colocated"
         raise NoFeasiblePlan(
-            f"no colocated configuration within the budget of {session.spec.gpu_budget} GPUs reaches "
+            f"no {what} configuration within the budget of {budget} GPUs reaches "
             f"{session.problem.target:.0%} SLO attainment at any rate; relax the SLOs or raise search.gpuBudget"
+        )
+    return best
+
+
+def _disaggregated(session: _Session, shapes: list[Shape], affinity: Affinity, alternate: bool = False) -> Measured:
+    """The best disaggregated plan of one node-affinity algorithm (DistServe Algorithm 1 or 2).
+
+    An `alternate` (the affinity the network does not favour, tried second) has fewer candidates simulated whole.
+    """
+    spec, problem, budget = session.spec, session.problem, session.spec.gpu_budget
+    require_shapes(shapes, problem, budget, 2)
+    blame = (link_cause(problem) if spec.cluster.nodes > 1 else None) or ""
+    if affinity == "high":
+        smallest = min(s.gpus for s in shapes)  # the other phase needs at least this many
+        pair_shapes = [s for s in shapes if s.gpus + smallest <= budget]
+        prefill = session.phase_goodputs("prefill", pair_shapes)
+        # KV crosses the network unless the whole cluster is one node.
+        kv_link = problem.intra_node_gbps if spec.cluster.nodes == 1 else problem.inter_node_gbps
+        decode = session.phase_goodputs("decode", pair_shapes, kv_link)
+        candidates = disaggregated_candidates(prefill, decode, problem.target_rate, budget)
+    else:
+        units = session.units()
+        if not units:
+            raise NoFeasiblePlan(
+                f"low node-affinity placement puts a prefill and a decode segment of each stage on one "
+                f"{spec.cluster.gpus_per_node}-GPU node, and no such split of {problem.latency.model.name} "
+                f"fits memory within search.maxPp={spec.search.max_pp} and the budget of {budget} GPUs; "
+                "raise search.maxPp or the budget"
+                + (f" ({blame}; low affinity was chosen for that reason)" if blame else "")
+            )
+        candidates = unit_candidates(session.unit_goodputs(units), problem.target_rate, budget)
+    limit = ALTERNATE_CANDIDATES if alternate else SYSTEM_CANDIDATES
+    best = session.best(session.measure_best(candidates, limit))
+    if best is None:
+        raise NoFeasiblePlan(
+            f"no disaggregated configuration within the budget of {budget} GPUs reaches "
+            f"{problem.target:.0%} SLO attainment at any rate ({affinity} node-affinity); "
+            + (blame if blame else "relax the SLOs or raise search.gpuBudget")
         )
     return best
 
@@ -164,7 +230,8 @@ def _phase_plan(shape: Shape, replicas: int, goodput: float) -> PhasePlan:
     return PhasePlan(tp=shape.tp, pp=shape.pp, replicas=replicas, instance_goodput_rps=goodput)
 
 
-def _plan(session: _Session, m: Measured, colocated_per_gpu: float | None) -> Plan:
+def _plan(session: _Session, m: Measured, colocated_per_gpu: float | None,
+          alternatives: list[ModeAlternative] | None = None, choice: str = "") -> Plan:
     cand = m.candidate
     per_gpu = m.goodput / cand.gpus
     common = dict(
@@ -174,10 +241,14 @@ def _plan(session: _Session, m: Measured, colocated_per_gpu: float | None) -> Pl
         gain_over_colocated=(per_gpu / colocated_per_gpu) if colocated_per_gpu else None,
         goodput_interval=session.interval(m),
         latency_source=session.problem.latency.source, spec_hash=session.spec.planning_hash(),
+        alternatives=alternatives or [], choice=choice,
     )
     if cand.mode == "colocated":
+        chunked = cand.chunk_budget > 0
         return Plan(mode="colocated", affinity="high",
-                    colocated=_phase_plan(cand.prefill, cand.n_prefill, cand.prefill_goodput), **common)
+                    colocated=_phase_plan(cand.prefill, cand.n_prefill, cand.prefill_goodput),
+                    colocated_prefill="chunked" if chunked else "priority",
+                    chunk_token_budget=cand.chunk_budget if chunked else None, **common)
     return Plan(mode="disaggregated", affinity=cand.affinity,
                 prefill=_phase_plan(cand.prefill, cand.n_prefill, cand.prefill_goodput),
                 decode=_phase_plan(cand.decode, cand.n_decode, cand.decode_goodput), **common)
@@ -202,13 +273,16 @@ def find_plan(
     progress: Callable[[int, int], None] | None = None, seed: int = 0, affinity: Affinity | None = None,
     deadline_s: float | None = None,
 ) -> Plan:
-    """The disaggregated plan with the highest per-GPU goodput, with its colocated baseline filled in.
+    """The plan of the serving mode with the highest per-GPU goodput (spec.mode; see modes.py).
 
-    `affinity` forces DistServe's high or low node-affinity algorithm (default: chosen from the network,
-    see affinity.py). `seed` picks the simulated request sample; the same seed gives the same plan whatever
-    `workers` is. Raises NoFeasiblePlan when the model does not fit the budget or an SLO is below the
-    unloaded latency, PlannerError for an unusable profile. With `deadline_s` the search runs in a child
-    process stopped at the deadline (PlanningTimeout; see deadline.py).
+    `spec.mode` auto evaluates disaggregated serving, colocated prefill-priority and colocated chunked
+    prefill, and the plan lists each as an alternative; an explicit mode is obeyed (a disaggregated plan
+    still reports its colocated baseline). `affinity` forces DistServe's high or low node-affinity algorithm
+    (default: the one the network favours, see affinity.py, and high affinity too where that is low). `seed` picks
+    the simulated request sample; the same seed gives the same plan whatever `workers` is. Raises
+    NoFeasiblePlan when the model does not fit the budget, an SLO is below the unloaded latency or no
+    evaluated mode has goodput, PlannerError for an unusable profile. With `deadline_s` the search runs in a
+    child process stopped at the deadline (PlanningTimeout; see deadline.py).
     """
     if deadline_s is not None:
         from .deadline import plan_within
@@ -216,42 +290,34 @@ def find_plan(
         return plan_within(find_plan, spec, profile, deadline_s=deadline_s, progress=progress, workers=workers,
                            seed=seed, affinity=affinity)
     session = _open(spec, profile, workers, progress, seed)
-    problem, budget = session.problem, spec.gpu_budget
+    problem = session.problem
     with session.pool:
         shapes = session.shapes()
-        require_shapes(shapes, problem, budget, 2)
+        require_shapes(shapes, problem, spec.gpu_budget, 2 if spec.mode == "disaggregated" else 1)
         require_slos(shapes, problem)
-        chosen = affinity or choose_affinity(problem, spec.cluster.nodes).affinity
-        blame = (link_cause(problem) if spec.cluster.nodes > 1 else None) or ""
-        if chosen == "high":
-            smallest = min(s.gpus for s in shapes)  # the other phase needs at least this many
-            pair_shapes = [s for s in shapes if s.gpus + smallest <= budget]
-            prefill = session.phase_goodputs("prefill", pair_shapes)
-            # KV crosses the network unless the whole cluster is one node.
-            kv_link = problem.intra_node_gbps if spec.cluster.nodes == 1 else problem.inter_node_gbps
-            decode = session.phase_goodputs("decode", pair_shapes, kv_link)
-            candidates = disaggregated_candidates(prefill, decode, problem.target_rate, budget)
-        else:
-            units = session.units()
-            if not units:
-                raise NoFeasiblePlan(
-                    f"low node-affinity placement puts a prefill and a decode segment of each stage on one "
-                    f"{spec.cluster.gpus_per_node}-GPU node, and no such split of {problem.latency.model.name} "
-                    f"fits memory within search.maxPp={spec.search.max_pp} and the budget of {budget} GPUs; "
-                    "raise search.maxPp or the budget"
-                    + (f" ({blame}; low affinity was chosen for that reason)" if blame else "")
-                )
-            candidates = unit_candidates(session.unit_goodputs(units), problem.target_rate, budget)
-        best = session.best(session.measure_best(candidates, SYSTEM_CANDIDATES))
-        if best is None:
-            raise NoFeasiblePlan(
-                f"no disaggregated configuration within the budget of {budget} GPUs reaches "
-                f"{problem.target:.0%} SLO attainment at any rate ({chosen} node-affinity); "
-                + (blame if blame else "relax the SLOs or raise search.gpuBudget")
-            )
-        try:
-            colocated = _colocated(session, shapes)
-            baseline = colocated.goodput / colocated.candidate.gpus
-        except NoFeasiblePlan:
-            baseline = 0.0  # colocation cannot meet the SLOs at all: the gain is unbounded, reported as none
-        return _plan(session, best, baseline)  # inside: the interval uses the pool
+        preferred = affinity or choose_affinity(problem, spec.cluster.nodes).affinity
+        # Where the network favours low affinity, high is tried too (its freer pairing may still pay). Where it
+        # favours high (one node, or KV transfer negligible on the network), low affinity only restricts high
+        # (same-stage pairs, KV on NVLink saving a negligible time), so it is not tried.
+        both = affinity is None and preferred == "low"
+        affinities: tuple[Affinity, ...] = (preferred, "high") if both else (preferred,)
+        outcomes: list[modes.ModeOutcome] = []
+        for mode in modes.modes_to_evaluate(spec.mode):
+            if mode == "disaggregated":
+                tried = [_attempt(lambda a=a, k=k: _disaggregated(session, shapes, a, k), mode)
+                         for k, a in enumerate(affinities)]
+                outcomes.append(modes.best_of(tried, problem.target))
+            else:
+                chunked = mode == "colocated-chunked"
+                outcomes.append(_attempt(lambda c=chunked: _colocated(session, shapes, c), mode))
+        chosen = modes.choose(outcomes, spec.mode, problem.target, problem.target_rate)
+        # Inside the pool: the plan's goodput interval re-measures the chosen configuration on it.
+        return _plan(session, chosen.measured, modes.colocated_per_gpu(outcomes),
+                     [o.alternative(problem.target) for o in outcomes], modes.explain(chosen, outcomes, problem))
+
+
+def _attempt(run: Callable[[], Measured], mode: ServingMode) -> modes.ModeOutcome:
+    try:
+        return modes.ModeOutcome(mode, run())
+    except NoFeasiblePlan as exc:
+        return modes.ModeOutcome(mode, None, exc.reason)

@@ -10,7 +10,7 @@ from ..api.plan import Plan
 from ..api.profile import LatencyProfile
 from ..api.spec import DisaggServingSpec
 from ..errors import PlannerError
-from ..simulator import ColocatedConfig, DisaggConfig, PhaseShape
+from ..simulator import ChunkedColocatedConfig, ColocatedConfig, DisaggConfig, PhaseShape
 from .estimator import SystemConfig, SystemCurve, simulate
 from .latency_source import latency_model
 from .problem import MEM_UTIL, WARMUP_SHARE, SearchProblem
@@ -36,7 +36,12 @@ def plan_config(problem: SearchProblem, plan: Plan) -> SystemConfig:
         if plan.colocated is None:
             raise PlannerError("a colocated plan needs its `colocated` phase")
         c = plan.colocated
-        return ColocatedConfig(PhaseShape(c.tp, c.pp, c.replicas, p.stage_link(c.tp * c.pp)), p.token_budget,
+        shape = PhaseShape(c.tp, c.pp, c.replicas, p.stage_link(c.tp * c.pp))
+        if plan.colocated_prefill == "chunked":
+            if plan.chunk_token_budget is None:
+                raise PlannerError("a chunked-prefill colocated plan needs its `chunkTokenBudget`")
+            return ChunkedColocatedConfig(shape, plan.chunk_token_budget, MEM_UTIL)
+        return ColocatedConfig(shape, p.token_budget,
                                MEM_UTIL)
     if plan.prefill is None or plan.decode is None:
         raise PlannerError("a disaggregated plan needs both `prefill` and `decode` phases")

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, replace
 
 from ..api.plan import InstancePlacement
-from ..simulator import ColocatedConfig, DisaggConfig, PhaseShape, SimResult
+from ..simulator import ChunkedColocatedConfig, ColocatedConfig, DisaggConfig, PhaseShape, SimResult
 from .allocate import Candidate
 from .estimator import SystemConfig, SystemCurve, estimate_system, instance_bounds, simulate
 from .placement import InstanceRequest, UnitRequest, nodes_used, pack_colocated, pack_instances, pack_units
@@ -77,6 +77,8 @@ def config(problem: SearchProblem, c: Candidate, placement: list[InstancePlaceme
     p = problem
     if c.mode == "colocated":
         shape = PhaseShape(c.prefill.tp, c.prefill.pp, c.n_prefill, p.stage_link(c.prefill.gpus))
+        if c.chunk_budget:
+            return ChunkedColocatedConfig(shape, c.chunk_budget, MEM_UTIL)
         return ColocatedConfig(shape, p.token_budget, MEM_UTIL)
     if c.affinity == "low":
         link = p.stage_link((c.prefill.tp + c.decode.tp) * c.prefill.pp)

@@ -22,6 +22,7 @@ import torch
 from ..kv.payload import KVHeader, KVMismatchError, KVPayload
 from ..models import CausalLM, load_config, load_model
 from ..tokenizer import Tokenizer
+from . import chunked
 from .attention import AttentionBackend, AttentionContext, StepLayout, TorchAttentionBackend
 from .block_manager import DEFAULT_WATERMARK, BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -39,6 +40,7 @@ from .sampler import sample
 from .sequence import Sequence
 from .types import (
     DuplicateRequest,
+    EngineError,
     GenerationRequest,
     InvalidRequest,
     KVCacheFull,
@@ -281,6 +283,14 @@ class Engine:
             self.abort(rid)
         return outputs
 
+    def admit_chunked(self, request: GenerationRequest) -> None:
+        """Admit a request whose prompt `mixed_step` prefills in chunks (engine/chunked.py)."""
+        chunked.admit(self, request)
+
+    def mixed_step(self, chunks: Seq[chunked.PrefillChunk]) -> list[StepOutput]:
+        """One token for every running request plus prompt chunks, as one forward (engine/chunked.py)."""
+        return chunked.mixed_step(self, chunks)
+
     # ---- KV export / import ---------------------------------------------------------------------
     def export_kv(self, request_id: str) -> KVPayload:
         """A copy of the prompt tokens' KV of a prefilled request (the request keeps its blocks)."""
@@ -387,7 +397,8 @@ class Engine:
 
     # ---- on-demand blocks and preemption --------------------------------------------------------
     def _running(self) -> list[Sequence]:
-        return [s for s in self._seqs.values() if s.decodable and not s.preempted]
+        # A prompt still being prefilled in chunks holds its prompt's blocks and takes no decode step.
+        return [s for s in self._seqs.values() if s.decodable and not s.preempted and not s.prefilling]
 
     def _grow_or_preempt(self) -> None:
         """Give every running sequence the block its next token goes into, preempting the latest admitted."""
@@ -459,14 +470,23 @@ class Engine:
             s.num_cached = n
         self.preemption_stats.recomputed_tokens += sum(lens)
 
-    def _run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int]) -> torch.Tensor:
-        """Forward the packed tokens; float32 logits of the given rows (the tokens that get sampled)."""
-        runner = self.step_runner or self.gpu_runner
-        if runner is not None:
-            return runner.run(tokens, positions, layout, rows)
+    def _run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int],
+             backend: AttentionBackend | None = None) -> torch.Tensor:
+        """Forward the packed tokens; float32 logits of the given rows (the tokens that get sampled).
+
+        A `backend` given here (mixed steps) runs the model's own forward with it, not the fused GPU runner.
+        """
+        if backend is None:
+            runner = self.step_runner or self.gpu_runner
+            if runner is not None:
+                return runner.run(tokens, positions, layout, rows)
+        elif self.step_runner is not None:
+            raise EngineError("chunked prefill (mixed steps) runs on single-stage instances only; a pipeline-"
+                              "parallel colocated instance must use --colocated-prefill priority")
+        backend = backend or self.backend
         with torch.inference_mode():
-            meta = self.backend.build_metadata(layout, self.device)
-            ctx = AttentionContext(self.backend, meta, self.cache.layers)
+            meta = backend.build_metadata(layout, self.device)
+            ctx = AttentionContext(backend, meta, self.cache.layers)
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
             pos = torch.tensor(positions, dtype=torch.long, device=self.device)
             hidden = self.model(ids, pos, ctx)

@@ -34,6 +34,11 @@ class Sequence:
         return len(self.request.prompt_ids)
 
     @property
+    def prefilling(self) -> bool:
+        """Admitted for chunked prefill and some prompt tokens still have no KV."""
+        return self.num_cached < self.prompt_len
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 

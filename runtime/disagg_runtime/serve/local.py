@@ -30,7 +30,8 @@ from .options import ServeError, check_port_free
 _WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-watermark",
                  "--preemption", "--swap-space-gib", "--kv-channel",
                  "--kv-compression", "--kv-timeout", "--prefill-token-budget", "--max-queue", "--max-batch",
-                 "--max-prompt-tokens", "--max-body-bytes", "--body-timeout", "--collective-timeout", "--log-level")
+                 "--max-prompt-tokens", "--max-body-bytes", "--body-timeout", "--collective-timeout", "--log-level",
+                 "--colocated-prefill", "--chunk-token-budget")
 _ROUTER_FLAGS = ("--max-in-flight", "--max-body-bytes", "--heartbeat-timeout", "--served-model-name",
                  "--api-key-file", "--connect-timeout", "--response-timeout", "--body-timeout", "--log-level")
 

@@ -103,6 +103,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--max-batch", type=_positive, default=256,
                       help="decode and colocated: running requests at most")
     work.add_argument("--max-prompt-tokens", type=_positive, help="longest prompt accepted (400 beyond)")
+    work.add_argument("--colocated-prefill", choices=["priority", "chunked"], default="priority",
+                      help="colocated: prefill-priority steps, or chunked prefill mixed into decode steps")
+    work.add_argument("--chunk-token-budget", type=_positive, default=512,
+                      help="colocated chunked prefill: tokens per mixed step, decode tokens included")
 
     router = parser.add_argument_group("router")
     router.add_argument("--prefill-endpoints", type=_endpoints, default=[], metavar="HOST:PORT,...",

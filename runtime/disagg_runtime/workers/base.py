@@ -9,7 +9,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -51,6 +51,8 @@ class WorkerConfig:
     kv_ttl_s: float = 120.0
     advertise_host: str | None = None
     drain_timeout_s: float = 300.0
+    colocated_prefill: Literal["priority", "chunked"] = "priority"  # colocated workers' scheduler
+    chunk_token_budget: int = 512  # chunked: tokens per mixed step, decode tokens included
     internal_token_file: str | None = None  # every route but probes and /metrics, and the KV links, need it
 
 

@@ -10,6 +10,9 @@ so measured and predicted attainment compare like for like. Each engine step is 
 Prefill therefore stalls decode, which is the interference disaggregation removes. There is no KV
 transfer: the request's stream (first token, then the rest) comes from this one instance.
 
+With `colocated_prefill="chunked"` (`--colocated-prefill chunked`) every step is instead a mixed step of
+the running decodes plus prompt chunks up to `--chunk-token-budget` tokens (workers/chunked_schedule.py).
+
 The wait queue is shared by the event loop (push, abort) and the engine thread (take), under a lock;
 everything that touches the engine runs on the engine thread.
 """
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from ..engine import GenerationRequest, SamplingParams, blocks_for
+from .chunked_schedule import ChunkedStepper
 from .decoding import DecodingWorker
 from .engine_thread import EngineThreadStopped
 from .http import BadRequest, error_response, read_model
@@ -52,6 +56,8 @@ class ColocatedWorker(DecodingWorker):
         self._waiting: deque[_Job] = deque()
         self._waiting_tokens = 0
         self._lock = threading.Lock()
+        self._chunked = (ChunkedStepper(self, self.config.chunk_token_budget)
+                         if self.config.colocated_prefill == "chunked" else None)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def _on_start(self) -> None:
@@ -97,6 +103,8 @@ class ColocatedWorker(DecodingWorker):
         return batch
 
     def _step(self) -> bool:
+        if self._chunked is not None:
+            return self._chunked.step()
         batch = self._take_prefill_batch()
         if batch:
             self._prefill(batch)
