@@ -15,7 +15,6 @@ import datetime as dt
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from disagg_operator.runner import OperatorConfig, run_operator
 from disagg_planner.api import MODEL_PRESETS, LatencyProfile, ShapeProfile
 from disagg_planner.api.profile import DecodeSample, PrefillSample
 
+from .conftest import wait_for
 from .kubectl import Kubectl
 from .node_agent import NodeAgent
 from .pod_scrape import kubernetes_pods_job
@@ -166,11 +166,5 @@ def loop_rig(api: kubernetes.client.ApiClient, kubeconfig: Path, namespace: str,
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+    """conftest's `wait_for`, positionally (what the scenarios read best as)."""
+    return wait_for(predicate, timeout=timeout, interval=interval, what=what)
