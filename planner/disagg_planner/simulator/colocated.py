@@ -122,9 +122,7 @@ class _Replica:
                 elif not waiting and ptr < m:  # an arrival triggers a prefill at the next boundary after it
                     k = min(k, cost.rounds_until(kv.batch, kv.sum_context, arrivals[mine[ptr]] - t))
                 t += cost.elapsed(kv.batch, kv.sum_context, k)
-                kv.advance(k)
-                for j in kv.pop_finished():
-                    last[j] = t
+                kv.advance_and_stamp(k, t, last)
                 continue
             if ptr < m:
                 t = max(t, arrivals[mine[ptr]])

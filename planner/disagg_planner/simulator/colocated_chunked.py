@@ -135,9 +135,7 @@ class _ChunkedReplica:
                 for _ in completed:
                     prefilling.popleft()  # completed chunks are always the queue's head
                 if kv.batch:
-                    kv.advance(1)
-                    for j in kv.pop_finished():
-                        last[j] = t
+                    kv.advance_and_stamp(1, t, last)
                 for j in completed:
                     first[j] = t
                     if outputs[j] == 1:
@@ -156,9 +154,7 @@ class _ChunkedReplica:
                 elif not waiting and ptr < m:  # an arrival joins at the next step boundary after it
                     k = min(k, cost.rounds_until(kv.batch, kv.sum_context, arrivals[mine[ptr]] - t))
                 t += cost.elapsed(kv.batch, kv.sum_context, k)
-                kv.advance(k)
-                for j in kv.pop_finished():
-                    last[j] = t
+                kv.advance_and_stamp(k, t, last)
                 continue
             if ptr < m:
                 t = max(t, arrivals[mine[ptr]])

@@ -110,9 +110,7 @@ def simulate_decode(
         inst = pool[d]
         kv = inst.kv
         if kv.batch:
-            kv.advance(inst.wake_rounds)
-            for j in kv.pop_finished():
-                finish[j] = t
+            kv.advance_and_stamp(inst.wake_rounds, t, finish)
         inst.now = t  # an idle instance starts its first round when the first transfer lands
         pull(inst, t)
         admit_landed(inst, t)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 
 from ..latency import LatencyModel
 from .types import KVPolicy
@@ -169,6 +169,12 @@ class OnDemandBatch:
         self.ledger.take(self.ledger.growth(self.round + 1, self.round + k, self.batch))
         self.sum_context += k * self.batch
         self.round += k
+
+    def advance_and_stamp(self, k: int, t: float, finish: MutableSequence[float]) -> None:
+        """`advance(k)`, then record `t` (when the k-th round ended) as the finish time of whoever it finished."""
+        self.advance(k)
+        for j in self.pop_finished():
+            finish[j] = t
 
     def rounds_until_short(self) -> int:
         return self.ledger.rounds_until_short(self.round, self.batch)
