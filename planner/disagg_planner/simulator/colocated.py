@@ -24,13 +24,13 @@ from ..latency import LatencyModel
 from ..workloads import SimRequest
 from .kv_blocks import BlockLedger, OnDemandBatch, preemption_costs
 from .rounds import RoundCost
-from .trace import Trace, check_fits, instance_capacity
+from .trace import Trace, as_trace, check_fits, instance_capacity
 from .types import ColocatedConfig, SimResult
 
 
-def simulate_colocated(cfg: ColocatedConfig, latency: LatencyModel, requests: Sequence[SimRequest]) -> SimResult:
+def simulate_colocated(cfg: ColocatedConfig, latency: LatencyModel, requests: Sequence[SimRequest] | Trace) -> SimResult:
     """Simulate `requests` on `cfg.shape.instances` colocated replicas; deterministic."""
-    trace = Trace.of(requests)
+    trace = as_trace(requests)
     shape = cfg.shape
     capacity = instance_capacity(latency, shape, cfg.mem_util, "colocated")
     if not trace.inputs:

@@ -29,7 +29,7 @@ from ..latency.mixed import chunk_attention
 from ..workloads import SimRequest
 from .kv_blocks import BlockLedger, OnDemandBatch, preemption_costs
 from .rounds import RoundCost
-from .trace import Trace, check_fits, instance_capacity
+from .trace import Trace, as_trace, check_fits, instance_capacity
 from .types import KVPolicy, PhaseShape, SimResult, SimulationError
 
 
@@ -55,7 +55,7 @@ def simulate_colocated_chunked(
     cfg: ChunkedColocatedConfig, latency: LatencyModel, requests: Sequence[SimRequest]
 ) -> SimResult:
     """Simulate `requests` on `cfg.shape.instances` chunked-prefill colocated replicas; deterministic."""
-    trace = Trace.of(requests)
+    trace = as_trace(requests)
     shape = cfg.shape
     capacity = instance_capacity(latency, shape, cfg.mem_util, "colocated")
     if not trace.inputs:

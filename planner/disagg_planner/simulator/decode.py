@@ -29,10 +29,11 @@ from .types import KVPolicy
 
 
 class _DecodeInstance:
-    __slots__ = ("epoch", "joiners", "kv", "link_free", "now", "pending", "pending_tokens", "wake_rounds")
+    __slots__ = ("epoch", "joiners", "kv", "ledger", "link_free", "now", "pending", "pending_tokens", "wake_rounds")
 
     def __init__(self, kv: OnDemandBatch) -> None:
         self.kv = kv
+        self.ledger = kv.ledger
         self.pending: deque[int] = deque()  # prefilled, waiting for room (KV still on the prefill side)
         self.pending_tokens = 0
         self.link_free = 0.0
@@ -40,11 +41,6 @@ class _DecodeInstance:
         self.now = 0.0  # time of the last round boundary (or of the start of the current run)
         self.epoch = 0
         self.wake_rounds = 0
-
-    @property
-    def committed(self) -> int:
-        """KV tokens in use or waiting for a pull: what assignment balances."""
-        return self.kv.ledger.used * self.kv.ledger.bs + self.pending_tokens
 
 
 def simulate_decode(
@@ -68,6 +64,7 @@ def simulate_decode(
     policy = policy or KVPolicy()
     pool = [_DecodeInstance(OnDemandBatch(BlockLedger(capacity, policy), policy, *costs)) for _ in range(instances)]
     events: list[tuple[float, int, int]] = []  # (time, instance, epoch)
+    bs = policy.block_size
 
     def schedule(d: int) -> None:
         inst = pool[d]
@@ -127,7 +124,11 @@ def simulate_decode(
             j = order[ptr]
             ptr += 1
             t = float(ready[j])
-            d = min(range(instances), key=lambda i: pool[i].committed)
+            if instances == 1:
+                d = 0
+            else:  # least KV in use or waiting for a pull; the first of equals
+                committed = [p.ledger.used * bs + p.pending_tokens for p in pool]
+                d = committed.index(min(committed))
             inst = pool[d]
             inst.pending.append(j)
             inst.pending_tokens += inputs[j] + outputs[j]
