@@ -117,25 +117,35 @@ def simulate_decode(
                 pull(inst, inst.now)
         schedule(d)
 
+    def committed(d: int) -> int:
+        """KV tokens in use or waiting for a pull on instance d: what assignment balances."""
+        inst = pool[d]
+        return inst.ledger.used * bs + inst.pending_tokens
+
+    # (committed, instance) of every instance, kept current by a push whenever an instance's changes (only
+    # assignment and its own boundaries change it); stale entries are skipped when they reach the top. So
+    # the least committed instance, the first of equals, costs O(log instances), not a scan.
+    least: list[tuple[int, int]] = [(0, d) for d in range(instances)]
+    times = ready.tolist()
     n = len(order)
     ptr = 0
     while ptr < n or events:
-        if ptr < n and (not events or ready[order[ptr]] < events[0][0]):
+        if ptr < n and (not events or times[order[ptr]] < events[0][0]):
             j = order[ptr]
             ptr += 1
-            t = float(ready[j])
-            if instances == 1:
-                d = 0
-            else:  # least KV in use or waiting for a pull; the first of equals
-                committed = [p.ledger.used * bs + p.pending_tokens for p in pool]
-                d = committed.index(min(committed))
+            t = times[j]
+            while least[0][0] != committed(least[0][1]):
+                heapq.heappop(least)
+            d = least[0][1]
             inst = pool[d]
             inst.pending.append(j)
             inst.pending_tokens += inputs[j] + outputs[j]
             if pull(inst, t):
                 schedule(d)  # a new transfer may land before the instance's current wake-up
+            heapq.heappush(least, (committed(d), d))
             continue
         t, d, epoch = heapq.heappop(events)
         if epoch == pool[d].epoch:
             boundary(d, t)
+            heapq.heappush(least, (committed(d), d))
     return [inst.kv for inst in pool]
