@@ -75,9 +75,14 @@ def simulate_decode(
                 inst.wake_rounds = 0
                 heapq.heappush(events, (max(inst.joiners[0][0], inst.now), d, inst.epoch))
             return
-        k = min(kv.rounds_to_next_finish(), kv.rounds_until_short())
+        k = kv.rounds_to_next_finish()
+        short = kv.rounds_until_short()
+        if short < k:
+            k = short
         if inst.joiners:
-            k = min(k, cost.rounds_until(kv.batch, kv.sum_context, inst.joiners[0][0] - inst.now))
+            landing = cost.rounds_until(kv.batch, kv.sum_context, inst.joiners[0][0] - inst.now)
+            if landing < k:
+                k = landing
         inst.wake_rounds = k
         heapq.heappush(events, (inst.now + cost.elapsed(kv.batch, kv.sum_context, k), d, inst.epoch))
 

@@ -182,6 +182,9 @@ class OnDemandBatch:
     def advance_and_stamp(self, k: int, t: float, finish: MutableSequence[float]) -> None:
         """`advance(k)`, then record `t` (when the k-th round ended) as the finish time of whoever it finished."""
         self.advance(k)
+        heap = self._by_finish
+        if heap and heap[0][0] > self.round:  # the earliest entry, stale or not, finishes later: nobody did now
+            return
         for j in self.pop_finished():
             finish[j] = t
 
