@@ -87,26 +87,33 @@ def simulate_decode(
         heapq.heappush(events, (inst.now + cost.elapsed(kv.batch, kv.sum_context, k), d, inst.epoch))
 
     def pull(inst: _DecodeInstance, t: float) -> bool:
+        pending = inst.pending
+        if not pending:
+            return False
         pulled = False
         kv = inst.kv
-        while inst.pending:
-            j = inst.pending[0]
-            if not kv.can_admit(inputs[j]):
+        ledger, can_admit = kv.ledger, kv.can_admit
+        while pending:
+            j = pending[0]
+            prompt = inputs[j]
+            if not can_admit(prompt):
                 break
-            inst.pending.popleft()
-            inst.pending_tokens -= inputs[j] + outputs[j]
-            kv.ledger.take(kv.ledger.blocks(inputs[j]))  # reserved for the pull
+            pending.popleft()
+            inst.pending_tokens -= prompt + outputs[j]
+            ledger.take(-(-prompt // bs))  # its prompt's blocks, reserved for the pull
             start = t if t > inst.link_free else inst.link_free
-            inst.link_free = start + inputs[j] * transfer_seconds_per_token
+            inst.link_free = start + prompt * transfer_seconds_per_token
             inst.joiners.append((inst.link_free, j))
             pulled = True
         return pulled
 
     def admit_landed(inst: _DecodeInstance, t: float) -> None:
         joiners = inst.joiners
-        while joiners and joiners[0][0] <= t:
-            _, j = joiners.popleft()
-            inst.kv.join(j, inputs[j], outputs[j] - 1)
+        if joiners and joiners[0][0] <= t:
+            join = inst.kv.join
+            while joiners and joiners[0][0] <= t:
+                _, j = joiners.popleft()
+                join(j, inputs[j], outputs[j] - 1)
 
     def boundary(d: int, t: float) -> None:
         inst = pool[d]
