@@ -41,6 +41,14 @@ CONTEXT = 512
 T0 = time.perf_counter()
 
 
+def gpu_tag(device_name: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100': the file name says which GPU ran it."""
+    for word in device_name.replace("-", " ").split():
+        if any(c.isdigit() for c in word) and any(c.isalpha() for c in word) and not word.upper().endswith("GB"):
+            return word.lower()
+    return "gpu"
+
+
 def log(*parts) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s]", *parts, flush=True)
 
@@ -109,6 +117,26 @@ def run_profile(engine, out: Path) -> str | None:
     path = out / "profile.json"
     profile.save(path)
     return str(path)
+
+
+def summarize(res: dict) -> dict:
+    """The issue's figures: each decode batch's GPU step and whole call, and each prefill, against its floor."""
+    shape = LlamaShape(**res["shape"]["numbers"])
+    bw, mm = res["ceilings"]["copy_bytes_per_s"], res["ceilings"]["matmul_flops_per_s"]
+    step, call = {}, {}
+    for b, d in res["engine"]["decode"].items():
+        floor = shape.decode_bytes(int(b), CONTEXT) / bw
+        call[b] = floor / d["wall_s"]
+        if d.get("graph_s"):
+            step[b] = floor / d["graph_s"]
+    prefill = {t: shape.prefill_flops(int(t)) / mm / d["wall_s"] for t, d in res["engine"]["prefill"].items()}
+    return {"decode_step_floor_fraction": step, "decode_call_floor_fraction": call,
+            "prefill_matmul_fraction": prefill,
+            "goals": {"decode_step_floor_fraction": 0.85, "decode_call_floor_fraction": 0.80,
+                      "prefill_matmul_fraction_from_1024": 0.80},
+            "met": {"decode_step": bool(step) and min(step.values()) >= 0.85,
+                    "decode_call": min(call.values()) >= 0.80,
+                    "prefill": min(v for t, v in prefill.items() if int(t) >= 1024) >= 0.80}}
 
 
 def table(res: dict) -> str:
@@ -195,14 +223,16 @@ def main() -> int:
     for b in DECODE_BATCHES:
         res["engine"]["decode"][str(b)] = time_engine_decode(engine, b, CONTEXT, shape.vocab)
         log("engine decode", b, res["engine"]["decode"][str(b)]["wall_s"])
-    (args.out / "engine_h100.json").write_text(json.dumps(res, indent=1))
+    res["summary"] = summarize(res)
+    out_file = args.out / f"engine_{gpu_tag(res['device'])}.json"
+    out_file.write_text(json.dumps(res, indent=1))
     print(table(res), flush=True)
 
     if not args.no_profile:
         start = time.perf_counter()
         res["profile"] = {"path": run_profile(engine, args.out), "seconds": time.perf_counter() - start}
         log("profile", res["profile"])
-    (args.out / "engine_h100.json").write_text(json.dumps(res, indent=1))
+    out_file.write_text(json.dumps(res, indent=1))
     return 0
 
 
