@@ -80,28 +80,41 @@ def time_engine_prefill(engine, tokens: int, vocab: int, repeats: int = 5) -> di
 
 def time_engine_decode(engine, batch: int, context: int, vocab: int, steps: int = 20, warmup: int = 3) -> dict:
     """Wall seconds of `engine.decode()` with `batch` sequences whose KV holds `context` tokens at the
-    first timed step (one more at each later step), plus the GPU time of the captured step alone."""
+    first timed step (one more at each later step), back to back as a worker calls it: overlapped (the
+    engine's default on this path, each call returning the step the call before launched) and plain
+    (`overlapped=False`, one whole step per call); plus the GPU time of the captured step alone."""
     from disagg_runtime.engine import GenerationRequest, SamplingParams
 
-    gen = torch.Generator().manual_seed(batch)
-    reqs = [GenerationRequest(f"d{batch}-{i}", torch.randint(3, vocab, (context - 1,), generator=gen).tolist(),
-                              SamplingParams(max_tokens=steps + warmup + 2, ignore_eos=True)) for i in range(batch)]
-    for i in range(0, batch, 16):  # prefill in chunks of 8k tokens: activations stay small next to the KV
-        engine.prefill(reqs[i:i + 16])
-    times = []
-    for _ in range(warmup + steps):
+    def calls(overlapped: bool, tag: str) -> list[float]:
+        gen = torch.Generator().manual_seed(batch)
+        reqs = [GenerationRequest(f"d{tag}{batch}-{i}", torch.randint(3, vocab, (context - 1,), generator=gen).tolist(),
+                                  SamplingParams(max_tokens=steps + warmup + 4, ignore_eos=True))
+                for i in range(batch)]
+        for i in range(0, batch, 16):  # prefill in chunks of 8k tokens: activations stay small next to the KV
+            engine.prefill(reqs[i:i + 16])
         torch.cuda.synchronize()
-        start = time.perf_counter()
-        outs = engine.decode()
-        times.append(time.perf_counter() - start)
-        assert len(outs) == batch
-    result = {"wall_s": statistics.median(times[warmup:]), "samples": times[warmup:],
-              "mean_context": context + (warmup + steps - 1) / 2}
+        times, produced = [], 0
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            outs = engine.decode(overlapped=overlapped)
+            times.append(time.perf_counter() - start)
+            produced += len(outs) if i >= warmup else 0
+        assert produced == batch * steps, (produced, batch * steps)
+        for r in reqs:
+            engine.abort(r.request_id)
+        engine.decode(overlapped=False)  # completes a step still in flight; nothing is left running
+        return times[warmup:]
+
+    overlapped = calls(True, "o")
     runner = getattr(engine, "gpu_runner", None)
-    if runner is not None and runner.can_replay:
-        result["graph_s"] = statistics.median(time_cuda(runner.replay_last, warmup=3, repeats=20))
-    for r in reqs:
-        engine.abort(r.request_id)
+    graph = statistics.median(time_cuda(runner.replay_last, warmup=3, repeats=20)) \
+        if runner is not None and runner.can_replay else None
+    plain = calls(False, "p")
+    result = {"wall_s": statistics.median(overlapped), "samples": overlapped,
+              "plain_wall_s": statistics.median(plain), "plain_samples": plain,
+              "mean_context": context + (warmup + steps - 1) / 2}
+    if graph is not None:
+        result["graph_s"] = graph
     return result
 
 
@@ -150,15 +163,17 @@ def table(res: dict) -> str:
         hf, en = res["hf"]["prefill_s"][str(t)], res["engine"]["prefill"][str(t)]["wall_s"]
         lines.append(f"{t:>8} tokens  {floor * 1e3:9.2f} | {hf * 1e3:11.2f}  {floor / hf:9.1%} | "
                      f"{en * 1e3:9.2f}  {floor / en:9.1%}")
-    lines += ["", f"decode (context {CONTEXT})  floor ms |  HF eager ms  % | engine step ms  % | GPU step ms  %",
-              "-" * 88]
+    lines += ["", f"decode (context {CONTEXT})  floor ms |  HF eager ms  % | engine call ms  % | plain call ms  % "
+              "| GPU step ms  %", "-" * 108]
     for b in DECODE_BATCHES:
         floor = shape.decode_bytes(b, CONTEXT) / bw
         hf, en = res["hf"]["decode_s"][str(b)], res["engine"]["decode"][str(b)]
         g = en.get("graph_s")
         gtxt = f"{g * 1e3:11.2f} {floor / g:5.1%}" if g else "          -      "
+        plain = en.get("plain_wall_s") or en["wall_s"]
         lines.append(f"batch {b:>4}        {floor * 1e3:9.2f} | {hf * 1e3:11.2f} {floor / hf:5.1%} | "
-                     f"{en['wall_s'] * 1e3:14.2f} {floor / en['wall_s']:5.1%} | {gtxt}")
+                     f"{en['wall_s'] * 1e3:14.2f} {floor / en['wall_s']:5.1%} | {plain * 1e3:13.2f} "
+                     f"{floor / plain:5.1%} | {gtxt}")
     return "\n".join(lines)
 
 
