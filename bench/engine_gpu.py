@@ -160,14 +160,16 @@ def table(res: dict) -> str:
              "-" * 79]
     for t in PREFILL_LENGTHS:
         floor = shape.prefill_flops(t) / mm
-        hf, en = res["hf"]["prefill_s"][str(t)], res["engine"]["prefill"][str(t)]["wall_s"]
+        hf = res["hf"]["prefill_s"][str(t)] if res["hf"] else float("nan")
+        en = res["engine"]["prefill"][str(t)]["wall_s"]
         lines.append(f"{t:>8} tokens  {floor * 1e3:9.2f} | {hf * 1e3:11.2f}  {floor / hf:9.1%} | "
                      f"{en * 1e3:9.2f}  {floor / en:9.1%}")
     lines += ["", f"decode (context {CONTEXT})  floor ms |  HF eager ms  % | engine call ms  % | plain call ms  % "
               "| GPU step ms  %", "-" * 108]
     for b in DECODE_BATCHES:
         floor = shape.decode_bytes(b, CONTEXT) / bw
-        hf, en = res["hf"]["decode_s"][str(b)], res["engine"]["decode"][str(b)]
+        hf = res["hf"]["decode_s"][str(b)] if res["hf"] else float("nan")
+        en = res["engine"]["decode"][str(b)]
         g = en.get("graph_s")
         gtxt = f"{g * 1e3:11.2f} {floor / g:5.1%}" if g else "          -      "
         plain = en.get("plain_wall_s") or en["wall_s"]
@@ -182,6 +184,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/llama-3-8b-random"))
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline (write the checkpoint only)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
@@ -211,14 +214,16 @@ def main() -> int:
     write_checkpoint(model, args.checkpoint, config)
     write_tokenizer(args.checkpoint, shape.vocab)
     log("HF model built and checkpoint written")
-    time_hf_prefill(model, PREFILL_LENGTHS[-1])  # first calls pay cuBLAS / allocator warm-up
-    time_hf_decode(model, 8, 64)
-    res["hf"] = {"attention": model.config._attn_implementation,
-                 "prefill_s": {str(t): time_hf_prefill(model, t) for t in PREFILL_LENGTHS}, "decode_s": {}}
-    for b in DECODE_BATCHES:
-        res["hf"]["decode_s"][str(b)] = time_hf_decode(model, b, CONTEXT)
-        torch.cuda.empty_cache()
-    log("HF", res["hf"])
+    res["hf"] = None
+    if not args.no_hf:
+        time_hf_prefill(model, PREFILL_LENGTHS[-1])  # first calls pay cuBLAS / allocator warm-up
+        time_hf_decode(model, 8, 64)
+        res["hf"] = {"attention": model.config._attn_implementation,
+                     "prefill_s": {str(t): time_hf_prefill(model, t) for t in PREFILL_LENGTHS}, "decode_s": {}}
+        for b in DECODE_BATCHES:
+            res["hf"]["decode_s"][str(b)] = time_hf_decode(model, b, CONTEXT)
+            torch.cuda.empty_cache()
+        log("HF", res["hf"])
     del model
     gc.collect()
     torch.cuda.empty_cache()
