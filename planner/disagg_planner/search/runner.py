@@ -114,11 +114,20 @@ def branch_and_bound(
     found: list[tuple[int, float]] = []  # (gpus, goodput) of evaluated items
     running: dict[PhaseTask, Future] = {}
     waiting: list[Item] = []
+
+    def resolve(item: Item) -> None:
+        values[item.key] = item.value(cache)
+        found.append((item.gpus, values[item.key]))
+        tick(1)
+
     while queue or waiting:
         while queue and len(running) < pool.workers:
             item = queue.popleft()
             if _dominated(item.gpus, item.bound, found):
                 tick(1)
+                continue
+            if all(t in cache.goodput for t in item.tasks):
+                resolve(item)  # evaluated by an earlier step of the search: it prunes the queue right away
                 continue
             for task in item.tasks:
                 if task not in cache.goodput and task not in running:
@@ -130,9 +139,7 @@ def branch_and_bound(
                 cache.record(running.pop(task).result())
         for item in [it for it in waiting if all(t in cache.goodput for t in it.tasks)]:
             waiting.remove(item)
-            values[item.key] = item.value(cache)
-            found.append((item.gpus, values[item.key]))
-            tick(1)
+            resolve(item)
     by_key = {it.key: it for it in items}
     others = [(by_key[k].gpus, v, k) for k, v in values.items()]
     return {
