@@ -134,9 +134,9 @@ def simulate_decode(
         inst = pool[d]
         return inst.ledger.used * bs + inst.pending_tokens
 
-    # (committed, instance) of every instance, kept current by a push whenever an instance's changes (only
-    # assignment and its own boundaries change it); stale entries are skipped when they reach the top. So
-    # the least committed instance, the first of equals, costs O(log instances), not a scan.
+    # (committed, instance) entries: one is pushed whenever an instance's committed tokens may have changed
+    # (only an assignment to it and its own boundaries change them), and stale ones are dropped when they
+    # reach the top, so the least committed instance, the first of equals, costs O(log instances), not a scan.
     least: list[tuple[int, int]] = [(0, d) for d in range(instances)]
     times = ready.tolist()
     n = len(order)
