@@ -26,7 +26,7 @@ from .codec import LayerCodec, PartSpec, make_codec
 from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound, KVTimeout
 from .framing import FramedStream
 from .payload import TORCH_DTYPES, KVHeader, KVPayload
-from .staged import StagedKV, pack, padded, unpack
+from .staged import KVStagingError, StagedKV, pack, padded, unpack
 
 ChannelKind = Literal["tcp", "ipc", "nccl"]
 LayerStream = AsyncIterable[tuple[torch.Tensor, torch.Tensor]]
@@ -165,6 +165,25 @@ class KVChannel(ABC):
         await self.stream.send_json({"type": "begin", "header": header.model_dump(mode="json"), "codec": codec_info})
         layer_bytes = sum(padded(s.nbytes) for s in self.codec.part_specs(header))
         total = header.num_layers * layer_bytes
+        try:
+            count, batches = await self._send_batches(header, layers, layer_bytes, total)
+        except KVStagingError as e:
+            await self.send_error("internal", str(e))  # the receiver fails with the reason, not a bare EOF
+            raise
+        if count < header.num_layers:
+            # Short of the header's layers: the receiver waits for more, so tell it why there are none.
+            message = f"request {header.request_id}: the source ended after {count} of {header.num_layers} layers"
+            reply = await self._recv_reply_or_say(message)
+        else:
+            reply = await self.stream.recv_json()
+        if reply.get("type") != "ack":
+            raise _remote_error(reply)
+        wire = header.num_layers * sum(s.nbytes for s in self.codec.part_specs(header))
+        return TransferStats(header.request_id, self.kind, self.codec.name, count, wire, header.nbytes,
+                             time.perf_counter() - start, batches)
+
+    async def _send_batches(self, header: KVHeader, layers: LayerSource, layer_bytes: int,
+                            total: int) -> tuple[int, int]:
         count = batches = 0
         async for batch in self._batches(header, layers):
             if batch.wire.numel() != batch.count * layer_bytes:
@@ -178,17 +197,7 @@ class KVChannel(ABC):
             await self._ship(batch.wire, fields)
             count += batch.count
             batches += 1
-        if count < header.num_layers:
-            # Short of the header's layers: the receiver waits for more, so tell it why there are none.
-            message = f"request {header.request_id}: the source ended after {count} of {header.num_layers} layers"
-            reply = await self._recv_reply_or_say(message)
-        else:
-            reply = await self.stream.recv_json()
-        if reply.get("type") != "ack":
-            raise _remote_error(reply)
-        wire = header.num_layers * sum(s.nbytes for s in self.codec.part_specs(header))
-        return TransferStats(header.request_id, self.kind, self.codec.name, count, wire, header.nbytes,
-                             time.perf_counter() - start, batches)
+        return count, batches
 
     async def _recv_reply_or_say(self, message: str) -> dict:
         try:

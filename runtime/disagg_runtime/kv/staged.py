@@ -25,6 +25,10 @@ from .payload import TORCH_DTYPES, KVHeader, KVPayload
 ALIGN = 16
 
 
+class KVStagingError(KVChannelError):
+    """The forward that was staging a request's KV failed; the KV will never be complete."""
+
+
 def padded(nbytes: int) -> int:
     """`nbytes` rounded up to the wire alignment."""
     return -(-nbytes // ALIGN) * ALIGN
@@ -137,7 +141,7 @@ class StagedKV:
         """Wait until at least `at_least` layers are staged; returns how many are."""
         with self._lock:
             if self._error is not None:
-                raise KVChannelError(f"KV of {self.header.request_id} could not be staged: {self._error}")
+                raise KVStagingError(f"KV of {self.header.request_id} could not be staged: {self._error}")
             if self._ready >= at_least:
                 return self._ready
             loop = asyncio.get_running_loop()
@@ -145,10 +149,10 @@ class StagedKV:
             self._waiters.append((at_least, loop, fut))
         try:
             return await fut
-        except KVChannelError:
+        except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the producer's failure, surfaced as a KV error
-            raise KVChannelError(f"KV of {self.header.request_id} could not be staged: {e}") from e
+            raise KVStagingError(f"KV of {self.header.request_id} could not be staged: {e}") from e
 
     def device_wait(self, layers: int) -> None:
         """Make the current stream wait for the copies of layers [0, layers) (a no-op off the GPU)."""
