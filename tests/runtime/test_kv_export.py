@@ -165,3 +165,40 @@ async def test_staged_kv_pulls_in_one_batch_and_is_freed_after_the_ack(llama_dir
     assert [s.batches for s in stats] == [1] * len(reqs)  # a complete staging ships as one batch
     assert sorted(r for r, ok in source.released if ok) == sorted(want)
     assert engine.kv_export.staged_bytes == 0 and engine.free_blocks == engine.total_blocks
+
+
+async def test_served_requests_ship_staged_kv_and_leave_no_staging_behind(llama_dir):
+    import aiohttp
+    from disagg_runtime.router.app import RouterConfig
+    from disagg_runtime.serve.inprocess import InProcessDeployment
+    from disagg_runtime.workers.base import WorkerConfig
+    from disagg_runtime.workers.decode import DecodeWorker
+    from disagg_runtime.workers.prefill import PrefillWorker
+
+    prefill_engine = Engine.load(llama_dir, num_blocks=128)
+    gathered = []
+    real_gather = prefill_engine.kv_export.gather
+    prefill_engine.kv_export.gather = lambda *a: gathered.append(a) or real_gather(*a)  # a spy, not a stub
+    p = PrefillWorker(prefill_engine, WorkerConfig())
+    d = DecodeWorker(Engine.load(llama_dir, num_blocks=128), WorkerConfig())
+    prompts = [r.prompt_ids for r in _requests()]
+    solo = Engine.load(llama_dir, num_blocks=64)
+    want = solo.generate([GenerationRequest(f"w{i}", q, SamplingParams(max_tokens=6, ignore_eos=True))
+                          for i, q in enumerate(prompts)])
+    async with InProcessDeployment([p], [d], RouterConfig(prefill=[], decode=[])) as dep, \
+            aiohttp.ClientSession() as s:
+
+        async def one(prompt):
+            body = {"prompt": prompt, "max_tokens": 6, "ignore_eos": True, "temperature": 0,
+                    "return_token_ids": True}
+            async with s.post(f"{dep.url}/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                return (await resp.json())["choices"][0]["token_ids"]
+
+        got = await asyncio.gather(*(one(q) for q in prompts))
+        await asyncio.sleep(0.05)
+        staged_after = prefill_engine.kv_export.staged_bytes
+        free_after = prefill_engine.free_blocks
+    assert got == [want[f"w{i}"] for i in range(len(prompts))]
+    assert gathered == []  # every pull shipped the staging, none gathered blocks
+    assert staged_after == 0 and free_after == prefill_engine.total_blocks

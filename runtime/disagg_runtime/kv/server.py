@@ -71,6 +71,7 @@ class KVServer:
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task] = set()
         self._busy: set[asyncio.Task] = set()  # links in the middle of a pull or a release
+        self._closing = False
 
     async def start(self) -> int:
         """Listen; returns the bound port (useful with port 0)."""
@@ -115,6 +116,8 @@ class KVServer:
                 await self._answer(channel, msg)
             finally:
                 self._busy.discard(task)
+            if self._closing:
+                return
 
     async def _answer(self, channel: KVChannel, msg: dict) -> None:
         ticket = msg.get("ticket")
@@ -168,6 +171,10 @@ class KVServer:
             self._server.close()
             await self._server.wait_closed()
         # A link mid-pull finishes it (its receiver has the bytes and is acking); idle links just end.
+        self._closing = True
+        for task in list(self._links):
+            if task not in self._busy:
+                task.cancel()
         busy = list(self._busy)
         if busy:
             await asyncio.wait(busy, timeout=self.timeout)
