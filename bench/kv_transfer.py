@@ -52,6 +52,7 @@ PATH_SHAPES: dict[str, dict] = {
                   "num_key_value_heads": 4, "vocab_size": 2048, "max_position_embeddings": 1024},
 }
 GOAL_SHARE = 0.005
+FIXED_REPEATS = 50
 
 SERVER = textwrap.dedent(
     """
@@ -66,7 +67,7 @@ SERVER = textwrap.dedent(
         # Keeps each staged payload after a pull, so the benchmark can pull it again.
         def __init__(self):
             self.staged = {}
-            for n in tokens:
+            for n in sorted({1, *tokens}):
                 p = make_payload(f"t{n}", tokens=n, layers=shape["layers"], heads=shape["heads"],
                                  dim=shape["dim"], dtype=shape["dtype"])
                 p.keys = [k.to(device) for k in p.keys]
@@ -98,6 +99,19 @@ async def pull_times(port: int, device: str, channel: str, codec: str, tokens: l
     try:
         for n in tokens:  # link setup, and the sender's staging grown to the largest payload
             await puller.pull(KVAddress("127.0.0.1", port), f"t{n}")
+        if codec == "none":
+            # The fixed cost itself: a 1-token payload (every layer, a few KiB), pulled many times.
+            fixed = []
+            for _ in range(FIXED_REPEATS):
+                t0 = time.perf_counter()
+                await puller.pull(KVAddress("127.0.0.1", port), "t1")
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                fixed.append(time.perf_counter() - t0)
+            rows.append({"channel": channel, "codec": codec, "tokens": 1, "raw_bytes": stats[-1].raw_bytes,
+                         "wire_bytes": stats[-1].wire_bytes, "seconds_median": statistics.median(fixed),
+                         "seconds_min": min(fixed), "raw_gb_per_s": stats[-1].raw_bytes / statistics.median(fixed) / 1e9,
+                         "us_per_token": statistics.median(fixed) * 1e6, "fixed_cost_probe": True})
         for n in tokens:
             seconds = []
             for _ in range(repeats):
@@ -134,8 +148,15 @@ def _summed(samples: dict, name: str) -> float:
 
 
 def fixed_cost(rows: list[dict], channel: str) -> float | None:
+    """Median seconds of a 1-token raw pull: every control message, copy launch and sync, ~no bytes."""
+    probe = [r["seconds_median"] for r in rows if r["channel"] == channel and r.get("fixed_cost_probe")]
+    return probe[0] if probe else None
+
+
+def intercept(rows: list[dict], channel: str) -> float | None:
     """Intercept (seconds) of the least-squares line through (raw bytes, median seconds) of raw pulls."""
-    pts = [(r["raw_bytes"], r["seconds_median"]) for r in rows if r["channel"] == channel and r["codec"] == "none"]
+    pts = [(r["raw_bytes"], r["seconds_median"]) for r in rows
+           if r["channel"] == channel and r["codec"] == "none" and not r.get("fixed_cost_probe")]
     if len(pts) < 2:
         return None
     mx = statistics.fmean(x for x, _ in pts)
@@ -215,6 +236,7 @@ def main() -> int:
     ap.add_argument("--channels", help="comma list of tcp, nccl, ipc (default: tcp,nccl on CPU, ipc,tcp on GPU)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--skip-path", action="store_true", help="only the channel table")
+    ap.add_argument("--path", action="store_true", help=argparse.SUPPRESS)  # the full path runs by default now
     ap.add_argument("--path-only", action="store_true", help="only the full-path measurement")
     ap.add_argument("--model-path", help="full path: model directory (default: a random --path-shape model)")
     ap.add_argument("--path-shape", choices=sorted(PATH_SHAPES),
@@ -267,10 +289,14 @@ def main() -> int:
                       f"{r['raw_gb_per_s']:.2f}", f"{r['us_per_token']:.1f}")
     console = Console(width=120)
     fixed = {c: fixed_cost(rows, c) for c in channels}
+    lines = {c: intercept(rows, c) for c in channels}
     if rows:
         console.print(table)
-        console.print("per-pull fixed cost (intercept over sizes): " + ", ".join(
-            f"{c} {'-' if v is None else f'{v * 1e3:.3f} ms'}" for c, v in fixed.items()))
+        console.print("per-pull fixed cost (1-token pull, median of "
+                      f"{FIXED_REPEATS}): " + ", ".join(f"{c} {'-' if v is None else f'{v * 1e3:.3f} ms'}"
+                                                        for c, v in fixed.items())
+                      + "; intercept of the size fit: " + ", ".join(
+                          f"{c} {'-' if v is None else f'{v * 1e3:.3f} ms'}" for c, v in lines.items()))
     if path is not None:
         console.print(f"full path ({path['channels']}, {path['prompt_tokens']}+{path['output_tokens']} tokens, "
                       f"{path['requests']} requests): KV pull {path['kv_pull_s_median'] * 1e3:.3f} ms median, request "
@@ -285,6 +311,7 @@ def main() -> int:
                "e2e_s_median": None if path is None else path["e2e_s_median"],
                "per_pull_fixed_cost_s": fixed.get(path_channel) if path_channel else None,
                "per_pull_fixed_cost_s_by_channel": fixed,
+               "size_fit_intercept_s_by_channel": lines,
                "path_channel": args.path_channel}
     doc = {"benchmark": "kv_transfer", "summary": summary, "shape": SHAPE, "device": args.device,
            "device_name": device_name, "cpus": os.cpu_count(),

@@ -202,3 +202,27 @@ async def test_served_requests_ship_staged_kv_and_leave_no_staging_behind(llama_
     assert got == [want[f"w{i}"] for i in range(len(prompts))]
     assert gathered == []  # every pull shipped the staging, none gathered blocks
     assert staged_after == 0 and free_after == prefill_engine.total_blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_gpu_prefill_stages_the_bytes_of_the_whole_export(llama_dir):
+    engine = Engine.load(llama_dir, device="cuda", dtype=torch.bfloat16, num_blocks=64, cuda_graphs=False)
+    assert engine.gpu_runner is not None  # the fused path, not the torch backend
+    calls: list[int] = []
+    exporter = engine.kv_export
+    real = exporter._after_layer
+    exporter._after_layer = lambda i: calls.append(i) or real(i)  # a spy: which layers the fused forward staged
+    reqs = _requests()
+    engine.prefill(reqs, reserve_decode=False)
+    torch.cuda.synchronize()
+    assert calls == list(range(engine.num_layers))  # staged from inside the forward, layer by layer
+    assert engine.gpu_runner.fused.after_prefill_layer is None  # decode steps never call it
+    for req in reqs:
+        staged = exporter.get(req.request_id)
+        assert staged.complete and staged.buffer.is_cuda
+        blocks = engine._seqs[req.request_id].block_table
+        _bit_equal(engine.export_kv(req.request_id), exporter.gather(blocks, req.request_id, len(req.prompt_ids)))
+    for req in reqs:
+        engine.release(req.request_id)
+    assert exporter.staged_bytes == 0
