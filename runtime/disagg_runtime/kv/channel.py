@@ -54,6 +54,8 @@ class _Batch:
     count: int
     wire: torch.Tensor  # uint8, the batch's layers in the wire layout
     parts: list[dict]  # one layer's part specs, as on the wire
+    # Completes when `wire` is written (a staging's layer event); None: it was made on the current stream.
+    ready: torch.cuda.Event | None = None
 
 
 async def payload_layers(payload: KVPayload) -> AsyncIterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -107,9 +109,11 @@ class KVChannel(ABC):
     def _landing(self, nbytes: int, device: torch.device) -> torch.Tensor:
         """The uint8 buffer a whole payload's wire bytes land in (on the data plane's device)."""
 
-    async def _stage_out(self, wire: torch.Tensor, offset: int, total: int) -> dict:
+    async def _stage_out(self, wire: torch.Tensor, offset: int, total: int,
+                         ready: torch.cuda.Event | None) -> dict:
         """Sender, before a batch's `layers` message: prepare `wire` (bytes [offset, offset + len) of a
-        `total`-byte payload); returns fields the message carries to the receiver's `_land`."""
+        `total`-byte payload, written once `ready` completes); returns fields the message carries to the
+        receiver's `_land`."""
         return {}
 
     @abstractmethod
@@ -144,7 +148,7 @@ class KVChannel(ABC):
                 upto = await layers.wait_ready(sent + 1)
                 layers.device_wait(upto)
                 if raw:  # the staged bytes are the wire bytes
-                    yield _Batch(sent, upto - sent, layers.wire(sent, upto), want)
+                    yield _Batch(sent, upto - sent, layers.wire(sent, upto), want, layers.event(upto))
                 else:
                     for i in range(sent, upto):
                         yield _Batch(i, 1, pack(self.codec.encode(layers.key(i), layers.value(i))), want)
@@ -191,7 +195,7 @@ class KVChannel(ABC):
                 await self.stream.send_json({"type": "layers", "start": batch.start, "count": batch.count,
                                              "parts": batch.parts})
                 break
-            fields = await self._stage_out(batch.wire, batch.start * layer_bytes, total)
+            fields = await self._stage_out(batch.wire, batch.start * layer_bytes, total, batch.ready)
             await self.stream.send_json({"type": "layers", "start": batch.start, "count": batch.count,
                                          "parts": batch.parts, **fields})
             await self._ship(batch.wire, fields)

@@ -6,7 +6,9 @@ grew): opening an IPC memory handle costs milliseconds, which per pull was most 
 that a batch of layers is one device-to-device copy into the staging buffer, an event record, a small
 control message, and on the receiver a stream wait on that event plus one copy out (NVLink/PCIe).
 The receiver synchronises its copy before the ack, and pulls on a link are serialised, so the sender
-never overwrites bytes a receiver still reads.
+never overwrites bytes a receiver still reads. Both ends copy on a stream of their own: on the default
+stream a copy would queue behind every prefill or decode kernel the engine thread enqueued meanwhile
+(milliseconds), and the receiver's sync would wait for them too.
 
 Only the mapping message is pickled (torch.multiprocessing's reductions turn the CUDA tensor into an IPC
 handle); it is read only on a link whose peer proved the internal token (kv/auth.py), like every frame.
@@ -43,6 +45,12 @@ class CudaIpcKVChannel(KVChannel):
         self._event: torch.cuda.Event | None = None  # sender: recorded after each copy into staging
         self._mapped: torch.Tensor | None = None  # receiver: the peer's staging buffer, kept mapped
         self._peer_event: torch.cuda.Event | None = None
+        self._copy_stream: torch.cuda.Stream | None = None
+
+    def _stream_on(self, device: torch.device) -> torch.cuda.Stream:
+        if self._copy_stream is None or self._copy_stream.device != device:
+            self._copy_stream = torch.cuda.Stream(device)
+        return self._copy_stream
 
     @property
     def staging_bytes(self) -> int:
@@ -51,7 +59,8 @@ class CudaIpcKVChannel(KVChannel):
         return 0 if held is None else held.numel()
 
     # ---- sender -------------------------------------------------------------------------------------
-    async def _stage_out(self, wire: torch.Tensor, offset: int, total: int) -> dict:
+    async def _stage_out(self, wire: torch.Tensor, offset: int, total: int,
+                         ready: torch.cuda.Event | None) -> dict:
         if not _shareable(wire):
             raise KVChannelError(f"the ipc KV channel shares CUDA memory; got a {wire.device} tensor. Use "
                                  "kvChannel tcp for CPU workers")
@@ -62,10 +71,21 @@ class CudaIpcKVChannel(KVChannel):
             staging = self._staging = torch.empty(1 << (size - 1).bit_length(), dtype=torch.uint8,
                                                   device=wire.device)
             self._event = torch.cuda.Event(interprocess=True) if wire.is_cuda else None
-        staging[offset:offset + wire.numel()].copy_(wire)
-        if self._event is not None:
-            # Recorded before the control message goes out, so the receiver's wait covers this copy.
-            self._event.record(torch.cuda.current_stream(wire.device))
+        if not wire.is_cuda:
+            staging[offset:offset + wire.numel()].copy_(wire)
+            return {"map": fresh}
+        side = self._stream_on(wire.device)
+        if ready is not None:
+            side.wait_event(ready)  # the staged layers' copies, not whatever the engine enqueued since
+        else:
+            side.wait_stream(torch.cuda.current_stream(wire.device))  # wire was just encoded there
+        if fresh:
+            staging.record_stream(side)  # freed (link closed) only once this stream's copies are done
+        wire.record_stream(side)
+        with torch.cuda.stream(side):
+            staging[offset:offset + wire.numel()].copy_(wire, non_blocking=True)
+        # Recorded before the control message goes out, so the receiver's wait covers this copy.
+        self._event.record(side)
         return {"map": fresh}
 
     async def _ship(self, wire: torch.Tensor, fields: dict) -> None:
@@ -100,15 +120,25 @@ class CudaIpcKVChannel(KVChannel):
         if self._mapped.numel() < offset + out.numel():
             raise KVMismatchError(f"IPC staging buffer of {self._mapped.numel()} bytes cannot hold bytes "
                                   f"[{offset}, {offset + out.numel()}) of this payload")
+        source = self._mapped[offset:offset + out.numel()]
+        if not out.is_cuda:
+            out.copy_(source)
+            return
+        side = self._stream_on(out.device)
         if self._peer_event is not None:
-            torch.cuda.current_stream(out.device).wait_event(self._peer_event)
-        out.copy_(self._mapped[offset:offset + out.numel()], non_blocking=out.is_cuda)
+            side.wait_event(self._peer_event)
+        out.record_stream(side)  # a failed pull may free the landing buffer before this copy ran
+        with torch.cuda.stream(side):
+            out.copy_(source, non_blocking=True)
 
     async def _settle(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # copied out before the ack lets the sender reuse it
+        if device.type == "cuda" and self._copy_stream is not None:
+            # Copied out before the ack lets the sender reuse its staging; the host sync also makes the
+            # payload safe to read from any stream of the engine thread.
+            self._copy_stream.synchronize()
 
     async def close(self) -> None:
         await super().close()
         self._staging = self._mapped = None
         self._event = self._peer_event = None
+        self._copy_stream = None

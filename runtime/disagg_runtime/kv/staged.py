@@ -154,6 +154,10 @@ class StagedKV:
         except Exception as e:  # noqa: BLE001 - the producer's failure, surfaced as a KV error
             raise KVStagingError(f"KV of {self.header.request_id} could not be staged: {e}") from e
 
+    def event(self, layers: int) -> torch.cuda.Event | None:
+        """The CUDA event that completes when layers [0, layers) are staged (None off the GPU)."""
+        return self._events[layers - 1] if self.device.type == "cuda" and layers else None
+
     def device_wait(self, layers: int) -> None:
         """Make the current stream wait for the copies of layers [0, layers) (a no-op off the GPU)."""
         if self.device.type == "cuda" and layers:
