@@ -178,3 +178,19 @@ async def test_ipc_maps_the_staging_buffer_once_per_link_and_frees_it_on_close(f
     await sender.close()
     await receiver.close()
     assert sender.staging_bytes == 0 and receiver.staging_bytes == 0
+
+
+async def test_fp8_staged_kv_goes_out_as_one_batch_within_the_codec_error():
+    p = make_payload("r", tokens=50, heads=4, dim=32, layers=6, dtype="bfloat16")
+    server = KVServer(StagedSource([StagedKV.of(p)]), local=HERE, host="127.0.0.1", timeout=5.0)
+    await server.start()
+    stats = []
+    puller = KVPuller(local=HERE, codec="fp8", timeout=5.0, on_transfer=stats.append)
+    try:
+        got = await puller.pull(KVAddress("127.0.0.1", server.port), "r")
+    finally:
+        await puller.close()
+        await server.close()
+    assert got.header == p.header and stats[0].batches == 1 and stats[0].codec == "fp8"
+    for a, b in zip(got.keys + got.values, p.keys + p.values, strict=True):
+        assert (a.float() - b.float()).abs().max() <= b.float().abs().max() / 8

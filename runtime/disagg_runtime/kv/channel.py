@@ -149,9 +149,9 @@ class KVChannel(ABC):
                 layers.device_wait(upto)
                 if raw:  # the staged bytes are the wire bytes
                     yield _Batch(sent, upto - sent, layers.wire(sent, upto), want, layers.event(upto))
-                else:
-                    for i in range(sent, upto):
-                        yield _Batch(i, 1, pack(self.codec.encode(layers.key(i), layers.value(i))), want)
+                else:  # encoded layer after layer, shipped together: each layer's parts are a multiple of ALIGN
+                    parts = [p for i in range(sent, upto) for p in self.codec.encode(layers.key(i), layers.value(i))]
+                    yield _Batch(sent, upto - sent, pack(parts), want)
                 sent = upto
             return
         count = 0
