@@ -110,7 +110,8 @@ def default_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> i
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                                  num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+                                  num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                                  num_stages: int = 2) -> torch.Tensor:
     """Triton launch; shapes as in `reference.paged_decode_attention_ref`. Returns [B, Hq, D] in q's dtype."""
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -140,7 +141,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         stride_mb, stride_mh,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch, num_q_heads)](
