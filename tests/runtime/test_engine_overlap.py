@@ -10,6 +10,7 @@ import torch
 from disagg_runtime.engine import Engine, GenerationRequest, SamplingParams
 from disagg_runtime.engine.gpu import FusedLlama, GpuStepRunner
 from disagg_runtime.engine.overlap import gathered
+from disagg_runtime.models.testing import write_random_model
 
 
 def _req(rid: str, n: int, max_tokens: int, *, seed: int, sample_seed: int | None = None,
@@ -152,9 +153,12 @@ def test_overlap_is_on_by_default_only_for_the_fused_gpu_path(llama_dir):
 
 
 @pytest.mark.gpu
-def test_overlapped_graph_steps_give_the_plain_steps_tokens_on_cuda(llama_dir):
-    plain = Engine.load(llama_dir, device="cuda", overlap_decode=False)
-    overlapped = Engine.load(llama_dir, device="cuda")
+def test_overlapped_graph_steps_give_the_plain_steps_tokens_on_cuda(tmp_path):
+    # Head dim 128 as the GPU kernels expect; a fixed cache, or the first engine takes 90% of the card.
+    path = write_random_model(tmp_path, arch="llama", seed=9, num_hidden_layers=2, hidden_size=256,
+                              intermediate_size=512, num_attention_heads=2, num_key_value_heads=1)
+    plain = Engine.load(path, device="cuda", num_blocks=512, overlap_decode=False)
+    overlapped = Engine.load(path, device="cuda", num_blocks=512)
     assert overlapped.overlap_decode and overlapped.gpu_runner is not None and overlapped.gpu_runner.sizes
 
     def run(engine):
@@ -174,5 +178,7 @@ def test_overlapped_graph_steps_give_the_plain_steps_tokens_on_cuda(llama_dir):
         return got
 
     want, got = run(plain), run(overlapped)
+    assert plain.preemption_stats.preemptions == overlapped.preemption_stats.preemptions == 0
+    assert {rid: got[rid] for rid in got if got[rid] != want[rid]} == {}
     assert got == want
     assert overlapped.free_blocks == overlapped.total_blocks
