@@ -1,9 +1,10 @@
 """The fast paths of the search give what the plain ones give: the same plan, the same simulated numbers.
 
-The search skips goodput estimates the choice cannot use (`contenders`), and the simulators take traces
+The search skips goodput estimates the choice cannot use (`contenders`), fits replica counts trying the
+capacity bound's count before bisecting (`bisect_counts` is bisection alone), and the simulators take traces
 built from the search's arrays and build per-request result objects only on demand. Each is held to its
-reference: every candidate estimated (`estimate_all`), traces built from SimRequest objects, results
-built eagerly.
+reference: every candidate estimated (`estimate_all`) with counts bisected (`bisect_counts`), traces built
+from SimRequest objects, results built eagerly.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _spec(model: str, nodes: int, gpus_per_node: int, rate: float, ttft: int, tp
 ], ids=["13b-1x4", "13b-2x8-slow-net", "66b-2x8-disagg", "13b-1x8-unreachable"])
 def test_the_search_returns_the_plan_of_its_reference_path(spec: DisaggServingSpec) -> None:
     fast = find_plan(spec, workers=1)
-    reference = find_plan(spec, workers=1, estimate_all=True)
+    reference = find_plan(spec, workers=1, estimate_all=True, bisect_counts=True)
     assert fast.model_dump() == reference.model_dump()
 
 
