@@ -10,8 +10,9 @@ step:
 - prefill: single requests sent back to back (an engine left idle answers its next prefill late on a
   shared CPU, which an engine under load never sees), TTFT against one engine prefill of the prompt;
 - decode: bursts of B requests sent together, for B in the decode batches; the inter-token gaps while all
-  B decode together (after the last joined, before the first finished) against one engine decode step
-  of B sequences at that context; `decode_step_s + decode_per_seq_s·B` is fitted to those differences;
+  B decode together (after the last joined, before the first finished; see `steady_gaps`) against one
+  engine decode step of B sequences at that context; `decode_step_s + decode_per_seq_s·B` is fitted to
+  those differences;
 - KV hand-off (disaggregated): the singles' gap from the first to the second token, less the served
   decode step, fitted as fixed + per-token over prompts of two lengths: the fixed part is `kv_handoff_s`,
   the per-token part the link bandwidth the pulls saw.
@@ -116,20 +117,31 @@ async def _singles(url: str, engine: _EngineTimes, plan: ServedProbePlan, probes
         probes.first_gaps[tokens] = gaps
 
 
-def steady_gaps(records: list[RequestRecord], prompt_tokens: int) -> list[tuple[float, int]]:
-    """(gap, context per sequence) of every inter-token gap while all `records` decode together: after the
-    last one's second token, up to the first one's last token."""
-    start = max(r.token_times[1] for r in records)
-    end = min(r.token_times[-1] for r in records)
-    out = []
+def steady_gaps(records: list[RequestRecord], prompt_tokens: int) -> tuple[int, list[tuple[float, int]]]:
+    """The most requests that decoded together, and the (gap, context per sequence) of each inter-token gap
+    while that many did.
+
+    A request decodes from its second token to its last, as the client sees it; the batch of a gap is the
+    count of requests decoding all through it. Disaggregated, a burst's KV pulls land one after another,
+    so with short outputs the first requests may finish before the last joins: the plateau is then below
+    the burst's size, and that is the batch the gaps are charged to.
+    """
+    starts = np.array([r.token_times[1] for r in records])
+    ends = np.array([r.token_times[-1] for r in records])
+    gaps: list[tuple[float, int, int]] = []
     for r in records:
-        times = r.token_times
-        for i in range(1, len(times) - 1):
-            if times[i] >= start and times[i + 1] <= end:
-                # Token i+1 comes from the decode step whose KV holds the prompt and tokens 0..i-1, as the
-                # engine profile's DecodeSample.sum_context counts it.
-                out.append((times[i + 1] - times[i], prompt_tokens + i))
-    return out
+        times = np.asarray(r.token_times[1:])
+        if len(times) < 2:
+            continue
+        lo, hi = times[:-1], times[1:]
+        batch = ((starts[None, :] <= lo[:, None]) & (ends[None, :] >= hi[:, None])).sum(axis=1)
+        # Token i+1 comes from the decode step whose KV holds the prompt and tokens 0..i-1 (i = 1, 2, ...),
+        # as the engine profile's DecodeSample.sum_context counts it.
+        gaps += [(float(g), int(n), prompt_tokens + i) for i, (g, n) in enumerate(zip(hi - lo, batch, strict=True), 1)]
+    if not gaps:
+        return 0, []
+    plateau = max(b for _, b, _ in gaps)
+    return plateau, [(g, c) for g, b, c in gaps if b == plateau]
 
 
 async def _bursts(url: str, engine: _EngineTimes, plan: ServedProbePlan, probes: _Probes, timeout: float,
@@ -144,16 +156,18 @@ async def _bursts(url: str, engine: _EngineTimes, plan: ServedProbePlan, probes:
         if len(records) < batch:
             skipped.append(f"decode batch {batch}: {batch - len(records)} of its requests failed")
             continue
-        gaps = steady_gaps(records, tokens)
+        together, gaps = steady_gaps(records, tokens)
         if not gaps:
-            skipped.append(f"decode batch {batch}: its requests never decoded all together; "
-                           "use longer outputs or a smaller batch")
+            skipped.append(f"decode batch {batch}: no inter-token gaps; use longer outputs")
             continue
+        if together < batch:
+            skipped.append(f"decode batch {batch}: at most {together} of its requests decoded together (the "
+                           "first finished before the last joined); measured at that batch")
         measured = statistics.median(g for g, _ in gaps)
         context = statistics.median(c for _, c in gaps)
-        probes.entries.append(ServedProbe(kind="decode", batch_size=batch, tokens=tokens, samples=len(gaps),
+        probes.entries.append(ServedProbe(kind="decode", batch_size=together, tokens=tokens, samples=len(gaps),
                                           measured_seconds=measured,
-                                          engine_seconds=engine.decode_s(batch, context)))
+                                          engine_seconds=engine.decode_s(together, context)))
 
 
 def _nonneg_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
