@@ -107,3 +107,15 @@ def test_steady_gaps_are_those_while_the_most_requests_decode():
     # Outputs too short to overlap: each decoded alone, and that is the batch measured.
     together, gaps = steady_gaps([rec(0, [0.0, 1.0, 2.0]), rec(1, [3.0, 4.0, 5.0])], 10)
     assert together == 1 and sorted(gaps) == [(1.0, 11), (1.0, 11)]
+
+
+def test_serve_local_takes_the_cpu_affinity_flag():
+    from disagg_runtime.serve.options import add_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--local", "--cpu-affinity", "prefill=0,decode=0"])
+    assert args.cpu_affinity == {"prefill": {0}, "decode": {0}}
+    assert parser.parse_args(["--local"]).cpu_affinity is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--local", "--cpu-affinity", "decode"])
