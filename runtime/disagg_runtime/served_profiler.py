@@ -12,7 +12,7 @@ step:
 - decode: bursts of B requests sent together, for B in the decode batches; the inter-token gaps while all
   B decode together (after the last joined, before the first finished; see `steady_gaps`) against one
   engine decode step of B sequences at that context; `decode_step_s + decode_per_seq_s·B` is fitted to
-  those differences;
+  those differences (`robust_line`);
 - KV hand-off (disaggregated): the singles' gap from the first to the second token, less the served
   decode step, fitted as fixed + per-token over prompts of two lengths: the fixed part is `kv_handoff_s`,
   the per-token part the link bandwidth the pulls saw.
@@ -43,12 +43,14 @@ class ServedProfileError(RuntimeError):
 class ServedProbePlan:
     """What to send: prompt lengths (the first is the planner's typical prompt; a second one lets the KV
     hand-off's fixed cost be told from its per-token cost), the output length of every probe, the decode
-    batch sizes to burst, and how many back-to-back singles per prompt length."""
+    batch sizes to burst, how many back-to-back singles per prompt length and how many bursts per
+    batch (their gaps are pooled: on a shared machine one burst can fall into another job's spike)."""
 
     prompt_tokens: Sequence[int]
     output_tokens: int
     decode_batches: Sequence[int]
     singles: int = 6
+    bursts: int = 2
 
     def __post_init__(self) -> None:
         if not self.prompt_tokens or min(self.prompt_tokens) < 1:
@@ -57,8 +59,8 @@ class ServedProbePlan:
             raise ValueError(f"output_tokens must be >= 4 to leave inter-token gaps, got {self.output_tokens}")
         if not self.decode_batches or min(self.decode_batches) < 1:
             raise ValueError(f"decode_batches needs at least one batch >= 1, got {list(self.decode_batches)}")
-        if self.singles < 1:
-            raise ValueError(f"singles must be >= 1, got {self.singles}")
+        if self.singles < 1 or self.bursts < 1:
+            raise ValueError(f"singles and bursts must be >= 1, got {self.singles} and {self.bursts}")
 
 
 @dataclass
@@ -152,14 +154,16 @@ async def _bursts(url: str, engine: _EngineTimes, plan: ServedProbePlan, probes:
     await _send(url, [SimRequest(0.0, tokens, plan.output_tokens)] * widest, seed=20_000, timeout=timeout)
     for batch in sorted(plan.decode_batches):
         trace = [SimRequest(0.0, tokens, plan.output_tokens)] * batch
-        records = _ok(await _send(url, trace, seed=batch, timeout=timeout), f"burst of {batch}")
-        if len(records) < batch:
-            skipped.append(f"decode batch {batch}: {batch - len(records)} of its requests failed")
+        runs = []
+        for k in range(plan.bursts):
+            records = _ok(await _send(url, trace, seed=batch * 100 + k, timeout=timeout), f"burst of {batch}")
+            if len(records) == batch:
+                runs.append(steady_gaps(records, tokens))
+        if not any(g for _, g in runs):
+            skipped.append(f"decode batch {batch}: no burst whose requests all answered and left inter-token gaps")
             continue
-        together, gaps = steady_gaps(records, tokens)
-        if not gaps:
-            skipped.append(f"decode batch {batch}: no inter-token gaps; use longer outputs")
-            continue
+        together = min(n for n, g in runs if g)
+        gaps = [gap for n, g in runs if n == together for gap in g]
         if together < batch:
             skipped.append(f"decode batch {batch}: at most {together} of its requests decoded together (the "
                            "first finished before the last joined); measured at that batch")
@@ -168,6 +172,19 @@ async def _bursts(url: str, engine: _EngineTimes, plan: ServedProbePlan, probes:
         probes.entries.append(ServedProbe(kind="decode", batch_size=together, tokens=tokens, samples=len(gaps),
                                           measured_seconds=measured,
                                           engine_seconds=engine.decode_s(together, context)))
+
+
+def robust_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(a, b) >= 0 of a + b·x through the points, robust to a point thrown off by another job's load spike:
+    Siegel's repeated median (per point, the median slope to the others; their median), then the median
+    intercept; a constant where all x are equal."""
+    slopes = []
+    for i in range(len(x)):
+        own = [(y[j] - y[i]) / (x[j] - x[i]) for j in range(len(x)) if x[j] != x[i]]
+        if own:
+            slopes.append(float(np.median(own)))
+    slope = max(0.0, float(np.median(slopes))) if slopes else 0.0
+    return max(0.0, float(np.median([yi - slope * xi for xi, yi in zip(x, y, strict=True)]))), slope
 
 
 def _nonneg_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
@@ -189,8 +206,8 @@ def overhead_from_probes(probes: Sequence[ServedProbe], first_gaps: dict[int, li
         raise ServedProfileError(f"need prefill and decode probes, got {len(prefill)} and {len(decode)}")
     main = prefill[0]
     prefill_s = max(0.0, main.measured_seconds - main.engine_seconds)
-    step_s, per_seq_s = _nonneg_line([p.batch_size for p in decode],
-                                     [p.measured_seconds - p.engine_seconds for p in decode])
+    step_s, per_seq_s = robust_line([p.batch_size for p in decode],
+                                    [p.measured_seconds - p.engine_seconds for p in decode])
     extra: list[ServedProbe] = []
     kv_handoff_s = kv_link_gbps = None
     if mode == "disaggregated":

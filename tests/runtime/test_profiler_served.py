@@ -119,3 +119,15 @@ def test_serve_local_takes_the_cpu_affinity_flag():
     assert parser.parse_args(["--local"]).cpu_affinity is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--local", "--cpu-affinity", "decode"])
+
+
+def test_the_decode_overhead_line_shrugs_off_one_spiked_point():
+    from disagg_runtime.served_profiler import robust_line
+
+    batches = [1, 2, 4, 8, 16, 32]
+    line = [0.001 + 0.0002 * b for b in batches]
+    assert robust_line(batches, line) == pytest.approx((0.001, 0.0002))
+    spiked = [*line[:3], line[3] + 0.05, *line[4:]]  # another job ran during the burst of 8
+    assert robust_line(batches, spiked) == pytest.approx((0.001, 0.0002))
+    assert robust_line([1, 4], [0.002, 0.001]) == (pytest.approx(0.0015), 0.0)  # never a falling line
+    assert robust_line([4], [-0.001]) == (0.0, 0.0)
