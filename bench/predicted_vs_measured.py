@@ -396,7 +396,10 @@ def main() -> None:
     prof = profile_served_path(prof, model_dir, args.modes, worker_args_of(args), devices, affinity, inputs, outputs)
     latency = {m: model_for(prof, gpu, m) for m in args.modes}
     link_gbps = kv_link(prof)
-    goodput = {m: predicted_goodput(m, latency[m], spec, slo, args.budget, link_gbps) for m in args.modes}
+    # Bisected on traces as long as the replayed ones: a short trace builds less queue, so a 600-request
+    # goodput would put every replayed rate below the knee of the traces actually sent.
+    goodput = {m: predicted_goodput(m, latency[m], spec, slo, args.budget, link_gbps, n=args.num_requests)
+               for m in args.modes}
     rates = {m: args.rates or bracket(goodput[m], args.rate_factors) for m in args.modes}
     print(f"{shape} on {args.device}: prefill({round(inputs.mean)}) {prefill_one * 1e3:.2f} ms, decode step "
           f"{decode_one * 1e3:.2f} ms; SLO TTFT {slo[0] * 1e3:.1f} ms TPOT {slo[1] * 1e3:.2f} ms; KV link "
