@@ -1,20 +1,23 @@
 """Planner's predicted SLO attainment vs measured, disaggregated (1 prefill + 1 decode) and colocated (1 instance).
 
 Design goal (design.md §5): simulator within 2 points of measured attainment (paper: ~2%). Steps:
-  1. write a random model of `--shape`, profile its engine here (grid sized to the workload and SLO), fit
-     `LatencyModel.from_profile`; the simulated KV capacity is the engines' cache;
-  2. workload: chatbot lengths scaled to the model's context (+-8% of the scaled means); SLOs are multiples
-     of the profiled step times; rates span the predicted goodputs of both modes;
-  3. per mode, serve the model as processes (`LocalCluster`, i.e. `disagg serve --local [--colocated]`),
-     probe it for the per-step serving overhead the profile does not see, then replay each rate's trace
-     with the bench client and simulate the same trace (raw profile; profile + measured overhead).
+  1. write a random model of `--shape`, profile its engine here (grid sized to the workload and SLO);
+  2. profile the served path of each mode (disagg_runtime.served_profiler, what `disagg profile --served`
+     runs): the per-request and per-step overheads of the router, workers and relay, and the KV hand-off,
+     go into the profile's `served` section, which `LatencyModel.from_profile(..., served_mode=mode)` adds
+     to every simulated step; the simulated KV capacity is the engines' cache;
+  3. workload: chatbot lengths scaled to the model's context (+-8% of the scaled means); SLOs are multiples
+     of the engine's profiled step times; each mode's rates bracket its predicted goodput;
+  4. per mode, serve the model as processes (`LocalCluster`, i.e. `disagg serve --local [--colocated]`),
+     replay each rate's trace with the bench client and simulate the same trace.
 Prints a table and writes bench/results/predicted_vs_measured-<device>-<shape>.json.
 
     python bench/predicted_vs_measured.py                              # CPU, small model
-    python bench/predicted_vs_measured.py --device cuda --shape llama-1b   # one or two GPUs
+    python bench/predicted_vs_measured.py --device cuda --shape llama-8b   # one or two GPUs
 
 With two GPUs visible, prefill and decode workers get one each; with one, they share it (recorded in the
-JSON, and the disaggregated prediction, which assumes separate GPUs, then does not apply).
+JSON, and the disaggregated prediction, which assumes separate GPUs, then does not apply). On CPU the
+prefill and decode workers are pinned to cores of their own (`--cpu-affinity`, default prefill=0,decode=1).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import json
 import os
 import platform
 import time
-import urllib.request
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 from disagg_planner import simulator as sim
@@ -35,8 +38,9 @@ from disagg_planner.latency import LatencyModel
 from disagg_planner.latency.memory import workspace_bytes
 from disagg_planner.latency.shape import stage_shape
 from disagg_planner.workloads import SimRequest, sample_requests
-from disagg_runtime.benchclient.client import run_trace
+from disagg_runtime.benchclient.client import RequestRecord, run_trace
 from disagg_runtime.benchclient.report import summarize
+from disagg_runtime.serve.affinity import parse_cpu_affinity
 from disagg_runtime.serve.local import LocalCluster
 
 RESULTS = Path(__file__).parent / "results"
@@ -53,6 +57,10 @@ SHAPES: dict[str, dict] = {
     "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
                  "max_position_embeddings": 4096, "torch_dtype": "bfloat16"},
+    # Llama-3-8B; a 2048-token context holds DistServe's chatbot lengths (763 in, 176 out) unscaled.
+    "llama-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                 "max_position_embeddings": 2048, "rope_theta": 500000.0, "torch_dtype": "bfloat16"},
 }
 
 
@@ -123,14 +131,27 @@ def gpu_for_capacity(prof: LatencyProfile, tokens: int) -> GPUSpec:
     return base.model_copy(update={"name": prof.gpu, "memory_gib": need * 1.0001 / (MEM_UTIL * 2**30)})
 
 
-def adjusted(prof: LatencyProfile, *, scale: float = 1.0, prefill_s: float = 0.0, decode_s: float = 0.0,
-             decode_per_seq_s: float = 0.0) -> LatencyProfile:
-    """The profile with every step scaled by `scale`, plus added serving overhead (what the served path pays)."""
+def adjusted(prof: LatencyProfile, *, scale: float = 1.0) -> LatencyProfile:
+    """The profile with every engine step scaled by `scale` (the served-path section is kept as measured)."""
     shape = prof.shapes[0]
-    prefill = [s.model_copy(update={"seconds": s.seconds * scale + prefill_s}) for s in shape.prefill]
-    decode = [s.model_copy(update={"seconds": s.seconds * scale + decode_s + decode_per_seq_s * s.batch_size})
-              for s in shape.decode]
+    prefill = [s.model_copy(update={"seconds": s.seconds * scale}) for s in shape.prefill]
+    decode = [s.model_copy(update={"seconds": s.seconds * scale}) for s in shape.decode]
     return prof.model_copy(update={"shapes": [shape.model_copy(update={"prefill": prefill, "decode": decode})]})
+
+
+def profile_served_path(prof: LatencyProfile, model_dir: Path, modes: list[str], worker_args: list[str],
+                        devices: dict[str, str], affinity: dict[str, set[int]], inputs: LengthHistogram,
+                        outputs: LengthHistogram) -> LatencyProfile:
+    """The profile with each mode's served-path overheads, measured by the profiler's served mode at the
+    workload's lengths and the profile's decode batches, on deployments started as the sweep's are."""
+    from disagg_runtime.served_profiler import ServedProbePlan, profile_served
+
+    mean_in = round(inputs.mean)
+    batches = sorted({s.batch_size for s in prof.shapes[0].decode})
+    plan = ServedProbePlan(prompt_tokens=[mean_in, max(1, mean_in // 4)], output_tokens=round(outputs.mean),
+                           decode_batches=batches)
+    return profile_served(model_dir, prof, modes, plan, worker_args=worker_args, role_args=role_devices(devices),
+                          cpu_affinity=affinity, log=lambda msg: print(msg, flush=True))
 
 
 # ---- simulation -------------------------------------------------------------------------------------
@@ -164,46 +185,23 @@ def replay(url: str, trace: list[SimRequest]):
     return asyncio.run(run_trace(url, trace, model=None, prompt_mode="ids", timeout=900))
 
 
-PROBE_BURSTS = (8, 32)
+def engine_step_ratio(records: list[RequestRecord], engine: LatencyModel, mean_context: float) -> float | None:
+    """Measured TPOT p50 over the engine-only TPOT of the same requests at the decode batches they saw.
 
-
-def measure_overhead(url: str, mode: str, latency: LatencyModel, inputs, outputs, budget: int,
-                     link_gbps: float, *, shared_compute: bool) -> dict:
-    """Measured minus simulated TTFT (per prefill) and TPOT (per decode step) on probe traces.
-
-    The served path adds costs the engine profile cannot see: HTTP hops (router, worker), the NDJSON/SSE
-    relay of every token (the worker's event loop shares the GIL with its engine thread), hand-offs
-    between them and, disaggregated, the KV pull. The prefill overhead is the median TTFT gap of single
-    requests sent one after another (back to back: an engine left idle for a second answers its next
-    prefill tens of ms late on a shared CPU, which an engine under load never sees); the decode overhead is
-    a + b * batch fitted to the median TPOT gaps of singles (batch 1) and of bursts sent together. With
-    `shared_compute` (disaggregated workers on the same CPU cores) bursts are skipped: their gap would
-    measure the two workers slowing each other. Probes use the mean lengths, on traces of their own.
+    A request's gap between two tokens is charged the engine's decode step at the batch decoding then (the
+    requests between their first and last tokens, as the client saw them), at the mean context.
     """
-    i, o = round(inputs.mean), round(outputs.mean)
-    spacing = 1.05 * simulate(mode, latency, [SimRequest(0.0, i, o)], budget, link_gbps).mean_e2e + 0.01
-    probes = {1: [SimRequest(0.05 + k * spacing, i, o) for k in range(8)]}
-    probes.update({b: [SimRequest(0.05, i, o)] * b for b in (() if shared_compute else PROBE_BURSTS)})
-    gaps: dict[int, dict] = {}
-    for batch, trace in probes.items():
-        replay(url, trace[:2])  # warm up this shape (allocator, connections)
-        records = [r for r in replay(url, trace) if r.ok]
-        if not records:
-            raise RuntimeError(f"every {mode} probe request of batch {batch} failed; is the server healthy?")
-        predicted = simulate(mode, latency, trace, budget, link_gbps)
-        gaps[batch] = {"ttft_s": float(np.median([r.ttft - predicted.ttfts[r.index] for r in records])),
-                       "tpot_s": float(np.median([r.tpot - predicted.tpots[r.index] for r in records])),
-                       "measured_tpot_s": float(np.median([r.tpot for r in records])),
-                       "simulated_tpot_s": float(np.median(predicted.tpots))}
-    per_seq, base = 0.0, gaps[1]["tpot_s"]
-    if len(gaps) > 1:
-        batches = np.array(sorted(gaps), dtype=float)
-        per_seq, base = np.polyfit(batches, [gaps[int(b)]["tpot_s"] for b in batches], 1)
-        if per_seq < 0:  # no growth with batch: a constant fits better than a falling line
-            per_seq, base = 0.0, float(np.mean([g["tpot_s"] for g in gaps.values()]))
-    return {"probes": {str(b): g for b, g in gaps.items()}, "prefill_s": max(0.0, gaps[1]["ttft_s"]),
-            "decode_s": max(0.0, float(base)), "decode_per_seq_s": float(per_seq),
-            "bursts_skipped": "prefill and decode workers share the CPU cores" if shared_compute else None}
+    done = [r for r in records if r.ok and len(r.token_times) > 1]
+    if not done:
+        return None
+    firsts = np.sort([r.token_times[0] for r in done])
+    lasts = np.sort([r.token_times[-1] for r in done])
+    engine_tpots = []
+    for r in done:
+        mids = (np.asarray(r.token_times[1:]) + np.asarray(r.token_times[:-1])) / 2
+        batch = np.maximum(1, np.searchsorted(firsts, mids, side="right") - np.searchsorted(lasts, mids, side="right"))
+        engine_tpots.append(float(np.mean([engine.decode_time(1, 1, int(b), int(b * mean_context)) for b in batch])))
+    return float(median(r.tpot for r in done)) / median(engine_tpots)
 
 
 def wait_for_quiet(max_load: float | None, patience_s: float = 300.0) -> float:
@@ -214,75 +212,88 @@ def wait_for_quiet(max_load: float | None, patience_s: float = 300.0) -> float:
     return time.monotonic() - start
 
 
-def start_cluster(mode: str, model_dir: Path, worker_args: list[str], devices: dict[str, str]) -> LocalCluster:
+def role_devices(devices: dict[str, str]) -> dict[str, list[str]]:
+    return {r: ["--device", d] for r, d in devices.items()}
+
+
+def start_cluster(mode: str, model_dir: Path, worker_args: list[str], devices: dict[str, str],
+                  affinity: dict[str, set[int]]) -> LocalCluster:
     cluster = LocalCluster(model_dir=model_dir, port=0, colocated_workers=1 if mode == "colocated" else 0,
-                           worker_args=worker_args, role_args={r: ["--device", d] for r, d in devices.items()},
+                           worker_args=worker_args, role_args=role_devices(devices), cpu_affinity=affinity,
                            startup_timeout_s=600)
     cluster.start()
     return cluster
 
 
-def kv_link_gbps(cluster: LocalCluster) -> float | None:
-    """Effective KV pull bandwidth the decode worker saw (bytes / seconds, fixed latency included)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.ports['decode-0']}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    total_bytes = total_s = 0.0
-    for line in text.splitlines():
-        if line.startswith("disagg_kv_transfer_bytes_total{") and 'role="decode"' in line:
-            total_bytes += float(line.split()[-1])
-        if line.startswith("disagg_kv_transfer_seconds_sum{") and 'role="decode"' in line:
-            total_s += float(line.split()[-1])
-    return total_bytes / total_s / 1e9 if total_s > 0 else None
-
-
 # ---- the run --------------------------------------------------------------------------------------
-def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: LatencyModel, spec: WorkloadSpec,
-             slo: tuple[float, float], rates: list[float], devices: dict[str, str], link_gbps: float) -> dict:
-    worker_args = ["--num-kv-blocks", str(args.blocks), "--prefill-token-budget", str(args.budget),
-                   "--max-queue", "4096", "--max-batch", "512"]
+def worker_args_of(args) -> list[str]:
+    return ["--num-kv-blocks", str(args.blocks), "--prefill-token-budget", str(args.budget), "--max-queue", "4096",
+            "--max-batch", "512"]
+
+
+def model_for(prof: LatencyProfile, gpu: GPUSpec, mode: str | None) -> LatencyModel:
+    """The planner's model of `prof`: with `mode`, plus that mode's served-path overheads; None: engine only."""
+    if mode is None:
+        prof = prof.model_copy(update={"served": {}})
+    return LatencyModel.from_profile(prof, gpu, intra_node_gbps=100.0, served_mode=mode)
+
+
+def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: LatencyModel, engine: LatencyModel,
+             spec: WorkloadSpec, slo: tuple[float, float], rates: list[float], devices: dict[str, str],
+             link_gbps: float, affinity: dict[str, set[int]]) -> dict:
     inputs, outputs = spec.input_lengths, spec.output_lengths
-    cluster = start_cluster(mode, model_dir, worker_args, devices)
+    mean_context = inputs.mean + outputs.mean / 2
+    cluster = start_cluster(mode, model_dir, worker_args_of(args), devices, affinity)
     try:
         replay(cluster.url, [SimRequest(0.01 * k, round(inputs.mean), round(outputs.mean)) for k in range(4)])
-        if mode == "disaggregated":  # the pulls of the warm-up requests: what the KV link delivers here
-            link_gbps = kv_link_gbps(cluster) or link_gbps
-        shared = mode == "disaggregated" and devices["prefill"] == devices["decode"]
-        overhead = measure_overhead(cluster.url, mode, latency, inputs, outputs, args.budget, link_gbps,
-                                    shared_compute=shared)
-        def model_of(p: LatencyProfile) -> LatencyModel:
-            return LatencyModel.from_profile(p, latency.gpu, latency.intra_node_gbps)
-
-        calibrated = model_of(adjusted(prof, prefill_s=overhead["prefill_s"], decode_s=overhead["decode_s"],
-                                       decode_per_seq_s=overhead["decode_per_seq_s"]))
         # How far the prediction moves if every step is off by the fits' RMS error: near the knee of the
         # attainment curve a few percent of step time move attainment by tens of points.
         err = max(f.rms_relative_error for f in (latency.prefill_fits[(1, 1)], latency.decode_fits[(1, 1)]))
-        slower, faster = model_of(adjusted(prof, scale=1 + err)), model_of(adjusted(prof, scale=1 - err))
+        slower, faster = (model_for(adjusted(prof, scale=1 + e), latency.gpu, mode) for e in (err, -err))
         points = []
         for rate in rates:
             trace = sample_requests(spec.model_copy(update={"rate": rate}), rate, args.num_requests, args.seed)
             waited = wait_for_quiet(args.quiet_load)
+            load_before = os.getloadavg()[0]
             records = replay(cluster.url, trace)
             measured = summarize(records, rate=rate, ttft_slo=slo[0], tpot_slo=slo[1])
             raw = simulate(mode, latency, trace, args.budget, link_gbps)
-            cal = simulate(mode, calibrated, trace, args.budget, link_gbps)
             points.append({
                 "rate": rate, "measured": measured.attainment, "predicted": raw.attainment(*slo),
-                "predicted_with_overhead": cal.attainment(*slo), "ok": measured.ok, "errors": measured.errors,
+                "ok": measured.ok, "errors": measured.errors,
                 "predicted_band": [simulate(mode, m, trace, args.budget, link_gbps).attainment(*slo)
                                    for m in (slower, faster)], "band_step_error": err,
                 "measured_ttft_p50": measured.ttft_p50, "measured_tpot_p50": measured.tpot_p50,
                 "measured_ttft_p90": measured.ttft_p90, "measured_tpot_p90": measured.tpot_p90,
                 "predicted_ttft_p50": float(np.median(raw.ttfts)), "predicted_tpot_p50": float(np.median(raw.tpots)),
                 "predicted_ttft_p90": raw.p90_ttft, "predicted_tpot_p90": raw.p90_tpot,
-                "load_avg_1m": os.getloadavg()[0], "waited_for_quiet_s": waited,
+                "tpot_p50_over_engine_step": engine_step_ratio(records, engine, mean_context),
+                "load_avg_1m_before": load_before, "load_avg_1m": os.getloadavg()[0], "waited_for_quiet_s": waited,
             })
+            ratio = points[-1]["tpot_p50_over_engine_step"]
             print(f"  {mode:>13} {rate:7.2f} req/s: measured {measured.attainment:6.1%}  predicted "
-                  f"{points[-1]['predicted']:6.1%}  (+overhead {points[-1]['predicted_with_overhead']:6.1%})",
-                  flush=True)
+                  f"{points[-1]['predicted']:6.1%}  TPOT p50 / engine step {ratio or float('nan'):.2f}  "
+                  f"load {points[-1]['load_avg_1m']:.2f}", flush=True)
     finally:
         cluster.stop()
-    return {"overhead": overhead, "kv_link_gbps": link_gbps if mode == "disaggregated" else None, "points": points}
+    return {"served_overhead": prof.served[mode].model_dump(mode="json", exclude={"probes"}),
+            "kv_link_gbps": link_gbps if mode == "disaggregated" else None, "points": points}
+
+
+def summary_of(modes: dict[str, dict], goodput: dict[str, float]) -> dict:
+    """The top-level `summary`: per mode, the worst gap and the per-point figures it comes from."""
+    out = {}
+    for mode, res in modes.items():
+        pts = res["points"]
+        out[mode] = {
+            "max_abs_gap_pts": max(abs(p["predicted"] - p["measured"]) for p in pts) * 100,
+            "predicted_goodput_rps": goodput[mode], "rates": [p["rate"] for p in pts],
+            "measured_attainment": [p["measured"] for p in pts], "predicted_attainment": [p["predicted"] for p in pts],
+            "load_avg_1m": [p["load_avg_1m"] for p in pts],
+            "tpot_p50_over_engine_step": [p["tpot_p50_over_engine_step"] for p in pts],
+            "served_overhead": res["served_overhead"],
+        }
+    return out
 
 
 def print_table(doc: dict) -> None:
@@ -292,42 +303,59 @@ def print_table(doc: dict) -> None:
     ttft, tpot = doc["slo"]["ttft_s"], doc["slo"]["tpot_s"]
     table = Table(title=f"predicted vs measured SLO attainment ({doc['device']}, {doc['shape']}; TTFT <= "
                         f"{ttft * 1e3:.1f} ms, TPOT <= {tpot * 1e3:.2f} ms)")
-    for col in ("mode", "rate req/s", "predicted", "band (fit err)", "pred.+overhead", "measured", "gap (pts)",
-                "gap+ovh (pts)", "TTFT p50 pred/meas ms", "TPOT p50 pred/meas ms", "load 1m"):
+    for col in ("mode", "rate req/s", "predicted", "band (fit err)", "measured", "gap (pts)",
+                "TTFT p50 pred/meas ms", "TPOT p50 pred/meas ms", "TPOT/engine step", "load 1m"):
         table.add_column(col, justify="right")
     for mode, res in doc["modes"].items():
         for p in res["points"]:
             band = "-".join(f"{100 * x:.0f}" for x in p["predicted_band"]) + f"% (±{100 * p['band_step_error']:.0f}%)"
-            table.add_row(mode, f"{p['rate']:.2f}", f"{p['predicted']:.1%}", band, f"{p['predicted_with_overhead']:.1%}",
-                          f"{p['measured']:.1%}", f"{100 * (p['predicted'] - p['measured']):+.1f}",
-                          f"{100 * (p['predicted_with_overhead'] - p['measured']):+.1f}",
+            ratio = p["tpot_p50_over_engine_step"]
+            table.add_row(mode, f"{p['rate']:.2f}", f"{p['predicted']:.1%}", band, f"{p['measured']:.1%}",
+                          f"{100 * (p['predicted'] - p['measured']):+.1f}",
                           f"{p['predicted_ttft_p50'] * 1e3:.1f}/{(p['measured_ttft_p50'] or 0) * 1e3:.1f}",
                           f"{p['predicted_tpot_p50'] * 1e3:.2f}/{(p['measured_tpot_p50'] or 0) * 1e3:.2f}",
-                          f"{p['load_avg_1m']:.2f}")
+                          "-" if ratio is None else f"{ratio:.2f}", f"{p['load_avg_1m']:.2f}")
     console = Console(width=200)
     console.print(table)
-    for mode, res in doc["modes"].items():
-        o = res["overhead"]
-        console.print(f"{mode}: measured serving overhead: prefill +{o['prefill_s'] * 1e3:.2f} ms, decode step "
-                      f"+{o['decode_s'] * 1e3:.2f} ms + {o['decode_per_seq_s'] * 1e3:.3f} ms/sequence; "
-                      f"max |gap| {res['max_gap_pts']:.1f} pts raw, {res['max_gap_calibrated_pts']:.1f} pts with overhead")
+    for mode, summ in doc["summary"].items():
+        o = summ["served_overhead"]
+        handoff = f", KV hand-off +{o['kv_handoff_s'] * 1e3:.2f} ms" if o.get("kv_handoff_s") is not None else ""
+        console.print(f"{mode}: served-path overhead in the profile: prefill +{o['prefill_s'] * 1e3:.2f} ms/request, "
+                      f"decode step +{o['decode_step_s'] * 1e3:.2f} ms + {o['decode_per_seq_s'] * 1e3:.3f} ms/sequence"
+                      f"{handoff}; max |gap| {summ['max_abs_gap_pts']:.1f} pts")
+
+
+def kv_link(prof: LatencyProfile) -> float:
+    """The pulls' bandwidth the served probes saw. Where their gaps did not grow with the prompt, the whole
+    hand-off is in the profile's fixed `kv_handoff_s`, so the link adds nothing (a very fast one)."""
+    served = prof.served.get("disaggregated")
+    return (served.kv_link_gbps if served is not None else None) or 1e3
+
+
+def bracket(goodput: float, factors: list[float]) -> list[float]:
+    return [round(goodput * f, 2) for f in factors]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: cpu-small on CPU, "
-                        "llama-1b on cuda)")
+                        "llama-8b on cuda)")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads per process")
     parser.add_argument("--blocks", type=int, help="KV blocks of 16 tokens per engine (default 2048 on CPU, "
                         "16384 on a GPU)")
     parser.add_argument("--budget", type=int, help="prefill token budget (default 4x the mean prompt)")
     parser.add_argument("--num-requests", type=int, default=150, help="requests per rate")
-    parser.add_argument("--rates", type=float, nargs="*", help="req/s (default: around both predicted goodputs)")
+    parser.add_argument("--rates", type=float, nargs="*", help="req/s for every mode (default: --rate-factors of "
+                        "each mode's predicted goodput)")
+    parser.add_argument("--rate-factors", type=float, nargs="*", default=[0.5, 0.75, 0.9, 1.1, 1.3],
+                        help="default rates as multiples of each mode's predicted goodput")
     parser.add_argument("--ttft-factor", type=float, default=4.0, help="TTFT SLO / one prompt's prefill time")
     parser.add_argument("--tpot-factor", type=float, default=3.0, help="TPOT SLO / a batch-1 decode step")
     parser.add_argument("--modes", nargs="*", default=["colocated", "disaggregated"],
                         choices=["colocated", "disaggregated"])
+    parser.add_argument("--cpu-affinity", type=parse_cpu_affinity, help="CPU: pin the workers to cores (default "
+                        "prefill=0,decode=1 with 2+ cores: prefill and decode each get their own, as on two GPUs)")
     parser.add_argument("--quiet-load", type=float, help="before each rate, wait (<= 5 min) for the 1-minute load "
                         "average to drop below this (default 0.8 on CPU: other jobs skew CPU step times)")
     parser.add_argument("--seed", type=int, default=0)
@@ -336,7 +364,7 @@ def main() -> None:
     args = parser.parse_args()
 
     on_gpu = args.device.startswith("cuda")
-    shape = args.shape or ("llama-1b" if on_gpu else "cpu-small")
+    shape = args.shape or ("llama-8b" if on_gpu else "cpu-small")
     load_start = os.getloadavg()
     import torch
 
@@ -346,6 +374,9 @@ def main() -> None:
     gpus = torch.cuda.device_count() if on_gpu else 0
     devices = ({"prefill": "cuda:0", "decode": f"cuda:{1 if gpus > 1 else 0}", "colocated": "cuda:0"} if on_gpu
                else {"prefill": "cpu", "decode": "cpu", "colocated": "cpu"})
+    affinity = args.cpu_affinity
+    if affinity is None:
+        affinity = parse_cpu_affinity("prefill=0,decode=1") if not on_gpu and len(os.sched_getaffinity(0)) > 1 else {}
 
     args.blocks = args.blocks or (16384 if on_gpu else 2048)
     args.quiet_load = args.quiet_load if args.quiet_load is not None or on_gpu else 0.8
@@ -357,34 +388,39 @@ def main() -> None:
     started = time.perf_counter()
     prof = profile(model_dir, "cuda:0" if on_gpu else "cpu", args.blocks, args.budget, inputs, outputs,
                    args.tpot_factor, max_decode_batch=min(256, args.blocks * 16 // (inputs.max + outputs.max)))
-    latency = LatencyModel.from_profile(prof, gpu_for_capacity(prof, args.blocks * 16), intra_node_gbps=100.0)
-    link_gbps = 0.5 if not on_gpu else 100.0  # first guess; replaced by the pulls measured in the disaggregated run
-    prefill_one = latency.prefill_time(1, 1, [round(inputs.mean)])
-    decode_one = latency.decode_time(1, 1, 1, round(inputs.mean + outputs.mean / 2))
+    gpu = gpu_for_capacity(prof, args.blocks * 16)
+    engine = model_for(prof, gpu, None)
+    prefill_one = engine.prefill_time(1, 1, [round(inputs.mean)])
+    decode_one = engine.decode_time(1, 1, 1, round(inputs.mean + outputs.mean / 2))
     slo = (args.ttft_factor * prefill_one, args.tpot_factor * decode_one)
-    goodput = {m: predicted_goodput(m, latency, spec, slo, args.budget, link_gbps) for m in args.modes}
-    lo, hi = min(goodput.values()), max(goodput.values())
-    rates = args.rates or [round(float(r), 2) for r in np.linspace(0.5 * lo, 1.3 * hi, 5)]
+    prof = profile_served_path(prof, model_dir, args.modes, worker_args_of(args), devices, affinity, inputs, outputs)
+    latency = {m: model_for(prof, gpu, m) for m in args.modes}
+    link_gbps = kv_link(prof)
+    # Bisected on traces as long as the replayed ones: a short trace builds less queue, so a 600-request
+    # goodput would put every replayed rate below the knee of the traces actually sent.
+    goodput = {m: predicted_goodput(m, latency[m], spec, slo, args.budget, link_gbps, n=args.num_requests)
+               for m in args.modes}
+    rates = {m: args.rates or bracket(goodput[m], args.rate_factors) for m in args.modes}
     print(f"{shape} on {args.device}: prefill({round(inputs.mean)}) {prefill_one * 1e3:.2f} ms, decode step "
-          f"{decode_one * 1e3:.2f} ms; SLO TTFT {slo[0] * 1e3:.1f} ms TPOT {slo[1] * 1e3:.2f} ms; predicted "
-          f"goodput {', '.join(f'{m} {g:.2f}' for m, g in goodput.items())} req/s; rates {rates}", flush=True)
+          f"{decode_one * 1e3:.2f} ms; SLO TTFT {slo[0] * 1e3:.1f} ms TPOT {slo[1] * 1e3:.2f} ms; KV link "
+          f"{link_gbps:.2f} GB/s; predicted goodput {', '.join(f'{m} {g:.2f}' for m, g in goodput.items())} req/s; "
+          f"rates {rates}", flush=True)
 
-    modes = {m: run_mode(m, args, model_dir, prof, latency, spec, slo, rates, devices, link_gbps) for m in args.modes}
-    for res in modes.values():
-        res["max_gap_pts"] = max(abs(p["predicted"] - p["measured"]) for p in res["points"]) * 100
-        res["max_gap_calibrated_pts"] = max(abs(p["predicted_with_overhead"] - p["measured"])
-                                            for p in res["points"]) * 100
-    fits = {"prefill": vars(latency.prefill_fits[(1, 1)]), "decode": vars(latency.decode_fits[(1, 1)])}
+    modes = {m: run_mode(m, args, model_dir, prof, latency[m], engine, spec, slo, rates[m], devices, link_gbps,
+                         affinity) for m in args.modes}
+    fits = {"prefill": vars(engine.prefill_fits[(1, 1)]), "decode": vars(engine.decode_fits[(1, 1)])}
     doc = {
         "benchmark": "predicted_vs_measured", "goal": "simulated attainment within 2 points of measured",
+        "summary": summary_of(modes, goodput),
         "device": prof.device, "shape": shape, "model": prof.model.model_dump(by_alias=True),
         "gpus_visible": gpus, "shared_gpu": on_gpu and gpus < 2 and "disaggregated" in args.modes,
         "machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads_per_process": None if on_gpu else args.threads, "load_avg_start": load_start},
+                    "threads_per_process": None if on_gpu else args.threads, "load_avg_start": load_start,
+                    "cpu_affinity": {k: sorted(v) for k, v in affinity.items()}},
         "workload": {"input": inputs.model_dump(), "output": outputs.model_dump(), "requests_per_rate":
                      args.num_requests, "seed": args.seed, "source": "chatbot means scaled to the context, +-8%"},
         "slo": {"ttft_s": slo[0], "tpot_s": slo[1], "ttft_factor": args.ttft_factor, "tpot_factor": args.tpot_factor},
-        "prefill_token_budget": args.budget, "kv_blocks": args.blocks, "fits": fits,
+        "prefill_token_budget": args.budget, "kv_blocks": args.blocks, "fits": fits, "kv_link_gbps": link_gbps,
         "predicted_goodput_rps": goodput, "devices": devices, "profile": prof.model_dump(mode="json", by_alias=True),
         "modes": modes, "wall_s": time.perf_counter() - started,
     }

@@ -5,7 +5,16 @@ from .cluster import GPU_PRESETS, ClusterSpec, GPUSpec
 from .deploy import ConfigMapKeyRef, ProfileRef, ReplanSpec, RuntimeSpec, SchedulingSpec, Toleration
 from .model import MODEL_PRESETS, ModelRef, ModelSpec
 from .plan import GoodputInterval, InstancePlacement, ModeAlternative, PhasePlan, Plan, ServingMode
-from .profile import DecodeSample, LatencyProfile, MixedSample, PrefillSample, ShapeProfile
+from .profile import (
+    DecodeSample,
+    LatencyProfile,
+    MixedSample,
+    PrefillSample,
+    ServedMode,
+    ServedOverhead,
+    ServedProbe,
+    ShapeProfile,
+)
 from .security import InternalTokenSpec, NetworkPolicySpec, PeerSelector, RouterSpec, SecretKeyRef
 from .slo import SearchBounds, SLOSpec
 from .spec import DisaggServingSpec
@@ -16,5 +25,5 @@ __all__ = [
     "GoodputInterval", "InstancePlacement", "InternalTokenSpec", "LatencyProfile", "LengthHistogram",
     "MODEL_PRESETS", "MixedSample", "ModeAlternative", "ModelRef", "ModelSpec", "NetworkPolicySpec", "PeerSelector",
     "PhasePlan", "Plan", "ProfileRef", "PrefillSample", "ReplanSpec", "RouterSpec", "RuntimeSpec", "SLOSpec",
-    "SchedulingSpec", "SearchBounds", "SecretKeyRef", "ServingMode", "ShapeProfile", "Toleration", "WorkloadSpec",
+    "SchedulingSpec", "SearchBounds", "SecretKeyRef", "ServedMode", "ServedOverhead", "ServedProbe", "ServingMode", "ShapeProfile", "Toleration", "WorkloadSpec",
 ]

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from .base import ApiModel
 from .model import ModelSpec
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: the optional `served` section (version-1 files load unchanged)
+
+ServedMode = Literal["colocated", "disaggregated"]
 
 
 class PrefillSample(ApiModel):
@@ -68,6 +71,46 @@ class ShapeProfile(ApiModel):
         "from the prefill and decode fits.")
 
 
+class ServedProbe(ApiModel):
+    """One group of probe requests the served-path profiler sent, and what the engine alone takes for it.
+
+    `prefill`: TTFT of single requests sent back to back against one engine prefill of `tokens`;
+    `decode`: the inter-token gap while `batch_size` requests decode together against one engine decode
+    step of that batch; `kv_handoff`: the gap from the first to the second token of a disaggregated single,
+    less the served decode step (the pull, its handshakes and the router's hop to the decode worker).
+    Values are medians over `samples` measurements.
+    """
+
+    kind: Literal["prefill", "decode", "kv_handoff"]
+    batch_size: int = Field(ge=1)
+    tokens: int = Field(ge=1, description="Prompt tokens of each request.")
+    samples: int = Field(ge=1)
+    measured_seconds: float = Field(ge=0)
+    engine_seconds: float = Field(ge=0, description="The profile's engine fit at the same step.")
+
+
+class ServedOverhead(ApiModel):
+    """What the served path adds to the engine's steps, measured through the real router and workers.
+
+    The latency model adds it to every simulated step, as DistServe's simulator adds its fixed per-step
+    Ray overhead: a prefill step of B prompts takes B·prefillS longer; a decode step of B sequences takes
+    decodeStepS + B·decodePerSeqS longer; a disaggregated request starts decoding kvHandoffS later than
+    its KV transfer alone would allow.
+    """
+
+    prefill_s: float = Field(default=0.0, ge=0, description="Added to each prefill request: TTFT of the router "
+                             "and worker hops, the relay of the first token and the hand-offs between them.")
+    decode_step_s: float = Field(default=0.0, ge=0, description="Added to each decode step (TPOT), whatever its batch.")
+    decode_per_seq_s: float = Field(default=0.0, ge=0, description="Added to each decode step per sequence in it: "
+                                    "the relay's per-token work.")
+    kv_handoff_s: float | None = Field(default=None, ge=0, description="Disaggregated: fixed cost of each "
+                                       "request's KV hand-off (hop to the decode worker, pull handshakes, import), "
+                                       "beyond the bytes over the link.")
+    kv_link_gbps: float | None = Field(default=None, gt=0, description="Disaggregated: the pulls' bandwidth "
+                                       "seen by the probes (GB/s), where prompts of two lengths were sent.")
+    probes: list[ServedProbe] = Field(default_factory=list, description="The measurements the values come from.")
+
+
 class LatencyProfile(ApiModel):
     """A runtime's measured step times for one model on one GPU type."""
 
@@ -78,6 +121,9 @@ class LatencyProfile(ApiModel):
     created: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
     runtime: str = Field(default="disagg", description="Engine name and version.")
     shapes: list[ShapeProfile] = Field(min_length=1)
+    served: dict[ServedMode, ServedOverhead] = Field(
+        default_factory=dict, description="Served-path overheads by serving mode (`disagg profile --served`); "
+        "empty: the engine's step times alone.")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(by_alias=True, indent=1))

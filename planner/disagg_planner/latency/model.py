@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Literal
 
 from ..api.cluster import GPUSpec
 from ..api.model import ModelSpec
-from ..api.profile import LatencyProfile
+from ..api.profile import LatencyProfile, ServedMode, ServedOverhead
 from . import analytic
 from .fit import LinearFit, ProfileError, fit_decode, fit_prefill
 from .memory import kv_capacity_tokens
@@ -37,6 +38,12 @@ class LatencyModel:
     time (estimated, see `shape.allreduce_time`) is taken out, the rest is scaled by tp0/tp and to the
     stage's share of layers, and the new shape's all-reduce time is added back. Without a profile
     (`analytic`), the roofline of `analytic.py` is used.
+
+    `served` (the profile's served-path overheads, see `ServedOverhead`) is added to every step, as
+    DistServe's simulator adds its fixed per-step overhead to each simulated step: prefill steps pay
+    `prefill_s` per prompt, decode steps `decode_step_s + decode_per_seq_s·batch`, mixed steps both. The
+    overhead is paid once per step, not per pipeline stage, so a stage time carries 1/pp of it (a step
+    through pp stages lasts about pp stage-times).
     """
 
     def __init__(
@@ -47,6 +54,7 @@ class LatencyModel:
         source: Literal["profile", "analytic"],
         prefill_fits: dict[Shape, LinearFit] | None = None,
         decode_fits: dict[Shape, LinearFit] | None = None,
+        served: ServedOverhead | None = None,
     ) -> None:
         if intra_node_gbps <= 0:
             raise ValueError(f"intra_node_gbps must be positive, got {intra_node_gbps}")
@@ -59,6 +67,7 @@ class LatencyModel:
         if source == "profile" and not (self.prefill_fits and self.decode_fits):
             raise ProfileError("a profile-based latency model needs prefill and decode fits")
         self.mixed_fits: dict[Shape, MixedFit] = {}  # measured chunked-prefill steps (latency/mixed.py)
+        self.served = served
         self._stages: dict[Shape, StageShape] = {}
         self._capacity: dict[tuple[int, int, float], int] = {}
 
@@ -69,8 +78,13 @@ class LatencyModel:
         return cls(model, gpu, intra_node_gbps, "analytic")
 
     @classmethod
-    def from_profile(cls, profile: LatencyProfile, gpu: GPUSpec, intra_node_gbps: float) -> LatencyModel:
-        """Fit every profiled shape. Samples are whole-instance step times (all stages of that shape)."""
+    def from_profile(cls, profile: LatencyProfile, gpu: GPUSpec, intra_node_gbps: float,
+                     served_mode: ServedMode | None = None) -> LatencyModel:
+        """Fit every profiled shape. Samples are whole-instance step times (all stages of that shape).
+
+        The served-path overheads are those measured for `served_mode`; without one, those of the only
+        mode profiled, or with both profiled the larger of each (one model then serves both modes' simulators).
+        """
         if profile.gpu != gpu.name:
             raise ProfileError(
                 f"profile was measured on {profile.gpu!r} but the cluster's GPU is {gpu.name!r}; "
@@ -90,7 +104,8 @@ class LatencyModel:
         if not prefill or not decode:
             missing = "prefill" if not prefill else "decode"
             raise ProfileError(f"profile has no {missing} samples in any shape; the planner needs both phases")
-        fitted = cls(profile.model, gpu, intra_node_gbps, "profile", prefill, decode)
+        fitted = cls(profile.model, gpu, intra_node_gbps, "profile", prefill, decode,
+                     served=served_overhead(profile, served_mode))
         fitted.mixed_fits = fit_mixed_shapes(profile.shapes)
         return fitted
 
@@ -114,6 +129,18 @@ class LatencyModel:
         """True when the shape is valid and leaves KV room for at least one full-context sequence."""
         return self.kv_capacity_tokens(tp, pp) >= self.model.max_context
 
+    # -- served-path overheads -----------------------------------------------------------------------
+    @property
+    def kv_handoff_s(self) -> float:
+        """Fixed seconds a disaggregated request's KV hand-off adds before it can decode (0 unprofiled)."""
+        return (self.served.kv_handoff_s or 0.0) if self.served is not None else 0.0
+
+    def _engine_only(self) -> LatencyModel:
+        """This model without the served-path overheads (shares the fits and caches)."""
+        bare = copy.copy(self)
+        bare.served = None
+        return bare
+
     # -- step times ---------------------------------------------------------------------------------
     def prefill_time(self, tp: int, pp: int, lengths: Sequence[int]) -> float:
         """ONE pipeline stage's time to prefill this batch of prompts."""
@@ -128,7 +155,8 @@ class LatencyModel:
             return analytic.prefill_stage_time(stage, self.gpu, self.intra_node_gbps, batch, sum_tokens, sum_sq_tokens)
         key, fit = self._nearest(self.prefill_fits, tp, pp)
         measured = fit(sum_tokens, sum_sq_tokens)
-        return self._rescale(key, stage, measured, sum_tokens)
+        served = self.served.prefill_s * batch / pp if self.served is not None else 0.0
+        return self._rescale(key, stage, measured, sum_tokens) + served
 
     def decode_coefficients(self, tp: int, pp: int, batch: int) -> tuple[float, float]:
         """(base, per-context-token) seconds of ONE stage's decode step: time = base + per_ctx·Σcontext."""
@@ -139,6 +167,8 @@ class LatencyModel:
             return analytic.decode_stage_coefficients(stage, self.gpu, self.intra_node_gbps, batch)
         key, fit = self._nearest(self.decode_fits, tp, pp)
         base = self._rescale(key, stage, fit.a + fit.b * batch, batch)
+        if self.served is not None:
+            base += (self.served.decode_step_s + self.served.decode_per_seq_s * batch) / pp
         return base, fit.c * self._compute_scale(key, stage)
 
     def decode_time(self, tp: int, pp: int, batch: int, sum_context: int) -> float:
@@ -148,8 +178,17 @@ class LatencyModel:
 
     def mixed_stage_time(self, tp: int, pp: int, decode_batch: int, decode_context: int, chunks: int,
                          chunk_tokens: int, chunk_attention: int) -> float:
-        """ONE stage's time for a chunked-prefill step: decode tokens plus prompt chunks (latency/mixed.py)."""
-        return mixed_stage_time(self, tp, pp, decode_batch, decode_context, chunks, chunk_tokens, chunk_attention)
+        """ONE stage's time for a chunked-prefill step: decode tokens plus prompt chunks (latency/mixed.py).
+
+        The served overhead is added once: each chunk pays a prompt's, the decode tokens a decode step's.
+        """
+        if self.served is None:
+            return mixed_stage_time(self, tp, pp, decode_batch, decode_context, chunks, chunk_tokens, chunk_attention)
+        engine = mixed_stage_time(self._engine_only(), tp, pp, decode_batch, decode_context, chunks, chunk_tokens,
+                                  chunk_attention)
+        o = self.served
+        decode = o.decode_step_s + o.decode_per_seq_s * decode_batch if decode_batch > 0 else 0.0
+        return engine + (o.prefill_s * chunks + decode) / pp
 
     @staticmethod
     def micro_batches(pp: int, sequences: int) -> int:
@@ -202,3 +241,21 @@ class LatencyModel:
         comm0 = allreduce_time(profiled, tokens, self.intra_node_gbps) * key[1]
         compute = max(measured - comm0, 0.0)
         return compute * self._compute_scale(key, stage) + allreduce_time(stage, tokens, self.intra_node_gbps)
+
+
+def served_overhead(profile: LatencyProfile, mode: ServedMode | None) -> ServedOverhead | None:
+    """The profile's served-path overheads for `mode` (see `LatencyModel.from_profile`); None if unprofiled."""
+    if mode is not None:
+        found = profile.served.get(mode)
+        if found is None and profile.served:
+            raise ProfileError(f"the profile's served-path overheads are for {sorted(profile.served)}, not {mode!r}; "
+                               f"run `disagg profile --served {mode}` or pick a profiled mode")
+        return found
+    measured = list(profile.served.values())
+    if len(measured) <= 1:
+        return measured[0] if measured else None
+    handoffs = [o.kv_handoff_s for o in measured if o.kv_handoff_s is not None]
+    return ServedOverhead(prefill_s=max(o.prefill_s for o in measured),
+                          decode_step_s=max(o.decode_step_s for o in measured),
+                          decode_per_seq_s=max(o.decode_per_seq_s for o in measured),
+                          kv_handoff_s=max(handoffs) if handoffs else None)

@@ -41,7 +41,7 @@ def simulate_disaggregated(cfg: DisaggConfig, latency: LatencyModel, requests: S
         capacity=decode_cap,
         cost=RoundCost(latency, cfg.decode.tp, cfg.decode.pp, cfg.decode.stage_link_gbps),
         transfer_seconds_per_token=kv_transfer_time(latency.model, 1, cfg.kv_link_gbps),
-        ready=first,
+        ready=first + latency.kv_handoff_s,  # the served path's fixed hand-off cost delays each pull's start
         order=to_decode,
         inputs=trace.inputs,
         outputs=trace.outputs,

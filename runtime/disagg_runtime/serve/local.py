@@ -5,6 +5,10 @@ Workers start first on free ports and announce them on stdout; the router is the
 Each child is a `python -m disagg_runtime.serve --role ...` process, exactly what a pod runs. They share
 an internal token (a fresh one in a private temporary file unless `--internal-token-file` names one), so
 the workers' ports refuse anyone but this router, as in a cluster.
+
+`--cpu-affinity prefill=0,decode=1` pins each role's processes to CPU cores (os.sched_setaffinity in the
+child before it starts Python), so that on a small CPU machine the prefill and decode workers do not take
+each other's cores, as they would not on separate GPUs.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class LocalCluster:
     worker_args: list[str] = field(default_factory=list)
     # Per role ("decode"), then per instance ("decode-1"), after worker_args (e.g. --device, --tp).
     role_args: dict[str, list[str]] = field(default_factory=dict)
+    # Per role ("prefill", "router") or instance ("decode-1", which wins): the CPU cores its process may use.
+    cpu_affinity: dict[str, set[int]] = field(default_factory=dict)
     router_args: list[str] = field(default_factory=list)
     internal_token_file: str | None = None  # None: a fresh token, removed again by stop()
     startup_timeout_s: float = 120.0
@@ -86,8 +92,10 @@ class LocalCluster:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         cmd = [sys.executable, "-m", "disagg_runtime.serve", *args]
+        cpus = self.cpu_affinity.get(name, self.cpu_affinity.get(name.split("-")[0]))
+        pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
         # stdout carries one announcement line; logs go to our stderr.
-        self.processes[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self.processes[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=pin)
 
     def _announced_port(self, name: str, deadline: float) -> int:
         proc = self.processes[name]
@@ -208,7 +216,8 @@ def run_local(args: argparse.Namespace) -> int:
                            prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                            colocated_workers=args.colocated_workers if args.colocated else 0,
                            worker_args=worker_args, router_args=router_args,
-                           role_args=parallel_role_args(args), internal_token_file=args.internal_token_file)
+                           role_args=parallel_role_args(args), internal_token_file=args.internal_token_file,
+                           cpu_affinity=args.cpu_affinity or {})
     try:
         url = cluster.start()
     except (KeyboardInterrupt, _Stop):

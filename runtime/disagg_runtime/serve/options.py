@@ -7,6 +7,8 @@ import errno
 import os
 import socket
 
+from .affinity import parse_cpu_affinity
+
 
 class ServeError(Exception):
     """A serve setup a user must fix (bad flags, missing model, a process that failed to start)."""
@@ -47,6 +49,13 @@ def _endpoints(text: str) -> list[str]:
         if not host or not port.isdigit():
             raise argparse.ArgumentTypeError(f"endpoint {e!r} must be host:port")
     return items
+
+
+def _cpu_affinity(text: str) -> dict[str, set[int]]:
+    try:
+        return parse_cpu_affinity(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +163,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     local.add_argument("--colocated", action="store_true",
                        help="the colocated baseline instead: router + --colocated-workers colocated workers")
     local.add_argument("--colocated-workers", type=_positive, default=1)
+    local.add_argument("--cpu-affinity", type=_cpu_affinity, metavar="NAME=CORES,...",
+                       help="pin processes to CPU cores: a role (prefill, decode, colocated, router) or an instance "
+                            "(decode-1) = cores, e.g. prefill=0,decode=1 or prefill=0-3,decode=4-7")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 

@@ -1,0 +1,265 @@
+"""Measure what the served path adds to the engine's step times; the `served` section of a latency profile.
+
+The engine profile (`profiler.py`) times the bare engine. A served request also crosses the router and the
+worker's HTTP hops, has each token relayed (NDJSON from the worker, SSE to the client) by event loops
+that share an interpreter with the engine thread and, disaggregated, has its KV handed from the prefill to
+the decode worker. This module starts the real serving path (`LocalCluster`: the processes a pod runs),
+sends probe requests through it and records the measured time minus the engine profile's fit at the same
+step:
+
+- prefill: single requests sent back to back (an engine left idle answers its next prefill late on a
+  shared CPU, which an engine under load never sees), TTFT against one engine prefill of the prompt;
+- decode: bursts of B requests sent together, for B in the decode batches; the inter-token gaps while all
+  B decode together (after the last joined, before the first finished; see `steady_gaps`) against one
+  engine decode step of B sequences at that context; `decode_step_s + decode_per_seq_s·B` is fitted to
+  those differences (`robust_line`);
+- KV hand-off (disaggregated): the singles' gap from the first to the second token, less the served
+  decode step, fitted as fixed + per-token over prompts of two lengths: the fixed part is `kv_handoff_s`,
+  the per-token part the link bandwidth the pulls saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from disagg_planner.api import LatencyProfile, ServedMode, ServedOverhead, ServedProbe
+from disagg_planner.latency.fit import LinearFit, fit_decode, fit_prefill, nnls
+from disagg_planner.workloads import SimRequest
+
+from .benchclient.client import RequestRecord, run_trace
+from .serve.local import LocalCluster
+
+
+class ServedProfileError(RuntimeError):
+    """The served path could not be probed (requests failed, or no measurable decode window)."""
+
+
+@dataclass(frozen=True)
+class ServedProbePlan:
+    """What to send: prompt lengths (the first is the planner's typical prompt; a second one lets the KV
+    hand-off's fixed cost be told from its per-token cost), the output length of every probe, the decode
+    batch sizes to burst, how many back-to-back singles per prompt length and how many bursts per
+    batch (their gaps are pooled: on a shared machine one burst can fall into another job's spike)."""
+
+    prompt_tokens: Sequence[int]
+    output_tokens: int
+    decode_batches: Sequence[int]
+    singles: int = 6
+    bursts: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.prompt_tokens or min(self.prompt_tokens) < 1:
+            raise ValueError(f"prompt_tokens needs at least one length >= 1, got {list(self.prompt_tokens)}")
+        if self.output_tokens < 4:
+            raise ValueError(f"output_tokens must be >= 4 to leave inter-token gaps, got {self.output_tokens}")
+        if not self.decode_batches or min(self.decode_batches) < 1:
+            raise ValueError(f"decode_batches needs at least one batch >= 1, got {list(self.decode_batches)}")
+        if self.singles < 1 or self.bursts < 1:
+            raise ValueError(f"singles and bursts must be >= 1, got {self.singles} and {self.bursts}")
+
+
+@dataclass
+class _EngineTimes:
+    """The engine profile's fits, in whole-instance seconds."""
+
+    prefill: LinearFit
+    decode: LinearFit
+
+    @classmethod
+    def of(cls, profile: LatencyProfile) -> _EngineTimes:
+        shape = profile.shapes[0]
+        return cls(fit_prefill(shape.prefill, "engine profile prefill"), fit_decode(shape.decode, "engine profile decode"))
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.prefill(tokens, tokens * tokens)
+
+    def decode_s(self, batch: int, context_per_seq: float) -> float:
+        return self.decode(batch, batch * context_per_seq)
+
+
+@dataclass
+class _Probes:
+    """Probe results, kept as ServedProbe entries plus the per-request KV gaps of the singles."""
+
+    entries: list[ServedProbe] = field(default_factory=list)
+    first_gaps: dict[int, list[float]] = field(default_factory=dict)  # prompt tokens -> token 1 - token 0
+
+
+def _ok(records: list[RequestRecord], what: str) -> list[RequestRecord]:
+    good = [r for r in records if r.ok and len(r.token_times) >= 2]
+    if not good:
+        errors = sorted({r.error or f"HTTP {r.status}" for r in records})
+        raise ServedProfileError(f"every {what} probe failed ({'; '.join(errors)[:300]}); is the server healthy?")
+    return good
+
+
+async def _send(url: str, trace: list[SimRequest], seed: int, timeout: float) -> list[RequestRecord]:
+    return await run_trace(url, trace, model=None, prompt_mode="ids", seed=seed, timeout=timeout)
+
+
+async def _singles(url: str, engine: _EngineTimes, plan: ServedProbePlan, probes: _Probes, timeout: float) -> None:
+    """Back-to-back single requests at each prompt length: TTFT against one engine prefill."""
+    for tokens in plan.prompt_tokens:
+        trace = [SimRequest(0.0, tokens, plan.output_tokens)]
+        for warm in range(2):
+            await _send(url, trace, seed=10_000 + warm, timeout=timeout)
+        ttfts, gaps = [], []
+        for k in range(plan.singles):
+            [rec] = _ok(await _send(url, trace, seed=k, timeout=timeout), f"single {tokens}-token")
+            ttfts.append(rec.ttft)
+            gaps.append(rec.token_times[1] - rec.token_times[0])
+        probes.entries.append(ServedProbe(kind="prefill", batch_size=1, tokens=tokens, samples=len(ttfts),
+                                          measured_seconds=statistics.median(ttfts),
+                                          engine_seconds=engine.prefill_s(tokens)))
+        probes.first_gaps[tokens] = gaps
+
+
+def steady_gaps(records: list[RequestRecord], prompt_tokens: int) -> tuple[int, list[tuple[float, int]]]:
+    """The most requests that decoded together, and the (gap, context per sequence) of each inter-token gap
+    while that many did.
+
+    A request decodes from its second token to its last, as the client sees it; the batch of a gap is the
+    count of requests decoding all through it. Disaggregated, a burst's KV pulls land one after another,
+    so with short outputs the first requests may finish before the last joins: the plateau is then below
+    the burst's size, and that is the batch the gaps are charged to.
+    """
+    starts = np.array([r.token_times[1] for r in records])
+    ends = np.array([r.token_times[-1] for r in records])
+    gaps: list[tuple[float, int, int]] = []
+    for r in records:
+        times = np.asarray(r.token_times[1:])
+        if len(times) < 2:
+            continue
+        lo, hi = times[:-1], times[1:]
+        batch = ((starts[None, :] <= lo[:, None]) & (ends[None, :] >= hi[:, None])).sum(axis=1)
+        # Token i+1 comes from the decode step whose KV holds the prompt and tokens 0..i-1 (i = 1, 2, ...),
+        # as the engine profile's DecodeSample.sum_context counts it.
+        gaps += [(float(g), int(n), prompt_tokens + i) for i, (g, n) in enumerate(zip(hi - lo, batch, strict=True), 1)]
+    if not gaps:
+        return 0, []
+    plateau = max(b for _, b, _ in gaps)
+    return plateau, [(g, c) for g, b, c in gaps if b == plateau]
+
+
+async def _bursts(url: str, engine: _EngineTimes, plan: ServedProbePlan, probes: _Probes, timeout: float,
+                  skipped: list[str]) -> None:
+    """Bursts of B requests sent together: inter-token gaps at batch B against one engine decode step."""
+    tokens = plan.prompt_tokens[0]
+    widest = max(plan.decode_batches)
+    await _send(url, [SimRequest(0.0, tokens, plan.output_tokens)] * widest, seed=20_000, timeout=timeout)
+    for batch in sorted(plan.decode_batches):
+        trace = [SimRequest(0.0, tokens, plan.output_tokens)] * batch
+        runs = []
+        for k in range(plan.bursts):
+            records = _ok(await _send(url, trace, seed=batch * 100 + k, timeout=timeout), f"burst of {batch}")
+            if len(records) == batch:
+                runs.append(steady_gaps(records, tokens))
+        if not any(g for _, g in runs):
+            skipped.append(f"decode batch {batch}: no burst whose requests all answered and left inter-token gaps")
+            continue
+        together = min(n for n, g in runs if g)
+        gaps = [gap for n, g in runs if n == together for gap in g]
+        if together < batch:
+            skipped.append(f"decode batch {batch}: at most {together} of its requests decoded together (the "
+                           "first finished before the last joined); measured at that batch")
+        measured = statistics.median(g for g, _ in gaps)
+        context = statistics.median(c for _, c in gaps)
+        probes.entries.append(ServedProbe(kind="decode", batch_size=together, tokens=tokens, samples=len(gaps),
+                                          measured_seconds=measured,
+                                          engine_seconds=engine.decode_s(together, context)))
+
+
+def robust_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(a, b) >= 0 of a + b·x through the points, robust to a point thrown off by another job's load spike:
+    Siegel's repeated median (per point, the median slope to the others; their median), then the median
+    intercept; a constant where all x are equal."""
+    slopes = []
+    for i in range(len(x)):
+        own = [(y[j] - y[i]) / (x[j] - x[i]) for j in range(len(x)) if x[j] != x[i]]
+        if own:
+            slopes.append(float(np.median(own)))
+    slope = max(0.0, float(np.median(slopes))) if slopes else 0.0
+    return max(0.0, float(np.median([yi - slope * xi for xi, yi in zip(x, y, strict=True)]))), slope
+
+
+def _nonneg_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(a, b) >= 0 minimising Σ(a + b·x - y)²; a constant when there is one point."""
+    if len(x) == 1:
+        return max(0.0, float(y[0])), 0.0
+    design = np.column_stack([np.ones(len(x)), np.asarray(x, dtype=float)])
+    scale = np.maximum(np.abs(design).max(axis=0), 1e-30)
+    coef = nnls(design / scale, np.asarray(y, dtype=float)) / scale
+    return float(coef[0]), float(coef[1])
+
+
+def overhead_from_probes(probes: Sequence[ServedProbe], first_gaps: dict[int, list[float]], mode: ServedMode,
+                         engine: _EngineTimes, kv_bytes_per_token: float) -> ServedOverhead:
+    """The section's values from its probes (see the module doc)."""
+    prefill = [p for p in probes if p.kind == "prefill"]
+    decode = sorted((p for p in probes if p.kind == "decode"), key=lambda p: p.batch_size)
+    if not prefill or not decode:
+        raise ServedProfileError(f"need prefill and decode probes, got {len(prefill)} and {len(decode)}")
+    main = prefill[0]
+    prefill_s = max(0.0, main.measured_seconds - main.engine_seconds)
+    step_s, per_seq_s = robust_line([p.batch_size for p in decode],
+                                    [p.measured_seconds - p.engine_seconds for p in decode])
+    extra: list[ServedProbe] = []
+    kv_handoff_s = kv_link_gbps = None
+    if mode == "disaggregated":
+        lengths, rests = [], []
+        for tokens, gaps in first_gaps.items():
+            served_step = engine.decode_s(1, tokens) + step_s + per_seq_s
+            gap = statistics.median(gaps)
+            extra.append(ServedProbe(kind="kv_handoff", batch_size=1, tokens=tokens, samples=len(gaps),
+                                     measured_seconds=gap, engine_seconds=served_step))
+            lengths.append(tokens)
+            rests.append(gap - served_step)
+        if len(set(lengths)) >= 2:
+            kv_handoff_s, per_token = _nonneg_line(lengths, rests)
+            kv_link_gbps = kv_bytes_per_token / per_token / 1e9 if per_token > 0 else None
+    return ServedOverhead(prefill_s=prefill_s, decode_step_s=step_s, decode_per_seq_s=per_seq_s,
+                          kv_handoff_s=kv_handoff_s, kv_link_gbps=kv_link_gbps, probes=[*probes, *extra])
+
+
+async def probe_served(url: str, engine_profile: LatencyProfile, mode: ServedMode, plan: ServedProbePlan, *,
+                       timeout: float = 900.0, log: Callable[[str], None] | None = None,
+                       skipped: list[str] | None = None) -> ServedOverhead:
+    """Probe the served path at `url` (a router in `mode`) and return its overheads over `engine_profile`."""
+    say = log or (lambda _msg: None)
+    engine = _EngineTimes.of(engine_profile)
+    probes = _Probes()
+    notes = skipped if skipped is not None else []
+    await _singles(url, engine, plan, probes, timeout)
+    await _bursts(url, engine, plan, probes, timeout, notes)
+    served = overhead_from_probes(probes.entries, probes.first_gaps, mode, engine,
+                                  engine_profile.model.kv_bytes_per_token)
+    for p in served.probes:
+        say(f"served {mode} {p.kind:>10} batch {p.batch_size:>4} x {p.tokens:>5} tokens: measured "
+            f"{p.measured_seconds * 1e3:9.2f} ms, engine {p.engine_seconds * 1e3:9.2f} ms")
+    say(f"served {mode}: prefill +{served.prefill_s * 1e3:.2f} ms/request, decode step +{served.decode_step_s * 1e3:.2f}"
+        f" ms + {served.decode_per_seq_s * 1e3:.3f} ms/sequence"
+        + (f", KV hand-off +{served.kv_handoff_s * 1e3:.2f} ms" if served.kv_handoff_s is not None else ""))
+    return served
+
+
+def profile_served(model_dir: Path, engine_profile: LatencyProfile, modes: Sequence[ServedMode],
+                   plan: ServedProbePlan, *, worker_args: Sequence[str] = (),
+                   role_args: dict[str, list[str]] | None = None, cpu_affinity: dict[str, set[int]] | None = None,
+                   startup_timeout_s: float = 600.0, log: Callable[[str], None] | None = None,
+                   skipped: list[str] | None = None) -> LatencyProfile:
+    """`engine_profile` with a `served` entry for each mode, each measured on a fresh local deployment
+    (router + workers as child processes, exactly what the pods run) of `model_dir`."""
+    served = dict(engine_profile.served)
+    for mode in modes:
+        cluster = LocalCluster(model_dir=model_dir, port=0, colocated_workers=1 if mode == "colocated" else 0,
+                               worker_args=list(worker_args), role_args=dict(role_args or {}),
+                               cpu_affinity=dict(cpu_affinity or {}), startup_timeout_s=startup_timeout_s)
+        with cluster:
+            served[mode] = asyncio.run(probe_served(cluster.url, engine_profile, mode, plan, log=log,
+                                                    skipped=skipped))
+    return engine_profile.model_copy(update={"served": served})

@@ -1,0 +1,105 @@
+"""Served-path overheads in a profile: LatencyModel adds exactly them to every step; old profiles load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from disagg_planner import simulator as sim
+from disagg_planner.api import (
+    GPU_PRESETS,
+    MODEL_PRESETS,
+    DecodeSample,
+    LatencyProfile,
+    PrefillSample,
+    ServedOverhead,
+    ShapeProfile,
+)
+from disagg_planner.latency import LatencyModel, ProfileError
+from disagg_planner.workloads import SimRequest
+
+A100 = GPU_PRESETS["A100-80GB"]
+PRE = (0.0165, 9.26e-5, 6.47e-9)  # DistServe's OPT-13B A100 fits, seconds
+DEC = (0.0199, 3.85e-5, 6.27e-7)
+COLOCATED = ServedOverhead(prefill_s=0.004, decode_step_s=0.0015, decode_per_seq_s=0.0002)
+DISAGG = ServedOverhead(prefill_s=0.006, decode_step_s=0.001, decode_per_seq_s=0.0003, kv_handoff_s=0.05)
+
+
+def engine_shape() -> ShapeProfile:
+    prefill = [PrefillSample(batch_size=b, sum_tokens=b * n, sum_sq_tokens=b * n * n,
+                             seconds=PRE[0] + PRE[1] * b * n + PRE[2] * b * n * n)
+               for b in (1, 2, 4) for n in (128, 512, 1024)]
+    decode = [DecodeSample(batch_size=b, sum_context=b * c, seconds=DEC[0] + DEC[1] * b + DEC[2] * b * c)
+              for b in (1, 8, 32) for c in (64, 512, 1500)]
+    return ShapeProfile(prefill=prefill, decode=decode)
+
+
+def profile(**served: ServedOverhead) -> LatencyProfile:
+    return LatencyProfile(model=MODEL_PRESETS["opt-13b"], gpu=A100.name, shapes=[engine_shape()],
+                          served=served)
+
+
+def models(mode: str | None = None, **served: ServedOverhead) -> tuple[LatencyModel, LatencyModel]:
+    return (LatencyModel.from_profile(profile(), A100, 300.0),
+            LatencyModel.from_profile(profile(**served), A100, 300.0, served_mode=mode))
+
+
+def test_overheads_lengthen_each_step_by_exactly_the_profiled_amount():
+    bare, served = models("colocated", colocated=COLOCATED)
+    o = COLOCATED
+    for lengths in ([512], [128, 900, 64]):
+        gap = served.prefill_time(1, 1, lengths) - bare.prefill_time(1, 1, lengths)
+        assert gap == pytest.approx(o.prefill_s * len(lengths), rel=1e-9)
+    for batch, context in ((1, 700), (32, 32 * 900)):
+        gap = served.decode_time(1, 1, batch, context) - bare.decode_time(1, 1, batch, context)
+        assert gap == pytest.approx(o.decode_step_s + o.decode_per_seq_s * batch, rel=1e-9)
+        assert served.decode_coefficients(1, 1, batch)[1] == bare.decode_coefficients(1, 1, batch)[1]
+    # A chunked-prefill step pays one decode step's overhead plus one prompt's per chunk, not both twice.
+    gap = served.mixed_stage_time(1, 1, 16, 16 * 500, 2, 512, 300_000) - bare.mixed_stage_time(
+        1, 1, 16, 16 * 500, 2, 512, 300_000)
+    assert gap == pytest.approx(2 * o.prefill_s + o.decode_step_s + 16 * o.decode_per_seq_s, rel=1e-9)
+    assert served.kv_handoff_s == 0 and bare.kv_handoff_s == 0
+
+
+def test_a_pipelined_step_pays_the_overhead_once_not_per_stage():
+    bare, served = models("colocated", colocated=COLOCATED)
+    stage_gap = served.decode_time(1, 4, 8, 8 * 600) - bare.decode_time(1, 4, 8, 8 * 600)
+    assert stage_gap == pytest.approx((COLOCATED.decode_step_s + 8 * COLOCATED.decode_per_seq_s) / 4, rel=1e-9)
+
+
+def test_the_mode_picks_its_own_overheads_and_a_missing_mode_is_an_error():
+    both = profile(colocated=COLOCATED, disaggregated=DISAGG)
+    disagg = LatencyModel.from_profile(both, A100, 300.0, served_mode="disaggregated")
+    assert disagg.served == DISAGG and disagg.kv_handoff_s == 0.05
+    assert LatencyModel.from_profile(profile(colocated=COLOCATED), A100, 300.0).served == COLOCATED
+    # With both and no mode, one model serves both simulators: it charges the larger of each.
+    merged = LatencyModel.from_profile(both, A100, 300.0).served
+    assert (merged.prefill_s, merged.decode_step_s, merged.decode_per_seq_s, merged.kv_handoff_s) == (
+        0.006, 0.0015, 0.0003, 0.05)
+    with pytest.raises(ProfileError, match="disagg profile --served disaggregated"):
+        LatencyModel.from_profile(profile(colocated=COLOCATED), A100, 300.0, served_mode="disaggregated")
+    assert LatencyModel.from_profile(profile(), A100, 300.0, served_mode="colocated").served is None
+
+
+def test_the_kv_handoff_delays_decode_not_the_first_token():
+    bare, served = models("disaggregated", disaggregated=ServedOverhead(kv_handoff_s=0.05))
+    cfg = sim.DisaggConfig(sim.PhaseShape(1, 1, 1), sim.PhaseShape(1, 1, 1), 300.0)
+    trace = [SimRequest(0.0, 512, 11)]
+    a, b = sim.simulate_disaggregated(cfg, bare, trace), sim.simulate_disaggregated(cfg, served, trace)
+    assert b.ttfts[0] == pytest.approx(a.ttfts[0], rel=1e-12)
+    assert b.tpots[0] - a.tpots[0] == pytest.approx(0.05 / 10, rel=1e-6)
+
+
+def test_a_profile_without_the_served_section_still_loads(tmp_path):
+    old = profile().model_dump(mode="json", by_alias=True)
+    old.pop("served")
+    old["version"] = 1
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(old))
+    loaded = LatencyProfile.load(path)
+    assert loaded.served == {} and loaded.version == 1
+    assert LatencyModel.from_profile(loaded, A100, 300.0).served is None
+    written = profile(disaggregated=DISAGG)
+    written.save(tmp_path / "v2.json")
+    assert LatencyProfile.load(tmp_path / "v2.json") == written
+    assert "kvHandoffS" in (tmp_path / "v2.json").read_text()
