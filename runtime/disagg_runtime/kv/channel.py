@@ -58,6 +58,19 @@ class _Batch:
     ready: torch.cuda.Event | None = None
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One layer's wire layout under a codec: part specs, as on the wire, padded and unpadded bytes."""
+
+    specs: list[PartSpec]
+    wire_specs: list[dict]
+    layer_bytes: int  # with each part padded to ALIGN: a layer's stride in the wire buffer
+    wire_bytes: int  # the parts' own bytes (what the stats count as moved)
+
+
+_MAX_PLANS = 256
+
+
 async def payload_layers(payload: KVPayload) -> AsyncIterator[tuple[torch.Tensor, torch.Tensor]]:
     """A finished payload as a layer stream."""
     for k, v in zip(payload.keys, payload.values, strict=True):
@@ -103,6 +116,19 @@ class KVChannel(ABC):
         self.stream = stream
         self.codec = codec
         self.broken = False
+        self._plans: dict[tuple, _Plan] = {}
+
+    def _plan(self, codec: LayerCodec, header: KVHeader) -> _Plan:
+        """The wire layout for `header` under `codec`, kept per link (pulls of one model repeat the shapes)."""
+        key = (codec.name, getattr(codec, "block_tokens", None), header.dtype, header.layer_shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:  # prompt lengths vary: keep the memo bounded
+                self._plans.clear()
+            specs = codec.part_specs(header)
+            plan = self._plans[key] = _Plan(specs, [s.to_wire() for s in specs], sum(padded(s.nbytes) for s in specs),
+                                            sum(s.nbytes for s in specs))
+        return plan
 
     # ---- data plane (per kind) ----------------------------------------------------------------------
     @abstractmethod
@@ -142,7 +168,7 @@ class KVChannel(ABC):
             if layers.header != header:
                 raise KVMismatchError(f"request {header.request_id}: staged KV is {layers.header}, lease says {header}")
             raw = self.codec.name == "none"
-            want = [s.to_wire() for s in self.codec.part_specs(header)]
+            want = self._plan(self.codec, header).wire_specs
             sent = 0
             while sent < header.num_layers:
                 upto = await layers.wait_ready(sent + 1)
@@ -166,9 +192,10 @@ class KVChannel(ABC):
     async def _send(self, header: KVHeader, layers: LayerSource) -> TransferStats:
         start = time.perf_counter()
         codec_info = {"name": self.codec.name, "blockTokens": getattr(self.codec, "block_tokens", None)}
-        await self.stream.send_json({"type": "begin", "header": header.model_dump(mode="json"), "codec": codec_info})
-        layer_bytes = sum(padded(s.nbytes) for s in self.codec.part_specs(header))
-        total = header.num_layers * layer_bytes
+        # Queued: it leaves with the first batch (one write, one receiver wake-up for a ready payload).
+        self.stream.queue_json({"type": "begin", "header": header.model_dump(mode="json"), "codec": codec_info})
+        plan = self._plan(self.codec, header)
+        layer_bytes, total = plan.layer_bytes, header.num_layers * plan.layer_bytes
         try:
             count, batches = await self._send_batches(header, layers, layer_bytes, total)
         except KVStagingError as e:
@@ -182,9 +209,8 @@ class KVChannel(ABC):
             reply = await self.stream.recv_json()
         if reply.get("type") != "ack":
             raise _remote_error(reply)
-        wire = header.num_layers * sum(s.nbytes for s in self.codec.part_specs(header))
-        return TransferStats(header.request_id, self.kind, self.codec.name, count, wire, header.nbytes,
-                             time.perf_counter() - start, batches)
+        return TransferStats(header.request_id, self.kind, self.codec.name, count, header.num_layers * plan.wire_bytes,
+                             header.nbytes, time.perf_counter() - start, batches)
 
     async def _send_batches(self, header: KVHeader, layers: LayerSource, layer_bytes: int,
                             total: int) -> tuple[int, int]:
@@ -196,9 +222,11 @@ class KVChannel(ABC):
                                              "parts": batch.parts})
                 break
             fields = await self._stage_out(batch.wire, batch.start * layer_bytes, total, batch.ready)
-            await self.stream.send_json({"type": "layers", "start": batch.start, "count": batch.count,
-                                         "parts": batch.parts, **fields})
+            # Queued, so that it leaves together with the batch's data frame (or alone, by the flush).
+            self.stream.queue_json({"type": "layers", "start": batch.start, "count": batch.count,
+                                    "parts": batch.parts, **fields})
             await self._ship(batch.wire, fields)
+            await self.stream.flush()
             count += batch.count
             batches += 1
         return count, batches
@@ -260,9 +288,8 @@ class KVChannel(ABC):
             raise KVMismatchError(f"unusable KV header from {self.stream.peer}: {e}") from e
         if expect is not None:
             expect(header)
-        specs = codec.part_specs(header)
-        want = [s.to_wire() for s in specs]
-        layer_bytes = sum(padded(s.nbytes) for s in specs)
+        plan = self._plan(codec, header)
+        specs, want, layer_bytes = plan.specs, plan.wire_specs, plan.layer_bytes
         landing = self._landing(header.num_layers * layer_bytes, device)
         got = batches = 0
         while got < header.num_layers:
@@ -289,11 +316,12 @@ class KVChannel(ABC):
         placed = landing if landing.device == device else landing.to(device)
         keys, values = _layers_of(placed, header, codec, specs, layer_bytes)
         payload = KVPayload(header, keys, values)
-        payload.check()
+        if codec.name != "none":
+            payload.check()  # decoded tensors; raw ones are views of the header's grid, right by construction
         await self.stream.send_json({"type": "ack"})
-        wire = header.num_layers * sum(s.nbytes for s in specs)
-        return payload, TransferStats(header.request_id, self.kind, codec.name, header.num_layers, wire,
-                                      header.nbytes, time.perf_counter() - start, batches)
+        return payload, TransferStats(header.request_id, self.kind, codec.name, header.num_layers,
+                                      header.num_layers * plan.wire_bytes, header.nbytes,
+                                      time.perf_counter() - start, batches)
 
     async def close(self) -> None:
         await self.stream.close()

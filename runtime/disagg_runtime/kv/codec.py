@@ -36,7 +36,7 @@ class PartSpec:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype.itemsize
 
     def to_wire(self) -> dict:
         return {"dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}

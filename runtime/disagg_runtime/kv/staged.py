@@ -49,7 +49,7 @@ def unpack(buffer: torch.Tensor, shapes: Sequence[tuple[torch.dtype, tuple[int, 
     """Views (no copy) of one layer's parts, given each part's (dtype, shape), in a uint8 wire buffer."""
     out, offset = [], 0
     for dtype, shape in shapes:
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        n = torch.Size(shape).numel() * dtype.itemsize
         out.append(buffer[offset:offset + n].view(dtype).view(shape))
         offset += padded(n)
     return out
@@ -67,7 +67,7 @@ class StagedKV:
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[header.dtype]
         n, h, d = header.layer_shape
-        self.part_bytes = n * h * d * torch.empty((), dtype=self.dtype).element_size()
+        self.part_bytes = n * h * d * self.dtype.itemsize
         self.part_stride = padded(self.part_bytes)
         self.layer_bytes = 2 * self.part_stride
         self.buffer = torch.empty(header.num_layers * self.layer_bytes, dtype=torch.uint8, device=self.device)
