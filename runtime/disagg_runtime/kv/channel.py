@@ -154,6 +154,14 @@ class KVChannel(ABC):
         """Receiver, before the ack: every landed byte is in place (the sender may reuse its buffers)."""
         return None  # the byte-stream planes land synchronously
 
+    def _pull_done(self) -> None:
+        """Sender, after the ack: the receiver has every byte, so buffers held for the copies may go."""
+        return None
+
+    def _quiesce(self) -> None:
+        """After a failed send or receive: wait for copies still in flight, before their buffers are freed."""
+        return None  # the byte-stream planes copy synchronously
+
     # ---- sending ------------------------------------------------------------------------------------
     async def send(self, header: KVHeader, layers: LayerSource) -> TransferStats:
         """Ship header then layers as they become ready; returns once the receiver acknowledged."""
@@ -161,6 +169,7 @@ class KVChannel(ABC):
             return await self._send(header, layers)
         except BaseException:
             self.broken = True
+            self._quiesce()
             raise
 
     async def _batches(self, header: KVHeader, layers: LayerSource) -> AsyncIterator[_Batch]:
@@ -209,6 +218,7 @@ class KVChannel(ABC):
             reply = await self.stream.recv_json()
         if reply.get("type") != "ack":
             raise _remote_error(reply)
+        self._pull_done()
         return TransferStats(header.request_id, self.kind, self.codec.name, count, header.num_layers * plan.wire_bytes,
                              header.nbytes, time.perf_counter() - start, batches)
 
@@ -256,13 +266,16 @@ class KVChannel(ABC):
         try:
             return await self._recv(expect, torch.device(device))
         except (KVNotFound, KVForbidden):
+            self._quiesce()  # an answer instead of a payload; a confused peer may send it mid-payload
             raise
         except KVMismatchError as e:
             self.broken = True
+            self._quiesce()
             await self._tell_sender(e)
             raise
         except BaseException:
             self.broken = True
+            self._quiesce()
             raise
 
     async def _tell_sender(self, error: KVMismatchError) -> None:
