@@ -26,7 +26,7 @@ from .codec import LayerCodec, PartSpec, make_codec
 from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound, KVTimeout
 from .framing import FramedStream
 from .payload import TORCH_DTYPES, KVHeader, KVPayload
-from .staged import KVStagingError, StagedKV, pack, padded, unpack
+from .staged import KVStagingError, StagedKV, pack, pack_layers, padded, unpack_layers
 
 ChannelKind = Literal["tcp", "ipc", "nccl"]
 LayerStream = AsyncIterable[tuple[torch.Tensor, torch.Tensor]]
@@ -77,20 +77,17 @@ async def payload_layers(payload: KVPayload) -> AsyncIterator[tuple[torch.Tensor
         yield k, v
 
 
-def _layers_of(placed: torch.Tensor, header: KVHeader, codec: LayerCodec, specs: list[PartSpec],
-               layer_bytes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _layers_of(placed: torch.Tensor, header: KVHeader, codec: LayerCodec,
+               specs: list[PartSpec]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-layer K and V out of a landed wire buffer: views for the raw codec, decoded tensors otherwise."""
     if codec.name == "none" and all(s.nbytes == padded(s.nbytes) for s in specs):
         # No padding between parts: the buffer is [layer, K|V, tokens, heads, dim]; two C calls, no loop.
         grid = placed.view(TORCH_DTYPES[header.dtype]).view(header.num_layers, 2, *header.layer_shape)
         return list(grid[:, 0].unbind(0)), list(grid[:, 1].unbind(0))
-    shapes = [(s.dtype, s.shape) for s in specs]
-    keys, values = [], []
-    for i in range(header.num_layers):
-        k, v = codec.decode(unpack(placed[i * layer_bytes:(i + 1) * layer_bytes], shapes), header)
-        keys.append(k)
-        values.append(v)
-    return keys, values
+    # All layers at once: a few tensor ops per pull, not per layer.
+    keys, values = codec.decode_many(unpack_layers(placed, header.num_layers, [(s.dtype, s.shape) for s in specs]),
+                                     header)
+    return list(keys.unbind(0)), list(values.unbind(0))
 
 
 def _remote_error(message: dict) -> KVChannelError:
@@ -184,9 +181,9 @@ class KVChannel(ABC):
                 layers.device_wait(upto)
                 if raw:  # the staged bytes are the wire bytes
                     yield _Batch(sent, upto - sent, layers.wire(sent, upto), want, layers.event(upto))
-                else:  # encoded layer after layer, shipped together: each layer's parts are a multiple of ALIGN
-                    parts = [p for i in range(sent, upto) for p in self.codec.encode(layers.key(i), layers.value(i))]
-                    yield _Batch(sent, upto - sent, pack(parts), want)
+                else:  # the ready layers encoded together, in the wire layout (each layer's parts padded)
+                    yield _Batch(sent, upto - sent, pack_layers(self.codec.encode_many(*layers.layers(sent, upto))),
+                                 want)
                 sent = upto
             return
         count = 0
@@ -327,7 +324,7 @@ class KVChannel(ABC):
             batches += 1
         await self._settle(device)
         placed = landing if landing.device == device else landing.to(device)
-        keys, values = _layers_of(placed, header, codec, specs, layer_bytes)
+        keys, values = _layers_of(placed, header, codec, specs)
         payload = KVPayload(header, keys, values)
         if codec.name != "none":
             payload.check()  # decoded tensors; raw ones are views of the header's grid, right by construction
