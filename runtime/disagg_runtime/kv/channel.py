@@ -328,7 +328,9 @@ class KVChannel(ABC):
         payload = KVPayload(header, keys, values)
         if codec.name != "none":
             payload.check()  # decoded tensors; raw ones are views of the header's grid, right by construction
-        await self.stream.send_json({"type": "ack"})
+        # Posted, not awaited: the payload is placed, so the caller goes on (it leaves on the loop's next turn,
+        # or with this link's next message, whichever is first).
+        self.stream.post_json({"type": "ack"})
         return payload, TransferStats(header.request_id, self.kind, codec.name, header.num_layers,
                                       header.num_layers * plan.wire_bytes, header.nbytes,
                                       time.perf_counter() - start, batches)

@@ -206,7 +206,19 @@ class FramedStream:
         except ConnectionError as e:
             raise KVPeerClosed(f"KV peer {self.peer} closed the connection: {e}") from e
 
+    def post_json(self, message: dict) -> None:
+        """Send a small control message without waiting for it: queued, and written on the event loop's
+        next turn unless another frame takes it along first. The caller goes on at once; on a busy
+        machine the write itself can cost a context switch to the peer it wakes."""
+        self.queue_json(message)
+        asyncio.get_running_loop().call_soon(self._write_posted)
+
+    def _write_posted(self) -> None:
+        if self._pending and not self.writer.transport.is_closing():
+            self._write_pending(b"")  # small: no drain needed; a dead peer shows on the link's next read
+
     async def close(self) -> None:
+        self._write_posted()  # a posted message (a pull's ack) still goes out before the close
         self.writer.close()
         try:
             await self.writer.wait_closed()

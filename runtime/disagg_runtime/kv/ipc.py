@@ -104,7 +104,7 @@ class CudaIpcKVChannel(KVChannel):
     def _landing(self, nbytes: int, device: torch.device) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
-    async def _map(self, device: torch.device) -> None:
+    async def _map(self) -> None:
         data = await self.stream.recv_bytes()
         try:
             shared = pickle.loads(data)
@@ -116,12 +116,12 @@ class CudaIpcKVChannel(KVChannel):
             raise KVMismatchError("IPC mapping message is not a staging buffer")
         self._mapped = buffer  # dropping the previous one unmaps it (torch's IPC cache)
         self._peer_event = None
-        if handle is not None and device.type == "cuda" and buffer.is_cuda:
+        if handle is not None and buffer.is_cuda:  # a host landing waits on it too
             self._peer_event = torch.cuda.Event.from_ipc_handle(buffer.device, handle)
 
     async def _land(self, out: torch.Tensor, offset: int, msg: dict) -> None:
         if msg.get("map") is True:
-            await self._map(out.device)
+            await self._map()
         elif self._mapped is None:
             raise KVChannelError(f"IPC peer {self.stream.peer} sent layers before sharing its staging buffer")
         if self._mapped.numel() < offset + out.numel():
