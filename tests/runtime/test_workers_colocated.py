@@ -18,6 +18,7 @@ from disagg_runtime.serve.runner import start_site
 from disagg_runtime.workers.base import WorkerConfig
 from disagg_runtime.workers.colocated import ColocatedWorker
 from disagg_runtime.workers.protocol import PrefillRequest, SamplingSpec
+from disagg_runtime.workers.relay import TokenLog
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def _worker(model_dir, *, blocks: int, budget: int) -> ColocatedWorker:
 def _submit(worker: ColocatedWorker, rid: str, length: int, max_tokens: int) -> None:
     msg = PrefillRequest(request_id=rid, prompt_ids=[5] * length,
                          sampling=SamplingSpec(max_tokens=max_tokens, ignore_eos=True))
-    assert worker._enqueue(worker._job(msg, list(msg.prompt_ids)))
+    assert worker._enqueue(worker._job(msg, list(msg.prompt_ids), TokenLog()))
 
 
 async def test_steps_follow_the_simulators_prefill_first_schedule(model_dir):

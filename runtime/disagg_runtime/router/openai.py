@@ -121,7 +121,7 @@ class ResponseWriter:
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str, finish_reason: str | None, token_id: int) -> dict:
+    def chunk(self, text: str, finish_reason: str | None, token_ids: list[int]) -> dict:
         if self.kind == "completion":
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             obj = "text_completion"
@@ -133,7 +133,7 @@ class ResponseWriter:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         if self.token_ids:
-            choice["token_ids"] = [token_id]
+            choice["token_ids"] = token_ids
         return {**self._base(obj), "choices": [choice]}
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
