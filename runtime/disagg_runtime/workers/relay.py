@@ -93,7 +93,8 @@ class RelayConnection:
         self.closed = True
         self._ready.set()
 
-    def _take(self) -> bytes | None:
+    def take_frame(self) -> bytes | None:
+        """The pending frame as one NDJSON line (and a new, empty one); None if nothing is pending."""
         if not self._tokens and not self._errors:
             return None
         frame: dict = {"type": "step", "tokens": self._tokens}
@@ -114,7 +115,7 @@ class RelayConnection:
                     await response.write(_HEARTBEAT)
                     continue
             self._ready.clear()
-            data = self._take()
+            data = self.take_frame()
             if data is not None:
                 self.frames += 1
                 await response.write(data)
