@@ -113,7 +113,7 @@ class FakeWorker:
                 return
             last = i == self.tokens - 1
             text = f"-{i}".ljust(self.big_text_bytes if mode == BIG else 0, ".")
-            frame = {"type": "step", "tokens": {rid: [[100 + i], text, "length" if last else None]}}
+            frame = {"type": "step", "tokens": {rid: [[100 + i], [text], "length" if last else None]}}
             try:
                 await relay.write((json.dumps(frame) + "\n").encode())
             except ConnectionError:

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import aiohttp
+from disagg_runtime.router.openai import ResponseWriter, sse
 from test_router import BIG, FakeWorker, cluster, sse_events  # noqa: F401 - `cluster` is a fixture used below
 
 TOKENS = 300  # a BIG request sends 300 x 64 KiB: more than the sockets between router and client hold
@@ -22,17 +23,18 @@ async def _read_all(resp) -> list:
 
 
 async def _complete(s, url, first_id: int) -> list:
-    async with s.post(f"{url}/v1/completions", json={"prompt": [first_id, 5], "stream": True}) as resp:
+    body = {"prompt": [first_id, 5], "stream": True, "return_token_ids": True}
+    async with s.post(f"{url}/v1/completions", json=body) as resp:
         assert resp.status == 200
         return await sse_events(resp)
 
 
 async def test_a_client_that_reads_nothing_does_not_delay_the_other_streams(cluster):  # noqa: F811
     decode = FakeWorker("decode", tokens=TOKENS)
-    url, router = await cluster([FakeWorker("prefill")], [decode])
+    url, router = await cluster([FakeWorker("prefill")], [decode], coalesce_after_tokens=32)
     async with aiohttp.ClientSession() as stalled_session, aiohttp.ClientSession() as s:
         stalled = await stalled_session.post(f"{url}/v1/completions",
-                                             json={"prompt": [BIG, 5], "stream": True})
+                                             json={"prompt": [BIG, 5], "stream": True, "return_token_ids": True})
         assert stalled.status == 200  # and nothing of it is read until the others are done
         while decode.decoded == []:
             await asyncio.sleep(0.01)
@@ -42,9 +44,11 @@ async def test_a_client_that_reads_nothing_does_not_delay_the_other_streams(clus
         events = await _read_all(stalled)
         stalled.release()
     want = "A" + "".join(f"-{i}" for i in range(1, TOKENS))
-    for got in others:
-        assert got[-1] == "[DONE]" and "".join(e["choices"][0]["text"] for e in got[:-1]) == want
+    for got in others:  # clients that keep up get one event per token
+        assert got[-1] == "[DONE]" and [e["choices"][0]["text"] for e in got[:-1]] == ["A"] + [
+            f"-{i}" for i in range(1, TOKENS)]
     # The stalled stream lost nothing: what piled up while its client did not read came as fewer, larger events.
+    assert sum(len(e["choices"][0]["token_ids"]) for e in events[:-1]) == TOKENS
     text = "".join(e["choices"][0]["text"] for e in events[:-1])
     assert text.replace(".", "") == want and len(text) > (TOKENS - 1) * 65536
     assert events[-2]["choices"][0]["finish_reason"] == "length" and len(events) - 1 < TOKENS
@@ -66,3 +70,16 @@ async def test_a_client_too_far_behind_has_its_stream_ended_and_aborted_and_the_
         stalled.release()
     assert other[-2]["choices"][0]["finish_reason"] == "length"
     assert events[-1] == "[DONE]" and "tokens behind" in events[-2]["error"]["message"]
+
+
+def test_per_token_events_are_the_bytes_of_one_chunk_per_token():
+    for kind in ("completion", "chat"):
+        for token_ids in (False, True):
+            fast, plain = (ResponseWriter(kind, "cmpl-1", "m", token_ids=token_ids) for _ in range(2))
+            plain.created = fast.created
+            texts, ids = ["hé", "", '"q\\', "\n", "end"], [1, 2, 3, 4, 5]
+            got = fast.events(ids[:2], texts[:2], None) + fast.events(ids[2:], texts[2:], "length")
+            want = b"".join(sse(plain.chunk(t, "length" if i == 4 else None, [ids[i]])) for i, t in enumerate(texts))
+            assert got == want, (kind, token_ids)
+            joined = ResponseWriter(kind, "cmpl-1", "m", token_ids=token_ids).events(ids, ["hé"], "length")
+            assert joined.count(b"data: ") == 1 and b'"finish_reason":"length"' in joined

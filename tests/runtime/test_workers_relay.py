@@ -63,9 +63,10 @@ async def test_each_step_is_one_frame_with_every_requests_token_and_steps_merge_
 
     def take() -> dict:
         frame = json.loads(conn.take_frame())
-        for rid, (ids, text, _reason) in frame["tokens"].items():
+        for rid, (ids, texts, _reason) in frame["tokens"].items():
+            assert len(texts) == len(ids)  # each token's own text
             got_ids[rid] += ids
-            got_text[rid] += text
+            got_text[rid] += "".join(texts)
         return frame["tokens"]
 
     assert worker._step()  # one prefill batch: every request's first token

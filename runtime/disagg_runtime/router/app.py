@@ -59,6 +59,7 @@ class RouterConfig:
     default_chat_max_tokens: int = 256
     heartbeat_timeout_s: float = 10.0
     max_buffered_tokens: int = 65536  # tokens one stream may fall behind its client before it is ended
+    coalesce_after_tokens: int = 256  # a client this far behind gets what piled up as one event
     poll_s: float = 0.5
     served_model_name: str | None = None
     drain_timeout_s: float = 300.0
@@ -120,7 +121,8 @@ class Router:
         self.aborter = Aborter(self.session)
         self.relays = RelayHub(self.session, heartbeat_timeout_s=self.config.heartbeat_timeout_s,
                                response_timeout_s=self.config.response_timeout_s,
-                               max_buffered_tokens=self.config.max_buffered_tokens, abort=self.aborter.abort,
+                               max_buffered_tokens=self.config.max_buffered_tokens,
+                               coalesce_after_tokens=self.config.coalesce_after_tokens, abort=self.aborter.abort,
                                mark_failed=self.pool.mark_failed)
         await self.pool.start()
 
@@ -263,16 +265,16 @@ class Router:
 
     async def _stream(self, request, writer: ResponseWriter, flow: RequestFlow, first: Chunk, chunks,
                       include_usage: bool):
-        """One SSE event per chunk: a token each while the client keeps up, what piled up when it lags."""
+        """One SSE event per token while the client keeps up; what piled up as one event once it falls behind."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Request-Id": flow.request_id})
         await response.prepare(request)
         count, chunk, ok = len(first.token_ids), first, False
-        await response.write(sse(writer.chunk(first.text, first.finish_reason, first.token_ids)))
+        await response.write(writer.events(first.token_ids, first.texts, first.finish_reason))
         try:
             async for chunk in chunks:
                 count += len(chunk.token_ids)
-                await response.write(sse(writer.chunk(chunk.text, chunk.finish_reason, chunk.token_ids)))
+                await response.write(writer.events(chunk.token_ids, chunk.texts, chunk.finish_reason))
             ok = chunk.finished
         except UpstreamError as e:
             await response.write(sse(error_body(str(e), type_=e.type, code=e.status)))

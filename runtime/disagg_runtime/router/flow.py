@@ -105,7 +105,7 @@ class RequestFlow:
             if isinstance(entry, PrefillResult):
                 first = entry.first
                 self.prompt_tokens = len(entry.prompt_ids)
-                chunk = Chunk([first.token_id], first.text, first.finish_reason if first.finished else None)
+                chunk = Chunk([first.token_id], [first.text], first.finish_reason if first.finished else None)
                 if chunk.finished:
                     self._done = True
                     yield chunk

@@ -4,9 +4,9 @@
 starts one reader task, which parses each frame (one per engine step, carrying every request's new
 tokens; workers/relay.py has the format) and appends each request's tokens to its `TokenBuffer`: an
 append and an event set, never a wait on a client. Each client's handler drains its own buffer, so a
-client that reads slowly only lets its own buffer grow (its text is joined as it grows, and past
-`max_buffered_tokens` that one request ends with an error and is aborted on the worker); the reader and
-the other streams go on. When the stream breaks or goes silent for `heartbeat_timeout_s`, every request
+client that reads slowly only lets its own buffer grow (past `coalesce_after_tokens` its text is joined
+into one piece, which reaches the client as one event; past `max_buffered_tokens` that one request ends
+with an error and is aborted on the worker); the reader and the other streams go on. When the stream breaks or goes silent for `heartbeat_timeout_s`, every request
 on it ends with an error and the instance is marked down.
 """
 
@@ -25,28 +25,35 @@ from .pool import Worker
 from .upstream import NoResponse, UpstreamError, WorkerSilent, refusal
 
 log = logging.getLogger(__name__)
-_JOIN_TEXT_AFTER = 64  # pieces of text a buffer keeps before joining them into one
 
 
 @dataclass
 class Chunk:
-    """Tokens of one request that reached the router together (one or more engine steps' worth)."""
+    """Tokens of one request that reached the router together (one or more engine steps' worth).
+
+    `texts` has each token's text, or, when the client fell behind and the buffer joined them, fewer pieces.
+    """
 
     token_ids: list[int]
-    text: str
+    texts: list[str]
     finish_reason: str | None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
 
 class TokenBuffer:
     """One request's tokens between the relay reader (`push`, `fail`) and its client's handler (`next`)."""
 
-    __slots__ = ("_ids", "_texts", "_reason", "_error", "_ready")
+    __slots__ = ("_ids", "_texts", "_reason", "_error", "_ready", "_coalesce_after")
 
-    def __init__(self) -> None:
+    def __init__(self, coalesce_after: int) -> None:
+        self._coalesce_after = coalesce_after
         self._ids: list[int] = []
         self._texts: list[str] = []
         self._reason: str | None = None
@@ -56,12 +63,11 @@ class TokenBuffer:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def push(self, token_ids: list[int], text: str, finish_reason: str | None) -> None:
+    def push(self, token_ids: list[int], texts: list[str], finish_reason: str | None) -> None:
         self._ids += token_ids
-        texts = self._texts
-        texts.append(text)
-        if len(texts) > _JOIN_TEXT_AFTER:  # a client that is behind: keep one string, not one per step
-            self._texts = ["".join(texts)]
+        self._texts += texts
+        if len(self._texts) > self._coalesce_after:  # a client that is behind: one string, not one per token
+            self._texts = ["".join(self._texts)]
         self._reason = finish_reason
         self._ready.set()
 
@@ -78,7 +84,7 @@ class TokenBuffer:
                 raise self._error
             self._ready.clear()
             await self._ready.wait()
-        chunk = Chunk(self._ids, "".join(self._texts), self._reason)
+        chunk = Chunk(self._ids, self._texts, self._reason)
         self._ids, self._texts = [], []
         return chunk
 
@@ -87,7 +93,7 @@ class RelayLink:
     """One open relay stream to one instance and the buffers of the requests whose tokens it carries."""
 
     def __init__(self, worker: Worker, relay_id: str, response: aiohttp.ClientResponse, *,
-                 heartbeat_timeout_s: float, max_buffered_tokens: int,
+                 heartbeat_timeout_s: float, max_buffered_tokens: int, coalesce_after_tokens: int,
                  on_overflow: Callable[[Worker, str], None], on_dead: Callable[[RelayLink, UpstreamError], None]):
         self.worker = worker
         self.id = relay_id
@@ -98,6 +104,7 @@ class RelayLink:
         self._streams: dict[str, TokenBuffer] = {}
         self._timeout = heartbeat_timeout_s
         self._max_buffered = max_buffered_tokens
+        self._coalesce_after = coalesce_after_tokens
         self._on_overflow = on_overflow
         self._on_dead = on_dead
         self._reader = asyncio.create_task(self._read(), name=f"relay {worker.url}")
@@ -106,7 +113,7 @@ class RelayLink:
         """A buffer for a request about to be submitted on this link (before, so no token can be missed)."""
         if not self.alive:
             raise UpstreamError(502, f"{self.who} failed mid-request: its relay stream is closed")
-        buffer = self._streams[request_id] = TokenBuffer()
+        buffer = self._streams[request_id] = TokenBuffer(self._coalesce_after)
         return buffer
 
     def close(self, request_id: str) -> None:
@@ -139,11 +146,11 @@ class RelayLink:
         streams = self._streams
         tokens = frame.get("tokens")
         if tokens:
-            for rid, (ids, text, reason) in tokens.items():
+            for rid, (ids, texts, reason) in tokens.items():
                 buffer = streams.get(rid)
                 if buffer is None:  # aborted, or its client left
                     continue
-                buffer.push(ids, text, reason)
+                buffer.push(ids, texts, reason)
                 if reason is not None:
                     del streams[rid]
                 elif len(buffer) > self._max_buffered:
@@ -175,12 +182,13 @@ class RelayHub:
     """The router's relay links, one per instance URL, opened on first use and reopened after a failure."""
 
     def __init__(self, session: aiohttp.ClientSession, *, heartbeat_timeout_s: float, response_timeout_s: float,
-                 max_buffered_tokens: int, abort: Callable[[str, str], None],
+                 max_buffered_tokens: int, coalesce_after_tokens: int, abort: Callable[[str, str], None],
                  mark_failed: Callable[[Worker], None]) -> None:
         self.session = session
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.response_timeout_s = response_timeout_s
         self.max_buffered_tokens = max_buffered_tokens
+        self.coalesce_after_tokens = coalesce_after_tokens
         self._abort = abort
         self._mark_failed = mark_failed
         self.links: dict[str, RelayLink] = {}
@@ -222,7 +230,8 @@ class RelayHub:
             response.close()
             raise
         link = RelayLink(worker, relay_id, response, heartbeat_timeout_s=self.heartbeat_timeout_s,
-                         max_buffered_tokens=self.max_buffered_tokens, on_overflow=self._overflowed,
+                         max_buffered_tokens=self.max_buffered_tokens,
+                         coalesce_after_tokens=self.coalesce_after_tokens, on_overflow=self._overflowed,
                          on_dead=self._died)
         self.links[worker.url] = link
         return link

@@ -9,7 +9,7 @@ frame, so a slow router connection gets fewer, larger frames instead of an unbou
 
 Lines (all JSON objects, one per line):
   {"type": "hello", "relay": ID}                         first, once the worker knows the connection
-  {"type": "step", "tokens": {RID: [[token ids], text, finish_reason | null], ...},
+  {"type": "step", "tokens": {RID: [[token ids], [text of each], finish_reason | null], ...},
                    "errors": {RID: [code, message], ...}} tokens since the last frame; "errors" only if any
   {"type": "heartbeat"}                                  nothing to send for `heartbeat_s`
 A request is done after the entry whose finish_reason is not null, or its error. When the stream ends
@@ -66,7 +66,7 @@ class RelayConnection:
 
     def __init__(self, relay_id: str) -> None:
         self.id = relay_id
-        self._tokens: dict[str, list] = {}  # request id -> [token ids, text, finish_reason]
+        self._tokens: dict[str, list] = {}  # request id -> [token ids, their texts, finish_reason]
         self._errors: dict[str, list] = {}
         self._ready = asyncio.Event()
         self.closed = False
@@ -75,10 +75,10 @@ class RelayConnection:
     def token(self, request_id: str, token_id: int, text: str, finish_reason: str | None) -> None:
         entry = self._tokens.get(request_id)
         if entry is None:
-            self._tokens[request_id] = [[token_id], text, finish_reason]
+            self._tokens[request_id] = [[token_id], [text], finish_reason]
         else:  # the previous frame is still being written: merge into the pending one
             entry[0].append(token_id)
-            entry[1] += text
+            entry[1].append(text)
             entry[2] = finish_reason
         if not self._ready.is_set():
             self._ready.set()
