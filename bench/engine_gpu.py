@@ -41,6 +41,14 @@ CONTEXT = 512
 T0 = time.perf_counter()
 
 
+def gpu_tag(device_name: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100': the file name says which GPU ran it."""
+    for word in device_name.replace("-", " ").split():
+        if any(c.isdigit() for c in word) and any(c.isalpha() for c in word) and not word.upper().endswith("GB"):
+            return word.lower()
+    return "gpu"
+
+
 def log(*parts) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s]", *parts, flush=True)
 
@@ -72,28 +80,41 @@ def time_engine_prefill(engine, tokens: int, vocab: int, repeats: int = 5) -> di
 
 def time_engine_decode(engine, batch: int, context: int, vocab: int, steps: int = 20, warmup: int = 3) -> dict:
     """Wall seconds of `engine.decode()` with `batch` sequences whose KV holds `context` tokens at the
-    first timed step (one more at each later step), plus the GPU time of the captured step alone."""
+    first timed step (one more at each later step), back to back as a worker calls it: overlapped (the
+    engine's default on this path, each call returning the step the call before launched) and plain
+    (`overlapped=False`, one whole step per call); plus the GPU time of the captured step alone."""
     from disagg_runtime.engine import GenerationRequest, SamplingParams
 
-    gen = torch.Generator().manual_seed(batch)
-    reqs = [GenerationRequest(f"d{batch}-{i}", torch.randint(3, vocab, (context - 1,), generator=gen).tolist(),
-                              SamplingParams(max_tokens=steps + warmup + 2, ignore_eos=True)) for i in range(batch)]
-    for i in range(0, batch, 16):  # prefill in chunks of 8k tokens: activations stay small next to the KV
-        engine.prefill(reqs[i:i + 16])
-    times = []
-    for _ in range(warmup + steps):
+    def calls(overlapped: bool, tag: str) -> list[float]:
+        gen = torch.Generator().manual_seed(batch)
+        reqs = [GenerationRequest(f"d{tag}{batch}-{i}", torch.randint(3, vocab, (context - 1,), generator=gen).tolist(),
+                                  SamplingParams(max_tokens=steps + warmup + 4, ignore_eos=True))
+                for i in range(batch)]
+        for i in range(0, batch, 16):  # prefill in chunks of 8k tokens: activations stay small next to the KV
+            engine.prefill(reqs[i:i + 16])
         torch.cuda.synchronize()
-        start = time.perf_counter()
-        outs = engine.decode()
-        times.append(time.perf_counter() - start)
-        assert len(outs) == batch
-    result = {"wall_s": statistics.median(times[warmup:]), "samples": times[warmup:],
-              "mean_context": context + (warmup + steps - 1) / 2}
+        times, produced = [], 0
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            outs = engine.decode(overlapped=overlapped)
+            times.append(time.perf_counter() - start)
+            produced += len(outs) if i >= warmup else 0
+        assert produced == batch * steps, (produced, batch * steps)
+        for r in reqs:
+            engine.abort(r.request_id)
+        engine.decode(overlapped=False)  # completes a step still in flight; nothing is left running
+        return times[warmup:]
+
+    overlapped = calls(True, "o")
     runner = getattr(engine, "gpu_runner", None)
-    if runner is not None and runner.can_replay:
-        result["graph_s"] = statistics.median(time_cuda(runner.replay_last, warmup=3, repeats=20))
-    for r in reqs:
-        engine.abort(r.request_id)
+    graph = statistics.median(time_cuda(runner.replay_last, warmup=3, repeats=20)) \
+        if runner is not None and runner.can_replay else None
+    plain = calls(False, "p")
+    result = {"wall_s": statistics.median(overlapped), "samples": overlapped,
+              "plain_wall_s": statistics.median(plain), "plain_samples": plain,
+              "mean_context": context + (warmup + steps - 1) / 2}
+    if graph is not None:
+        result["graph_s"] = graph
     return result
 
 
@@ -111,6 +132,26 @@ def run_profile(engine, out: Path) -> str | None:
     return str(path)
 
 
+def summarize(res: dict) -> dict:
+    """The issue's figures: each decode batch's GPU step and whole call, and each prefill, against its floor."""
+    shape = LlamaShape(**res["shape"]["numbers"])
+    bw, mm = res["ceilings"]["copy_bytes_per_s"], res["ceilings"]["matmul_flops_per_s"]
+    step, call = {}, {}
+    for b, d in res["engine"]["decode"].items():
+        floor = shape.decode_bytes(int(b), CONTEXT) / bw
+        call[b] = floor / d["wall_s"]
+        if d.get("graph_s"):
+            step[b] = floor / d["graph_s"]
+    prefill = {t: shape.prefill_flops(int(t)) / mm / d["wall_s"] for t, d in res["engine"]["prefill"].items()}
+    return {"decode_step_floor_fraction": step, "decode_call_floor_fraction": call,
+            "prefill_matmul_fraction": prefill,
+            "goals": {"decode_step_floor_fraction": 0.85, "decode_call_floor_fraction": 0.80,
+                      "prefill_matmul_fraction_from_1024": 0.80},
+            "met": {"decode_step": bool(step) and min(step.values()) >= 0.85,
+                    "decode_call": min(call.values()) >= 0.80,
+                    "prefill": min(v for t, v in prefill.items() if int(t) >= 1024) >= 0.80}}
+
+
 def table(res: dict) -> str:
     shape = LlamaShape(**res["shape"]["numbers"])
     bw, mm = res["ceilings"]["copy_bytes_per_s"], res["ceilings"]["matmul_flops_per_s"]
@@ -119,18 +160,22 @@ def table(res: dict) -> str:
              "-" * 79]
     for t in PREFILL_LENGTHS:
         floor = shape.prefill_flops(t) / mm
-        hf, en = res["hf"]["prefill_s"][str(t)], res["engine"]["prefill"][str(t)]["wall_s"]
+        hf = res["hf"]["prefill_s"][str(t)] if res["hf"] else float("nan")
+        en = res["engine"]["prefill"][str(t)]["wall_s"]
         lines.append(f"{t:>8} tokens  {floor * 1e3:9.2f} | {hf * 1e3:11.2f}  {floor / hf:9.1%} | "
                      f"{en * 1e3:9.2f}  {floor / en:9.1%}")
-    lines += ["", f"decode (context {CONTEXT})  floor ms |  HF eager ms  % | engine step ms  % | GPU step ms  %",
-              "-" * 88]
+    lines += ["", f"decode (context {CONTEXT})  floor ms |  HF eager ms  % | engine call ms  % | plain call ms  % "
+              "| GPU step ms  %", "-" * 108]
     for b in DECODE_BATCHES:
         floor = shape.decode_bytes(b, CONTEXT) / bw
-        hf, en = res["hf"]["decode_s"][str(b)], res["engine"]["decode"][str(b)]
+        hf = res["hf"]["decode_s"][str(b)] if res["hf"] else float("nan")
+        en = res["engine"]["decode"][str(b)]
         g = en.get("graph_s")
         gtxt = f"{g * 1e3:11.2f} {floor / g:5.1%}" if g else "          -      "
+        plain = en.get("plain_wall_s") or en["wall_s"]
         lines.append(f"batch {b:>4}        {floor * 1e3:9.2f} | {hf * 1e3:11.2f} {floor / hf:5.1%} | "
-                     f"{en['wall_s'] * 1e3:14.2f} {floor / en['wall_s']:5.1%} | {gtxt}")
+                     f"{en['wall_s'] * 1e3:14.2f} {floor / en['wall_s']:5.1%} | {plain * 1e3:13.2f} "
+                     f"{floor / plain:5.1%} | {gtxt}")
     return "\n".join(lines)
 
 
@@ -139,6 +184,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/llama-3-8b-random"))
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline (write the checkpoint only)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
@@ -168,14 +214,16 @@ def main() -> int:
     write_checkpoint(model, args.checkpoint, config)
     write_tokenizer(args.checkpoint, shape.vocab)
     log("HF model built and checkpoint written")
-    time_hf_prefill(model, PREFILL_LENGTHS[-1])  # first calls pay cuBLAS / allocator warm-up
-    time_hf_decode(model, 8, 64)
-    res["hf"] = {"attention": model.config._attn_implementation,
-                 "prefill_s": {str(t): time_hf_prefill(model, t) for t in PREFILL_LENGTHS}, "decode_s": {}}
-    for b in DECODE_BATCHES:
-        res["hf"]["decode_s"][str(b)] = time_hf_decode(model, b, CONTEXT)
-        torch.cuda.empty_cache()
-    log("HF", res["hf"])
+    res["hf"] = None
+    if not args.no_hf:
+        time_hf_prefill(model, PREFILL_LENGTHS[-1])  # first calls pay cuBLAS / allocator warm-up
+        time_hf_decode(model, 8, 64)
+        res["hf"] = {"attention": model.config._attn_implementation,
+                     "prefill_s": {str(t): time_hf_prefill(model, t) for t in PREFILL_LENGTHS}, "decode_s": {}}
+        for b in DECODE_BATCHES:
+            res["hf"]["decode_s"][str(b)] = time_hf_decode(model, b, CONTEXT)
+            torch.cuda.empty_cache()
+        log("HF", res["hf"])
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -195,14 +243,16 @@ def main() -> int:
     for b in DECODE_BATCHES:
         res["engine"]["decode"][str(b)] = time_engine_decode(engine, b, CONTEXT, shape.vocab)
         log("engine decode", b, res["engine"]["decode"][str(b)]["wall_s"])
-    (args.out / "engine_h100.json").write_text(json.dumps(res, indent=1))
+    res["summary"] = summarize(res)
+    out_file = args.out / f"engine_{gpu_tag(res['device'])}.json"
+    out_file.write_text(json.dumps(res, indent=1))
     print(table(res), flush=True)
 
     if not args.no_profile:
         start = time.perf_counter()
         res["profile"] = {"path": run_profile(engine, args.out), "seconds": time.perf_counter() - start}
         log("profile", res["profile"])
-    (args.out / "engine_h100.json").write_text(json.dumps(res, indent=1))
+    out_file.write_text(json.dumps(res, indent=1))
     return 0
 
 

@@ -239,15 +239,24 @@ def _import_decoders(engine: Engine, context: int, batch: int, steps: int, tag: 
 
 
 def _time_decode(engine: Engine, context: int, batch: int, repeats: int) -> list[DecodeSample]:
+    """Decode step times as a worker sees them: one whole step per call, or, on an engine that overlaps
+    decode steps (engine/overlap.py), back-to-back calls in steady state, each one launching a step and
+    completing the one before; its wall time is then the step's, the host work hidden behind the GPU."""
     steps = repeats + 1
-    ids = _import_decoders(engine, context, batch, steps, "d")
+    overlapped = engine.overlap_decode and engine.step_runner is None
+    ids = _import_decoders(engine, context, batch, steps + 1, "d")
     samples = []
     try:
+        if overlapped:
+            _sync(engine.device)
+            engine.decode()  # launches the first step; each call below completes one
         for step in range(steps):
-            _sync(engine.device)
+            if not overlapped:
+                _sync(engine.device)
             start = time.perf_counter()
-            outs = engine.decode()
-            _sync(engine.device)
+            outs = engine.decode(overlapped=overlapped)
+            if not overlapped:
+                _sync(engine.device)
             seconds = time.perf_counter() - start
             if len(outs) != batch:
                 raise RuntimeError(f"decode stepped {len(outs)} sequences, expected {batch}")
@@ -257,4 +266,6 @@ def _time_decode(engine: Engine, context: int, batch: int, repeats: int) -> list
     finally:
         for rid in ids:
             engine.abort(rid)
+        engine.settle()  # a step still in flight completes; its blocks go back
+        engine.take_completed()
     return samples

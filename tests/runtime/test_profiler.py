@@ -80,3 +80,15 @@ def test_mixed_steps_are_timed_and_fitted_by_the_planner(llama_dir):
     model = LatencyModel.from_profile(profile, cpu, 100.0)
     assert (1, 1) in model.mixed_fits
     assert model.mixed_stage_time(1, 1, 4, 300, 1, 32, 32 * 32) > 0
+
+
+def test_an_overlapping_engine_is_timed_in_steady_state_and_left_empty(llama_dir):
+    # The served decode step of an overlapped engine is a call that launches one step and completes the
+    # one before: the profile times those calls, the same points as a plain engine, and frees everything.
+    engine = Engine.load(llama_dir, num_blocks=128, overlap_decode=True)
+    profile = profile_engine(engine, prefill_lengths=[8], prefill_batches=[1], decode_batches=[1, 4],
+                             contexts=[16], repeats=2)
+    assert sorted((s.batch_size, s.sum_context) for s in profile.shapes[0].decode) == [
+        (1, 17), (1, 18), (4, 68), (4, 72)]
+    assert engine.request_ids == [] and engine.free_blocks == engine.total_blocks
+    assert not engine.decode_in_flight

@@ -33,7 +33,7 @@ def _write(path, text: str) -> str:
 def _steps(worker: Worker) -> float:
     for metric in worker.registry.collect():
         if metric.name == "disagg_engine_step_seconds":
-            return next(s.value for s in metric.samples if s.name.endswith("_count"))
+            return next((s.value for s in metric.samples if s.name.endswith("_count")), 0.0)  # none before a first step
     return 0.0
 
 

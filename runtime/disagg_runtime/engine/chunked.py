@@ -107,14 +107,17 @@ def admit(engine: Engine, request: GenerationRequest) -> None:
 
 def mixed_step(engine: Engine, chunks: Seq[PrefillChunk]) -> list[StepOutput]:
     """One token for every running request plus `chunks`; returns the decode tokens and the first token of
-    every prompt whose last chunk this was. Finished requests are released, as `Engine.decode` does."""
+    every prompt whose last chunk this was. Finished requests are released, as `Engine.decode` does.
+    An overlapped decode step still in flight is completed first; its tokens lead the returned list."""
+    engine.settle()
+    earlier = engine.take_completed()
     engine._release_finished()
     chunk_seqs = _check_chunks(engine, chunks)
     engine._grow_or_preempt()  # the decode tokens' blocks, preempting the latest admitted as Engine.decode does
     engine._resume()
     decoding = engine._running()
     if not decoding and not chunk_seqs:
-        return []
+        return earlier
     tokens: list[int] = []
     positions: list[int] = []
     seq_lens: list[int] = []
@@ -153,7 +156,7 @@ def mixed_step(engine: Engine, chunks: Seq[PrefillChunk]) -> list[StepOutput]:
         s.num_cached += n
     outputs = engine._emit(sampled, logits) if sampled else []
     engine._release_finished()
-    return outputs
+    return earlier + outputs
 
 
 def _check_chunks(engine: Engine, chunks: Seq[PrefillChunk]) -> list[tuple[Sequence, int]]:

@@ -22,7 +22,7 @@ import torch
 from ..kv.payload import KVHeader, KVMismatchError, KVPayload
 from ..models import CausalLM, load_config, load_model
 from ..tokenizer import Tokenizer
-from . import chunked
+from . import chunked, overlap
 from .attention import AttentionBackend, AttentionContext, StepLayout, TorchAttentionBackend
 from .block_manager import DEFAULT_WATERMARK, BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -58,7 +58,8 @@ class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, model_id: str, num_blocks: int,
                  block_size: int = 16, tp_size: int = 1, attention_backend: AttentionBackend | None = None,
                  sampling_seed: int | None = None, cuda_graphs: bool = True, kv_watermark: float = DEFAULT_WATERMARK,
-                 preemption: PreemptionMode = "swap", swap_space_bytes: int = DEFAULT_SWAP_SPACE_BYTES) -> None:
+                 preemption: PreemptionMode = "swap", swap_space_bytes: int = DEFAULT_SWAP_SPACE_BYTES,
+                 overlap_decode: bool | None = None) -> None:
         cfg = model.config
         if cfg.num_kv_heads % tp_size:
             raise ValueError(f"{cfg.num_kv_heads} KV heads cannot be split over tp={tp_size}")
@@ -108,6 +109,14 @@ class Engine:
         else:
             self._rng.manual_seed(sampling_seed)
         self._seqs: dict[str, Sequence] = {}
+        # Overlapped decode (overlap.py) pays where the host work of a step would leave a GPU idle: on by
+        # default for the fused single-GPU path, off elsewhere (CPU steps are synchronous anyway, and
+        # multi-rank instances step their ranks in lock-step).
+        self.overlap_decode = self.gpu_runner is not None if overlap_decode is None else overlap_decode
+        self._in_flight: overlap.InFlightStep | None = None
+        self._completed: list[StepOutput] = []  # outputs of a step completed outside decode(), not yet returned
+        self._pinned_ids = overlap.PinnedIds(self.device)
+        self._held_blocks: list[list[int]] = []  # of requests released while a step in flight writes them
 
     @classmethod
     def load(cls, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -115,7 +124,7 @@ class Engine:
              tp_group=None, model_id: str | None = None,
              attention_backend: AttentionBackend | None = None, cuda_graphs: bool = True,
              kv_watermark: float = DEFAULT_WATERMARK, preemption: PreemptionMode = "swap",
-             swap_space_bytes: int = DEFAULT_SWAP_SPACE_BYTES) -> Engine:
+             swap_space_bytes: int = DEFAULT_SWAP_SPACE_BYTES, overlap_decode: bool | None = None) -> Engine:
         """Load config.json, safetensors and tokenizer.json from `model_dir`.
 
         dtype defaults to float32 on CPU; on GPU to the checkpoint's half dtype, else bfloat16. With a
@@ -123,6 +132,8 @@ class Engine:
         engine holds one shard; every rank must make the same calls in the same order. On a GPU,
         `cuda_graphs=False` keeps the fused Llama path but launches decode steps eagerly. `kv_watermark`,
         `preemption` and `swap_space_bytes` set the on-demand KV policy (`block_manager`, `preemption`).
+        `overlap_decode` (default: on for the fused GPU path) launches each decode step before the host has
+        processed the previous one (`overlap.py`).
         """
         cfg = load_config(model_dir)
         dev = torch.device(device)
@@ -145,7 +156,7 @@ class Engine:
         return cls(model, tokenizer, model_id=model_id or default_model_id(model_dir), num_blocks=num_blocks,
                    block_size=block_size, tp_size=tp_size, attention_backend=attention_backend,
                    sampling_seed=seed, cuda_graphs=cuda_graphs, kv_watermark=kv_watermark, preemption=preemption,
-                   swap_space_bytes=swap_space_bytes)
+                   swap_space_bytes=swap_space_bytes, overlap_decode=overlap_decode)
 
     # ---- capacity -------------------------------------------------------------------------------
     @property
@@ -165,6 +176,16 @@ class Engine:
     def num_running(self) -> int:
         """Requests admitted here and not yet finished (preempted ones included: they resume here)."""
         return sum(not s.finished for s in self._seqs.values())
+
+    @property
+    def decode_in_flight(self) -> bool:
+        """An overlapped decode step is launched and its tokens not yet returned: `decode()` has work."""
+        return self._in_flight is not None or bool(self._completed)
+
+    @property
+    def has_decode_work(self) -> bool:
+        """Whether `decode()` would step someone or return tokens (what a worker's loop checks)."""
+        return self.num_running > 0 or self.decode_in_flight
 
     @property
     def num_preempted(self) -> int:
@@ -240,13 +261,50 @@ class Engine:
             s.num_cached = s.prompt_len
         return self._emit(seqs, logits)
 
-    def decode(self) -> list[StepOutput]:
+    def decode(self, *, overlapped: bool | None = None) -> list[StepOutput]:
         """One token for every running request; finished requests (also those done at prefill) are released.
 
         First the running sequences get the blocks this step writes into, preempting the latest admitted
         while they do not fit; then preempted sequences resume, oldest first, while their blocks fit with
         the watermark to spare. Preempted sequences produce no token this step.
+
+        Overlapped (`overlap_decode`, or `overlapped=True` here), a call launches the next step and returns
+        the tokens of the one launched by the call before, so the host's work on them runs while the device
+        computes (`overlap.py`); `overlapped=False` completes any step in flight and runs one step whole.
         """
+        use = (self.overlap_decode if overlapped is None else overlapped) and self.step_runner is None
+        outputs, self._completed = self._completed, []
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None and not (use and overlap.settled(self)):
+            outputs += overlap.complete(self, prev)
+            prev = None
+        if not use:
+            return outputs + self._decode_step()
+        self._release_finished()
+        if prev is None:  # host state is settled: preempt and resume as a plain step would
+            self._grow_or_preempt()
+            self._resume()
+        else:
+            for seq in overlap.launchable(self):
+                self.blocks.grow(seq, seq.num_cached + 1)
+        self._in_flight = overlap.launch(self, prev)
+        if prev is not None:
+            outputs += overlap.complete(self, prev)
+        self._release_finished()  # their blocks wait for the step just launched if it has a row of theirs
+        return outputs
+
+    def settle(self) -> None:
+        """Complete an overlapped step in flight; its tokens come with the next `decode()` or `mixed_step`."""
+        if self._in_flight is not None:
+            step, self._in_flight = self._in_flight, None
+            self._completed += overlap.complete(self, step)
+
+    def take_completed(self) -> list[StepOutput]:
+        """Tokens of a step `settle` completed, handed over once."""
+        outputs, self._completed = self._completed, []
+        return outputs
+
+    def _decode_step(self) -> list[StepOutput]:
         self._release_finished()
         self._grow_or_preempt()
         self._resume()
@@ -350,6 +408,9 @@ class Engine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             raise UnknownRequest(f"no request {request_id!r} in this engine")
+        if seq.pending:  # a launched overlapped step still writes its blocks: free them once it completes
+            self._held_blocks.append(seq.block_table)
+            seq.block_table = []
         self.blocks.free_seq(seq)
         if seq.preempted:
             self._num_preempted -= 1
@@ -471,15 +532,21 @@ class Engine:
         self.preemption_stats.recomputed_tokens += sum(lens)
 
     def _run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int],
-             backend: AttentionBackend | None = None) -> torch.Tensor:
+             backend: AttentionBackend | None = None,
+             gather: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
         """Forward the packed tokens; float32 logits of the given rows (the tokens that get sampled).
 
         A `backend` given here (mixed steps) runs the model's own forward with it, not the fused GPU runner.
+        `gather` = (ids on the device, rows): token i is ids[rows[i]] where rows[i] >= 0 (an overlapped
+        step's inputs that the host has not read yet), else tokens[i].
         """
         if backend is None:
-            runner = self.step_runner or self.gpu_runner
-            if runner is not None:
-                return runner.run(tokens, positions, layout, rows)
+            if self.gpu_runner is not None and self.step_runner is None:
+                return self.gpu_runner.run(tokens, positions, layout, rows, gather=gather)
+            if self.step_runner is not None:
+                if gather is not None:
+                    raise EngineError("pipeline-parallel stages do not run overlapped decode steps")
+                return self.step_runner.run(tokens, positions, layout, rows)
         elif self.step_runner is not None:
             raise EngineError("chunked prefill (mixed steps) runs on single-stage instances only; a pipeline-"
                               "parallel colocated instance must use --colocated-prefill priority")
@@ -488,6 +555,8 @@ class Engine:
             meta = backend.build_metadata(layout, self.device)
             ctx = AttentionContext(backend, meta, self.cache.layers)
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+            if gather is not None:
+                ids = overlap.gathered(ids, *gather)
             pos = torch.tensor(positions, dtype=torch.long, device=self.device)
             hidden = self.model(ids, pos, ctx)
             if len(rows) != hidden.shape[0]:

@@ -39,6 +39,13 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], token_indices
     `token_indices[i]` is how many tokens row i's request has produced so far; unseeded requests
     draw from `fallback`.
     """
+    return sample_ids(logits, params, token_indices, fallback).tolist()
+
+
+def sample_ids(logits: torch.Tensor, params: Sequence[SamplingParams], token_indices: Sequence[int],
+               fallback: torch.Generator) -> torch.Tensor:
+    """As `sample`, but the ids stay where the logits are (int64 [B]): nothing waits for the device, so an
+    overlapped decode step can feed them to the next step before the host has read them."""
     chosen = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
     for i in sampled_rows:
@@ -49,4 +56,4 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], token_indices
         else:
             gen = torch.Generator(device=logits.device).manual_seed(step_seed(p.seed, token_indices[i]))
         chosen[i] = torch.multinomial(probs, 1, generator=gen)[0]
-    return chosen.tolist()
+    return chosen

@@ -24,6 +24,8 @@ class Sequence:
     preempted: bool = False  # holds no blocks; resumes from `swapped` or by recomputing its KV
     swapped: SwappedKV | None = None
     finish_reason: FinishReason | None = None
+    # Tokens sampled on the device by an overlapped decode step whose ids the host has not read yet (0 or 1).
+    pending: int = 0
 
     @property
     def request_id(self) -> str:
@@ -37,6 +39,11 @@ class Sequence:
     def prefilling(self) -> bool:
         """Admitted for chunked prefill and some prompt tokens still have no KV."""
         return self.num_cached < self.prompt_len
+
+    @property
+    def generated(self) -> int:
+        """Output tokens so far, the one still on the device (`pending`) included."""
+        return len(self.output_ids) + self.pending
 
     @property
     def finished(self) -> bool:

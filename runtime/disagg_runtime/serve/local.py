@@ -28,7 +28,7 @@ from .model_cache import tiny_model
 from .options import ServeError, check_port_free
 
 _WORKER_FLAGS = ("--device", "--dtype", "--block-size", "--num-kv-blocks", "--kv-memory-fraction", "--kv-watermark",
-                 "--preemption", "--swap-space-gib", "--kv-channel",
+                 "--preemption", "--swap-space-gib", "--overlap-decode", "--kv-channel",
                  "--kv-compression", "--kv-timeout", "--prefill-token-budget", "--max-queue", "--max-batch",
                  "--max-prompt-tokens", "--max-body-bytes", "--body-timeout", "--collective-timeout", "--log-level",
                  "--colocated-prefill", "--chunk-token-budget")

@@ -79,6 +79,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             "drop its KV and prefill it again on resume")
     model.add_argument("--swap-space-gib", type=float, default=4.0,
                        help="host memory for swapped-out KV; beyond it preemption recomputes")
+    model.add_argument("--overlap-decode", choices=["auto", "on", "off"], default="auto",
+                       help="launch each decode step before the host has processed the one before (auto: on "
+                            "for the fused single-GPU path, where the host work would leave the GPU idle)")
     model.add_argument("--tp", type=_positive, default=1, help="tensor-parallel degree of this instance")
     model.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel degree of this instance")
     model.add_argument("--stage", type=int, help="pipeline stage this pod serves (with --pp > 1)")

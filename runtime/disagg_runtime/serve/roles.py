@@ -48,7 +48,8 @@ def load_engine(args: argparse.Namespace):
     return Engine.load(model_dir, device=_device(args.device), dtype=dtype, block_size=args.block_size,
                        num_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
                        kv_watermark=args.kv_watermark, preemption=args.preemption,
-                       swap_space_bytes=int(args.swap_space_gib * 2**30))
+                       swap_space_bytes=int(args.swap_space_gib * 2**30),
+                       overlap_decode={"auto": None, "on": True, "off": False}[args.overlap_decode])
 
 
 def worker_config(args: argparse.Namespace):

@@ -110,7 +110,7 @@ class ColocatedWorker(DecodingWorker):
         if batch:
             self._prefill(batch)
             return True
-        if self.engine.num_running:
+        if self.engine.has_decode_work:
             return self._decode_step()
         return False
 

@@ -89,7 +89,7 @@ class DecodeWorker(DecodingWorker):
 
     # ---- engine thread --------------------------------------------------------------------------
     def _step(self) -> bool:
-        if not self.engine.num_running:
+        if not self.engine.has_decode_work:
             return False
         preempted = self.engine.num_preempted
         stepped = self._decode_step()

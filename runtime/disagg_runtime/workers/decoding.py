@@ -71,6 +71,7 @@ class DecodingWorker(Worker):
         """One decode step for every running request; on an engine error they all fail, new ones still run.
 
         False when no request could step (all preempted and waiting for blocks): the thread may idle.
+        Overlapped (engine/overlap.py), the tokens returned are those of the step launched the call before.
         """
         start = time.perf_counter()
         try:
@@ -83,8 +84,8 @@ class DecodingWorker(Worker):
             self.loop.call_soon_threadsafe(self._fail, failed, f"decode step failed: {e}")
             return True
         self._count_preemptions()
-        if not outputs:
-            return False
+        if not outputs:  # an overlapped step launched whose tokens come next call is work done too
+            return self.engine.decode_in_flight
         self.metrics.stepped(seconds=time.perf_counter() - start, tokens=len(outputs))
         self.loop.call_soon_threadsafe(self._dispatch, outputs)
         return True

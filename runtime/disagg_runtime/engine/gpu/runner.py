@@ -6,6 +6,11 @@ one by one from Python the launches alone take longer than the GPU work. So each
 the next captured size (padding rows: slot -1 stores nothing, context 0 attends to nothing), copies its
 inputs into the buffers with one host-to-device copy, and replays. Prefill stays eager: its kernels are
 large enough that launches hide behind them.
+
+Overlapped decoding (engine/overlap.py) launches a step before the one before it has run, so the host
+side of every asynchronous copy is double-buffered: the buffer a step fills is never one whose copy may
+still be queued. A step's input ids that only the device knows yet (sampled by the step before) are
+gathered on the device after the copy.
 """
 
 from __future__ import annotations
@@ -46,13 +51,15 @@ class GpuStepRunner:
     # ---- static buffers and capture ---------------------------------------------------------------
     def _capture(self) -> None:
         biggest = self.sizes[-1]
-        # Rows: token ids, positions, cache slots, context lengths. One pinned host mirror, one copy per step.
-        self._host = torch.zeros(4, biggest, dtype=torch.long).pin_memory()
-        self._host_np = self._host.numpy()
-        self._inputs = torch.zeros(4, biggest, dtype=torch.long, device=self.device)
+        # Rows: token ids, positions, cache slots, context lengths, and the row of the previous step's
+        # sampled ids a token comes from (-1: the host's). Pinned host mirrors, one copy per step.
+        self._hosts = [torch.zeros(5, biggest, dtype=torch.long).pin_memory() for _ in range(2)]
+        self._host_tables_bufs = [torch.zeros(biggest, self.max_blocks, dtype=torch.int32).pin_memory()
+                                  for _ in range(2)]
+        self._turn = 0
+        self._select(0)
+        self._inputs = torch.zeros(5, biggest, dtype=torch.long, device=self.device)
         self._tables = torch.zeros(biggest, self.max_blocks, dtype=torch.int32, device=self.device)
-        self._host_tables = torch.zeros(biggest, self.max_blocks, dtype=torch.int32).pin_memory()
-        self._host_tables_np = self._host_tables.numpy()
         self._last_tables: list[list[int]] = []
         self._pad(0, biggest)
         self._inputs.copy_(self._host)
@@ -70,10 +77,16 @@ class GpuStepRunner:
             self._graphs[size] = _Graph(graph, logits)
         torch.cuda.synchronize(self.device)
 
+    def _select(self, turn: int) -> None:
+        self._host = self._hosts[turn]
+        self._host_np = self._host.numpy()
+        self._host_tables = self._host_tables_bufs[turn]
+        self._host_tables_np = self._host_tables.numpy()
+
     def _static_args(self, size: int):
         from ...kernels.triton_paged_decode import default_num_splits
 
-        ids, pos, slots, ctx = self._inputs[:, :size]
+        ids, pos, slots, ctx = self._inputs[:4, :size]
         return ids, pos, slots, self._tables[:size], ctx, default_num_splits(size, self.fused.num_kv_heads,
                                                                                self.device)
 
@@ -82,31 +95,42 @@ class GpuStepRunner:
         self._host_np[1, start:end] = 0
         self._host_np[2, start:end] = -1
         self._host_np[3, start:end] = 0
+        self._host_np[4, start:end] = -1
 
     # ---- steps ------------------------------------------------------------------------------------
-    def run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int]) -> torch.Tensor:
-        """Float32 logits [len(rows), vocab] of the step's tokens at `rows`."""
+    def run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int],
+            gather: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
+        """Float32 logits [len(rows), vocab] of the step's tokens at `rows`.
+
+        `gather` = (ids on the device, src): decode token i is ids[src[i]] where src[i] >= 0.
+        """
         with torch.inference_mode():
             if layout.is_prefill:
+                if gather is not None:
+                    raise ValueError("prefill tokens are all known to the host; nothing to gather")
                 return self._prefill(tokens, positions, layout, rows)
             size = self._graph_size(len(tokens))
             if size is None:
-                logits = self._decode_eager(tokens, positions, layout)
+                logits = self._decode_eager(tokens, positions, layout, gather)
             else:
-                logits = self._replay(size, tokens, positions, layout)
+                logits = self._replay(size, tokens, positions, layout, gather)
             return logits if len(rows) == len(tokens) else logits[self._tensor(rows)]
 
     def _graph_size(self, batch: int) -> int | None:
         i = bisect.bisect_left(self.sizes, batch)
         return self.sizes[i] if i < len(self.sizes) else None
 
-    def _replay(self, size: int, tokens: list[int], positions: list[int], layout: StepLayout) -> torch.Tensor:
+    def _replay(self, size: int, tokens: list[int], positions: list[int], layout: StepLayout,
+                gather: tuple[torch.Tensor, list[int]] | None) -> torch.Tensor:
         b = len(tokens)
+        self._turn ^= 1
+        self._select(self._turn)
         h = self._host_np
         h[0, :b] = tokens
         h[1, :b] = positions
         h[2, :b] = layout.slot_mapping
         h[3, :b] = layout.context_lens
+        h[4, :b] = gather[1] if gather is not None else -1
         self._pad(b, size)
         # Block tables change only when a request joins, leaves, is preempted or grows into a new block
         # (every block_size steps): copy them only then.
@@ -116,6 +140,9 @@ class GpuStepRunner:
             self._tables[:b].copy_(self._host_tables[:b], non_blocking=True)
             self._last_tables = [list(t) for t in layout.block_tables]
         self._inputs[:, :size].copy_(self._host[:, :size], non_blocking=True)
+        if gather is not None:
+            src = self._inputs[4, :b]
+            self._inputs[0, :b] = torch.where(src >= 0, gather[0][src.clamp(min=0)], self._inputs[0, :b])
         g = self._graphs[size]
         g.graph.replay()
         self._last_size = size
@@ -136,12 +163,17 @@ class GpuStepRunner:
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    def _decode_eager(self, tokens: list[int], positions: list[int], layout: StepLayout) -> torch.Tensor:
+    def _decode_eager(self, tokens: list[int], positions: list[int], layout: StepLayout,
+                      gather: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
         width = max(len(t) for t in layout.block_tables)
         tables = np.zeros((len(tokens), width), dtype=np.int32)
         for i, table in enumerate(layout.block_tables):
             tables[i, :len(table)] = table
-        return self.fused.decode_logits(self._tensor(tokens), self._tensor(positions),
+        ids = self._tensor(tokens)
+        if gather is not None:
+            src = self._tensor(gather[1])
+            ids = torch.where(src >= 0, gather[0][src.clamp(min=0)], ids)
+        return self.fused.decode_logits(ids, self._tensor(positions),
                                         self._tensor(layout.slot_mapping),
                                         torch.from_numpy(tables).to(self.device),
                                         self._tensor(layout.context_lens))
