@@ -71,6 +71,12 @@ class FakeEngine:
     def request_ids(self) -> list[str]:
         return list(self.seqs)
 
+    @property
+    def has_decode_work(self) -> bool:
+        return bool(self.seqs)
+
+    decode_in_flight = False  # the fake does not overlap steps
+
     def check_admissible(self, prompt_tokens: int, max_tokens: int) -> None:
         pass
 
