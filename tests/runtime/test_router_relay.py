@@ -6,7 +6,9 @@ import asyncio
 import json
 
 import aiohttp
+from disagg_runtime.router.app import Router, RouterConfig
 from disagg_runtime.router.openai import ResponseWriter, sse
+from disagg_runtime.serve.runner import start_site
 from test_router import BIG, FakeWorker, cluster, sse_events  # noqa: F401 - `cluster` is a fixture used below
 
 TOKENS = 300  # a BIG request sends 300 x 64 KiB: more than the sockets between router and client hold
@@ -83,3 +85,30 @@ def test_per_token_events_are_the_bytes_of_one_chunk_per_token():
             assert got == want, (kind, token_ids)
             joined = ResponseWriter(kind, "cmpl-1", "m", token_ids=token_ids).events(ids, ["hé"], "length")
             assert joined.count(b"data: ") == 1 and b'"finish_reason":"length"' in joined
+
+
+async def test_the_relay_stream_to_an_instance_a_replan_removed_is_closed(tmp_path):
+    prefill, decode = FakeWorker("prefill"), FakeWorker("decode")
+    runners = []
+    for w in (prefill, decode):
+        runner, port = await start_site(w.app(), "127.0.0.1", 0)
+        runners.append(runner)
+        w.url = f"127.0.0.1:{port}"
+    endpoints = tmp_path / "endpoints.json"
+    endpoints.write_text(json.dumps({"prefill": [prefill.url], "decode": [decode.url]}))
+    router = Router(RouterConfig(prefill=[], decode=[], endpoints_file=str(endpoints), poll_s=0.05))
+    runner, port = await start_site(router.app(), "127.0.0.1", 0)
+    runners.append(runner)
+    try:
+        async with aiohttp.ClientSession() as s:
+            events = await _complete(s, f"http://127.0.0.1:{port}", 5)
+        assert events[-1] == "[DONE]" and len(decode.relays) == 1 and len(router.relays.links) == 1
+        endpoints.write_text(json.dumps({"prefill": [prefill.url], "decode": []}))
+        for _ in range(500):
+            if not decode.relays and not router.relays.links:
+                break
+            await asyncio.sleep(0.02)
+        assert not decode.relays and not router.relays.links
+    finally:
+        for r in reversed(runners):
+            await r.cleanup()

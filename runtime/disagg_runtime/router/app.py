@@ -123,7 +123,8 @@ class Router:
                                response_timeout_s=self.config.response_timeout_s,
                                max_buffered_tokens=self.config.max_buffered_tokens,
                                coalesce_after_tokens=self.config.coalesce_after_tokens, abort=self.aborter.abort,
-                               mark_failed=self.pool.mark_failed)
+                               mark_failed=self.pool.mark_failed,
+                               listed=lambda w: self.pool.workers.get(w.url) is w)
         await self.pool.start()
 
     async def _stop(self, _app: web.Application) -> None:

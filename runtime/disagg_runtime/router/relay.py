@@ -7,7 +7,8 @@ append and an event set, never a wait on a client. Each client's handler drains 
 client that reads slowly only lets its own buffer grow (past `coalesce_after_tokens` its text is joined
 into one piece, which reaches the client as one event; past `max_buffered_tokens` that one request ends
 with an error and is aborted on the worker); the reader and the other streams go on. When the stream breaks or goes silent for `heartbeat_timeout_s`, every request
-on it ends with an error and the instance is marked down.
+on it ends with an error and the instance is marked down. A link to an instance the pool no longer lists
+(a re-plan removed it) is closed once it carries no request.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class RelayLink:
 
     def __init__(self, worker: Worker, relay_id: str, response: aiohttp.ClientResponse, *,
                  heartbeat_timeout_s: float, max_buffered_tokens: int, coalesce_after_tokens: int,
-                 on_overflow: Callable[[Worker, str], None], on_dead: Callable[[RelayLink, UpstreamError], None]):
+                 listed: Callable[[Worker], bool], on_overflow: Callable[[Worker, str], None],
+                 on_dead: Callable[[RelayLink, UpstreamError], None]) -> None:
         self.worker = worker
         self.id = relay_id
         self.who = f"{worker.role} instance {worker.url}"
@@ -105,6 +107,7 @@ class RelayLink:
         self._timeout = heartbeat_timeout_s
         self._max_buffered = max_buffered_tokens
         self._coalesce_after = coalesce_after_tokens
+        self._listed = listed
         self._on_overflow = on_overflow
         self._on_dead = on_dead
         self._reader = asyncio.create_task(self._read(), name=f"relay {worker.url}")
@@ -129,6 +132,9 @@ class RelayLink:
                     error = UpstreamError(502, f"{self.who} failed mid-request: it closed its relay stream")
                     return
                 self._frame(json.loads(line))
+                if not self._streams and not self._listed(self.worker):  # gone from the endpoints: let go
+                    error = UpstreamError(503, f"{self.who} is no longer listed")
+                    return
         except asyncio.TimeoutError:
             error = WorkerSilent(504, f"{self.who} sent nothing (not even a heartbeat) for {self._timeout:g}s")
         except (aiohttp.ClientError, ConnectionError) as e:
@@ -183,7 +189,7 @@ class RelayHub:
 
     def __init__(self, session: aiohttp.ClientSession, *, heartbeat_timeout_s: float, response_timeout_s: float,
                  max_buffered_tokens: int, coalesce_after_tokens: int, abort: Callable[[str, str], None],
-                 mark_failed: Callable[[Worker], None]) -> None:
+                 mark_failed: Callable[[Worker], None], listed: Callable[[Worker], bool]) -> None:
         self.session = session
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.response_timeout_s = response_timeout_s
@@ -191,6 +197,7 @@ class RelayHub:
         self.coalesce_after_tokens = coalesce_after_tokens
         self._abort = abort
         self._mark_failed = mark_failed
+        self._listed = listed
         self.links: dict[str, RelayLink] = {}
         self._opening: dict[str, asyncio.Task[RelayLink]] = {}
 
@@ -231,7 +238,7 @@ class RelayHub:
             raise
         link = RelayLink(worker, relay_id, response, heartbeat_timeout_s=self.heartbeat_timeout_s,
                          max_buffered_tokens=self.max_buffered_tokens,
-                         coalesce_after_tokens=self.coalesce_after_tokens, on_overflow=self._overflowed,
+                         coalesce_after_tokens=self.coalesce_after_tokens, listed=self._listed, on_overflow=self._overflowed,
                          on_dead=self._died)
         self.links[worker.url] = link
         return link
