@@ -144,3 +144,22 @@ async def test_when_a_relay_stream_ends_its_requests_are_aborted_and_their_kv_fr
             assert not worker.relay.connections
     finally:
         await runner.cleanup()
+
+
+async def test_a_worker_that_shuts_down_ends_its_requests_with_503_on_the_stream(model_dir):
+    worker = ColocatedWorker(Engine.load(model_dir, num_blocks=512), WorkerConfig())
+    runner, port = await start_site(worker.app(), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as s:
+        relay = await s.get(f"{url}/relay", params={"id": "r"})
+        await relay.content.readline()
+        body = {"request_id": "long", "prompt_ids": [5, 6, 7], "relay": "r",
+                "sampling": {"max_tokens": 400, "ignore_eos": True}}
+        async with s.post(f"{url}/generate", json=body) as resp:
+            assert resp.status == 200
+        stopping = asyncio.create_task(runner.cleanup())
+        errors = {}
+        async for line in relay.content:
+            errors.update(json.loads(line).get("errors", {}))
+        await stopping
+    assert errors == {"long": [503, "colocated worker is shutting down"]}

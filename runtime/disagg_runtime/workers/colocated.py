@@ -65,9 +65,7 @@ class ColocatedWorker(DecodingWorker):
         pass  # nothing beside the engine thread: no KV server, no puller
 
     async def _on_stop(self) -> None:
-        for job in list(self.jobs.values()):
-            job.sink.error(job.request.request_id, 503, "colocated worker is shutting down")
-            self._end(job)
+        pass  # its requests were ended at shutdown (DecodingWorker._end_streams)
 
     def _routes(self, app: web.Application) -> None:
         app.router.add_post("/generate", self.generate_handler)

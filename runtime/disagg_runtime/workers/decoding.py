@@ -42,8 +42,15 @@ class DecodingWorker(Worker):
     def app(self) -> web.Application:
         app = super().app()
         app.router.add_get("/relay", self.relay.handler)
-        app.on_shutdown.append(self.relay.close)  # else shutdown waits for the long-lived streams
+        app.on_shutdown.append(self._end_streams)  # else shutdown waits for the long-lived streams
         return app
+
+    async def _end_streams(self, _app: web.Application) -> None:
+        """Shutting down: every request not yet done ends with a 503, then the relay streams end."""
+        for rid, job in list(self.jobs.items()):
+            job.sink.error(rid, 503, f"{self.role} worker is shutting down")
+            self._end(job)
+        await self.relay.close()
 
     def _sink(self, relay_id: str) -> RelayConnection:
         """The open relay connection a request names; BadRequest (409) if it is not open."""
