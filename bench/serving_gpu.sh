@@ -23,9 +23,8 @@ print("written")
 PY
 
 echo "== KV pull bandwidth (ipc, tcp) + full path share of request latency over CUDA IPC"
-timeout 300 python3 bench/kv_transfer.py --device cuda --repeats 5 --path --model-path /tmp/m1b \
-    --path-channel ipc --path-requests 64 --path-concurrency 8 --path-prompt 1024 --path-output 64 \
-    --out "$OUT" 2>&1 | tail -30
+timeout 600 python3 bench/kv_transfer.py --device cuda --repeats 5 --model-path /tmp/m1b \
+    --path-channel ipc --path-requests 32 --path-prompt 1024 --path-output 64 --out "$OUT" 2>&1 | tail -30
 
 if [ -f bench/predicted_vs_measured.py ]; then
   echo "== predicted vs measured attainment"

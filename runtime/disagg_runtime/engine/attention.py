@@ -11,6 +11,7 @@ implementing the same two methods and being passed to `Engine(..., attention_bac
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,7 +134,12 @@ class AttentionContext:
     backend: AttentionBackend
     meta: Any
     caches: list[LayerKV]
+    # Called with the layer index once a layer stored its KV (engine/kv_export.py stages it for export).
+    after_layer: Callable[[int], None] | None = None
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float) -> torch.Tensor:
-        return self.backend.attend(q, k, v, self.caches[layer_idx], self.meta, scale)
+        out = self.backend.attend(q, k, v, self.caches[layer_idx], self.meta, scale)
+        if self.after_layer is not None:
+            self.after_layer(layer_idx)
+        return out

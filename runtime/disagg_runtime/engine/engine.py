@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..kv.payload import KVHeader, KVMismatchError, KVPayload
+from ..kv.payload import KVMismatchError, KVPayload
 from ..models import CausalLM, load_config, load_model
 from ..tokenizer import Tokenizer
 from . import chunked, overlap
@@ -28,6 +28,7 @@ from .block_manager import DEFAULT_WATERMARK, BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .gpu import FusedLlama, GpuAttentionBackend, GpuStepRunner
 from .kv_cache import BlockAllocator, PagedKVCache, blocks_for
+from .kv_export import KVExporter
 from .memory import plan_num_blocks
 from .preemption import (
     DEFAULT_SWAP_SPACE_BYTES,
@@ -92,6 +93,8 @@ class Engine:
             self.gpu_runner = GpuStepRunner(FusedLlama(model, self.cache.layers, cfg.max_context),
                                             block_size=block_size, max_context=cfg.max_context,
                                             cuda_graphs=cuda_graphs)
+        # Prefill-only requests' prompt KV, staged layer by layer during their forward (kv_export.py).
+        self.kv_export = KVExporter(self)
         self.allocator = BlockAllocator(num_blocks)
         self.blocks = BlockManager(self.allocator, block_size=block_size, watermark=kv_watermark)
         self.preemption: PreemptionMode = preemption
@@ -256,7 +259,8 @@ class Engine:
         tokens = [t for s in seqs for t in s.request.prompt_ids]
         positions = [p for n in lens for p in range(n)]
         last = [end - 1 for end in accumulate(lens)]
-        logits = self._run(tokens, positions, layout, last)
+        with self.kv_export.staging(() if reserve_decode else seqs):
+            logits = self._run(tokens, positions, layout, last)
         for s in seqs:
             s.num_cached = s.prompt_len
         return self._emit(seqs, logits)
@@ -351,13 +355,13 @@ class Engine:
 
     # ---- KV export / import ---------------------------------------------------------------------
     def export_kv(self, request_id: str) -> KVPayload:
-        """A copy of the prompt tokens' KV of a prefilled request (the request keeps its blocks)."""
+        """A copy of the prompt tokens' KV of a prefilled request (the request keeps its blocks): the one
+        staged during its prefill where there is one, else gathered from its blocks now."""
         seq = self._get(request_id)
-        keys, values = self.cache.read(seq.block_table, seq.prompt_len)
-        header = KVHeader(request_id=request_id, model_id=self.model_id, num_layers=self.num_layers,
-                          num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=self.dtype_name,
-                          num_tokens=seq.prompt_len)
-        return KVPayload(header=header, keys=keys, values=values)
+        staged = self.kv_export.get(request_id)
+        if staged is not None and staged.complete:
+            return staged.to_payload()
+        return self.kv_export.gather(seq.block_table, request_id, seq.prompt_len)
 
     def import_kv(self, request: GenerationRequest, kv: KVPayload, first_token: int) -> None:
         """Admit a request prefilled elsewhere: place its prompt KV and continue after `first_token`.
@@ -412,6 +416,7 @@ class Engine:
             self._held_blocks.append(seq.block_table)
             seq.block_table = []
         self.blocks.free_seq(seq)
+        self.kv_export.drop(request_id)
         if seq.preempted:
             self._num_preempted -= 1
         if seq.swapped is not None:
@@ -553,7 +558,7 @@ class Engine:
         backend = backend or self.backend
         with torch.inference_mode():
             meta = backend.build_metadata(layout, self.device)
-            ctx = AttentionContext(backend, meta, self.cache.layers)
+            ctx = AttentionContext(backend, meta, self.cache.layers, after_layer=self.kv_export.layer_hook)
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
             if gather is not None:
                 ids = overlap.gathered(ids, *gather)

@@ -7,9 +7,11 @@ from .links import Endpoint, choose_channel
 from .payload import KVHeader, KVPayload
 from .puller import KVAddress, KVPuller
 from .server import KVLease, KVServer, KVSource
+from .staged import StagedKV
 
 __all__ = [
     "ChannelKind", "Endpoint", "Fp8Codec", "KVAddress", "KVChannel", "KVChannelError", "KVForbidden", "KVHeader", "KVLease",
     "KVMismatchError", "KVNotFound", "KVPayload", "KVPuller", "KVServer", "KVSource", "KVTimeout", "RawCodec",
+    "StagedKV",
     "TransferStats", "choose_channel", "make_codec", "payload_layers",
 ]

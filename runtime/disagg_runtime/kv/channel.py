@@ -1,10 +1,14 @@
-"""The KVChannel interface: one established prefill -> decode link that ships KV payloads layer by layer.
+"""The KVChannel interface: one established prefill -> decode link that ships KV payloads.
 
-Every channel shares the control protocol on a framed TCP stream (begin, one `layer` message per layer,
-end, ack); only the data plane differs (the same TCP stream, a torch.distributed group, or CUDA IPC
-handles). Layers go out as the sender's iterator yields them, so a producer that finishes layer i
-before layer i+1 overlaps its compute with the transfer. The receiver checks the header against what
-it expects and every layer's declared parts against the header before reading any tensor bytes.
+Every channel shares the control protocol on a framed TCP stream: `begin` (the header), then one
+`layers` message per batch of consecutive layers (which layers, their parts), each followed by the
+batch's bytes on the data plane, then the receiver's `ack`. Only the data plane differs (the same TCP
+stream, a torch.distributed group, or a CUDA IPC staging buffer). A staged payload (kv/staged.py) goes
+out as one batch when it is complete, or as the layers that are ready while a forward still computes
+the rest; a plain layer stream goes out one layer per batch as its iterator yields them. So the cost
+of a pull is a handful of control frames and one copy per batch, not a frame and a copy per layer.
+The receiver checks the header against what it expects and every batch's declared parts against the
+header before reading any tensor bytes.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from pydantic import ValidationError
 from .codec import LayerCodec, PartSpec, make_codec
 from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound, KVTimeout
 from .framing import FramedStream
-from .payload import KVHeader, KVPayload
+from .payload import TORCH_DTYPES, KVHeader, KVPayload
+from .staged import KVStagingError, StagedKV, pack, padded, unpack
 
 ChannelKind = Literal["tcp", "ipc", "nccl"]
 LayerStream = AsyncIterable[tuple[torch.Tensor, torch.Tensor]]
+# What a sender ships from: a staged payload, or any stream of (K, V) layers.
+LayerSource = LayerStream | StagedKV
 
 
 @dataclass(frozen=True)
@@ -38,12 +45,39 @@ class TransferStats:
     wire_bytes: int
     raw_bytes: int
     seconds: float
+    batches: int = 1
+
+
+@dataclass(frozen=True)
+class _Batch:
+    start: int
+    count: int
+    wire: torch.Tensor  # uint8, the batch's layers in the wire layout
+    parts: list[dict]  # one layer's part specs, as on the wire
+    # Completes when `wire` is written (a staging's layer event); None: it was made on the current stream.
+    ready: torch.cuda.Event | None = None
 
 
 async def payload_layers(payload: KVPayload) -> AsyncIterator[tuple[torch.Tensor, torch.Tensor]]:
     """A finished payload as a layer stream."""
     for k, v in zip(payload.keys, payload.values, strict=True):
         yield k, v
+
+
+def _layers_of(placed: torch.Tensor, header: KVHeader, codec: LayerCodec, specs: list[PartSpec],
+               layer_bytes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer K and V out of a landed wire buffer: views for the raw codec, decoded tensors otherwise."""
+    if codec.name == "none" and all(s.nbytes == padded(s.nbytes) for s in specs):
+        # No padding between parts: the buffer is [layer, K|V, tokens, heads, dim]; two C calls, no loop.
+        grid = placed.view(TORCH_DTYPES[header.dtype]).view(header.num_layers, 2, *header.layer_shape)
+        return list(grid[:, 0].unbind(0)), list(grid[:, 1].unbind(0))
+    shapes = [(s.dtype, s.shape) for s in specs]
+    keys, values = [], []
+    for i in range(header.num_layers):
+        k, v = codec.decode(unpack(placed[i * layer_bytes:(i + 1) * layer_bytes], shapes), header)
+        keys.append(k)
+        values.append(v)
+    return keys, values
 
 
 def _remote_error(message: dict) -> KVChannelError:
@@ -64,66 +98,123 @@ class KVChannel(ABC):
     """A connected link; `send` on the prefill end, `recv` on the decode end, one payload at a time."""
 
     kind: ClassVar[ChannelKind]
-    # A bulk data plane ships every layer's parts in one `_send_parts` call after the last layer is
-    # encoded. For CUDA IPC the per-call cost (pickling, mapping a handle, a stream sync) dwarfs the copy
-    # itself, so one call per payload beats one per layer; streaming planes (tcp, nccl) keep overlap.
-    bulk: ClassVar[bool] = False
 
     def __init__(self, stream: FramedStream, *, codec: LayerCodec) -> None:
         self.stream = stream
         self.codec = codec
         self.broken = False
 
+    # ---- data plane (per kind) ----------------------------------------------------------------------
     @abstractmethod
-    async def _send_parts(self, parts: list[torch.Tensor]) -> None:
-        """Ship one layer's encoded tensors over the data plane."""
+    def _landing(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        """The uint8 buffer a whole payload's wire bytes land in (on the data plane's device)."""
+
+    async def _stage_out(self, wire: torch.Tensor, offset: int, total: int,
+                         ready: torch.cuda.Event | None) -> dict:
+        """Sender, before a batch's `layers` message: prepare `wire` (bytes [offset, offset + len) of a
+        `total`-byte payload, written once `ready` completes); returns fields the message carries to the
+        receiver's `_land`."""
+        return {}
 
     @abstractmethod
-    async def _recv_parts(self, specs: list[PartSpec], device: torch.device) -> list[torch.Tensor]:
-        """Receive one layer's encoded tensors, already checked against `specs`, onto `device`."""
+    async def _ship(self, wire: torch.Tensor, fields: dict) -> None:
+        """Sender, after the `layers` message: put the batch's bytes on the data plane."""
 
-    def _encode_device(self, device: torch.device) -> torch.device:
-        """Where the receiver should place wire tensors before decoding them (the data plane's choice)."""
-        return device
+    @abstractmethod
+    async def _land(self, out: torch.Tensor, offset: int, msg: dict) -> None:
+        """Receiver: fill `out` (bytes [offset, offset + len) of the landing buffer) with one batch."""
 
-    async def send(self, header: KVHeader, layers: LayerStream) -> TransferStats:
-        """Ship header then layers as they are yielded; returns once the receiver acknowledged."""
+    async def _settle(self, device: torch.device) -> None:
+        """Receiver, before the ack: every landed byte is in place (the sender may reuse its buffers)."""
+        return None  # the byte-stream planes land synchronously
+
+    # ---- sending ------------------------------------------------------------------------------------
+    async def send(self, header: KVHeader, layers: LayerSource) -> TransferStats:
+        """Ship header then layers as they become ready; returns once the receiver acknowledged."""
         try:
             return await self._send(header, layers)
         except BaseException:
             self.broken = True
             raise
 
-    async def _send(self, header: KVHeader, layers: LayerStream) -> TransferStats:
+    async def _batches(self, header: KVHeader, layers: LayerSource) -> AsyncIterator[_Batch]:
+        if isinstance(layers, StagedKV):
+            if layers.header != header:
+                raise KVMismatchError(f"request {header.request_id}: staged KV is {layers.header}, lease says {header}")
+            raw = self.codec.name == "none"
+            want = [s.to_wire() for s in self.codec.part_specs(header)]
+            sent = 0
+            while sent < header.num_layers:
+                upto = await layers.wait_ready(sent + 1)
+                layers.device_wait(upto)
+                if raw:  # the staged bytes are the wire bytes
+                    yield _Batch(sent, upto - sent, layers.wire(sent, upto), want, layers.event(upto))
+                else:  # encoded layer after layer, shipped together: each layer's parts are a multiple of ALIGN
+                    parts = [p for i in range(sent, upto) for p in self.codec.encode(layers.key(i), layers.value(i))]
+                    yield _Batch(sent, upto - sent, pack(parts), want)
+                sent = upto
+            return
+        count = 0
+        async for k, v in layers:
+            if count == header.num_layers:
+                raise KVMismatchError(f"request {header.request_id}: the KV source has more than the header's "
+                                      f"{header.num_layers} layers")
+            parts = self.codec.encode(k, v)
+            yield _Batch(count, 1, pack(parts), [PartSpec.of(p).to_wire() for p in parts])
+            count += 1
+
+    async def _send(self, header: KVHeader, layers: LayerSource) -> TransferStats:
         start = time.perf_counter()
         codec_info = {"name": self.codec.name, "blockTokens": getattr(self.codec, "block_tokens", None)}
         await self.stream.send_json({"type": "begin", "header": header.model_dump(mode="json"), "codec": codec_info})
-        wire = count = 0
-        held: list[torch.Tensor] = []
-        async for k, v in layers:
-            parts = self.codec.encode(k, v)
-            await self.stream.send_json(
-                {"type": "layer", "index": count, "parts": [PartSpec.of(p).to_wire() for p in parts]}
-            )
-            if self.bulk:
-                held.extend(parts)
-            else:
-                await self._send_parts(parts)
-            wire += sum(PartSpec.of(p).nbytes for p in parts)
-            count += 1
-        if self.bulk:
-            await self._send_parts(held)
-        await self.stream.send_json({"type": "end", "layers": count})
-        reply = await self.stream.recv_json()
+        layer_bytes = sum(padded(s.nbytes) for s in self.codec.part_specs(header))
+        total = header.num_layers * layer_bytes
+        try:
+            count, batches = await self._send_batches(header, layers, layer_bytes, total)
+        except KVStagingError as e:
+            await self.send_error("internal", str(e))  # the receiver fails with the reason, not a bare EOF
+            raise
+        if count < header.num_layers:
+            # Short of the header's layers: the receiver waits for more, so tell it why there are none.
+            message = f"request {header.request_id}: the source ended after {count} of {header.num_layers} layers"
+            reply = await self._recv_reply_or_say(message)
+        else:
+            reply = await self.stream.recv_json()
         if reply.get("type") != "ack":
             raise _remote_error(reply)
+        wire = header.num_layers * sum(s.nbytes for s in self.codec.part_specs(header))
         return TransferStats(header.request_id, self.kind, self.codec.name, count, wire, header.nbytes,
-                             time.perf_counter() - start)
+                             time.perf_counter() - start, batches)
+
+    async def _send_batches(self, header: KVHeader, layers: LayerSource, layer_bytes: int,
+                            total: int) -> tuple[int, int]:
+        count = batches = 0
+        async for batch in self._batches(header, layers):
+            if batch.wire.numel() != batch.count * layer_bytes:
+                # The source contradicts its header: declare what it has, and let the receiver's refusal end it.
+                await self.stream.send_json({"type": "layers", "start": batch.start, "count": batch.count,
+                                             "parts": batch.parts})
+                break
+            fields = await self._stage_out(batch.wire, batch.start * layer_bytes, total, batch.ready)
+            await self.stream.send_json({"type": "layers", "start": batch.start, "count": batch.count,
+                                         "parts": batch.parts, **fields})
+            await self._ship(batch.wire, fields)
+            count += batch.count
+            batches += 1
+        return count, batches
+
+    async def _recv_reply_or_say(self, message: str) -> dict:
+        try:
+            await self.send_error("mismatch", message)
+            return await self.stream.recv_json()
+        except KVChannelError:
+            return {"type": "error", "code": "mismatch", "message": message}
 
     async def send_error(self, code: str, message: str) -> None:
         """Answer a request for KV with an error instead of a payload (the link stays usable)."""
         await self.stream.send_json({"type": "error", "code": code, "message": message})
 
+    # ---- receiving ----------------------------------------------------------------------------------
     async def recv(
         self,
         *,
@@ -171,42 +262,38 @@ class KVChannel(ABC):
             expect(header)
         specs = codec.part_specs(header)
         want = [s.to_wire() for s in specs]
-        received: list[list[torch.Tensor]] = []
-        wire = 0
-        for i in range(header.num_layers):
+        layer_bytes = sum(padded(s.nbytes) for s in specs)
+        landing = self._landing(header.num_layers * layer_bytes, device)
+        got = batches = 0
+        while got < header.num_layers:
             msg = await self.stream.recv_json()
-            if msg.get("type") != "layer" or msg.get("index") != i:
+            if msg.get("type") == "error":
+                raise _remote_error(msg)
+            n = msg.get("count")
+            if msg.get("type") != "layers" or msg.get("start") != got or not isinstance(n, int) \
+                    or not 1 <= n <= header.num_layers - got:
                 raise KVMismatchError(
-                    f"request {header.request_id}: expected layer {i} of {header.num_layers}, got "
-                    f"{msg.get('type')!r} #{msg.get('index')}"
+                    f"request {header.request_id}: expected layers from {got} of {header.num_layers}, got "
+                    f"{msg.get('type')!r} from #{msg.get('start')} x {n}"
                 )
             if msg.get("parts") != want:
                 raise KVMismatchError(
-                    f"request {header.request_id}: layer {i} parts {msg.get('parts')} do not match the header "
+                    f"request {header.request_id}: layer {got} parts {msg.get('parts')} do not match the header "
                     f"({want})"
                 )
-            if not self.bulk:
-                received.append(await self._recv_parts(specs, self._encode_device(device)))
-            wire += sum(s.nbytes for s in specs)
-        if self.bulk:
-            flat = await self._recv_parts(specs * header.num_layers, self._encode_device(device))
-            received = [flat[i : i + len(specs)] for i in range(0, len(flat), len(specs))]
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
-        for parts in received:
-            k, v = codec.decode(parts, header)
-            keys.append(k.to(device))
-            values.append(v.to(device))
-        end = await self.stream.recv_json()
-        if end.get("type") != "end":
-            raise KVMismatchError(
-                f"request {header.request_id}: sender went on after the header's {header.num_layers} layers"
-            )
+            offset = got * layer_bytes
+            await self._land(landing[offset:offset + n * layer_bytes], offset, msg)
+            got += n
+            batches += 1
+        await self._settle(device)
+        placed = landing if landing.device == device else landing.to(device)
+        keys, values = _layers_of(placed, header, codec, specs, layer_bytes)
         payload = KVPayload(header, keys, values)
         payload.check()
         await self.stream.send_json({"type": "ack"})
+        wire = header.num_layers * sum(s.nbytes for s in specs)
         return payload, TransferStats(header.request_id, self.kind, codec.name, header.num_layers, wire,
-                                      header.nbytes, time.perf_counter() - start)
+                                      header.nbytes, time.perf_counter() - start, batches)
 
     async def close(self) -> None:
         await self.stream.close()

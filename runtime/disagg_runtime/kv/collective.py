@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .channel import KVChannel
-from .codec import LayerCodec, PartSpec
+from .codec import LayerCodec
 from .errors import KVChannelError, KVTimeout
 from .framing import FramedStream
 
@@ -91,9 +91,6 @@ class CollectiveKVChannel(KVChannel):
         self.timeout = dt.timedelta(seconds=timeout)
         self._keepalive = keepalive  # the store must outlive the group that was built on it
 
-    def _flat(self, t: torch.Tensor) -> torch.Tensor:
-        return t.contiguous().to(self.device).reshape(-1).view(torch.uint8)
-
     def _wait(self, work: dist.Work, what: str) -> None:
         try:
             work.wait(self.timeout)
@@ -102,26 +99,15 @@ class CollectiveKVChannel(KVChannel):
                 raise KVTimeout(f"{self.backend} {what} timed out after {self.timeout}") from e
             raise KVChannelError(f"{self.backend} {what} failed: {e}") from e
 
-    def _send_blocking(self, parts: list[torch.Tensor]) -> None:
-        for p in parts:
-            self._wait(self.group.send([self._flat(p)], self.peer, 0), "send")
+    def _landing(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
-    def _recv_blocking(self, specs: list[PartSpec]) -> list[torch.Tensor]:
-        out = []
-        for spec in specs:
-            buf = torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device)
-            self._wait(self.group.recv([buf], self.peer, 0), "recv")
-            out.append(buf.view(spec.dtype).reshape(spec.shape))
-        return out
+    async def _ship(self, wire: torch.Tensor, fields: dict) -> None:
+        flat = wire.to(self.device).contiguous()
+        await asyncio.to_thread(lambda: self._wait(self.group.send([flat], self.peer, 0), "send"))
 
-    async def _send_parts(self, parts: list[torch.Tensor]) -> None:
-        await asyncio.to_thread(self._send_blocking, parts)
-
-    async def _recv_parts(self, specs: list[PartSpec], device: torch.device) -> list[torch.Tensor]:
-        return await asyncio.to_thread(self._recv_blocking, specs)
-
-    def _encode_device(self, device: torch.device) -> torch.device:
-        return self.device
+    async def _land(self, out: torch.Tensor, offset: int, msg: dict) -> None:
+        await asyncio.to_thread(lambda: self._wait(self.group.recv([out], self.peer, 0), "recv"))
 
     async def close(self) -> None:
         await super().close()

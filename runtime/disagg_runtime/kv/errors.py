@@ -9,6 +9,10 @@ class KVChannelError(RuntimeError):
     """A KV link failed (peer gone, protocol violation, unusable channel kind)."""
 
 
+class KVPeerClosed(KVChannelError):
+    """The other end closed or reset the connection (it died, restarted, or dropped an idle link)."""
+
+
 class KVTimeout(KVChannelError, TimeoutError):
     """A KV transfer step did not complete within the channel's timeout."""
 
@@ -21,4 +25,4 @@ class KVForbidden(KVChannelError, PermissionError):
     """A pull without the ticket the prefill worker issued with that request's KV (the link stays usable)."""
 
 
-__all__ = ["KVChannelError", "KVForbidden", "KVMismatchError", "KVNotFound", "KVTimeout"]
+__all__ = ["KVChannelError", "KVForbidden", "KVMismatchError", "KVNotFound", "KVPeerClosed", "KVTimeout"]

@@ -1,4 +1,9 @@
-"""Length-prefixed frames over an asyncio stream: JSON control messages and raw tensor bytes."""
+"""Length-prefixed frames over an asyncio stream: JSON control messages and raw tensor bytes.
+
+Every read has a timeout. It is an `asyncio.timeout` scope, not `asyncio.wait_for`: wait_for wraps each
+read in a new task, and at a few control frames per pull those tasks were a measurable share of a
+pull's fixed cost.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import struct
 
 import torch
 
-from .errors import KVChannelError, KVTimeout
+from .errors import KVChannelError, KVPeerClosed, KVTimeout
 
 _HEAD = struct.Struct(">BQ")  # frame kind, payload length
 _JSON, _BYTES = 1, 2
@@ -16,6 +21,18 @@ _JSON, _BYTES = 1, 2
 MAX_JSON_BYTES = 16 << 20
 # Bytes handed to the transport per write, so the writer's buffer (and our memory) stays bounded.
 _CHUNK = 4 << 20
+# StreamReader buffer limit for KV links: reads of tensor bytes return up to this much at once (the
+# default 64 KiB made a 32 MiB layer batch hundreds of reads).
+STREAM_LIMIT = _CHUNK
+# Below this many unsent bytes a drain would return at once: skip it (asyncio's default high-water mark).
+_LOW_WATER = 64 << 10
+
+
+async def _bounded(coro, seconds: float | None):
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await coro
+    return await asyncio.wait_for(coro, seconds)
 
 
 class FramedStream:
@@ -29,7 +46,7 @@ class FramedStream:
     @classmethod
     async def connect(cls, host: str, port: int, *, timeout: float) -> FramedStream:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            reader, writer = await _bounded(asyncio.open_connection(host, port, limit=STREAM_LIMIT), timeout)
         except asyncio.TimeoutError as e:
             raise KVTimeout(f"connecting to KV server {host}:{port} took over {timeout:.1f}s") from e
         except OSError as e:
@@ -43,11 +60,11 @@ class FramedStream:
 
     async def _read_exactly(self, n: int, what: str, *, wait_forever: bool = False) -> bytes:
         try:
-            return await asyncio.wait_for(self.reader.readexactly(n), None if wait_forever else self.timeout)
+            return await _bounded(self.reader.readexactly(n), None if wait_forever else self.timeout)
         except asyncio.TimeoutError as e:
             raise KVTimeout(f"no {what} from {self.peer} within {self.timeout:.1f}s") from e
         except (asyncio.IncompleteReadError, ConnectionError) as e:
-            raise KVChannelError(f"KV peer {self.peer} closed the connection while sending {what}") from e
+            raise KVPeerClosed(f"KV peer {self.peer} closed the connection while sending {what}") from e
 
     async def _read_head(self, want: int, what: str, *, wait_forever: bool = False) -> int:
         kind, length = _HEAD.unpack(await self._read_exactly(_HEAD.size, what, wait_forever=wait_forever))
@@ -95,23 +112,28 @@ class FramedStream:
         off = 0
         while off < length:
             try:
-                chunk = await asyncio.wait_for(self.reader.read(min(length - off, _CHUNK)), self.timeout)
+                chunk = await _bounded(self.reader.read(min(length - off, _CHUNK)), self.timeout)
             except asyncio.TimeoutError as e:
                 raise KVTimeout(f"tensor bytes from {self.peer} stalled for {self.timeout:.1f}s") from e
             except ConnectionError as e:
-                raise KVChannelError(f"KV peer {self.peer} dropped the connection mid-tensor") from e
+                raise KVPeerClosed(f"KV peer {self.peer} dropped the connection mid-tensor") from e
             if not chunk:
-                raise KVChannelError(f"KV peer {self.peer} closed the connection mid-tensor ({off}/{length} bytes)")
+                raise KVPeerClosed(f"KV peer {self.peer} closed the connection mid-tensor ({off}/{length} bytes)")
             dst[off:off + len(chunk)] = chunk
             off += len(chunk)
 
     async def _drain(self) -> None:
+        transport = self.writer.transport
+        if transport.is_closing():
+            raise KVPeerClosed(f"KV peer {self.peer} closed the connection")
+        if transport.get_write_buffer_size() < _LOW_WATER:
+            return  # the transport is not paused: drain() would return at once
         try:
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
+            await _bounded(self.writer.drain(), self.timeout)
         except asyncio.TimeoutError as e:
             raise KVTimeout(f"KV peer {self.peer} did not read for {self.timeout:.1f}s") from e
         except ConnectionError as e:
-            raise KVChannelError(f"KV peer {self.peer} closed the connection: {e}") from e
+            raise KVPeerClosed(f"KV peer {self.peer} closed the connection: {e}") from e
 
     async def close(self) -> None:
         self.writer.close()

@@ -1,11 +1,17 @@
-"""CUDA IPC data plane (prefill and decode on one node): ship memory handles, not bytes.
+"""CUDA IPC data plane (prefill and decode on one node): a staging buffer mapped once per link, not bytes.
 
-The sender packs every layer's wire tensors into one byte buffer (a device-local copy at HBM speed)
-and pickles it with torch.multiprocessing's reductions, which turn a CUDA tensor into one cudaIpc
-memory handle plus a shared reference count; the receiver maps that memory once, copies it into its
-own buffer with one device-to-device copy (NVLink/PCIe), and slices the parts back out. One handle
-and one sync per payload: mapping a handle and syncing per layer cost ~0.7 ms each on an H100, which
-was most of a transfer. The sender keeps the buffer alive until the receiver's ack.
+Each link's sender keeps one staging buffer (grown by powers of two, so a link settles on one) and one
+interprocess CUDA event. The receiver maps both the first time they are used (or after the buffer
+grew): opening an IPC memory handle costs milliseconds, which per pull was most of a transfer. After
+that a batch of layers is one device-to-device copy into the staging buffer, an event record, a small
+control message, and on the receiver a stream wait on that event plus one copy out (NVLink/PCIe).
+The receiver synchronises its copy before the ack, and pulls on a link are serialised, so the sender
+never overwrites bytes a receiver still reads. Both ends copy on a stream of their own: on the default
+stream a copy would queue behind every prefill or decode kernel the engine thread enqueued meanwhile
+(milliseconds), and the receiver's sync would wait for them too.
+
+Only the mapping message is pickled (torch.multiprocessing's reductions turn the CUDA tensor into an IPC
+handle); it is read only on a link whose peer proved the internal token (kv/auth.py), like every frame.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import torch
 import torch.multiprocessing as torch_mp
 
 from .channel import KVChannel
-from .codec import PartSpec
 from .errors import KVChannelError, KVMismatchError
+
+_MIN_STAGING = 1 << 20
 
 
 def _shareable(t: torch.Tensor) -> bool:
@@ -28,77 +35,110 @@ def _shareable(t: torch.Tensor) -> bool:
 
 
 class CudaIpcKVChannel(KVChannel):
-    """Layers as IPC handles on the control stream; the receiver copies, then acks."""
+    """Layers through the link's shared staging buffer; the receiver copies, then acks."""
 
     kind = "ipc"
-    bulk = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # One staging buffer per link, reused while big enough: the receiver keeps it mapped, so a
-        # pull costs no cudaIpcOpenMemHandle (milliseconds) unless the buffer had to grow. Pulls on a
-        # link are serialised and acked after the receiver's copy, so reuse never races a reader.
-        self._staging: torch.Tensor | None = None
+        self._staging: torch.Tensor | None = None  # sender: this link's staging buffer
+        self._event: torch.cuda.Event | None = None  # sender: recorded after each copy into staging
         self._mapped: torch.Tensor | None = None  # receiver: the peer's staging buffer, kept mapped
+        self._peer_event: torch.cuda.Event | None = None
+        self._copy_stream: torch.cuda.Stream | None = None
 
-    async def _send_parts(self, parts: list[torch.Tensor]) -> None:
-        parts = [p.contiguous() for p in parts]
-        for p in parts:
-            if not _shareable(p):
-                raise KVChannelError(
-                    f"the ipc KV channel shares CUDA memory; got a {p.device} tensor. Use kvChannel tcp "
-                    "for CPU workers"
-                )
-        need = sum(_padded(p.numel() * p.element_size()) for p in parts)
-        device = parts[0].device if parts else torch.device("cpu")
+    def _stream_on(self, device: torch.device) -> torch.cuda.Stream:
+        if self._copy_stream is None or self._copy_stream.device != device:
+            self._copy_stream = torch.cuda.Stream(device)
+        return self._copy_stream
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes this end holds for the link (its staging buffer, or the peer's one mapped)."""
+        held = self._staging if self._staging is not None else self._mapped
+        return 0 if held is None else held.numel()
+
+    # ---- sender -------------------------------------------------------------------------------------
+    async def _stage_out(self, wire: torch.Tensor, offset: int, total: int,
+                         ready: torch.cuda.Event | None) -> dict:
+        if not _shareable(wire):
+            raise KVChannelError(f"the ipc KV channel shares CUDA memory; got a {wire.device} tensor. Use "
+                                 "kvChannel tcp for CPU workers")
         staging = self._staging
-        if staging is None or staging.numel() < need or staging.device != device:
-            # Grow by powers of two so a link settles on one buffer after its first few pulls.
-            size = max(need, 1 << 20)
-            staging = self._staging = torch.empty(1 << (size - 1).bit_length(), dtype=torch.uint8, device=device)
-        _pack(parts, staging)
-        await self.stream.send_bytes(bytes(ForkingPickler.dumps((staging, need))))
+        fresh = staging is None or staging.numel() < total or staging.device != wire.device
+        if fresh:
+            size = max(total, _MIN_STAGING)
+            staging = self._staging = torch.empty(1 << (size - 1).bit_length(), dtype=torch.uint8,
+                                                  device=wire.device)
+            self._event = torch.cuda.Event(interprocess=True) if wire.is_cuda else None
+        if not wire.is_cuda:
+            staging[offset:offset + wire.numel()].copy_(wire)
+            return {"map": fresh}
+        side = self._stream_on(wire.device)
+        if ready is not None:
+            side.wait_event(ready)  # the staged layers' copies, not whatever the engine enqueued since
+        else:
+            side.wait_stream(torch.cuda.current_stream(wire.device))  # wire was just encoded there
+        if fresh:
+            staging.record_stream(side)  # freed (link closed) only once this stream's copies are done
+        wire.record_stream(side)
+        with torch.cuda.stream(side):
+            staging[offset:offset + wire.numel()].copy_(wire, non_blocking=True)
+        # Recorded before the control message goes out, so the receiver's wait covers this copy.
+        self._event.record(side)
+        return {"map": fresh}
 
-    async def _recv_parts(self, specs: list[PartSpec], device: torch.device) -> list[torch.Tensor]:
+    async def _ship(self, wire: torch.Tensor, fields: dict) -> None:
+        if fields["map"]:
+            handle = self._event.ipc_handle() if self._event is not None else None
+            await self.stream.send_bytes(bytes(ForkingPickler.dumps((self._staging, handle))))
+
+    # ---- receiver -----------------------------------------------------------------------------------
+    def _landing(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    async def _map(self, device: torch.device) -> None:
         data = await self.stream.recv_bytes()
         try:
             shared = pickle.loads(data)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means the handle is unusable here
-            raise KVChannelError(f"cannot map the sender's IPC handles on this node: {e}") from e
-        want = sum(_padded(s.nbytes) for s in specs)
-        buffer, used = shared if isinstance(shared, tuple) and len(shared) == 2 else (None, None)
-        if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or used != want \
-                or buffer.numel() < want:
-            raise KVMismatchError(f"IPC message is not a staging buffer of {want} bytes for this header")
-        local = buffer[:want].to(device, copy=True)
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # copy done before the ack lets the sender reuse it
-        self._mapped = buffer  # keeps the mapping (torch's IPC cache) alive for the next pull
-        return _unpack(local, specs)
+            raise KVChannelError(f"cannot map the sender's IPC staging buffer on this node: {e}") from e
+        buffer, handle = shared if isinstance(shared, tuple) and len(shared) == 2 else (None, None)
+        if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.dim() != 1 \
+                or not isinstance(handle, bytes | None):
+            raise KVMismatchError("IPC mapping message is not a staging buffer")
+        self._mapped = buffer  # dropping the previous one unmaps it (torch's IPC cache)
+        self._peer_event = None
+        if handle is not None and device.type == "cuda" and buffer.is_cuda:
+            self._peer_event = torch.cuda.Event.from_ipc_handle(buffer.device, handle)
 
+    async def _land(self, out: torch.Tensor, offset: int, msg: dict) -> None:
+        if msg.get("map") is True:
+            await self._map(out.device)
+        elif self._mapped is None:
+            raise KVChannelError(f"IPC peer {self.stream.peer} sent layers before sharing its staging buffer")
+        if self._mapped.numel() < offset + out.numel():
+            raise KVMismatchError(f"IPC staging buffer of {self._mapped.numel()} bytes cannot hold bytes "
+                                  f"[{offset}, {offset + out.numel()}) of this payload")
+        source = self._mapped[offset:offset + out.numel()]
+        if not out.is_cuda:
+            out.copy_(source)
+            return
+        side = self._stream_on(out.device)
+        if self._peer_event is not None:
+            side.wait_event(self._peer_event)
+        out.record_stream(side)  # a failed pull may free the landing buffer before this copy ran
+        with torch.cuda.stream(side):
+            out.copy_(source, non_blocking=True)
 
-# Parts start on 16-byte boundaries so every dtype's view of the buffer is aligned.
-_ALIGN = 16
+    async def _settle(self, device: torch.device) -> None:
+        if device.type == "cuda" and self._copy_stream is not None:
+            # Copied out before the ack lets the sender reuse its staging; the host sync also makes the
+            # payload safe to read from any stream of the engine thread.
+            self._copy_stream.synchronize()
 
-
-def _padded(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
-
-
-def _pack(parts: list[torch.Tensor], buffer: torch.Tensor) -> None:
-    """All parts, back to back from offset 0, in the uint8 `buffer` (on their device)."""
-    offset = 0
-    for p in parts:
-        n = p.numel() * p.element_size()
-        buffer[offset : offset + n].copy_(p.contiguous().reshape(-1).view(torch.uint8))
-        offset += _padded(n)
-
-
-def _unpack(buffer: torch.Tensor, specs: list[PartSpec]) -> list[torch.Tensor]:
-    """Views of `buffer` with the specs' dtypes and shapes (no copy)."""
-    out, offset = [], 0
-    for spec in specs:
-        n = spec.nbytes
-        out.append(buffer[offset : offset + n].view(spec.dtype).view(spec.shape))
-        offset += _padded(n)
-    return out
+    async def close(self) -> None:
+        await super().close()
+        self._staging = self._mapped = None
+        self._event = self._peer_event = None
+        self._copy_stream = None

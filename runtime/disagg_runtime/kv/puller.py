@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -12,11 +14,13 @@ from ..security.tokens import InternalToken
 from .auth import prove_to_server
 from .channel import KVChannel, TransferStats, _remote_error
 from .codec import CodecName
-from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound
+from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound, KVPeerClosed
 from .framing import FramedStream
 from .links import ChannelChoice, Endpoint, open_link
 from .payload import KVHeader, KVPayload
 from .reshard import KVSlice
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,22 +91,37 @@ class KVPuller:
                 expect(header)
 
         link = self._links.setdefault(address, _Link())
+        msg: dict = {"type": "pull", "requestId": request_id, "ticket": ticket}
+        if kv_slice is not None:
+            msg["slice"] = kv_slice.model_dump()
         async with link.lock:
-            channel = await self._channel(address, link)
-            msg: dict = {"type": "pull", "requestId": request_id, "ticket": ticket}
-            if kv_slice is not None:
-                msg["slice"] = kv_slice.model_dump()
+            start = time.perf_counter()
+            reused = link.channel is not None and not link.channel.broken
             try:
-                await channel.stream.send_json(msg)
-                payload, stats = await channel.recv(expect=check, device=self.device)
-            except (KVNotFound, KVForbidden):
-                raise
-            except BaseException:
-                channel.broken = True
-                raise
+                payload, stats = await self._pull_on(address, link, msg, check)
+            except KVPeerClosed as e:
+                if not reused:
+                    raise
+                # A link kept from earlier pulls whose peer has gone away since (restarted, or dropped the
+                # idle connection): nothing of this pull was used, so it runs once more on a fresh link.
+                log.info("KV link to %s was closed by the peer (%s); reconnecting", address, e)
+                payload, stats = await self._pull_on(address, link, msg, check)
+            stats = replace(stats, seconds=time.perf_counter() - start)  # the whole pull, as the caller waits
         if self.on_transfer is not None:
             self.on_transfer(stats)
         return payload
+
+    async def _pull_on(self, address: KVAddress, link: _Link, msg: dict,
+                       check: Callable[[KVHeader], None]) -> tuple[KVPayload, TransferStats]:
+        channel = await self._channel(address, link)
+        try:
+            await channel.stream.send_json(msg)
+            return await channel.recv(expect=check, device=self.device)
+        except (KVNotFound, KVForbidden):
+            raise
+        except BaseException:
+            channel.broken = True
+            raise
 
     async def release(self, address: KVAddress, request_id: str, *, ticket: str | None = None) -> None:
         """Tell the prefill instance at `address` that every piece of `request_id`'s KV arrived (it frees it)."""

@@ -13,9 +13,9 @@ from pydantic import ValidationError
 
 from ..security.tokens import InternalToken
 from .auth import verify_client
-from .channel import KVChannel, LayerStream, TransferStats
+from .channel import KVChannel, LayerSource, TransferStats
 from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound
-from .framing import FramedStream
+from .framing import STREAM_LIMIT, FramedStream
 from .links import Endpoint, accept_link
 from .payload import KVHeader
 from .reshard import KVSlice
@@ -28,7 +28,7 @@ class KVLease:
     """One request's KV checked out for sending; `release(True)` after the receiver acked frees it."""
 
     header: KVHeader
-    layers: LayerStream
+    layers: LayerSource  # a staged payload (kv/staged.py) or a layer stream
     release: Callable[[bool], Awaitable[None]]
 
 
@@ -70,10 +70,12 @@ class KVServer:
         self.token = token
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task] = set()
+        self._busy: set[asyncio.Task] = set()  # links in the middle of a pull or a release
+        self._closing = False
 
     async def start(self) -> int:
         """Listen; returns the bound port (useful with port 0)."""
-        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        self._server = await asyncio.start_server(self._accept, self.host, self.port, limit=STREAM_LIMIT)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -108,39 +110,49 @@ class KVServer:
                 msg = await channel.stream.recv_json(wait_forever=True)
             except KVChannelError:
                 return  # the decode end closed its link
-            ticket = msg.get("ticket")
-            if (msg.get("type") not in ("pull", "release") or not isinstance(msg.get("requestId"), str)
-                    or not isinstance(ticket, str | None)):
-                raise KVChannelError(f"expected a pull or a release, got {msg!r}")
-            if msg["type"] == "release":
-                await self._release(channel, msg["requestId"], ticket)
-                continue
+            task = asyncio.current_task()
+            self._busy.add(task)
             try:
-                if msg.get("slice") is None:
-                    lease = await self.source.checkout(msg["requestId"], ticket)
-                else:
-                    lease = await self.source.checkout_slice(msg["requestId"], _slice(msg["slice"]), ticket)
-            except KVForbidden as e:
-                log.warning("refused a pull from %s: %s", channel.stream.peer, e)
-                await channel.send_error("forbidden", str(e))
-                continue
-            except KVNotFound as e:
-                await channel.send_error("not_found", str(e))
-                continue
-            except KVMismatchError as e:
-                await channel.send_error("mismatch", str(e))
-                continue
-            except KVChannelError as e:
-                await channel.send_error("internal", str(e))
-                continue
-            ok = False
-            try:
-                stats = await channel.send(lease.header, lease.layers)
-                ok = True
+                await self._answer(channel, msg)
             finally:
-                await lease.release(ok)
-            if self.on_transfer is not None:
-                self.on_transfer(stats)
+                self._busy.discard(task)
+            if self._closing:
+                return
+
+    async def _answer(self, channel: KVChannel, msg: dict) -> None:
+        ticket = msg.get("ticket")
+        if (msg.get("type") not in ("pull", "release") or not isinstance(msg.get("requestId"), str)
+                or not isinstance(ticket, str | None)):
+            raise KVChannelError(f"expected a pull or a release, got {msg!r}")
+        if msg["type"] == "release":
+            await self._release(channel, msg["requestId"], ticket)
+            return
+        try:
+            if msg.get("slice") is None:
+                lease = await self.source.checkout(msg["requestId"], ticket)
+            else:
+                lease = await self.source.checkout_slice(msg["requestId"], _slice(msg["slice"]), ticket)
+        except KVForbidden as e:
+            log.warning("refused a pull from %s: %s", channel.stream.peer, e)
+            await channel.send_error("forbidden", str(e))
+            return
+        except KVNotFound as e:
+            await channel.send_error("not_found", str(e))
+            return
+        except KVMismatchError as e:
+            await channel.send_error("mismatch", str(e))
+            return
+        except KVChannelError as e:
+            await channel.send_error("internal", str(e))
+            return
+        ok = False
+        try:
+            stats = await channel.send(lease.header, lease.layers)
+            ok = True
+        finally:
+            await lease.release(ok)
+        if self.on_transfer is not None:
+            self.on_transfer(stats)
 
     async def _release(self, channel: KVChannel, request_id: str, ticket: str | None) -> None:
         try:
@@ -158,6 +170,14 @@ class KVServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        # A link mid-pull finishes it (its receiver has the bytes and is acking); idle links just end.
+        self._closing = True
+        for task in list(self._links):
+            if task not in self._busy:
+                task.cancel()
+        busy = list(self._busy)
+        if busy:
+            await asyncio.wait(busy, timeout=self.timeout)
         for task in list(self._links):
             task.cancel()
         await asyncio.gather(*self._links, return_exceptions=True)

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from ..parallel.ranks import Parallelism
-from .channel import payload_layers
 from .errors import KVMismatchError
 from .payload import TORCH_DTYPES, KVHeader, KVPayload
 from .puller import KVAddress, KVPuller
 from .reshard import KVSlice, assemble, cut, plan_pulls, share_of
 from .server import KVLease
+from .staged import StagedKV
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ def slice_lease(payload: KVPayload, held: KVSlice, piece: KVSlice,
                               f"(this rank holds {held.model_dump()})")
     keys, values = cut(payload.keys, payload.values, held, piece)
     header = payload.header.model_copy(update={"num_layers": len(piece.layers), "num_kv_heads": len(piece.heads)})
-    return KVLease(header, payload_layers(KVPayload(header, keys, values)), release)
+    # Staged (one copy of the piece) so that it ships as one batch, not one control frame per layer.
+    return KVLease(header, StagedKV.of(KVPayload(header, keys, values)), release)
 
 
 @dataclass(frozen=True)

@@ -5,25 +5,18 @@ from __future__ import annotations
 import torch
 
 from .channel import KVChannel
-from .codec import PartSpec
 
 
 class TcpKVChannel(KVChannel):
-    """Layers as raw byte frames; GPU tensors are staged through host memory."""
+    """Each batch of layers as one raw byte frame; GPU tensors are staged through host memory."""
 
     kind = "tcp"
 
-    async def _send_parts(self, parts: list[torch.Tensor]) -> None:
-        for p in parts:
-            await self.stream.send_tensor(p)
+    def _landing(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)  # host memory; the payload moves to `device` in one copy
 
-    async def _recv_parts(self, specs: list[PartSpec], device: torch.device) -> list[torch.Tensor]:
-        out = []
-        for spec in specs:
-            buf = torch.empty(spec.shape, dtype=spec.dtype)
-            await self.stream.recv_tensor_into(buf)
-            out.append(buf)
-        return out
+    async def _ship(self, wire: torch.Tensor, fields: dict) -> None:
+        await self.stream.send_tensor(wire)
 
-    def _encode_device(self, device: torch.device) -> torch.device:
-        return torch.device("cpu")  # bytes land in host memory; decoded layers then move to `device`
+    async def _land(self, out: torch.Tensor, offset: int, msg: dict) -> None:
+        await self.stream.recv_tensor_into(out)

@@ -1,8 +1,9 @@
 """Prefill worker: FCFS prompt batches under a token budget; each request's KV waits here until pulled.
 
-The KV stays in the engine's cache after prefill ("parked") and is exported only when a decode
-worker pulls it, so a decode instance without room simply pulls later (the paper's pull model) and
-prefill memory is the buffer. KV nobody pulls within `kv_ttl_s` (the decode worker died) is freed.
+The KV stays in the engine's cache after prefill ("parked") until a decode worker pulls it, so a
+decode instance without room simply pulls later (the paper's pull model) and prefill memory is the
+buffer. The prefill forward stages each request's KV for sending layer by layer (engine/kv_export.py),
+so a pull ships it at once, without a gather or a wait for the engine thread. KV nobody pulls within `kv_ttl_s` (the decode worker died) is freed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ..engine import GenerationRequest, SamplingParams, StepOutput, blocks_for
-from ..kv import Endpoint, KVForbidden, KVLease, KVNotFound, KVServer, TransferStats, payload_layers
+from ..kv import Endpoint, KVForbidden, KVLease, KVNotFound, KVServer, StagedKV, TransferStats, payload_layers
 from ..kv.reshard import KVSlice
 from ..kv.sharded import slice_lease
 from .base import Worker
@@ -193,18 +194,29 @@ class PrefillWorker(Worker):
         if parked.leased:
             raise KVNotFound(f"KV of {request_id} is being sent to another decode worker")
         parked.leased = True
-        try:
-            payload = await self.thread.submit(lambda: self.engine.export_kv(request_id))
-        except BaseException:
-            parked.leased = False
-            raise
 
         async def release(ok: bool) -> None:
             parked.leased = False
             if ok:
                 await self._free(request_id)
 
+        # Staged during the prefill forward (engine/kv_export.py): no gather, no wait for the engine thread.
+        staged = self._staged(request_id)
+        if staged is not None:
+            return KVLease(staged.header, staged, release)
+        try:
+            payload = await self.thread.submit(lambda: self.engine.export_kv(request_id))
+        except BaseException:
+            parked.leased = False
+            raise
         return KVLease(payload.header, payload_layers(payload), release)
+
+    def _staged(self, request_id: str) -> StagedKV | None:
+        exporter = getattr(self.engine, "kv_export", None)
+        shape = getattr(self.engine, "shape", None)
+        if exporter is None or (shape is not None and shape.world > 1):
+            return None  # a multi-rank instance's whole pulls go through the engine's lockstep export
+        return exporter.get(request_id)
 
     async def checkout_slice(self, request_id: str, kv_slice: KVSlice, ticket: str | None) -> KVLease:
         """A slice of this rank's KV of a parked request; the request stays parked until `release_pulled`."""

@@ -9,6 +9,7 @@ the KV store and SwiGLU are fused Triton kernels on CUDA and the exact torch ref
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,9 @@ class FusedLlama:
                     down_bias=mlp.down_proj.bias, input_norm=layer.input_layernorm.weight,
                     post_norm=layer.post_attention_layernorm.weight))
         self.cos, self.sin = rope_tables(model.inv_freq, max_positions)
+        # Set by engine/kv_export.py while a prefill stages its KV for export: called with the layer index
+        # once the layer stored its KV. Decode steps (and their CUDA graphs) never call it.
+        self.after_prefill_layer: Callable[[int], None] | None = None
 
     @staticmethod
     def supports(model: nn.Module, tp_size: int) -> bool:
@@ -103,7 +107,7 @@ class FusedLlama:
                 qkv[:, nq + nkv:].view(t, self.num_kv_heads, hd))
 
     def _layers(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                attend) -> tuple[torch.Tensor, torch.Tensor]:
+                attend, after_store: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All decoder layers; returns the last MLP output and the residual stream it adds to."""
         h = F.embedding(ids, self.embed)
         residual = None
@@ -111,6 +115,8 @@ class FusedLlama:
             x, residual = rms_norm(h, w.input_norm, self.eps, residual)
             q, k, v = self._split(F.linear(x, w.qkv, w.qkv_bias))
             rope_and_store_kv(q, k, v, positions, self.cos, self.sin, cache.keys, cache.values, slots)
+            if after_store is not None:
+                after_store(i)
             a = attend(i, q, k, v, cache)
             h = F.linear(a.reshape(a.shape[0], -1), w.o, w.o_bias)
             x, residual = rms_norm(h, w.post_norm, self.eps, residual)
@@ -128,7 +134,7 @@ class FusedLlama:
         def attend(_i, q, k, v, _cache):
             return varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, self.scale)
 
-        h, residual = self._layers(ids, positions, slots, attend)
+        h, residual = self._layers(ids, positions, slots, attend, self.after_prefill_layer)
         return self._logits(h[rows], residual[rows])
 
     def decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
