@@ -101,7 +101,6 @@ class RelayLink:
         self.id = relay_id
         self.who = f"{worker.role} instance {worker.url}"
         self.alive = True
-        self.frames = 0  # frames read (tests and benchmarks look at it)
         self._response = response
         self._streams: dict[str, TokenBuffer] = {}
         self._timeout = heartbeat_timeout_s
@@ -148,7 +147,6 @@ class RelayLink:
             self._die(error)
 
     def _frame(self, frame: dict) -> None:
-        self.frames += 1
         streams = self._streams
         tokens = frame.get("tokens")
         if tokens:

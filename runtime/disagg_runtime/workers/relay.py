@@ -70,7 +70,6 @@ class RelayConnection:
         self._errors: dict[str, list] = {}
         self._ready = asyncio.Event()
         self.closed = False
-        self.frames = 0  # frames sent (tests and benchmarks read it)
 
     def token(self, request_id: str, token_id: int, text: str, finish_reason: str | None) -> None:
         entry = self._tokens.get(request_id)
@@ -117,7 +116,6 @@ class RelayConnection:
             self._ready.clear()
             data = self.take_frame()
             if data is not None:
-                self.frames += 1
                 await response.write(data)
             if self.closed:
                 return
