@@ -12,14 +12,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from ..api.plan import GoodputInterval
+from .allocate import Candidate
 from .estimator import COVERAGE, SystemConfig, prediction_interval, seed_goodput
 from .problem import SearchProblem
 from .runner import TaskPool
 
 T = TypeVar("T")
+F = TypeVar("F", bound="FittedLike")
+
+
+class FittedLike(Protocol):
+    """What `contenders` reads of a fitted candidate (system.Fitted)."""
+
+    @property
+    def candidate(self) -> Candidate: ...
+
+    def meets(self, target: float) -> bool: ...
 
 # Fresh samples the interval is measured on, besides the plan's own.
 REPEATS = 4
@@ -53,6 +64,20 @@ def overlaps(a: GoodputInterval, b: GoodputInterval, rate: float) -> bool:
     a_lo, a_hi = capped(a.low_rps, a.high_rps, rate)
     b_lo, b_hi = capped(b.low_rps, b.high_rps, rate)
     return a_lo <= b_hi and b_lo <= a_hi
+
+
+def contenders(fitted: list[F], target: float, rate: float) -> list[F]:
+    """The fitted candidates (best-ranked first) that `choose` can pick once their goodputs are known.
+
+    When some meet the target, `choose` takes the fewest GPUs among them and compares goodput only there;
+    a candidate meeting the target has goodput >= `rate` > 0 (the estimator's anchor), so none of them is
+    dropped as useless. When none meets it, every goodput counts.
+    """
+    meeting = [f for f in fitted if f.meets(target)]
+    if not meeting or rate <= 0:
+        return fitted
+    fewest = min(f.candidate.gpus for f in meeting)
+    return [f for f in meeting if f.candidate.gpus == fewest]
 
 
 def choose(items: list[T], rate: float, gpus: Callable[[T], int], goodput: Callable[[T], float],

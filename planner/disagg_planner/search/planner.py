@@ -24,7 +24,7 @@ from . import modes
 from .affinity import Affinity, choose_affinity
 from .allocate import Candidate, colocated_candidates, disaggregated_candidates, ranked, unit_candidates
 from .chunked import chunk_budgets
-from .confidence import choose, goodput_interval
+from .confidence import choose, contenders, goodput_interval
 from .evaluate import PhaseTask, capacity
 from .feasibility import require_shapes, require_slos
 from .latency_source import latency_model
@@ -32,7 +32,7 @@ from .problem import IDEAL_LINK_GBPS, SearchProblem
 from .runner import Item, PhaseCache, Progress, TaskPool, branch_and_bound
 from .shapes import Segments, Shape, instance_shapes, segment_units
 from .shortfall import link_cause
-from .system import Layout, Measured, measure, place
+from .system import Layout, Measured, estimate, fit, place
 
 # Whole-system simulations per search: the best-ranked candidates that pack onto the nodes.
 SYSTEM_CANDIDATES = 3
@@ -54,6 +54,7 @@ class _Session:
     intervals: dict[int, GoodputInterval] = field(default_factory=dict)
     total: int = 0
     done: int = 0
+    estimate_all: bool = False
 
     @property
     def layout(self) -> Layout:
@@ -119,7 +120,11 @@ class _Session:
 
     # -- steps 2-3: replicate, place, simulate whole --------------------------------------------------
     def measure_best(self, candidates: list[Candidate], limit: int) -> list[Measured]:
-        """Whole-system measurements of the `limit` best-ranked candidates that pack onto the nodes."""
+        """Whole-system measurements of the `limit` best-ranked candidates that pack onto the nodes.
+
+        All are fitted; only those `best` can pick get their goodput estimated (`contenders`), unless the
+        session estimates every one (`estimate_all`, the reference path the tests compare against).
+        """
         layout = self.layout
         chosen = []
         for cand in ranked(candidates, self.problem.target_rate):
@@ -128,9 +133,12 @@ class _Session:
             if len(chosen) == limit:
                 break
         self.expect(len(chosen))
-        measured = self.pool.map(partial(measure, self.problem, layout), chosen)
+        fitted = [f for f in self.pool.map(partial(fit, self.problem, layout), chosen) if f is not None]
+        if not self.estimate_all:
+            fitted = contenders(fitted, self.problem.target, self.problem.target_rate)
+        measured = self.pool.map(partial(estimate, self.problem), fitted)
         self.tick(len(chosen))
-        return [m for m in measured if m is not None]
+        return measured
 
     def best(self, measured: list[Measured]) -> Measured | None:
         """Meets the target first, then fewest GPUs among statistical ties (confidence.choose)."""
@@ -271,7 +279,7 @@ def find_colocated_plan(
 def find_plan(
     spec: DisaggServingSpec, profile: LatencyProfile | None = None, *, workers: int | None = None,
     progress: Callable[[int, int], None] | None = None, seed: int = 0, affinity: Affinity | None = None,
-    deadline_s: float | None = None,
+    deadline_s: float | None = None, estimate_all: bool = False,
 ) -> Plan:
     """The plan of the serving mode with the highest per-GPU goodput (spec.mode; see modes.py).
 
@@ -282,14 +290,17 @@ def find_plan(
     the simulated request sample; the same seed gives the same plan whatever `workers` is. Raises
     NoFeasiblePlan when the model does not fit the budget, an SLO is below the unloaded latency or no
     evaluated mode has goodput, PlannerError for an unusable profile. With `deadline_s` the search runs in a
-    child process stopped at the deadline (PlanningTimeout; see deadline.py).
+    child process stopped at the deadline (PlanningTimeout; see deadline.py). `estimate_all` estimates the
+    goodput of every candidate simulated whole, not only of those the choice among them can pick: the same
+    plan at a higher cost (the reference the tests hold the faster path to).
     """
     if deadline_s is not None:
         from .deadline import plan_within
 
         return plan_within(find_plan, spec, profile, deadline_s=deadline_s, progress=progress, workers=workers,
-                           seed=seed, affinity=affinity)
+                           seed=seed, affinity=affinity, estimate_all=estimate_all)
     session = _open(spec, profile, workers, progress, seed)
+    session.estimate_all = estimate_all
     problem = session.problem
     with session.pool:
         shapes = session.shapes()

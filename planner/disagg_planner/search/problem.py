@@ -11,7 +11,8 @@ import numpy as np
 from ..api.spec import DisaggServingSpec
 from ..latency import LatencyModel
 from ..simulator import SimResult
-from ..workloads import SimRequest, clip_requests, sample_requests
+from ..simulator.trace import Trace
+from ..workloads import clip_requests, sample_requests
 from .capacity import LengthStats
 
 # Simulated horizon, in request lifetimes (the latency the SLOs allow a mean request): a run shorter than
@@ -101,22 +102,20 @@ class SearchProblem:
         """Bandwidth between pipeline stages of a group of `gpus_together` GPUs: NVLink if it fits a node."""
         return self.intra_node_gbps if gpus_together <= self.gpus_per_node else self.inter_node_gbps
 
-    def at_rate(self, rate: float, count: int, first_token_only: bool = False) -> list[SimRequest]:
+    def at_rate(self, rate: float, count: int, first_token_only: bool = False) -> Trace:
         """The first `count` requests of the sample arriving at `rate` req/s (same lengths, same order).
 
         `first_token_only` cuts every output to one token: a prefill-only run with no decode work.
         """
-        arrivals = (self.arrivals[:count] / rate).tolist()
-        inputs = self.inputs[:count].tolist()
-        outputs = [1] * len(inputs) if first_token_only else self.outputs[:count].tolist()
-        if self.limits is None or first_token_only:
-            return [SimRequest(a, i, o) for a, i, o in zip(arrivals, inputs, outputs, strict=True)]
-        limits = self.limits[:count].tolist()
-        return [SimRequest(a, i, o, m) for a, i, o, m in zip(arrivals, inputs, outputs, limits, strict=True)]
+        inputs = self.inputs[:count]
+        if first_token_only:
+            return Trace.of_arrays(self.arrivals[:count] / rate, inputs, np.ones_like(inputs))
+        limits = None if self.limits is None else self.limits[:count]
+        return Trace.of_arrays(self.arrivals[:count] / rate, inputs, self.outputs[:count], limits)
 
     def attainment(self, result: SimResult, ttft_s: float | None = None, tpot_s: float | None = None) -> float:
         """Steady-state attainment: the share after the warm-up requests meeting both SLOs (None: this SLO)."""
-        skip = int(len(result.results) * WARMUP_SHARE)
+        skip = int(result.num_requests * WARMUP_SHARE)
         ttft = self.ttft_s if ttft_s is None else ttft_s
         tpot = self.tpot_s if tpot_s is None else tpot_s
         ok = (result.ttfts[skip:] <= ttft) & (result.tpots[skip:] <= tpot)

@@ -73,7 +73,7 @@ def attainment_curve(
     points = []
     for rate in rates:
         result = simulate(problem, cfg, rate, curve.count)
-        skip = int(len(result.results) * WARMUP_SHARE)
+        skip = int(result.num_requests * WARMUP_SHARE)
         over = rate > curve.bound
         points.append(RatePoint(
             rate=rate,

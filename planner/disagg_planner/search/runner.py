@@ -105,19 +105,29 @@ def branch_and_bound(
     An item A is dominated when some item B, replicated floor(A.gpus / B.gpus) times, serves at least A's
     rate: any allocation using A does as well with those copies of B, on no more GPUs. Before evaluation
     A's rate is its capacity bound (goodput never exceeds it), afterwards its goodput. Items are visited
-    smallest first, so the cheap shapes that dominate most are known early; up to two tasks per worker are
-    in flight, so the workers stay busy while results prune the queue.
+    smallest first, so the cheap shapes that dominate most are known early; one task per worker is in
+    flight, so every result can prune the queue before the next task starts (a task takes milliseconds,
+    handing out the next one microseconds; a second task per worker cost ~5% more simulations).
     """
     queue = deque(sorted(items, key=lambda it: (it.gpus, -it.bound)))
     values: dict[object, float] = {}
     found: list[tuple[int, float]] = []  # (gpus, goodput) of evaluated items
     running: dict[PhaseTask, Future] = {}
     waiting: list[Item] = []
+
+    def resolve(item: Item) -> None:
+        values[item.key] = item.value(cache)
+        found.append((item.gpus, values[item.key]))
+        tick(1)
+
     while queue or waiting:
-        while queue and len(running) < 2 * pool.workers:
+        while queue and len(running) < pool.workers:
             item = queue.popleft()
             if _dominated(item.gpus, item.bound, found):
                 tick(1)
+                continue
+            if all(t in cache.goodput for t in item.tasks):
+                resolve(item)  # evaluated by an earlier step of the search: it prunes the queue right away
                 continue
             for task in item.tasks:
                 if task not in cache.goodput and task not in running:
@@ -129,9 +139,7 @@ def branch_and_bound(
                 cache.record(running.pop(task).result())
         for item in [it for it in waiting if all(t in cache.goodput for t in it.tasks)]:
             waiting.remove(item)
-            values[item.key] = item.value(cache)
-            found.append((item.gpus, values[item.key]))
-            tick(1)
+            resolve(item)
     by_key = {it.key: it for it in items}
     others = [(by_key[k].gpus, v, k) for k, v in values.items()]
     return {

@@ -26,7 +26,7 @@ from .estimator import SystemConfig, SystemCurve, estimate_system, instance_boun
 from .placement import InstanceRequest, UnitRequest, nodes_used, pack_colocated, pack_instances, pack_units
 from .problem import MEM_UTIL, SearchProblem
 
-__all__ = ["Layout", "Measured", "SystemConfig", "config", "measure", "place", "rate_bound", "simulate"]
+__all__ = ["Fitted", "Layout", "Measured", "SystemConfig", "config", "estimate", "fit", "place", "rate_bound", "simulate"]
 
 MAX_GROWTH = 4  # one-instance growth steps per candidate, at most
 
@@ -124,16 +124,44 @@ class _Fit:
         self.earlier += trial.curve.runs
 
 
-def measure(problem: SearchProblem, layout: Layout, candidate: Candidate) -> Measured | None:
-    """Fit the candidate's counts to the target rate, then estimate it. None if it does not pack."""
+@dataclass(frozen=True)
+class Fitted:
+    """A candidate whose counts were fitted to the target rate, before its goodput is estimated.
+
+    `seen` holds the attainments its rate curve measured (so the estimate reuses them); `earlier` counts the
+    runs on curves discarded while fitting. Whether it meets the target is known already.
+    """
+
+    candidate: Candidate
+    placement: list[InstancePlacement]
+    config: SystemConfig
+    seen: dict[float, float]
+    attainment_at_target: float
+    earlier: int
+
+    def meets(self, target: float) -> bool:
+        return self.attainment_at_target >= target
+
+
+def fit(problem: SearchProblem, layout: Layout, candidate: Candidate) -> Fitted | None:
+    """Fit the candidate's counts to the target rate (see the module doc). None if it does not pack."""
     placement = place(candidate, layout)
     if placement is None:
         return None
-    fit = _Fit(candidate, placement, SystemCurve(problem, config(problem, candidate, placement)))
-    fit = _shrink(problem, layout, fit) if _passes(problem, fit) else _grow(problem, layout, fit)
-    est = estimate_system(problem, fit.curve.cfg, guess=fit.candidate.estimate, curve=fit.curve)
-    return Measured(fit.candidate, fit.placement, fit.curve.cfg, fit.curve.bound, est.goodput,
-                    est.attainment_at_target, fit.earlier + est.runs)
+    fitting = _Fit(candidate, placement, SystemCurve(problem, config(problem, candidate, placement)))
+    fitting = _shrink(problem, layout, fitting) if _passes(problem, fitting) else _grow(problem, layout, fitting)
+    curve = fitting.curve
+    return Fitted(fitting.candidate, fitting.placement, curve.cfg, dict(curve.seen), curve(problem.target_rate),
+                  fitting.earlier)
+
+
+def estimate(problem: SearchProblem, fitted: Fitted) -> Measured:
+    """Goodput and attainment at target of a fitted candidate, on the curve its fitting measured."""
+    curve = SystemCurve(problem, fitted.config)
+    curve.seen.update(fitted.seen)
+    est = estimate_system(problem, fitted.config, guess=fitted.candidate.estimate, curve=curve)
+    return Measured(fitted.candidate, fitted.placement, fitted.config, curve.bound, est.goodput,
+                    est.attainment_at_target, fitted.earlier + est.runs)
 
 
 def _passes(problem: SearchProblem, fit: _Fit) -> bool:

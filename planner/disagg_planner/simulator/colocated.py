@@ -24,13 +24,13 @@ from ..latency import LatencyModel
 from ..workloads import SimRequest
 from .kv_blocks import BlockLedger, OnDemandBatch, preemption_costs
 from .rounds import RoundCost
-from .trace import Trace, check_fits, instance_capacity
+from .trace import Trace, as_trace, check_fits, instance_capacity
 from .types import ColocatedConfig, SimResult
 
 
-def simulate_colocated(cfg: ColocatedConfig, latency: LatencyModel, requests: Sequence[SimRequest]) -> SimResult:
+def simulate_colocated(cfg: ColocatedConfig, latency: LatencyModel, requests: Sequence[SimRequest] | Trace) -> SimResult:
     """Simulate `requests` on `cfg.shape.instances` colocated replicas; deterministic."""
-    trace = Trace.of(requests)
+    trace = as_trace(requests)
     shape = cfg.shape
     capacity = instance_capacity(latency, shape, cfg.mem_util, "colocated")
     if not trace.inputs:
@@ -79,7 +79,8 @@ class _Replica:
 
     def run(self, mine: list[int]) -> OnDemandBatch:
         """Simulate the requests `mine` (arrival order); returns the replica's final batch state."""
-        arrivals, inputs, outputs = self.arrivals, self.inputs, self.outputs
+        inputs, outputs = self.inputs, self.outputs
+        arrivals = [self.arrivals[j] for j in mine]
         first, last, cost, budget = self.first, self.last, self.cost, self.budget
         kv = OnDemandBatch(BlockLedger(self.capacity, self.policy), self.policy, *self.costs)
         ledger = kv.ledger
@@ -87,7 +88,7 @@ class _Replica:
         t = 0.0
         ptr, m = 0, len(mine)
         while True:
-            while ptr < m and arrivals[mine[ptr]] <= t:
+            while ptr < m and arrivals[ptr] <= t:
                 waiting.append(mine[ptr])
                 ptr += 1
             if waiting and kv.can_admit(inputs[waiting[0]]):
@@ -120,11 +121,11 @@ class _Replica:
                 if waiting and kv.can_admit(inputs[waiting[0]]):
                     k = 1  # resumes just cleared the way: the engine prefills right after this round
                 elif not waiting and ptr < m:  # an arrival triggers a prefill at the next boundary after it
-                    k = min(k, cost.rounds_until(kv.batch, kv.sum_context, arrivals[mine[ptr]] - t))
+                    k = min(k, cost.rounds_until(kv.batch, kv.sum_context, arrivals[ptr] - t))
                 t += cost.elapsed(kv.batch, kv.sum_context, k)
                 kv.advance_and_stamp(k, t, last)
                 continue
             if ptr < m:
-                t = max(t, arrivals[mine[ptr]])
+                t = max(t, arrivals[ptr])
                 continue
             return kv

@@ -29,7 +29,7 @@ from ..latency.mixed import chunk_attention
 from ..workloads import SimRequest
 from .kv_blocks import BlockLedger, OnDemandBatch, preemption_costs
 from .rounds import RoundCost
-from .trace import Trace, check_fits, instance_capacity
+from .trace import Trace, as_trace, check_fits, instance_capacity
 from .types import KVPolicy, PhaseShape, SimResult, SimulationError
 
 
@@ -55,7 +55,7 @@ def simulate_colocated_chunked(
     cfg: ChunkedColocatedConfig, latency: LatencyModel, requests: Sequence[SimRequest]
 ) -> SimResult:
     """Simulate `requests` on `cfg.shape.instances` chunked-prefill colocated replicas; deterministic."""
-    trace = Trace.of(requests)
+    trace = as_trace(requests)
     shape = cfg.shape
     capacity = instance_capacity(latency, shape, cfg.mem_util, "colocated")
     if not trace.inputs:
@@ -88,27 +88,27 @@ class _ChunkedReplica:
         self.policy = cfg.kv
         self.costs = preemption_costs(latency, self.tp, self.pp, self.link, cfg.kv)
 
-    def mixed_step(self, batch: int, sum_context: int, chunks: int, tokens: int, attention: int) -> float:
-        stage = self.latency.mixed_stage_time(self.tp, self.pp, batch, sum_context, chunks, tokens, attention)
-        return LatencyModel.pipeline_latency(stage, self.pp, (batch + tokens) * self.hidden_bytes, self.link)
-
     def run(self, mine: list[int]) -> OnDemandBatch:
         """Simulate the requests `mine` (arrival order); returns the replica's final batch state."""
-        arrivals, inputs, outputs = self.arrivals, self.inputs, self.outputs
+        inputs, outputs = self.inputs, self.outputs
+        arrivals = [self.arrivals[j] for j in mine]
         first, last, cost, budget = self.first, self.last, self.cost, self.budget
         kv = OnDemandBatch(BlockLedger(self.capacity, self.policy), self.policy, *self.costs)
         ledger = kv.ledger
+        can_admit, advance_and_stamp, join = kv.can_admit, kv.advance_and_stamp, kv.join
+        tp, pp, link, hidden_bytes = self.tp, self.pp, self.link, self.hidden_bytes
+        mixed_stage_time, pipeline_latency = self.latency.mixed_stage_time, LatencyModel.pipeline_latency
         waiting: deque[int] = deque()  # arrived, not admitted
         prefilling: deque[list[int]] = deque()  # admitted: [request, prompt tokens done]
         pending = 0  # prompt tokens admitted and not yet prefilled
         t = 0.0
         ptr, m = 0, len(mine)
         while True:
-            while ptr < m and arrivals[mine[ptr]] <= t:
+            while ptr < m and arrivals[ptr] <= t:
                 waiting.append(mine[ptr])
                 ptr += 1
             left = budget - kv.batch
-            while left > 0 and waiting and pending < left and kv.can_admit(inputs[waiting[0]]):
+            while left > 0 and waiting and pending < left and can_admit(inputs[waiting[0]]):
                 j = waiting.popleft()
                 ledger.take(ledger.blocks(inputs[j]))
                 pending += inputs[j]
@@ -131,32 +131,35 @@ class _ChunkedReplica:
                     if entry[1] == inputs[j]:
                         completed.append(j)
                 pending -= tokens
-                t += self.mixed_step(kv.batch, kv.sum_context, chunks, tokens, attention)
+                batch = kv.batch
+                # One mixed step over the stages: decode tokens and chunks cross each boundary together.
+                stage = mixed_stage_time(tp, pp, batch, kv.sum_context, chunks, tokens, attention)
+                t += pipeline_latency(stage, pp, (batch + tokens) * hidden_bytes, link)
                 for _ in completed:
                     prefilling.popleft()  # completed chunks are always the queue's head
-                if kv.batch:
-                    kv.advance_and_stamp(1, t, last)
+                if batch:
+                    advance_and_stamp(1, t, last)
                 for j in completed:
                     first[j] = t
                     if outputs[j] == 1:
                         last[j] = t
                         ledger.give(ledger.blocks(inputs[j]))
                     else:
-                        kv.join(j, inputs[j], outputs[j] - 1)
+                        join(j, inputs[j], outputs[j] - 1)
                 continue
             if kv.batch or kv.num_preempted:
                 t += kv.prepare_round()
                 if not kv.batch:
                     continue  # everything left is preempted and cannot resume yet
                 k = min(kv.rounds_to_next_finish(), kv.rounds_until_short())
-                if waiting and kv.can_admit(inputs[waiting[0]]) or left <= 0 and (waiting or prefilling):
+                if waiting and can_admit(inputs[waiting[0]]) or left <= 0 and (waiting or prefilling):
                     k = 1  # admission (or the budget) is decided again after one round
                 elif not waiting and ptr < m:  # an arrival joins at the next step boundary after it
-                    k = min(k, cost.rounds_until(kv.batch, kv.sum_context, arrivals[mine[ptr]] - t))
+                    k = min(k, cost.rounds_until(kv.batch, kv.sum_context, arrivals[ptr] - t))
                 t += cost.elapsed(kv.batch, kv.sum_context, k)
-                kv.advance_and_stamp(k, t, last)
+                advance_and_stamp(k, t, last)
                 continue
             if ptr < m:
-                t = max(t, arrivals[mine[ptr]])
+                t = max(t, arrivals[ptr])
                 continue
             return kv

@@ -29,10 +29,11 @@ from .types import KVPolicy
 
 
 class _DecodeInstance:
-    __slots__ = ("epoch", "joiners", "kv", "link_free", "now", "pending", "pending_tokens", "wake_rounds")
+    __slots__ = ("epoch", "joiners", "kv", "ledger", "link_free", "now", "pending", "pending_tokens", "wake_rounds")
 
     def __init__(self, kv: OnDemandBatch) -> None:
         self.kv = kv
+        self.ledger = kv.ledger
         self.pending: deque[int] = deque()  # prefilled, waiting for room (KV still on the prefill side)
         self.pending_tokens = 0
         self.link_free = 0.0
@@ -40,11 +41,6 @@ class _DecodeInstance:
         self.now = 0.0  # time of the last round boundary (or of the start of the current run)
         self.epoch = 0
         self.wake_rounds = 0
-
-    @property
-    def committed(self) -> int:
-        """KV tokens in use or waiting for a pull: what assignment balances."""
-        return self.kv.ledger.used * self.kv.ledger.bs + self.pending_tokens
 
 
 def simulate_decode(
@@ -68,6 +64,7 @@ def simulate_decode(
     policy = policy or KVPolicy()
     pool = [_DecodeInstance(OnDemandBatch(BlockLedger(capacity, policy), policy, *costs)) for _ in range(instances)]
     events: list[tuple[float, int, int]] = []  # (time, instance, epoch)
+    bs = policy.block_size
 
     def schedule(d: int) -> None:
         inst = pool[d]
@@ -78,33 +75,45 @@ def simulate_decode(
                 inst.wake_rounds = 0
                 heapq.heappush(events, (max(inst.joiners[0][0], inst.now), d, inst.epoch))
             return
-        k = min(kv.rounds_to_next_finish(), kv.rounds_until_short())
+        k = kv.rounds_to_next_finish()
+        short = kv.rounds_until_short()
+        if short < k:
+            k = short
         if inst.joiners:
-            k = min(k, cost.rounds_until(kv.batch, kv.sum_context, inst.joiners[0][0] - inst.now))
+            landing = cost.rounds_until(kv.batch, kv.sum_context, inst.joiners[0][0] - inst.now)
+            if landing < k:
+                k = landing
         inst.wake_rounds = k
         heapq.heappush(events, (inst.now + cost.elapsed(kv.batch, kv.sum_context, k), d, inst.epoch))
 
     def pull(inst: _DecodeInstance, t: float) -> bool:
+        pending = inst.pending
+        if not pending:
+            return False
         pulled = False
         kv = inst.kv
-        while inst.pending:
-            j = inst.pending[0]
-            if not kv.can_admit(inputs[j]):
+        ledger, can_admit = kv.ledger, kv.can_admit
+        while pending:
+            j = pending[0]
+            prompt = inputs[j]
+            if not can_admit(prompt):
                 break
-            inst.pending.popleft()
-            inst.pending_tokens -= inputs[j] + outputs[j]
-            kv.ledger.take(kv.ledger.blocks(inputs[j]))  # reserved for the pull
+            pending.popleft()
+            inst.pending_tokens -= prompt + outputs[j]
+            ledger.take(-(-prompt // bs))  # its prompt's blocks, reserved for the pull
             start = t if t > inst.link_free else inst.link_free
-            inst.link_free = start + inputs[j] * transfer_seconds_per_token
+            inst.link_free = start + prompt * transfer_seconds_per_token
             inst.joiners.append((inst.link_free, j))
             pulled = True
         return pulled
 
     def admit_landed(inst: _DecodeInstance, t: float) -> None:
         joiners = inst.joiners
-        while joiners and joiners[0][0] <= t:
-            _, j = joiners.popleft()
-            inst.kv.join(j, inputs[j], outputs[j] - 1)
+        if joiners and joiners[0][0] <= t:
+            join = inst.kv.join
+            while joiners and joiners[0][0] <= t:
+                _, j = joiners.popleft()
+                join(j, inputs[j], outputs[j] - 1)
 
     def boundary(d: int, t: float) -> None:
         inst = pool[d]
@@ -120,21 +129,35 @@ def simulate_decode(
                 pull(inst, inst.now)
         schedule(d)
 
+    def committed(d: int) -> int:
+        """KV tokens in use or waiting for a pull on instance d: what assignment balances."""
+        inst = pool[d]
+        return inst.ledger.used * bs + inst.pending_tokens
+
+    # (committed, instance) entries: one is pushed whenever an instance's committed tokens may have changed
+    # (only an assignment to it and its own boundaries change them), and stale ones are dropped when they
+    # reach the top, so the least committed instance, the first of equals, costs O(log instances), not a scan.
+    least: list[tuple[int, int]] = [(0, d) for d in range(instances)]
+    times = ready.tolist()
     n = len(order)
     ptr = 0
     while ptr < n or events:
-        if ptr < n and (not events or ready[order[ptr]] < events[0][0]):
+        if ptr < n and (not events or times[order[ptr]] < events[0][0]):
             j = order[ptr]
             ptr += 1
-            t = float(ready[j])
-            d = min(range(instances), key=lambda i: pool[i].committed)
+            t = times[j]
+            while least[0][0] != committed(least[0][1]):
+                heapq.heappop(least)
+            d = least[0][1]
             inst = pool[d]
             inst.pending.append(j)
             inst.pending_tokens += inputs[j] + outputs[j]
             if pull(inst, t):
                 schedule(d)  # a new transfer may land before the instance's current wake-up
+            heapq.heappush(least, (committed(d), d))
             continue
         t, d, epoch = heapq.heappop(events)
         if epoch == pool[d].epoch:
             boundary(d, t)
+            heapq.heappush(least, (committed(d), d))
     return [inst.kv for inst in pool]

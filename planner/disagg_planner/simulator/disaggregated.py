@@ -12,17 +12,17 @@ from .decode import simulate_decode
 from .kv_blocks import preemption_costs
 from .prefill import simulate_prefill
 from .rounds import RoundCost
-from .trace import Trace, check_fits, instance_capacity
+from .trace import Trace, as_trace, check_fits, instance_capacity
 from .types import DisaggConfig, SimResult
 
 
-def simulate_disaggregated(cfg: DisaggConfig, latency: LatencyModel, requests: Sequence[SimRequest]) -> SimResult:
+def simulate_disaggregated(cfg: DisaggConfig, latency: LatencyModel, requests: Sequence[SimRequest] | Trace) -> SimResult:
     """Simulate `requests` on the configuration; deterministic (no randomness inside).
 
     TTFT ends at prefill completion (the first token is emitted there); the KV transfer and decode
     queueing fall into the gaps before the second token, so they count in TPOT.
     """
-    trace = Trace.of(requests)
+    trace = as_trace(requests)
     prefill_cap = instance_capacity(latency, cfg.prefill, cfg.mem_util, "prefill")
     decode_cap = instance_capacity(latency, cfg.decode, cfg.mem_util, "decode")
     if not trace.inputs:

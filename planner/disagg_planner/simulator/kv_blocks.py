@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import heapq
 import math
+from bisect import bisect_right
 from collections.abc import Callable, MutableSequence
+from itertools import accumulate
 
 from ..latency import LatencyModel
 from .types import KVPolicy
@@ -62,26 +64,29 @@ class BlockLedger:
         """Blocks the running sequences grow into during round r."""
         return self.phase[-r % self.bs]
 
+    def needs_from(self, r: int) -> list[int]:
+        """Blocks needed in rounds r, r+1, ..., r+block_size-1 (one cycle; it sums to the running batch)."""
+        s, phase = -r % self.bs, self.phase
+        return phase[s::-1] + phase[:s:-1]  # need_at(r + i) = phase[(s - i) % bs]
+
     def growth(self, start: int, stop: int, batch: int) -> int:
         """Blocks needed over rounds [start, stop) by `batch` running sequences."""
         if stop <= start:
             return 0
         cycles, rest = divmod(stop - start, self.bs)
-        return cycles * batch + sum(self.need_at(r) for r in range(start, start + rest))
+        return cycles * batch + (sum(self.needs_from(start)[:rest]) if rest else 0)
 
     def rounds_until_short(self, r: int, batch: int) -> int:
         """Fewest m >= 1 such that rounds r+1 .. r+m need more blocks than are free (huge if never)."""
         if batch == 0:
             return _INF
-        free = self.free
-        cycles = max(0, free // batch - 1)  # whole block_size-round cycles that certainly fit
-        m, left = cycles * self.bs, free - cycles * batch
-        while True:
-            need = self.need_at(r + m + 1)
-            if need > left:
-                return m + 1
-            left -= need
-            m += 1
+        free = self.capacity - self.used
+        if free < 0:
+            return 1
+        # Every block_size-round cycle needs exactly `batch` blocks, so whole cycles fit while they last;
+        # within the last one, the first round whose running total passes what is left is the short one.
+        cycles, left = divmod(free, batch)
+        return cycles * self.bs + bisect_right(list(accumulate(self.needs_from(r + 1))), left) + 1
 
 
 class OnDemandBatch:
@@ -120,23 +125,26 @@ class OnDemandBatch:
         if admission is None:
             self._admissions += 1
             admission = self._admissions
+        ledger = self.ledger
         base = cached - self.round
+        fin = self.round + rounds_left
         self._base[j] = base
-        self._fin[j] = self.round + rounds_left
+        self._fin[j] = fin
         self._adm[j] = admission
-        self.ledger.phase[base % self.ledger.bs] += 1
+        ledger.phase[base % ledger.bs] += 1
         self.batch += 1
         self.sum_context += cached + 1
-        heapq.heappush(self._by_finish, (self._fin[j], j))
+        heapq.heappush(self._by_finish, (fin, j))
         heapq.heappush(self._by_newest, (-admission, j))
 
     def _drop(self, j: int) -> int:
         """Remove running j; returns the tokens it has cached."""
+        ledger = self.ledger
         base = self._base.pop(j)
         del self._fin[j]
-        self.ledger.phase[base % self.ledger.bs] -= 1
+        ledger.phase[base % ledger.bs] -= 1
         cached = base + self.round
-        self.ledger.give(self.ledger.blocks(cached))
+        ledger.used -= -(-cached // ledger.bs)
         self.batch -= 1
         self.sum_context -= cached + 1
         return cached
@@ -150,29 +158,33 @@ class OnDemandBatch:
     def pop_finished(self) -> list[int]:
         """Requests whose last token came out of the round just completed; their blocks are freed."""
         done = []
-        heap = self._by_finish
+        heap, fins, adm, now = self._by_finish, self._fin, self._adm, self.round
         while heap:
             fin, j = heap[0]
-            if self._fin.get(j) != fin:
+            if fins.get(j) != fin:
                 heapq.heappop(heap)
                 continue
-            if fin != self.round:
+            if fin != now:
                 break
             heapq.heappop(heap)
             self._drop(j)
-            del self._adm[j]
+            del adm[j]
             done.append(j)
         return done
 
     def advance(self, k: int) -> None:
         """Run rounds round .. round+k-1 (round's blocks were taken by `prepare_round`)."""
-        self.ledger.take(self.ledger.growth(self.round + 1, self.round + k, self.batch))
+        if k > 1:
+            self.ledger.take(self.ledger.growth(self.round + 1, self.round + k, self.batch))
         self.sum_context += k * self.batch
         self.round += k
 
     def advance_and_stamp(self, k: int, t: float, finish: MutableSequence[float]) -> None:
         """`advance(k)`, then record `t` (when the k-th round ended) as the finish time of whoever it finished."""
         self.advance(k)
+        heap = self._by_finish
+        if heap and heap[0][0] > self.round:  # the earliest entry, stale or not, finishes later: nobody did now
+            return
         for j in self.pop_finished():
             finish[j] = t
 
@@ -181,7 +193,10 @@ class OnDemandBatch:
 
     def can_admit(self, prompt_tokens: int, pending_blocks: int = 0) -> bool:
         """The engine's `can_admit`: nothing preempted waits, the prompt fits with the watermark free."""
-        return not self._waiting and self.ledger.fits_with_watermark(self.ledger.blocks(prompt_tokens) + pending_blocks)
+        if self._waiting:
+            return False
+        ledger = self.ledger
+        return -(-prompt_tokens // ledger.bs) + pending_blocks + ledger.watermark <= ledger.capacity - ledger.used
 
     def prepare_round(self) -> float:
         """Before round `round`: take its blocks, preempting the newest while short, then resume the oldest.
@@ -189,8 +204,11 @@ class OnDemandBatch:
         Returns the seconds the preemptions and resumes add to the step.
         """
         ledger, r = self.ledger, self.round
+        need = ledger.phase[-r % ledger.bs]
+        if not self._waiting and need <= ledger.capacity - ledger.used:  # the common case: nothing to move
+            ledger.take(need)
+            return 0.0
         seconds = 0.0
-        need = ledger.need_at(r)
         while self.batch and need > ledger.free:
             j = self._pop_newest()
             rounds_left = self._fin[j] - r

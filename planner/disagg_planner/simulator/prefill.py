@@ -73,9 +73,11 @@ def simulate_prefill(
 
     if len(instances) == 1:
         single = instances[0]
+        queue, stages = single.queue, single.stage_free
         for i, t in enumerate(arrivals):
-            start_batches(single, t)
-            single.queue.append(i)
+            if queue and max(stages[0], arrivals[queue[0]]) < t:
+                start_batches(single, t)  # (called only when a batch would start before this arrival)
+            queue.append(i)
             single.queued_tokens += inputs[i]
     else:
         _route(instances, arrivals, inputs, start_batches)

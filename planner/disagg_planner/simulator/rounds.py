@@ -45,23 +45,26 @@ class RoundCost:
 
     def elapsed(self, batch: int, sum_context: int, rounds: int) -> float:
         """Seconds for `rounds` rounds starting from (batch, sum_context)."""
-        return rounds * self.base(batch) + self.slope * (rounds * sum_context + batch * rounds * (rounds - 1) / 2)
+        cache = self._base
+        base = cache[batch] if batch < len(cache) else self.base(batch)
+        return rounds * base + self.slope * (rounds * sum_context + batch * rounds * (rounds - 1) / 2)
 
     def rounds_until(self, batch: int, sum_context: int, seconds: float) -> int:
         """Fewest rounds (>= 1) whose total time reaches `seconds`."""
         if seconds <= 0:
             return 1
-        base = self.base(batch)
-        a = self.slope * batch / 2
-        b = base + self.slope * sum_context - a
+        base, slope = self.base(batch), self.slope
+        a = slope * batch / 2
+        b = base + slope * sum_context - a
         if a <= 0:
             k = math.ceil(seconds / b) if b > 0 else 1
         else:
             k = math.ceil((-b + math.sqrt(b * b + 4 * a * seconds)) / (2 * a))
         k = max(k, 1)
-        # The float solution can be off by one either way at the boundary; settle it exactly.
-        while k > 1 and self.elapsed(batch, sum_context, k - 1) >= seconds:
+        # The float solution can be off by one either way at the boundary; settle it exactly (by `elapsed`'s
+        # arithmetic, written out here because this runs at every decode wake-up).
+        while k > 1 and (k - 1) * base + slope * ((k - 1) * sum_context + batch * (k - 1) * (k - 2) / 2) >= seconds:
             k -= 1
-        while self.elapsed(batch, sum_context, k) < seconds:
+        while k * base + slope * (k * sum_context + batch * k * (k - 1) / 2) < seconds:
             k += 1
         return k

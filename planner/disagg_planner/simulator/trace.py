@@ -39,6 +39,19 @@ class Trace:
             raise SimulationError("a request's output_len exceeds its max_tokens")
         return cls(order, arrival[order].tolist(), inputs, outputs, limits)
 
+    @classmethod
+    def of_arrays(cls, arrivals: np.ndarray, inputs: np.ndarray, outputs: np.ndarray,
+                  limits: np.ndarray | None = None) -> Trace:
+        """`of` for requests held as arrays (limits 0 or None: the output length), without a SimRequest each."""
+        order = np.argsort(arrivals, kind="stable")
+        ins, outs = inputs[order], outputs[order]
+        if len(ins) and (ins.min() < 1 or outs.min() < 1):
+            raise SimulationError("every request needs input_len >= 1 and output_len >= 1")
+        lims = outs if limits is None else np.where(limits[order] != 0, limits[order], outs)
+        if np.any(lims < outs):
+            raise SimulationError("a request's output_len exceeds its max_tokens")
+        return cls(order, arrivals[order].tolist(), ins.tolist(), outs.tolist(), lims.tolist())
+
     def result(
         self, first_token: np.ndarray, last_token: np.ndarray, peaks: list[int], capacity: int,
         preemptions: int = 0, preempted_tokens: int = 0,
@@ -75,3 +88,8 @@ def check_fits(tokens: list[int], capacity: int, role: str, what: str) -> None:
             f"a request needs {max(tokens)} KV tokens ({what}) but a {role} instance holds {capacity}; "
             "clip the trace to the model's context (SimRequest.clip) or give instances more memory"
         )
+
+
+def as_trace(requests: Sequence[SimRequest] | Trace) -> Trace:
+    """The trace of what a simulator was given: requests, or a trace built already."""
+    return requests if isinstance(requests, Trace) else Trace.of(requests)

@@ -117,30 +117,49 @@ class RequestResult:
     e2e: float
 
 
-@dataclass
 class SimResult:
-    """Per-request latencies in the trace's order, plus memory peaks (KV tokens) and preemptions."""
+    """Per-request latencies in the trace's order, plus memory peaks (KV tokens) and preemptions.
 
-    results: list[RequestResult]
-    peak_kv_tokens: list[int] = field(default_factory=list)  # per decode (or colocated) instance
-    kv_capacity_tokens: int = 0  # of one such instance
-    preemptions: int = 0  # over all decode (or colocated) instances
-    preempted_tokens: int = 0  # KV tokens swapped out or dropped for recompute by those preemptions
+    `peak_kv_tokens` is per decode (or colocated) instance, `kv_capacity_tokens` that of one such instance,
+    `preemptions` and `preempted_tokens` (KV swapped out or dropped for recompute) are over all of them.
+    A result built from arrays (`from_arrays`, what the simulators return) makes its `results` objects only
+    when asked: the search reads the arrays alone, and one object per request costs as much as a tenth of a run.
+    """
+
+    def __init__(self, results: list[RequestResult], peak_kv_tokens: list[int] | None = None,
+                 kv_capacity_tokens: int = 0, preemptions: int = 0, preempted_tokens: int = 0) -> None:
+        self.__dict__["results"] = results  # what the cached_property below would otherwise build
+        self.peak_kv_tokens = [] if peak_kv_tokens is None else peak_kv_tokens
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self.preemptions = preemptions
+        self.preempted_tokens = preempted_tokens
 
     @classmethod
     def from_arrays(
         cls, ttft: np.ndarray, tpot: np.ndarray, e2e: np.ndarray, peak_kv_tokens: list[int], kv_capacity_tokens: int,
         preemptions: int = 0, preempted_tokens: int = 0,
     ) -> SimResult:
-        results = [RequestResult(a, b, c) for a, b, c in zip(ttft.tolist(), tpot.tolist(), e2e.tolist(), strict=True)]
-        out = cls(results, peak_kv_tokens, kv_capacity_tokens, preemptions, preempted_tokens)
-        out.__dict__["_arrays"] = (ttft, tpot, e2e)  # pre-fill the cached_property below
+        out = cls.__new__(cls)
+        out.peak_kv_tokens = peak_kv_tokens
+        out.kv_capacity_tokens = kv_capacity_tokens
+        out.preemptions = preemptions
+        out.preempted_tokens = preempted_tokens
+        out.__dict__["_arrays"] = (ttft, tpot, e2e)
         return out
+
+    @cached_property
+    def results(self) -> list[RequestResult]:
+        ttft, tpot, e2e = self._arrays
+        return [RequestResult(a, b, c) for a, b, c in zip(ttft.tolist(), tpot.tolist(), e2e.tolist(), strict=True)]
 
     @cached_property
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         arr = np.array([(r.ttft, r.tpot, r.e2e) for r in self.results], dtype=float).reshape(-1, 3)
         return arr[:, 0], arr[:, 1], arr[:, 2]
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._arrays[0])
 
     @property
     def ttfts(self) -> np.ndarray:
@@ -156,10 +175,10 @@ class SimResult:
 
     def attainment(self, ttft_slo: float, tpot_slo: float) -> float:
         """Share of requests meeting BOTH objectives (seconds)."""
-        if not self.results:
+        if not self.num_requests:
             return 0.0
         ok = (self.ttfts <= ttft_slo) & (self.tpots <= tpot_slo)
-        return float(np.count_nonzero(ok)) / len(self.results)
+        return float(np.count_nonzero(ok)) / self.num_requests
 
     @property
     def mean_ttft(self) -> float:
