@@ -56,13 +56,15 @@ async def serve_trace(model_dir: Path, blocks: int, budget: int, trace: list[Sim
     from disagg_runtime.engine import Engine
     from disagg_runtime.workers.base import WorkerConfig
     from disagg_runtime.workers.colocated import ColocatedWorker
-    from disagg_runtime.workers.protocol import PrefillRequest, SamplingSpec, TokenEvent
+    from disagg_runtime.workers.protocol import PrefillRequest, SamplingSpec
+    from disagg_runtime.workers.relay import TokenLog
 
     engine = Engine.load(model_dir, device="cpu", num_blocks=blocks, block_size=BLOCK, kv_watermark=watermark,
                          preemption=preemption)
     worker = ColocatedWorker(engine, WorkerConfig(prefill_token_budget=budget, max_queue=len(trace)))
     worker.loop = asyncio.get_running_loop()
-    jobs, times = [], [[] for _ in trace]
+    sink = TokenLog()
+    times = [[] for _ in trace]
     steps = []  # (running batch, summed context, seconds) of each decode step
     prefills = []  # seconds of each prefill step
     stepping = 0.0  # seconds inside worker steps (the rest is this loop and idle waits)
@@ -76,9 +78,7 @@ async def serve_trace(model_dir: Path, blocks: int, budget: int, trace: list[Sim
             ids = [(7 * nxt + 3 * k) % (vocab - 4) + 4 for k in range(r.input_len)]
             msg = PrefillRequest(request_id=f"r{nxt}", prompt_ids=ids,
                                  sampling=SamplingSpec(max_tokens=r.output_len, ignore_eos=True))
-            job = worker._job(msg, ids)
-            assert worker._enqueue(job)
-            jobs.append(job)
+            assert worker._enqueue(worker._job(msg, ids, sink))
             nxt += 1
         batch = [s for s in engine._seqs.values() if s.decodable and not s.preempted and not s.finished]
         prefill_next = bool(worker._waiting) and engine.can_admit(len(worker._waiting[0].request.prompt_ids))
@@ -96,10 +96,8 @@ async def serve_trace(model_dir: Path, blocks: int, budget: int, trace: list[Sim
             continue
         await asyncio.sleep(0)  # deliver this step's tokens
         stamp = time.perf_counter() - start
-        for i, job in enumerate(jobs):
-            while not job.events.empty():
-                if isinstance(job.events.get_nowait(), TokenEvent):
-                    times[i].append(stamp)
+        for i in range(nxt):
+            times[i] += [stamp] * (len(sink.tokens.get(f"r{i}", ())) - len(times[i]))
     ttft = [t[0] - r.arrival for t, r in zip(times, trace, strict=True)]
     tpot = [(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else 0.0 for t in times]
     assert all(len(t) == r.output_len for t, r in zip(times, trace, strict=True)), "a request lost tokens"

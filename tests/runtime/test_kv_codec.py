@@ -71,3 +71,29 @@ def test_raw_codec_is_identity_and_unknown_codec_is_refused():
     assert torch.equal(k, p.keys[1]) and torch.equal(v, p.values[1])
     with pytest.raises(ValueError, match="unknown KV compression 'zstd'"):
         make_codec("zstd")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("codec", [Fp8Codec(16), Fp8Codec(5), RawCodec()], ids=["fp8-16", "fp8-5", "raw"])
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_a_batch_of_layers_encodes_to_the_bytes_of_its_layers_one_by_one(codec, tokens):
+    # A staged pull encodes and decodes all its layers at once; the wire bytes must not depend on that.
+    from disagg_runtime.kv.staged import pack, pack_layers, unpack_layers
+
+    p = make_payload("r", tokens=tokens, layers=3, heads=4, dim=16, dtype="bfloat16")
+    keys, values = torch.stack(p.keys), torch.stack(p.values)
+    batched = pack_layers(codec.encode_many(keys, values))
+    one_by_one = torch.cat([pack(codec.encode(k, v)) for k, v in zip(p.keys, p.values, strict=True)])
+    specs = codec.part_specs(p.header)
+    per_layer = batched.numel() // 3
+    offset = 0
+    for s in specs:  # compare the parts' bytes (the padding between parts is unspecified)
+        n = s.nbytes
+        for i in range(3):
+            at = i * per_layer + offset
+            assert torch.equal(batched[at:at + n], one_by_one[at:at + n])
+        offset += -(-n // 16) * 16
+    k_many, v_many = codec.decode_many(unpack_layers(batched, 3, [(s.dtype, s.shape) for s in specs]), p.header)
+    for i in range(3):
+        parts = unpack_layers(one_by_one[i * per_layer:(i + 1) * per_layer], 1, [(s.dtype, s.shape) for s in specs])
+        k, v = codec.decode([t[0] for t in parts], p.header)
+        assert torch.equal(k_many[i], k) and torch.equal(v_many[i], v)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -59,17 +60,30 @@ SERVER = textwrap.dedent(
         for p in payloads:
             p.keys = [k.to(device) for k in p.keys]
             p.values = [v.to(device) for v in p.values]
+        served, enough = [], asyncio.Event()
+        exit_after = int(sys.argv[3]) if len(sys.argv) > 3 else None
+
+        def transferred(stats):
+            served.append(stats)
+            if len(served) == exit_after:
+                enough.set()
+
         server = KVServer((Staged if staged else DictSource)(payloads), local=Endpoint("node-x", None if device == "cpu" else "g"),
-                          device=device, host="127.0.0.1", timeout=10)
+                          device=device, host="127.0.0.1", timeout=10, on_transfer=transferred)
         print(await server.start(), flush=True)
-        await asyncio.sleep(60)
+        # With an exit count: return with the links, their staging and the payloads still alive, so the
+        # interpreter's teardown frees them (what a worker process does when it exits).
+        await asyncio.wait_for(enough.wait(), 60) if exit_after else await asyncio.sleep(60)
     asyncio.run(main())
     """
 )
 
 
-async def _pull_over_ipc(device: str, source: str = "stream") -> list[str]:
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, device, source], stdout=subprocess.PIPE, text=True)
+async def _pull_over_ipc(device: str, source: str = "stream", *, server_exits: bool = False) -> list[str]:
+    argv = [sys.executable, "-c", SERVER, device, source] + (["3"] if server_exits else [])
+    # A file, not a pipe: torch's shared-memory manager (CPU sharing) outlives the server holding its stderr.
+    errors = tempfile.TemporaryFile("w+") if server_exits else None
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True)
     try:
         port = int(proc.stdout.readline())
         stats = []
@@ -85,10 +99,18 @@ async def _pull_over_ipc(device: str, source: str = "stream") -> list[str]:
                     assert torch.equal(a.cpu(), b)
         finally:
             await puller.close()
+        if server_exits:
+            proc.wait(timeout=60)
+            errors.seek(0)
+            err = errors.read()
+            assert proc.returncode == 0, err
+            assert "terminate called" not in err and "CUDA error" not in err, err
         return [s.channel for s in stats]
     finally:
         proc.kill()
         proc.wait()
+        if errors is not None:
+            errors.close()
 
 
 @pytest.mark.parametrize("source", ["stream", "staged"])
@@ -103,3 +125,15 @@ async def test_cuda_ipc_round_trip_is_bit_exact(source):
     # Three pulls of different payloads over one link: the staging buffer is reused, so a receiver that
     # copied before the sender's copy finished (no event wait) would see the previous payload's bytes.
     assert await _pull_over_ipc("cuda", source) == ["ipc"] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_a_kv_server_process_that_served_cuda_ipc_pulls_exits_cleanly():
+    # Its staging buffers and the staged payloads are freed at interpreter exit, after the CUDA driver
+    # began unloading: a buffer handed to the allocator with record_stream made that abort the process.
+    assert await _pull_over_ipc("cuda", "staged", server_exits=True) == ["ipc"] * 3
+
+
+async def test_a_kv_server_process_that_served_ipc_pulls_exits_cleanly_on_cpu():
+    assert await _pull_over_ipc("cpu", "staged", server_exits=True) == ["ipc"] * 3

@@ -162,10 +162,10 @@ async def test_ipc_maps_the_staging_buffer_once_per_link_and_frees_it_on_close(f
     maps = 0
     real_map = receiver._map
 
-    async def counted(device):
+    async def counted():
         nonlocal maps
         maps += 1
-        await real_map(device)
+        await real_map()
 
     receiver._map = counted
     small = [make_payload(f"s{i}", tokens=16, seed=i) for i in range(3)]
@@ -194,3 +194,23 @@ async def test_fp8_staged_kv_goes_out_as_one_batch_within_the_codec_error():
     assert got.header == p.header and stats[0].batches == 1 and stats[0].codec == "fp8"
     for a, b in zip(got.keys + got.values, p.keys + p.values, strict=True):
         assert (a.float() - b.float()).abs().max() <= b.float().abs().max() / 8
+
+
+async def test_the_ack_of_a_pull_reaches_the_server_even_when_the_puller_closes_at_once():
+    # The puller posts its ack instead of awaiting the write; a close right after the pull must still send
+    # it, or the prefill end would count the pull as failed and keep the KV parked.
+    source = DictSource([make_payload("r1"), make_payload("r2")])
+    server = KVServer(source, local=HERE, host="127.0.0.1", timeout=5.0)
+    port = await server.start()
+    try:
+        puller = KVPuller(local=HERE, timeout=5.0)
+        await puller.pull(KVAddress("127.0.0.1", port), "r1")
+        await puller.pull(KVAddress("127.0.0.1", port), "r2")  # r1's ack leaves with this request
+        await puller.close()
+        for _ in range(100):
+            if len(source.released) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert source.released == [("r1", True), ("r2", True)]
+    finally:
+        await server.close()

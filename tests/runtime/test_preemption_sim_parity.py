@@ -16,6 +16,7 @@ from disagg_runtime.engine import Engine
 from disagg_runtime.workers.base import WorkerConfig
 from disagg_runtime.workers.colocated import ColocatedWorker
 from disagg_runtime.workers.protocol import PrefillRequest, SamplingSpec
+from disagg_runtime.workers.relay import TokenLog
 
 BLOCKS, BLOCK, BUDGET = 24, 8, 256
 
@@ -39,7 +40,7 @@ async def _serve(engine: Engine, trace: list[SimRequest]) -> None:
     for i, r in enumerate(trace):
         msg = PrefillRequest(request_id=f"r{i}", prompt_ids=[4 + i] * r.input_len,
                              sampling=SamplingSpec(max_tokens=r.output_len, ignore_eos=True))
-        assert worker._enqueue(worker._job(msg, list(msg.prompt_ids)))
+        assert worker._enqueue(worker._job(msg, list(msg.prompt_ids), TokenLog()))
     while worker.jobs:
         worker._step()
         await asyncio.sleep(0)

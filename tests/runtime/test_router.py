@@ -13,12 +13,13 @@ from aiohttp import web
 from disagg_runtime.router.app import Router, RouterConfig
 from disagg_runtime.serve.runner import start_site
 
-DIE, SILENT = 666, 777  # first prompt token id that makes the fake decode misbehave
+DIE, SILENT, BIG = 666, 777, 555  # first prompt token id that makes the fake decode misbehave (or talk a lot)
 
 
 @dataclass
 class FakeWorker:
-    """Speaks the worker protocol; the prompt's first token id picks the decode behaviour."""
+    """Speaks the worker protocol (relay streams included); the prompt's first token id picks the decode
+    behaviour."""
 
     role: str
     queue_depth: int = 0
@@ -27,19 +28,32 @@ class FakeWorker:
     ready: bool = True
     prefill_status: int = 200
     tokens: int = 5
+    big_text_bytes: int = 65536  # a BIG request's tokens each carry this much text
     refuse_decode: bool = False  # drop every /decode connection as it arrives (a dying process)
     prefill_calls: int = 0
     decode_calls: int = 0
+    decoded: list[str] = field(default_factory=list)  # request ids /decode took
     aborts: list[str] = field(default_factory=list)
     url: str = ""
+    relays: dict = field(default_factory=dict)  # relay id -> (request, response) of open relay streams
+    silent: bool = False
+    _tasks: set = field(default_factory=set)
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/stats", self.stats)
         app.router.add_post("/prefill", self.prefill)
         app.router.add_post("/decode", self.decode)
+        app.router.add_get("/relay", self.relay)
         app.router.add_post("/abort", self.abort)
+        app.on_shutdown.append(self._shutdown)
         return app
+
+    async def _shutdown(self, _app):
+        for request, _ in self.relays.values():
+            request.transport.close()
+        for t in self._tasks:
+            t.cancel()
 
     async def stats(self, _r):
         return web.json_response({
@@ -63,27 +77,54 @@ class FakeWorker:
         await resp.write((json.dumps(result) + "\n").encode())
         return resp
 
+    async def relay(self, request):
+        relay_id = request.query["id"]
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write((json.dumps({"type": "hello", "relay": relay_id}) + "\n").encode())
+        self.relays[relay_id] = (request, resp)
+        try:
+            while True:
+                if not self.silent:
+                    await resp.write(b'{"type":"heartbeat"}\n')
+                await asyncio.sleep(0.1)
+        finally:
+            self.relays.pop(relay_id, None)
+
     async def decode(self, request):
         self.decode_calls += 1
         msg = await request.json()
-        mode = msg["prompt_ids"][0]
         if self.refuse_decode:
             request.transport.abort()
             return web.Response()
-        resp = web.StreamResponse()
-        await resp.prepare(request)
+        if msg["relay"] not in self.relays:
+            return web.json_response({"error": {"message": "no such relay"}}, status=409)
+        self.decoded.append(msg["request_id"])
+        task = asyncio.create_task(self._emit(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return web.json_response({"request_id": msg["request_id"], "prompt_tokens": len(msg["prompt_ids"])})
+
+    async def _emit(self, msg):
+        relay_request, relay = self.relays[msg["relay"]]
+        rid, mode = msg["request_id"], msg["prompt_ids"][0]
         for i in range(1, self.tokens):
+            if rid in self.aborts:
+                return
             last = i == self.tokens - 1
-            ev = {"type": "token", "token_id": 100 + i, "text": f"-{i}", "finished": last,
-                  "finish_reason": "length" if last else None}
-            await resp.write((json.dumps(ev) + "\n").encode())
+            text = f"-{i}".ljust(self.big_text_bytes if mode == BIG else 0, ".")
+            frame = {"type": "step", "tokens": {rid: [[100 + i], [text], "length" if last else None]}}
+            try:
+                await relay.write((json.dumps(frame) + "\n").encode())
+            except ConnectionError:
+                return  # the relay stream is gone, and the request with it
             await asyncio.sleep(0.01)
             if mode == DIE and i == 2:
-                request.transport.abort()  # the worker process dies mid-stream
-                return resp
+                relay_request.transport.abort()  # the worker process dies mid-stream
+                return
             if mode == SILENT and i == 2:
-                await asyncio.sleep(30)  # hung: no tokens, no heartbeats
-        return resp
+                self.silent = True  # hung: no tokens, no heartbeats
+                return
 
     async def abort(self, request):
         self.aborts.append((await request.json())["request_id"])
@@ -245,21 +286,40 @@ async def test_no_ready_workers_is_503(cluster):
             assert resp.status == 503
 
 
-async def test_decode_death_ends_its_stream_with_an_error_and_spares_the_others(cluster):
-    decode = FakeWorker("decode", tokens=40)
-    url, _ = await cluster([FakeWorker("prefill")], [decode])
+async def test_decode_death_ends_every_stream_on_it_with_an_error_and_spares_the_other_instances(cluster):
+    # Long streams (2 s of tokens), so the others on the dying instance are still running when it dies.
+    dying, healthy = FakeWorker("decode", tokens=200), FakeWorker("decode", tokens=200)
+    url, router = await cluster([FakeWorker("prefill")], [dying, healthy])
+    router.pool.poll_s = 60  # no poll resets the dispatch counts: the four requests alternate instances
 
     async def stream(first_id):
         async with s.post(f"{url}/v1/completions", json={"prompt": [first_id, 5], "stream": True}) as resp:
             return await sse_events(resp)
 
+    async def doomed_once_both_decode():
+        while len(dying.decoded) + len(healthy.decoded) < 3:
+            await asyncio.sleep(0.01)
+        return await stream(DIE)
+
+    await asyncio.sleep(0.15)
     async with aiohttp.ClientSession() as s:
-        doomed, fine = await asyncio.wait_for(asyncio.gather(stream(DIE), stream(5)), 10)
+        results = await asyncio.wait_for(asyncio.gather(stream(5), stream(5), stream(5),
+                                                        doomed_once_both_decode()), 60)
         async with s.get(f"{url}/healthz") as resp:
             assert resp.status == 200
-    assert doomed[-1] == "[DONE]" and "error" in doomed[-2]
-    assert doomed[-2]["error"]["code"] == 502 and "failed mid-request" in doomed[-2]["error"]["message"]
-    assert len(fine) == 41 and fine[-2]["choices"][0]["finish_reason"] == "length"
+    by_id = {r[0]["id"]: r for r in results}
+    doomed_worker = next(w for w in (dying, healthy) if results[3][0]["id"] in w.decoded)
+    spared_worker = healthy if doomed_worker is dying else dying
+    assert len(doomed_worker.decoded) == 2 and len(spared_worker.decoded) == 2
+    for rid in doomed_worker.decoded:  # every request on the dead relay stream ends with the error
+        events = by_id[rid]
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 502
+        assert "failed mid-request" in events[-2]["error"]["message"]
+    for rid in spared_worker.decoded:
+        events = by_id[rid]
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "A" + "".join(f"-{i}" for i in range(1, 200))
+    assert not next(w for w in router.pool.workers.values() if w.url.endswith(doomed_worker.url)).healthy
 
 
 async def test_silent_decode_worker_times_out_instead_of_hanging(cluster):

@@ -137,8 +137,10 @@ async def test_workers_refuse_requests_without_the_internal_token(model_dir, tmp
                     assert (await resp.json())["error"]["type"] == "permission_error"
             async with s.get(f"{prefill_url}/stats", headers=headers) as resp:
                 assert resp.status == 403
+            async with s.get(f"{decode_url}/relay", params={"id": "eavesdropper"}, headers=headers) as resp:
+                assert resp.status == 403  # nobody else reads the token stream
         # Nothing reached the engines: no request queued, parked or decoding, and no drain started.
-        assert not p.parked and not len(p.queue) and not d.jobs and not d.draining
+        assert not p.parked and not len(p.queue) and not d.jobs and not d.draining and not d.relay.connections
         # Probes and scrapes stay open; the router (which holds the token) is served.
         for url in (prefill_url, decode_url):
             for path in ("/healthz", "/readyz", "/metrics"):

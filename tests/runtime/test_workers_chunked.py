@@ -17,6 +17,7 @@ from disagg_runtime.serve.roles import worker_config
 from disagg_runtime.workers.base import WorkerConfig
 from disagg_runtime.workers.colocated import ColocatedWorker
 from disagg_runtime.workers.protocol import PrefillRequest, SamplingSpec
+from disagg_runtime.workers.relay import TokenLog
 
 CHUNKED = dict(colocated_prefill="chunked")
 
@@ -57,7 +58,7 @@ def _worker(model_dir, *, blocks: int = 512, budget: int = 32, **kw) -> Colocate
 def _submit(worker: ColocatedWorker, rid: str, length: int, max_tokens: int) -> None:
     msg = PrefillRequest(request_id=rid, prompt_ids=[5 + len(rid)] * length,
                          sampling=SamplingSpec(max_tokens=max_tokens, ignore_eos=True))
-    assert worker._enqueue(worker._job(msg, list(msg.prompt_ids)))
+    assert worker._enqueue(worker._job(msg, list(msg.prompt_ids), TokenLog()))
 
 
 async def test_greedy_output_with_chunked_prefill_equals_engine_generate(model_dir):

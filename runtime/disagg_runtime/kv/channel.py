@@ -26,7 +26,7 @@ from .codec import LayerCodec, PartSpec, make_codec
 from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound, KVTimeout
 from .framing import FramedStream
 from .payload import TORCH_DTYPES, KVHeader, KVPayload
-from .staged import KVStagingError, StagedKV, pack, padded, unpack
+from .staged import KVStagingError, StagedKV, pack, pack_layers, padded, unpack_layers
 
 ChannelKind = Literal["tcp", "ipc", "nccl"]
 LayerStream = AsyncIterable[tuple[torch.Tensor, torch.Tensor]]
@@ -58,26 +58,36 @@ class _Batch:
     ready: torch.cuda.Event | None = None
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One layer's wire layout under a codec: part specs, as on the wire, padded and unpadded bytes."""
+
+    specs: list[PartSpec]
+    wire_specs: list[dict]
+    layer_bytes: int  # with each part padded to ALIGN: a layer's stride in the wire buffer
+    wire_bytes: int  # the parts' own bytes (what the stats count as moved)
+
+
+_MAX_PLANS = 256
+
+
 async def payload_layers(payload: KVPayload) -> AsyncIterator[tuple[torch.Tensor, torch.Tensor]]:
     """A finished payload as a layer stream."""
     for k, v in zip(payload.keys, payload.values, strict=True):
         yield k, v
 
 
-def _layers_of(placed: torch.Tensor, header: KVHeader, codec: LayerCodec, specs: list[PartSpec],
-               layer_bytes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _layers_of(placed: torch.Tensor, header: KVHeader, codec: LayerCodec,
+               specs: list[PartSpec]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-layer K and V out of a landed wire buffer: views for the raw codec, decoded tensors otherwise."""
     if codec.name == "none" and all(s.nbytes == padded(s.nbytes) for s in specs):
         # No padding between parts: the buffer is [layer, K|V, tokens, heads, dim]; two C calls, no loop.
         grid = placed.view(TORCH_DTYPES[header.dtype]).view(header.num_layers, 2, *header.layer_shape)
         return list(grid[:, 0].unbind(0)), list(grid[:, 1].unbind(0))
-    shapes = [(s.dtype, s.shape) for s in specs]
-    keys, values = [], []
-    for i in range(header.num_layers):
-        k, v = codec.decode(unpack(placed[i * layer_bytes:(i + 1) * layer_bytes], shapes), header)
-        keys.append(k)
-        values.append(v)
-    return keys, values
+    # All layers at once: a few tensor ops per pull, not per layer.
+    keys, values = codec.decode_many(unpack_layers(placed, header.num_layers, [(s.dtype, s.shape) for s in specs]),
+                                     header)
+    return list(keys.unbind(0)), list(values.unbind(0))
 
 
 def _remote_error(message: dict) -> KVChannelError:
@@ -103,6 +113,19 @@ class KVChannel(ABC):
         self.stream = stream
         self.codec = codec
         self.broken = False
+        self._plans: dict[tuple, _Plan] = {}
+
+    def _plan(self, codec: LayerCodec, header: KVHeader) -> _Plan:
+        """The wire layout for `header` under `codec`, kept per link (pulls of one model repeat the shapes)."""
+        key = (codec.name, getattr(codec, "block_tokens", None), header.dtype, header.layer_shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:  # prompt lengths vary: keep the memo bounded
+                self._plans.clear()
+            specs = codec.part_specs(header)
+            plan = self._plans[key] = _Plan(specs, [s.to_wire() for s in specs], sum(padded(s.nbytes) for s in specs),
+                                            sum(s.nbytes for s in specs))
+        return plan
 
     # ---- data plane (per kind) ----------------------------------------------------------------------
     @abstractmethod
@@ -128,6 +151,14 @@ class KVChannel(ABC):
         """Receiver, before the ack: every landed byte is in place (the sender may reuse its buffers)."""
         return None  # the byte-stream planes land synchronously
 
+    def _pull_done(self) -> None:
+        """Sender, after the ack: the receiver has every byte, so buffers held for the copies may go."""
+        return None
+
+    def _quiesce(self) -> None:
+        """After a failed send or receive: wait for copies still in flight, before their buffers are freed."""
+        return None  # the byte-stream planes copy synchronously
+
     # ---- sending ------------------------------------------------------------------------------------
     async def send(self, header: KVHeader, layers: LayerSource) -> TransferStats:
         """Ship header then layers as they become ready; returns once the receiver acknowledged."""
@@ -135,6 +166,7 @@ class KVChannel(ABC):
             return await self._send(header, layers)
         except BaseException:
             self.broken = True
+            self._quiesce()
             raise
 
     async def _batches(self, header: KVHeader, layers: LayerSource) -> AsyncIterator[_Batch]:
@@ -142,16 +174,16 @@ class KVChannel(ABC):
             if layers.header != header:
                 raise KVMismatchError(f"request {header.request_id}: staged KV is {layers.header}, lease says {header}")
             raw = self.codec.name == "none"
-            want = [s.to_wire() for s in self.codec.part_specs(header)]
+            want = self._plan(self.codec, header).wire_specs
             sent = 0
             while sent < header.num_layers:
                 upto = await layers.wait_ready(sent + 1)
                 layers.device_wait(upto)
                 if raw:  # the staged bytes are the wire bytes
                     yield _Batch(sent, upto - sent, layers.wire(sent, upto), want, layers.event(upto))
-                else:  # encoded layer after layer, shipped together: each layer's parts are a multiple of ALIGN
-                    parts = [p for i in range(sent, upto) for p in self.codec.encode(layers.key(i), layers.value(i))]
-                    yield _Batch(sent, upto - sent, pack(parts), want)
+                else:  # the ready layers encoded together, in the wire layout (each layer's parts padded)
+                    yield _Batch(sent, upto - sent, pack_layers(self.codec.encode_many(*layers.layers(sent, upto))),
+                                 want)
                 sent = upto
             return
         count = 0
@@ -166,9 +198,10 @@ class KVChannel(ABC):
     async def _send(self, header: KVHeader, layers: LayerSource) -> TransferStats:
         start = time.perf_counter()
         codec_info = {"name": self.codec.name, "blockTokens": getattr(self.codec, "block_tokens", None)}
-        await self.stream.send_json({"type": "begin", "header": header.model_dump(mode="json"), "codec": codec_info})
-        layer_bytes = sum(padded(s.nbytes) for s in self.codec.part_specs(header))
-        total = header.num_layers * layer_bytes
+        # Queued: it leaves with the first batch (one write, one receiver wake-up for a ready payload).
+        self.stream.queue_json({"type": "begin", "header": header.model_dump(mode="json"), "codec": codec_info})
+        plan = self._plan(self.codec, header)
+        layer_bytes, total = plan.layer_bytes, header.num_layers * plan.layer_bytes
         try:
             count, batches = await self._send_batches(header, layers, layer_bytes, total)
         except KVStagingError as e:
@@ -182,9 +215,9 @@ class KVChannel(ABC):
             reply = await self.stream.recv_json()
         if reply.get("type") != "ack":
             raise _remote_error(reply)
-        wire = header.num_layers * sum(s.nbytes for s in self.codec.part_specs(header))
-        return TransferStats(header.request_id, self.kind, self.codec.name, count, wire, header.nbytes,
-                             time.perf_counter() - start, batches)
+        self._pull_done()
+        return TransferStats(header.request_id, self.kind, self.codec.name, count, header.num_layers * plan.wire_bytes,
+                             header.nbytes, time.perf_counter() - start, batches)
 
     async def _send_batches(self, header: KVHeader, layers: LayerSource, layer_bytes: int,
                             total: int) -> tuple[int, int]:
@@ -196,9 +229,11 @@ class KVChannel(ABC):
                                              "parts": batch.parts})
                 break
             fields = await self._stage_out(batch.wire, batch.start * layer_bytes, total, batch.ready)
-            await self.stream.send_json({"type": "layers", "start": batch.start, "count": batch.count,
-                                         "parts": batch.parts, **fields})
+            # Queued, so that it leaves together with the batch's data frame (or alone, by the flush).
+            self.stream.queue_json({"type": "layers", "start": batch.start, "count": batch.count,
+                                    "parts": batch.parts, **fields})
             await self._ship(batch.wire, fields)
+            await self.stream.flush()
             count += batch.count
             batches += 1
         return count, batches
@@ -228,13 +263,16 @@ class KVChannel(ABC):
         try:
             return await self._recv(expect, torch.device(device))
         except (KVNotFound, KVForbidden):
+            self._quiesce()  # an answer instead of a payload; a confused peer may send it mid-payload
             raise
         except KVMismatchError as e:
             self.broken = True
+            self._quiesce()
             await self._tell_sender(e)
             raise
         except BaseException:
             self.broken = True
+            self._quiesce()
             raise
 
     async def _tell_sender(self, error: KVMismatchError) -> None:
@@ -260,9 +298,8 @@ class KVChannel(ABC):
             raise KVMismatchError(f"unusable KV header from {self.stream.peer}: {e}") from e
         if expect is not None:
             expect(header)
-        specs = codec.part_specs(header)
-        want = [s.to_wire() for s in specs]
-        layer_bytes = sum(padded(s.nbytes) for s in specs)
+        plan = self._plan(codec, header)
+        specs, want, layer_bytes = plan.specs, plan.wire_specs, plan.layer_bytes
         landing = self._landing(header.num_layers * layer_bytes, device)
         got = batches = 0
         while got < header.num_layers:
@@ -287,13 +324,16 @@ class KVChannel(ABC):
             batches += 1
         await self._settle(device)
         placed = landing if landing.device == device else landing.to(device)
-        keys, values = _layers_of(placed, header, codec, specs, layer_bytes)
+        keys, values = _layers_of(placed, header, codec, specs)
         payload = KVPayload(header, keys, values)
-        payload.check()
-        await self.stream.send_json({"type": "ack"})
-        wire = header.num_layers * sum(s.nbytes for s in specs)
-        return payload, TransferStats(header.request_id, self.kind, codec.name, header.num_layers, wire,
-                                      header.nbytes, time.perf_counter() - start, batches)
+        if codec.name != "none":
+            payload.check()  # decoded tensors; raw ones are views of the header's grid, right by construction
+        # Posted, not awaited: the payload is placed, so the caller goes on (it leaves on the loop's next turn,
+        # or with this link's next message, whichever is first).
+        self.stream.post_json({"type": "ack"})
+        return payload, TransferStats(header.request_id, self.kind, codec.name, header.num_layers,
+                                      header.num_layers * plan.wire_bytes, header.nbytes,
+                                      time.perf_counter() - start, batches)
 
     async def close(self) -> None:
         await self.stream.close()

@@ -3,6 +3,11 @@
 FP8 halves the bytes of a bf16/fp16 KV cache. Scales are taken per block of `block_tokens` tokens and per
 head because KV magnitudes differ a lot between heads (outlier channels) but little within a short run of
 tokens; that keeps the error of every element within 2^-4 of its block's largest magnitude.
+
+Both codecs also work on a batch of layers at once (`encode_many` / `decode_many`, K and V of shape
+(layers, tokens, heads, dim)): a staged payload is encoded and decoded in a handful of tensor ops, not a
+handful per layer (on a GPU, per-layer FP8 of a 32-layer pull was ~1,300 small kernel launches, ~24 ms).
+The math is elementwise the same, so a batch encodes to the same bytes as its layers one by one.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class PartSpec:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype.itemsize
 
     def to_wire(self) -> dict:
         return {"dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}
@@ -53,9 +58,17 @@ class LayerCodec(Protocol):
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]: ...
 
+    def encode_many(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """`encode` of layers stacked on a leading dim: each part gains that dim."""
+        ...
+
     def part_specs(self, header: KVHeader) -> list[PartSpec]: ...
 
     def decode(self, parts: list[torch.Tensor], header: KVHeader) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def decode_many(self, parts: list[torch.Tensor], header: KVHeader) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode` of parts stacked on a leading layer dim: K and V of shape (layers, tokens, heads, dim)."""
+        ...
 
 
 class RawCodec:
@@ -66,11 +79,17 @@ class RawCodec:
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         return [k.contiguous(), v.contiguous()]
 
+    def encode_many(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        return [k, v]
+
     def part_specs(self, header: KVHeader) -> list[PartSpec]:
         spec = PartSpec(TORCH_DTYPES[header.dtype], header.layer_shape)
         return [spec, spec]
 
     def decode(self, parts: list[torch.Tensor], header: KVHeader) -> tuple[torch.Tensor, torch.Tensor]:
+        return parts[0], parts[1]
+
+    def decode_many(self, parts: list[torch.Tensor], header: KVHeader) -> tuple[torch.Tensor, torch.Tensor]:
         return parts[0], parts[1]
 
 
@@ -89,25 +108,42 @@ class Fp8Codec:
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, h, d) -> e4m3 of the same shape and float32 scales of shape (ceil(n / block_tokens), h)."""
-        n, h, d = x.shape
+        q, scale = self.quantize_many(x.unsqueeze(0))
+        return q[0], scale[0]
+
+    def quantize_many(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, n, h, d) -> e4m3 of the same shape and float32 scales of shape (L, ceil(n / block_tokens), h)."""
+        layers, n, h, d = x.shape
         nb = self._blocks(n)
         xf = x.to(torch.float32)
         if nb * self.block_tokens != n:
-            xf = torch.cat([xf, xf.new_zeros(nb * self.block_tokens - n, h, d)])
-        xb = xf.view(nb, self.block_tokens, h, d)
-        amax = xb.abs().amax(dim=(1, 3))
+            xf = torch.cat([xf, xf.new_zeros(layers, nb * self.block_tokens - n, h, d)], dim=1)
+        xb = xf.view(layers, nb, self.block_tokens, h, d)
+        amax = xb.abs().amax(dim=(2, 4))
         # An all-zero block still needs a finite, non-zero scale so that decoding gives zeros, not NaNs.
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        q = (xb / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        return q.view(nb * self.block_tokens, h, d)[:n].contiguous(), scale
+        q = (xb / scale[:, :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        return q.view(layers, nb * self.block_tokens, h, d)[:, :n].contiguous(), scale
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-        per_token = scale.repeat_interleave(self.block_tokens, dim=0)[:num_tokens]
-        return (q.to(torch.float32) * per_token[:, :, None]).to(dtype).contiguous()
+        return self.dequantize_many(q.unsqueeze(0), scale.unsqueeze(0), num_tokens, dtype)[0]
+
+    def dequantize_many(self, q: torch.Tensor, scale: torch.Tensor, num_tokens: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+        """(L, n, h, d) e4m3 and (L, blocks, h) scales -> (L, n, h, d) of `dtype`, contiguous."""
+        layers, nb, h = scale.shape
+        # Each block's scale repeated over its tokens by a broadcast view (repeat_interleave may sync a GPU).
+        per_token = scale[:, :, None, :].expand(layers, nb, self.block_tokens, h).reshape(layers, -1, h)
+        return (q.to(torch.float32) * per_token[:, :num_tokens, :, None]).to(dtype).contiguous()
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         kq, ks = self.quantize(k)
         vq, vs = self.quantize(v)
+        return [kq, ks, vq, vs]
+
+    def encode_many(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        kq, ks = self.quantize_many(k)
+        vq, vs = self.quantize_many(v)
         return [kq, ks, vq, vs]
 
     def part_specs(self, header: KVHeader) -> list[PartSpec]:
@@ -122,6 +158,12 @@ class Fp8Codec:
         kq, ks, vq, vs = parts
         return (self.dequantize(kq, ks, header.num_tokens, dtype),
                 self.dequantize(vq, vs, header.num_tokens, dtype))
+
+    def decode_many(self, parts: list[torch.Tensor], header: KVHeader) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = TORCH_DTYPES[header.dtype]
+        kq, ks, vq, vs = parts
+        return (self.dequantize_many(kq, ks, header.num_tokens, dtype),
+                self.dequantize_many(vq, vs, header.num_tokens, dtype))
 
 
 def make_codec(name: CodecName, *, block_tokens: int = 16) -> LayerCodec:

@@ -103,6 +103,7 @@ class CollectiveKVChannel(KVChannel):
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     async def _ship(self, wire: torch.Tensor, fields: dict) -> None:
+        await self.stream.flush()  # the receiver posts its recv on reading the queued layers message
         flat = wire.to(self.device).contiguous()
         await asyncio.to_thread(lambda: self._wait(self.group.send([flat], self.peer, 0), "send"))
 

@@ -10,6 +10,13 @@ never overwrites bytes a receiver still reads. Both ends copy on a stream of the
 stream a copy would queue behind every prefill or decode kernel the engine thread enqueued meanwhile
 (milliseconds), and the receiver's sync would wait for them too.
 
+No tensor is handed to the caching allocator with `record_stream`: a block freed with a recorded stream
+makes the allocator record an event on it, and when that free happens at interpreter exit (after the CUDA
+driver unloaded) the event record throws in a destructor and aborts the process. Instead each end keeps
+the tensors a copy still reads or writes until it knows the copy is done: the sender until the ack (the
+receiver acks after syncing a copy that waited on the sender's event), the receiver until its sync; a
+failed pull, and `close`, synchronise the link's stream before letting them go.
+
 Only the mapping message is pickled (torch.multiprocessing's reductions turn the CUDA tensor into an IPC
 handle); it is read only on a link whose peer proved the internal token (kv/auth.py), like every frame.
 """
@@ -46,6 +53,7 @@ class CudaIpcKVChannel(KVChannel):
         self._mapped: torch.Tensor | None = None  # receiver: the peer's staging buffer, kept mapped
         self._peer_event: torch.cuda.Event | None = None
         self._copy_stream: torch.cuda.Stream | None = None
+        self._in_flight: list[torch.Tensor] = []  # sources of the sender's copies of the current pull
 
     def _stream_on(self, device: torch.device) -> torch.cuda.Stream:
         if self._copy_stream is None or self._copy_stream.device != device:
@@ -67,6 +75,7 @@ class CudaIpcKVChannel(KVChannel):
         staging = self._staging
         fresh = staging is None or staging.numel() < total or staging.device != wire.device
         if fresh:
+            self._quiesce()  # nothing of an earlier pull still copies into the buffer being dropped
             size = max(total, _MIN_STAGING)
             staging = self._staging = torch.empty(1 << (size - 1).bit_length(), dtype=torch.uint8,
                                                   device=wire.device)
@@ -79,9 +88,7 @@ class CudaIpcKVChannel(KVChannel):
             side.wait_event(ready)  # the staged layers' copies, not whatever the engine enqueued since
         else:
             side.wait_stream(torch.cuda.current_stream(wire.device))  # wire was just encoded there
-        if fresh:
-            staging.record_stream(side)  # freed (link closed) only once this stream's copies are done
-        wire.record_stream(side)
+        self._in_flight.append(wire)  # kept until the ack: the copy may not have run yet
         with torch.cuda.stream(side):
             staging[offset:offset + wire.numel()].copy_(wire, non_blocking=True)
         # Recorded before the control message goes out, so the receiver's wait covers this copy.
@@ -97,7 +104,7 @@ class CudaIpcKVChannel(KVChannel):
     def _landing(self, nbytes: int, device: torch.device) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
-    async def _map(self, device: torch.device) -> None:
+    async def _map(self) -> None:
         data = await self.stream.recv_bytes()
         try:
             shared = pickle.loads(data)
@@ -109,12 +116,12 @@ class CudaIpcKVChannel(KVChannel):
             raise KVMismatchError("IPC mapping message is not a staging buffer")
         self._mapped = buffer  # dropping the previous one unmaps it (torch's IPC cache)
         self._peer_event = None
-        if handle is not None and device.type == "cuda" and buffer.is_cuda:
+        if handle is not None and buffer.is_cuda:  # a host landing waits on it too
             self._peer_event = torch.cuda.Event.from_ipc_handle(buffer.device, handle)
 
     async def _land(self, out: torch.Tensor, offset: int, msg: dict) -> None:
         if msg.get("map") is True:
-            await self._map(out.device)
+            await self._map()
         elif self._mapped is None:
             raise KVChannelError(f"IPC peer {self.stream.peer} sent layers before sharing its staging buffer")
         if self._mapped.numel() < offset + out.numel():
@@ -122,12 +129,14 @@ class CudaIpcKVChannel(KVChannel):
                                   f"[{offset}, {offset + out.numel()}) of this payload")
         source = self._mapped[offset:offset + out.numel()]
         if not out.is_cuda:
+            if self._peer_event is not None:
+                self._peer_event.synchronize()  # the sender's copy into staging, before reading it here
             out.copy_(source)
             return
         side = self._stream_on(out.device)
         if self._peer_event is not None:
             side.wait_event(self._peer_event)
-        out.record_stream(side)  # a failed pull may free the landing buffer before this copy ran
+        # `out` is a slice of the landing buffer, which recv keeps until _settle or, on failure, _quiesce.
         with torch.cuda.stream(side):
             out.copy_(source, non_blocking=True)
 
@@ -137,8 +146,18 @@ class CudaIpcKVChannel(KVChannel):
             # payload safe to read from any stream of the engine thread.
             self._copy_stream.synchronize()
 
+    def _pull_done(self) -> None:
+        # Sender: the receiver acked, so it synced a copy that waited on ours; ours is done.
+        self._in_flight.clear()
+
+    def _quiesce(self) -> None:
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+        self._in_flight.clear()
+
     async def close(self) -> None:
         await super().close()
+        self._quiesce()  # then the staging buffer and the mapping can go
         self._staging = self._mapped = None
         self._event = self._peer_event = None
         self._copy_stream = None

@@ -42,7 +42,7 @@ class KVHeader(BaseModel):
     def layer_nbytes(self) -> int:
         """Bytes of K plus V for one layer, uncompressed."""
         n, h, d = self.layer_shape
-        return 2 * n * h * d * torch.empty((), dtype=TORCH_DTYPES[self.dtype]).element_size()
+        return 2 * n * h * d * TORCH_DTYPES[self.dtype].itemsize
 
     @property
     def nbytes(self) -> int:

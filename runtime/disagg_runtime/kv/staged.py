@@ -45,12 +45,27 @@ def pack(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def unpack(buffer: torch.Tensor, shapes: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
-    """Views (no copy) of one layer's parts, given each part's (dtype, shape), in a uint8 wire buffer."""
+def pack_layers(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Layers' parts, each stacked on a leading layer dim, in the wire layout: one uint8 tensor, one copy per
+    part (not per part per layer)."""
+    layers = parts[0].shape[0]
+    sizes = [p[0].numel() * p.element_size() for p in parts]
+    out = torch.empty(layers, sum(padded(n) for n in sizes), dtype=torch.uint8, device=parts[0].device)
+    offset = 0
+    for p, n in zip(parts, sizes, strict=True):
+        out[:, offset:offset + n].copy_(p.reshape(layers, -1).view(torch.uint8))
+        offset += padded(n)
+    return out.view(-1)
+
+
+def unpack_layers(buffer: torch.Tensor, layers: int,
+                  shapes: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+    """Views (no copy) of `layers` layers' parts in a uint8 wire buffer, each part stacked on a leading dim."""
+    grid = buffer.view(layers, -1)
     out, offset = [], 0
     for dtype, shape in shapes:
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        out.append(buffer[offset:offset + n].view(dtype).view(shape))
+        n = torch.Size(shape).numel() * dtype.itemsize
+        out.append(grid[:, offset:offset + n].view(dtype).view(layers, *shape))
         offset += padded(n)
     return out
 
@@ -67,7 +82,7 @@ class StagedKV:
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[header.dtype]
         n, h, d = header.layer_shape
-        self.part_bytes = n * h * d * torch.empty((), dtype=self.dtype).element_size()
+        self.part_bytes = n * h * d * self.dtype.itemsize
         self.part_stride = padded(self.part_bytes)
         self.layer_bytes = 2 * self.part_stride
         self.buffer = torch.empty(header.num_layers * self.layer_bytes, dtype=torch.uint8, device=self.device)
@@ -101,6 +116,12 @@ class StagedKV:
 
     def value(self, layer: int) -> torch.Tensor:
         return self._part(layer, 1)
+
+    def layers(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of layers [start, end), each (layers, tokens, heads, dim): strided views of the buffer."""
+        grid = self.buffer.view(self.header.num_layers, 2, self.part_stride)[start:end, :, :self.part_bytes]
+        shape = (end - start, *self.header.layer_shape)
+        return grid[:, 0].view(self.dtype).view(shape), grid[:, 1].view(self.dtype).view(shape)
 
     def wire(self, start: int, end: int) -> torch.Tensor:
         """The wire bytes of layers [start, end) (a view)."""

@@ -21,7 +21,7 @@ from ..workers.body import BodyLimits
 from ..workers.errors import json_errors
 from ..workers.http import BadRequest, error_response, read_body
 from .auth import api_key_middleware
-from .flow import Aborter, RequestFlow, UpstreamError
+from .flow import Aborter, RequestFlow
 from .openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -31,6 +31,8 @@ from .openai import (
     sse,
 )
 from .pool import NoCapacity, NoWorkers, WorkerPool
+from .relay import Chunk, RelayHub
+from .upstream import UpstreamError
 
 # Lines of a worker's reply can carry a long prompt's token ids; aiohttp's default line limit is 128 KiB.
 _READ_BUFSIZE = 4 << 20
@@ -56,6 +58,8 @@ class RouterConfig:
     max_in_flight: int = 4096
     default_chat_max_tokens: int = 256
     heartbeat_timeout_s: float = 10.0
+    max_buffered_tokens: int = 65536  # tokens one stream may fall behind its client before it is ended
+    coalesce_after_tokens: int = 256  # a client this far behind gets what piled up as one event
     poll_s: float = 0.5
     served_model_name: str | None = None
     drain_timeout_s: float = 300.0
@@ -83,6 +87,7 @@ class Router:
         self.session: aiohttp.ClientSession | None = None
         self.pool: WorkerPool | None = None
         self.aborter: Aborter | None = None
+        self.relays: RelayHub | None = None
         self.api_keys = SecretFile(config.api_key_file, what="API key") if config.api_key_file else None
         self.token = InternalToken.from_file(config.internal_token_file) if config.internal_token_file else None
 
@@ -114,10 +119,17 @@ class Router:
                                colocated=self.config.colocated, endpoints_file=self.config.endpoints_file, poll_s=self.config.poll_s,
                                poll_timeout_s=self.config.poll_timeout_s)
         self.aborter = Aborter(self.session)
+        self.relays = RelayHub(self.session, heartbeat_timeout_s=self.config.heartbeat_timeout_s,
+                               response_timeout_s=self.config.response_timeout_s,
+                               max_buffered_tokens=self.config.max_buffered_tokens,
+                               coalesce_after_tokens=self.config.coalesce_after_tokens, abort=self.aborter.abort,
+                               mark_failed=self.pool.mark_failed,
+                               listed=lambda w: self.pool.workers.get(w.url) is w)
         await self.pool.start()
 
     async def _stop(self, _app: web.Application) -> None:
         await self.pool.close()
+        await self.relays.close()
         await self.aborter.wait()
         await self.session.close()
 
@@ -189,7 +201,7 @@ class Router:
             raise BadRequest(f"the model `{req.model}` does not exist; this server serves `{self.model_name}`",
                              status=404, param="model")
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
-        flow = RequestFlow(session=self.session, pool=self.pool, aborter=self.aborter,
+        flow = RequestFlow(session=self.session, pool=self.pool, aborter=self.aborter, relays=self.relays,
                            request_id=f"{prefix}-{uuid.uuid4().hex}", prompt=prompt, prompt_ids=prompt_ids,
                            sampling=req.sampling(max_tokens), heartbeat_timeout_s=self.config.heartbeat_timeout_s,
                            response_timeout_s=self.config.response_timeout_s)
@@ -252,17 +264,19 @@ class Router:
             if outcome is not None:
                 self.metrics.ended(outcome)
 
-    async def _stream(self, request, writer: ResponseWriter, flow: RequestFlow, first, events, include_usage):
+    async def _stream(self, request, writer: ResponseWriter, flow: RequestFlow, first: Chunk, chunks,
+                      include_usage: bool):
+        """One SSE event per token while the client keeps up; what piled up as one event once it falls behind."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Request-Id": flow.request_id})
         await response.prepare(request)
-        count, event, ok = 1, first, False
-        await response.write(sse(writer.chunk(first.text, first.finish_reason, first.token_id)))
+        count, chunk, ok = len(first.token_ids), first, False
+        await response.write(writer.events(first.token_ids, first.texts, first.finish_reason))
         try:
-            async for event in events:
-                count += 1
-                await response.write(sse(writer.chunk(event.text, event.finish_reason, event.token_id)))
-            ok = event.finished
+            async for chunk in chunks:
+                count += len(chunk.token_ids)
+                await response.write(writer.events(chunk.token_ids, chunk.texts, chunk.finish_reason))
+            ok = chunk.finished
         except UpstreamError as e:
             await response.write(sse(error_body(str(e), type_=e.type, code=e.status)))
         if ok and include_usage:
@@ -271,13 +285,13 @@ class Router:
         await response.write_eof()
         return response, count, ok
 
-    async def _collect(self, writer: ResponseWriter, flow: RequestFlow, first, events):
-        pieces, ids, event = [first.text], [first.token_id], first
+    async def _collect(self, writer: ResponseWriter, flow: RequestFlow, first: Chunk, chunks):
+        pieces, ids, chunk = [first.text], list(first.token_ids), first
         try:
-            async for event in events:
-                pieces.append(event.text)
-                ids.append(event.token_id)
+            async for chunk in chunks:
+                pieces.append(chunk.text)
+                ids += chunk.token_ids
         except UpstreamError as e:
             return error_response(e.status, str(e), type_=e.type), len(ids), False
-        body = writer.full("".join(pieces), event.finish_reason, flow.prompt_tokens, ids)
+        body = writer.full("".join(pieces), chunk.finish_reason, flow.prompt_tokens, ids)
         return web.json_response(body, headers={"X-Request-Id": flow.request_id}), len(ids), True

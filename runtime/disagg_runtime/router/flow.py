@@ -1,10 +1,11 @@
 """One request's path: prefill on one instance, then decode on another, relaying tokens as they arrive.
 
-The router calls the prefill instance, which returns the first token and parks the KV; it then hands the
-request to a decode instance, which pulls the KV when it has room and streams the rest. A colocated
-instance, when the pool picks one, answers the same first message and then streams the rest itself (no
-KV moves). Every reply is an NDJSON stream with heartbeats, so a dead instance is noticed within
-`heartbeat_timeout_s` even if its TCP connection lingers.
+The router calls the prefill instance, which returns the first token and parks the KV (an NDJSON reply
+with heartbeats, so a dead instance is noticed within `heartbeat_timeout_s` even if its TCP connection
+lingers); it then submits the request to a decode instance, which answers at once and, once it has
+pulled the KV, sends the tokens on the router's relay stream to that instance (router/relay.py). A
+colocated instance, when the pool picks one, takes the request the same way and sends every token,
+the first included, on its relay stream (no KV moves).
 """
 
 from __future__ import annotations
@@ -12,35 +13,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
-from ..workers.protocol import DecodeRequest, PrefillRequest, PrefillResult, SamplingSpec, TokenEvent
+from ..workers.protocol import (
+    Accepted,
+    DecodeRequest,
+    GenerateRequest,
+    PrefillRequest,
+    PrefillResult,
+    SamplingSpec,
+)
 from .pool import NoWorkers, Worker, WorkerPool
+from .relay import Chunk, RelayHub, RelayLink, TokenBuffer
+from .upstream import CONNECT_ERRORS, NoResponse, UpstreamError, WorkerSilent, refusal
 
 log = logging.getLogger(__name__)
-_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
-
-
-class UpstreamError(Exception):
-    """A worker refused or failed the request; `status` is what the client should see."""
-
-    def __init__(self, status: int, message: str, *, type_: str = "server_error",
-                 retry_after: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.type = type_
-        self.retry_after = retry_after
-
-
-class WorkerSilent(UpstreamError):
-    """A worker sent nothing, not even a heartbeat, for too long: frozen or cut off (504)."""
-
-
-class NoResponse(Exception):
-    """A worker accepted the connection but sent no response headers in time (a stopped process)."""
 
 
 class Aborter:
@@ -86,25 +76,16 @@ async def _ndjson(resp: aiohttp.ClientResponse, timeout: float, who: str) -> Asy
             yield msg
 
 
-async def _refusal(resp: aiohttp.ClientResponse, who: str) -> UpstreamError:
-    try:
-        message = (await resp.json())["error"]["message"]
-    except (aiohttp.ContentTypeError, KeyError, TypeError, json.JSONDecodeError, aiohttp.ClientError):
-        message = f"{who} answered HTTP {resp.status}"
-    type_ = "invalid_request_error" if resp.status == 400 else "server_error"
-    status = resp.status if resp.status in (400, 429, 503) else 502
-    return UpstreamError(status, message, type_=type_, retry_after=resp.headers.get("Retry-After"))
-
-
 class RequestFlow:
     """Runs one request; iterate `events()` for its tokens. `prompt_tokens` is known after the first."""
 
-    def __init__(self, *, session: aiohttp.ClientSession, pool: WorkerPool, aborter: Aborter, request_id: str,
-                 prompt: str | None, prompt_ids: list[int] | None, sampling: SamplingSpec,
+    def __init__(self, *, session: aiohttp.ClientSession, pool: WorkerPool, aborter: Aborter, relays: RelayHub,
+                 request_id: str, prompt: str | None, prompt_ids: list[int] | None, sampling: SamplingSpec,
                  heartbeat_timeout_s: float = 10.0, response_timeout_s: float = 30.0) -> None:
         self.session = session
         self.pool = pool
         self.aborter = aborter
+        self.relays = relays
         self.request_id = request_id
         self.prefill_msg = PrefillRequest(request_id=request_id, prompt=prompt, prompt_ids=prompt_ids,
                                           sampling=sampling)
@@ -113,45 +94,39 @@ class RequestFlow:
         self.prompt_tokens = 0
         self._prefill_worker: Worker | None = None  # or the colocated instance serving the whole request
         self._decode_worker: Worker | None = None
+        self._link: RelayLink | None = None  # the relay stream carrying this request's tokens
         self._kv_parked = False
         self._done = False
 
-    async def events(self) -> AsyncIterator[TokenEvent]:
-        """First token from prefill, then the decode instance's tokens; UpstreamError on failure."""
-        rest: AsyncIterator[TokenEvent] | None = None
+    async def events(self) -> AsyncIterator[Chunk]:
+        """First token from prefill, then the decode instance's tokens as they arrive; UpstreamError on failure."""
         try:
-            result, rest = await self._prefill()
-            self.prompt_tokens = len(result.prompt_ids)
-            if rest is None and not result.first.finished:
-                # A decode instance takes the request (its response headers) before the client sees the first
-                # token: one that is down, frozen or full fails the request with its own status, not a 200.
-                rest, who = self._decode(result), "decode instance"
-                await rest.__anext__()
-            elif rest is not None:
-                who = f"colocated instance {self._prefill_worker.url}"
-            yield result.first
-            if result.first.finished:
-                self._done = True
-                if rest is not None:
-                    async for _ in rest:  # to the end of the colocated reply (a clean close, see below)
-                        pass
-                return
-            async for event in rest:
-                yield event
-                if event.finished:
+            entry = await self._enter()
+            if isinstance(entry, PrefillResult):
+                first = entry.first
+                self.prompt_tokens = len(entry.prompt_ids)
+                chunk = Chunk([first.token_id], [first.text], first.finish_reason if first.finished else None)
+                if chunk.finished:
                     self._done = True
-                    break
-            if self._done:
-                # Read the reply to its end, so the worker's stream closes cleanly (not reset under its write).
-                async for _ in rest:
-                    pass
-                return
-            if self._decode_worker is not None:
-                who = f"decode instance {self._decode_worker.url}"
-            raise UpstreamError(502, f"{who} ended the stream early")
+                    yield chunk
+                    return
+                # A decode instance takes the request before the client sees the first token: one that is
+                # down, frozen or full fails the request with its own status, not a 200.
+                tokens = await self._decode(entry)
+                yield chunk
+            else:
+                tokens = entry
+            while True:
+                chunk = await tokens.next()
+                self._kv_parked = False  # the decode instance holds the KV now
+                if chunk.finished:
+                    self._done = True
+                yield chunk
+                if chunk.finished:
+                    return
         finally:
-            if rest is not None:
-                await rest.aclose()
+            if self._link is not None:
+                self._link.close(self.request_id)
             if not self._done:
                 self._abort_downstream()
 
@@ -161,8 +136,8 @@ class RequestFlow:
         if self._prefill_worker is not None and (self._kv_parked or self._decode_worker is None):
             self.aborter.abort(self._prefill_worker.url, self.request_id)
 
-    async def _prefill(self) -> tuple[PrefillResult, AsyncIterator[TokenEvent] | None]:
-        """The first token from a prefill or colocated instance; for a colocated one, also the rest of its stream."""
+    async def _enter(self) -> PrefillResult | TokenBuffer:
+        """The first token from a prefill instance, or a colocated instance's buffer for every token."""
         tried: set[str] = set()
         while True:
             worker = self.pool.pick_entry()
@@ -173,9 +148,11 @@ class RequestFlow:
             worker.outstanding += 1
             try:
                 if worker.role == "colocated":
-                    return await self._generate_on(worker)
-                return await self._prefill_on(worker), None
-            except (*_CONNECT_ERRORS, NoResponse) as e:
+                    tokens, accepted = await self._submit(worker, "/generate", self._generate_msg)
+                    self.prompt_tokens = accepted.prompt_tokens
+                    return tokens
+                return await self._prefill_on(worker)
+            except (*CONNECT_ERRORS, NoResponse) as e:
                 log.warning("%s instance %s unreachable: %s", worker.role, worker.url, e)
                 self.pool.mark_failed(worker)
                 if isinstance(e, NoResponse):  # it may hold the request: drop it there if it wakes up
@@ -187,34 +164,29 @@ class RequestFlow:
             finally:
                 worker.outstanding -= 1
 
-    async def _generate_on(self, worker: Worker) -> tuple[PrefillResult, AsyncIterator[TokenEvent]]:
-        stream = self._colocated_stream(worker)
-        try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            raise UpstreamError(502, f"colocated instance {worker.url} closed the stream before the first "
-                                     "token") from None
-        except BaseException:
-            await stream.aclose()
-            raise
-        return first, stream
+    def _generate_msg(self, relay: str) -> GenerateRequest:
+        return GenerateRequest(**self.prefill_msg.model_dump(), relay=relay)
 
-    async def _colocated_stream(self, worker: Worker) -> AsyncIterator:
-        """A colocated instance's reply: its `prefilled` message (first token), then its TokenEvents."""
-        who = f"colocated instance {worker.url}"
-        async with await self._post(worker, "/generate", self.prefill_msg) as resp:
-            if resp.status != 200:
-                raise await _refusal(resp, who)
-            first = True
-            async for msg in _ndjson(resp, self.heartbeat_timeout_s, who):
-                if msg.get("type") == "error":
-                    raise UpstreamError(int(msg.get("code", 500)), f"{who}: {msg.get('message')}")
+    async def _submit(self, worker: Worker, path: str, message: Callable[[str], BaseModel]
+                      ) -> tuple[TokenBuffer, Accepted]:
+        """POST `message(relay id)` to `worker`; the buffer its tokens arrive in, once the worker took it."""
+        link = await self.relays.link(worker)
+        msg = message(link.id)
+        tokens = link.open(self.request_id)  # before the POST: the first token may beat its answer
+        who = f"{worker.role} instance {worker.url}"
+        try:
+            async with await self._post(worker, path, msg) as resp:
+                if resp.status != 200:
+                    raise await refusal(resp, who)
                 try:
-                    event = PrefillResult.model_validate(msg) if first else TokenEvent.model_validate(msg)
+                    accepted = Accepted.model_validate_json(await resp.read())
                 except ValidationError as e:
-                    raise UpstreamError(502, f"{who} sent an unexpected message: {e.errors()[0]['msg']}") from e
-                first = False
-                yield event
+                    raise UpstreamError(502, f"{who} answered with an unexpected body: {e.errors()[0]['msg']}") from e
+        except BaseException:
+            link.close(self.request_id)
+            raise
+        self._link = link
+        return tokens, accepted
 
     async def _post(self, worker: Worker, path: str, msg: BaseModel) -> aiohttp.ClientResponse:
         """POST `msg`; NoResponse if the worker sends no headers within `response_timeout_s` (frozen)."""
@@ -231,7 +203,7 @@ class RequestFlow:
         who = f"prefill instance {worker.url}"
         async with await self._post(worker, "/prefill", self.prefill_msg) as resp:
             if resp.status != 200:
-                raise await _refusal(resp, who)
+                raise await refusal(resp, who)
             async for msg in _ndjson(resp, self.heartbeat_timeout_s, who):
                 if msg.get("type") == "error":
                     raise UpstreamError(int(msg.get("code", 500)), str(msg.get("message")))
@@ -246,14 +218,15 @@ class RequestFlow:
                 return result
         raise UpstreamError(502, f"{who} closed the stream before the first token")
 
-    async def _decode(self, result: PrefillResult) -> AsyncIterator[TokenEvent]:
-        """Yields None once a decode instance has taken the request, then its tokens."""
-        msg = DecodeRequest(request_id=self.request_id, prompt_ids=result.prompt_ids,
-                            sampling=self.prefill_msg.sampling, first_token_id=result.first.token_id,
-                            kv=result.kv)
+    async def _decode(self, result: PrefillResult) -> TokenBuffer:
+        """Hand the request to a decode instance (trying another if one is unreachable); its token buffer."""
+        def message(relay: str) -> DecodeRequest:
+            return DecodeRequest(request_id=self.request_id, prompt_ids=result.prompt_ids,
+                                 sampling=self.prefill_msg.sampling, first_token_id=result.first.token_id,
+                                 kv=result.kv, relay=relay)
+
         tokens = len(result.prompt_ids)  # decode admits by the prompt's KV; blocks for outputs come on demand
         tried: set[str] = set()
-        accepted = False
         while True:
             try:
                 worker = self.pool.pick_decode(tokens, exclude=tried)
@@ -261,31 +234,16 @@ class RequestFlow:
                 raise UpstreamError(503, str(e)) from e
             tried.add(worker.url)
             self._decode_worker = worker
-            who = f"decode instance {worker.url}"
-            yielded = False
             try:
-                async with await self._post(worker, "/decode", msg) as resp:
-                    if resp.status != 200:
-                        raise await _refusal(resp, who)
-                    if not accepted:
-                        accepted = True
-                        yield None
-                    async for m in _ndjson(resp, self.heartbeat_timeout_s, who):
-                        if m.get("type") == "error":
-                            raise UpstreamError(int(m.get("code", 500)), f"{who}: {m.get('message')}")
-                        self._kv_parked = False  # the decode instance holds the KV now
-                        yielded = True
-                        yield TokenEvent.model_validate(m)
-                    return
+                buffer, _ = await self._submit(worker, "/decode", message)
+                return buffer
             except WorkerSilent:
                 self.pool.mark_failed(worker)
                 raise
-            except (*_CONNECT_ERRORS, NoResponse) as e:
+            except (*CONNECT_ERRORS, NoResponse) as e:
                 self.pool.mark_failed(worker)
                 if isinstance(e, NoResponse):
                     self.aborter.abort(worker.url, self.request_id)
-                if yielded:
-                    raise UpstreamError(502, f"{who} failed mid-stream: {e}") from e
                 # Refused before it took the request: the KV is still parked, another instance can pull it.
-                log.warning("%s unreachable, trying another: %s", who, e)
+                log.warning("decode instance %s unreachable, trying another: %s", worker.url, e)
                 self._decode_worker = None

@@ -117,11 +117,12 @@ class ResponseWriter:
         self.model = model
         self.created = int(time.time())
         self._role_sent = False
+        self._token_event: tuple[str, str, str] | None = None  # a middle token's event, split at text and id
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str, finish_reason: str | None, token_id: int) -> dict:
+    def chunk(self, text: str, finish_reason: str | None, token_ids: list[int]) -> dict:
         if self.kind == "completion":
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             obj = "text_completion"
@@ -133,8 +134,37 @@ class ResponseWriter:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         if self.token_ids:
-            choice["token_ids"] = [token_id]
+            choice["token_ids"] = token_ids
         return {**self._base(obj), "choices": [choice]}
+
+    def events(self, token_ids: list[int], texts: list[str], finish_reason: str | None) -> bytes:
+        """SSE events for tokens that arrived together: one per token, or one for all when `texts` were joined."""
+        if len(texts) != len(token_ids):
+            return sse(self.chunk("".join(texts), finish_reason, token_ids))
+        out = []
+        last = len(token_ids) - 1
+        for i, token_id in enumerate(token_ids):
+            if i < last or finish_reason is None:
+                out.append(self._middle_event(texts[i], token_id))
+            else:
+                out.append(sse(self.chunk(texts[i], finish_reason, [token_id])))
+        return b"".join(out)
+
+    def _middle_event(self, text: str, token_id: int) -> bytes:
+        """The event of a token that is neither the stream's first nor its last, from a template: the same
+        bytes `sse(chunk(...))` gives, without building and serializing the whole chunk per token."""
+        if not self._role_sent:
+            return sse(self.chunk(text, None, [token_id]))
+        if self._token_event is None:
+            text_mark, id_mark = "\u0001", 1234567890123
+            whole = sse(self.chunk("\u0001", None, [id_mark])).decode()
+            head, rest = whole.rsplit(json.dumps(text_mark), 1)
+            middle, tail = rest.rsplit(str(id_mark), 1) if self.token_ids else (rest, "")
+            self._token_event = (head, middle, tail)
+        head, middle, tail = self._token_event
+        if self.token_ids:
+            return f"{head}{json.dumps(text)}{middle}{token_id}{tail}".encode()
+        return f"{head}{json.dumps(text)}{middle}".encode()
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"

@@ -8,7 +8,8 @@ so measured and predicted attainment compare like for like. Each engine step is 
   - one decode step for every running request, when nothing waiting fits. KV for generated tokens comes
     on demand; when it runs out the engine preempts the latest admitted, which resume here.
 Prefill therefore stalls decode, which is the interference disaggregation removes. There is no KV
-transfer: the request's stream (first token, then the rest) comes from this one instance.
+transfer: the request's tokens (first token, then the rest) come from this one instance, on the relay
+connection the router named when it submitted the request (workers/relay.py).
 
 With `colocated_prefill="chunked"` (`--colocated-prefill chunked`) every step is instead a mixed step of
 the running decodes plus prompt chunks up to `--chunk-token-budget` tokens (workers/chunked_schedule.py).
@@ -19,11 +20,10 @@ everything that touches the engine runs on the engine thread.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -32,7 +32,8 @@ from .chunked_schedule import ChunkedStepper
 from .decoding import DecodingWorker
 from .engine_thread import EngineThreadStopped
 from .http import BadRequest, error_response, read_model
-from .protocol import ErrorEvent, PrefillRequest, PrefillResult
+from .protocol import Accepted, GenerateRequest, PrefillRequest
+from .relay import TokenSink
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,12 @@ log = logging.getLogger(__name__)
 class _Job:
     request: GenerationRequest
     blocks: int  # KV blocks of the prompt, taken at prefill (decoding takes more on demand)
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sink: TokenSink
     state: str = "waiting"  # waiting -> running -> done
 
 
 class ColocatedWorker(DecodingWorker):
-    """POST /generate (NDJSON: heartbeats, a `prefilled` line with the first token, then tokens), POST /abort."""
+    """POST /generate (answers `Accepted`; tokens, the first included, go out on GET /relay), POST /abort."""
 
     role = "colocated"
 
@@ -64,9 +65,7 @@ class ColocatedWorker(DecodingWorker):
         pass  # nothing beside the engine thread: no KV server, no puller
 
     async def _on_stop(self) -> None:
-        for job in list(self.jobs.values()):
-            job.events.put_nowait(ErrorEvent(message="colocated worker is shutting down", code=503))
-            self._end(job)
+        pass  # its requests were ended at shutdown (DecodingWorker._end_streams)
 
     def _routes(self, app: web.Application) -> None:
         app.router.add_post("/generate", self.generate_handler)
@@ -128,14 +127,14 @@ class ColocatedWorker(DecodingWorker):
         job.state = "running"
 
     # ---- HTTP -----------------------------------------------------------------------------------
-    def _job(self, msg: PrefillRequest, prompt_ids: list[int]) -> _Job:
+    def _job(self, msg: PrefillRequest, prompt_ids: list[int], sink: TokenSink) -> _Job:
         self._check_prompt(prompt_ids)
         params = SamplingParams(**msg.sampling.model_dump())
         self._check_sampling(len(prompt_ids), params)
         if msg.request_id in self.jobs:
             raise BadRequest(f"request id {msg.request_id} is already in use")
         return _Job(GenerationRequest(msg.request_id, prompt_ids, params),
-                    blocks_for(len(prompt_ids), self.engine.block_size))
+                    blocks_for(len(prompt_ids), self.engine.block_size), sink)
 
     def _enqueue(self, job: _Job) -> bool:
         """Append to the wait queue; False when it holds `max_queue` requests."""
@@ -148,30 +147,19 @@ class ColocatedWorker(DecodingWorker):
         self.thread.wake()
         return True
 
-    async def generate_handler(self, request: web.Request) -> web.StreamResponse:
+    async def generate_handler(self, request: web.Request) -> web.Response:
         if self.draining:
             return error_response(503, "colocated worker is draining", type_="server_error")
         try:
-            msg = await read_model(request, PrefillRequest, self.body_limits)
-            job = self._job(msg, await self._tokenize(msg))
+            msg = await read_model(request, GenerateRequest, self.body_limits)
+            job = self._job(msg, await self._tokenize(msg), self._sink(msg.relay))
         except BadRequest as e:
             return e.response
         if not self._enqueue(job):
             return error_response(429, f"colocated worker has {self.config.max_queue} requests waiting",
                                   type_="rate_limit_error", headers={"Retry-After": "1"})
-        # Still open when the stream ends: the router went away mid-request.
-        return await self._stream(request, self._events(job), job.request.request_id,
-                                  lambda: job.state != "done")
-
-    async def _events(self, job: _Job):
-        """The first token as a `prefilled` line (what the router's flow expects first), then tokens."""
-        first = True
-        async for event in self._token_events(job):
-            if first and not isinstance(event, ErrorEvent):
-                first = False
-                event = PrefillResult(request_id=job.request.request_id, prompt_ids=job.request.prompt_ids,
-                                      first=event, kv=None)
-            yield event
+        accepted = Accepted(request_id=job.request.request_id, prompt_tokens=len(job.request.prompt_ids))
+        return web.Response(body=accepted.model_dump_json(), content_type="application/json")
 
     async def abort(self, request_id: str) -> bool:
         """Drop a waiting request or stop a running one and free its KV; False if unknown or done."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 
 from aiohttp import web
@@ -29,7 +29,8 @@ from ..kv import Endpoint, KVAddress, KVChannelError, KVHeader, KVMismatchError,
 from .decoding import DecodingWorker
 from .engine_thread import EngineThreadStopped
 from .http import BadRequest, error_response, read_model
-from .protocol import DecodeRequest, ErrorEvent, KVSourceRef
+from .protocol import Accepted, DecodeRequest, KVSourceRef
+from .relay import TokenSink
 from .sharded_kv import ShardedKVImport
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,14 @@ class _Job:
     request: GenerationRequest
     first_token: int
     source: KVAddress
+    sink: TokenSink
     ref: KVSourceRef | None = None
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     state: str = "waiting"  # waiting -> pulling -> running -> done
     aborted: bool = False
 
 
 class DecodeWorker(DecodingWorker):
-    """POST /decode (NDJSON: heartbeats and tokens), POST /abort."""
+    """POST /decode (answers `Accepted`; tokens go out on the router's GET /relay stream), POST /abort."""
 
     role = "decode"
 
@@ -173,11 +174,11 @@ class DecodeWorker(DecodingWorker):
         except (KVChannelError, EngineError, EngineThreadStopped, InvalidRequest, RequestTooLarge,
                 KVMismatchError) as e:
             log.warning("request %s failed before decoding: %s", rid, e)
-            job.events.put_nowait(ErrorEvent(message=f"KV from {job.source} unusable: {e}", code=502))
+            job.sink.error(rid, 502, f"KV from {job.source} unusable: {e}")
             self._end(job)
         except Exception as e:  # noqa: BLE001 - whatever went wrong, the waiting stream must end
             log.exception("request %s failed importing its KV", rid)
-            job.events.put_nowait(ErrorEvent(message=f"decode worker failed to import the KV: {e}", code=500))
+            job.sink.error(rid, 500, f"decode worker failed to import the KV: {e}")
             self._end(job)
         finally:
             if not imported:
@@ -190,10 +191,11 @@ class DecodeWorker(DecodingWorker):
         self._check_sampling(len(msg.prompt_ids), params)
         if msg.request_id in self.jobs:
             raise BadRequest(f"request id {msg.request_id} is already in use")
+        sink = self._sink(msg.relay)
         request = GenerationRequest(msg.request_id, list(msg.prompt_ids), params)
-        return _Job(request, msg.first_token_id, KVAddress(msg.kv.host, msg.kv.port), ref=msg.kv)
+        return _Job(request, msg.first_token_id, KVAddress(msg.kv.host, msg.kv.port), sink, ref=msg.kv)
 
-    async def decode_handler(self, request: web.Request) -> web.StreamResponse:
+    async def decode_handler(self, request: web.Request) -> web.Response:
         if self.draining:
             return error_response(503, "decode worker is draining", type_="server_error")
         if len(self.waiting) >= self.config.max_queue:
@@ -206,9 +208,8 @@ class DecodeWorker(DecodingWorker):
         self.jobs[job.request.request_id] = job
         self.waiting.append(job)
         self._wakeup.set()
-        # Still open when the stream ends: the router went away mid-stream.
-        return await self._stream(request, self._token_events(job), job.request.request_id,
-                                  lambda: job.state != "done")
+        accepted = Accepted(request_id=job.request.request_id, prompt_tokens=len(job.request.prompt_ids))
+        return web.Response(body=accepted.model_dump_json(), content_type="application/json")
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is (waiting, pulling or decoding); False if unknown or done."""

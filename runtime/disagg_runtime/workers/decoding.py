@@ -1,29 +1,32 @@
-"""What the decode and colocated workers share: the decode step, and relaying its tokens to the streams.
+"""What the decode and colocated workers share: the decode step, and relaying its tokens to the router.
 
-Each request has a job with an event queue its HTTP handler streams from; the engine thread hands step
-outputs (or a failure) to the event loop, which puts them on the queues and ends finished jobs.
+Each request has a job whose `sink` is the relay connection of the router that submitted it
+(workers/relay.py); the engine thread hands each step's outputs (or a failure) to the event loop, which
+appends every token to its connection's pending frame and ends finished jobs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Protocol
 
+from aiohttp import web
+
 from ..engine import GenerationRequest, StepOutput
 from ..engine.preemption import PreemptionStats
 from .base import Worker
-from .protocol import ErrorEvent, TokenEvent
+from .http import BadRequest
+from .relay import RelayConnection, RelayHub, TokenSink
 
 log = logging.getLogger(__name__)
 
 
 class StreamedJob(Protocol):
-    """A request whose tokens go to its handler through `events`; `state` ends as "done"."""
+    """A request whose tokens go to `sink`; `state` ends as "done"."""
 
     request: GenerationRequest
-    events: asyncio.Queue
+    sink: TokenSink
     state: str
 
 
@@ -34,6 +37,34 @@ class DecodingWorker(Worker):
         super().__init__(*args, **kwargs)
         self.jobs: dict[str, StreamedJob] = {}  # every request not yet done; event loop only
         self._preemptions_seen = PreemptionStats()  # engine thread only
+        self.relay = RelayHub(self.config.heartbeat_s, self._relay_closed)
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.router.add_get("/relay", self.relay.handler)
+        app.on_shutdown.append(self._end_streams)  # else shutdown waits for the long-lived streams
+        return app
+
+    async def _end_streams(self, _app: web.Application) -> None:
+        """Shutting down: every request not yet done ends with a 503, then the relay streams end."""
+        for rid, job in list(self.jobs.items()):
+            job.sink.error(rid, 503, f"{self.role} worker is shutting down")
+            self._end(job)
+        await self.relay.close()
+
+    def _sink(self, relay_id: str) -> RelayConnection:
+        """The open relay connection a request names; BadRequest (409) if it is not open."""
+        conn = self.relay.get(relay_id)
+        if conn is None or conn.closed:
+            raise BadRequest(f"relay connection {relay_id} is not open; open GET /relay?id={relay_id} first",
+                             status=409)
+        return conn
+
+    def _relay_closed(self, conn: RelayConnection) -> None:
+        """The router of `conn` went away: nobody reads its requests' tokens any more."""
+        for rid, job in list(self.jobs.items()):
+            if job.sink is conn and job.state != "done":
+                self.loop.create_task(self.abort(rid))
 
     # ---- subclass hooks -------------------------------------------------------------------------
     def _on_token(self, job: StreamedJob) -> None:
@@ -76,17 +107,20 @@ class DecodingWorker(Worker):
 
     # ---- event loop: results --------------------------------------------------------------------
     def _dispatch(self, outputs: list[StepOutput]) -> None:
+        # Per token: a dict lookup and an append to the connection's pending frame, nothing more.
+        jobs = self.jobs
         finished = False
         for out in outputs:
-            job = self.jobs.get(out.request_id)
+            job = jobs.get(out.request_id)
             if job is None:  # aborted after its step was queued
                 continue
             self._on_token(job)
-            job.events.put_nowait(TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
-                                             finish_reason=out.finish_reason))
             if out.finished:
+                job.sink.token(out.request_id, out.token_id, out.text, out.finish_reason or "stop")
                 self._end(job)
                 finished = True
+            else:
+                job.sink.token(out.request_id, out.token_id, out.text, None)
         if finished:
             self._on_released()
 
@@ -94,7 +128,7 @@ class DecodingWorker(Worker):
         for rid in request_ids:
             job = self.jobs.get(rid)
             if job is not None:
-                job.events.put_nowait(ErrorEvent(message=message, code=500))
+                job.sink.error(rid, 500, message)
                 self._end(job)
         self._on_released()
 
@@ -105,11 +139,3 @@ class DecodingWorker(Worker):
     def _end(self, job: StreamedJob) -> None:
         job.state = "done"
         self.jobs.pop(job.request.request_id, None)
-
-    async def _token_events(self, job: StreamedJob):
-        """The job's events until its last token or an error."""
-        while True:
-            event = await job.events.get()
-            yield event
-            if isinstance(event, ErrorEvent) or event.finished:
-                return

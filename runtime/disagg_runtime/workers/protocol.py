@@ -1,7 +1,10 @@
 """Messages between the router and the workers (JSON over HTTP; streamed replies are NDJSON lines).
 
-A streamed reply carries heartbeat lines while the worker has nothing else to say, so the router can
-tell a slow request (heartbeats keep coming) from a dead worker (silence, or a broken connection).
+The prefill worker answers each request with an NDJSON stream (heartbeats, then one `prefilled` line).
+Decode and colocated workers take a request by POST, answer `Accepted` (or refuse) at once, and send its
+tokens on the router's relay connection (workers/relay.py). Streams carry heartbeat lines while the
+worker has nothing else to say, so the router can tell a slow request (heartbeats keep coming) from a
+dead worker (silence, or a broken connection).
 """
 
 from __future__ import annotations
@@ -76,6 +79,19 @@ class PrefillRequest(WireModel):
         return self
 
 
+class GenerateRequest(PrefillRequest):
+    """Router -> colocated worker: run the whole request; its tokens go out on relay connection `relay`."""
+
+    relay: str = Field(min_length=1, max_length=128)
+
+
+class Accepted(WireModel):
+    """Decode or colocated worker -> router: the request is taken; its tokens follow on the relay."""
+
+    request_id: str
+    prompt_tokens: int
+
+
 class TokenEvent(WireModel):
     """One generated token."""
 
@@ -104,6 +120,7 @@ class DecodeRequest(WireModel):
     sampling: SamplingSpec
     first_token_id: int
     kv: KVSourceRef
+    relay: str = Field(min_length=1, max_length=128, description="the relay connection its tokens go out on")
 
 
 class Heartbeat(WireModel):
