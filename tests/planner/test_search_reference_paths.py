@@ -1,9 +1,10 @@
 """The fast paths of the search give what the plain ones give: the same plan, the same simulated numbers.
 
-The search skips goodput estimates the choice cannot use (`contenders`), and the simulators take traces
+The search skips goodput estimates the choice cannot use (`contenders`), fits replica counts trying the
+capacity bound's count before bisecting (`bisect_counts` is bisection alone), and the simulators take traces
 built from the search's arrays and build per-request result objects only on demand. Each is held to its
-reference: every candidate estimated (`estimate_all`), traces built from SimRequest objects, results
-built eagerly.
+reference: every candidate estimated (`estimate_all`) with counts bisected (`bisect_counts`), traces built
+from SimRequest objects, results built eagerly.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from disagg_planner.latency import LatencyModel
 from disagg_planner.search import find_plan
 from disagg_planner.search.allocate import Candidate
 from disagg_planner.search.confidence import choose, contenders
+from disagg_planner.search.latency_source import latency_model
+from disagg_planner.search.problem import SearchProblem
 from disagg_planner.search.shapes import Shape
-from disagg_planner.search.system import Fitted
+from disagg_planner.search.system import Fitted, Layout, fit
 from disagg_planner.simulator import (
     ChunkedColocatedConfig,
     ColocatedConfig,
@@ -55,7 +58,7 @@ def _spec(model: str, nodes: int, gpus_per_node: int, rate: float, ttft: int, tp
 ], ids=["13b-1x4", "13b-2x8-slow-net", "66b-2x8-disagg", "13b-1x8-unreachable"])
 def test_the_search_returns_the_plan_of_its_reference_path(spec: DisaggServingSpec) -> None:
     fast = find_plan(spec, workers=1)
-    reference = find_plan(spec, workers=1, estimate_all=True)
+    reference = find_plan(spec, workers=1, estimate_all=True, bisect_counts=True)
     assert fast.model_dump() == reference.model_dump()
 
 
@@ -133,3 +136,27 @@ def test_simulators_give_the_same_numbers_from_requests_and_from_arrays(simulate
     eager = SimResult(a.results, a.peak_kv_tokens, a.kv_capacity_tokens)  # objects first, arrays from them
     assert eager.ttfts.tolist() == a.ttfts.tolist() and eager.num_requests == a.num_requests == len(reqs)
     assert eager.attainment(0.25, 0.1) == a.attainment(0.25, 0.1)
+
+
+# -- replica counts: the capacity bound's count first, or bisection alone -----------------------------------
+@pytest.mark.parametrize("mode, replicas", [("colocated", 16), ("colocated-chunked", 16), ("disaggregated", 8)])
+def test_trying_the_bound_first_keeps_a_passing_count_no_larger_than_bisection(mode: str, replicas: int) -> None:
+    spec = _spec("opt-13b", 4, 8, 20.0, 250, 100, "25GB")
+    problem = SearchProblem.of(spec, latency_model(spec, None), 0)
+    shape = Shape(2, 1)
+    if mode == "disaggregated":  # far more instances than the rate needs: both phases shrink
+        cand = Candidate("disaggregated", "high", shape, shape, replicas, replicas, 2.0, 2.0, 4 * replicas,
+                         2.0 * replicas)
+    else:
+        cand = Candidate("colocated", "high", shape, None, replicas, 0, 2.0, 0.0, 2 * replicas, 2.0 * replicas,
+                         chunk_budget=2048 if mode == "colocated-chunked" else 0)
+    layout = Layout(4, 8, 32)
+    fast, reference = fit(problem, layout, cand), fit(problem, layout, cand, bisect=True)
+    assert fast is not None and reference is not None
+    assert reference.meets(problem.target) and fast.meets(problem.target)
+    assert fast.candidate.n_prefill <= reference.candidate.n_prefill < replicas
+    assert fast.candidate.n_decode <= reference.candidate.n_decode
+    # Where attainment rises with the count (these cases), the two paths land on the same counts.
+    assert (fast.candidate.n_prefill, fast.candidate.n_decode) == (reference.candidate.n_prefill,
+                                                                   reference.candidate.n_decode)
+    assert fast.attainment_at_target == reference.attainment_at_target

@@ -55,6 +55,7 @@ class _Session:
     total: int = 0
     done: int = 0
     estimate_all: bool = False
+    bisect_counts: bool = False
 
     @property
     def layout(self) -> Layout:
@@ -133,7 +134,7 @@ class _Session:
             if len(chosen) == limit:
                 break
         self.expect(len(chosen))
-        fitted = [f for f in self.pool.map(partial(fit, self.problem, layout), chosen) if f is not None]
+        fitted = [f for f in self.pool.map(partial(fit, self.problem, layout, bisect=self.bisect_counts), chosen) if f is not None]
         if not self.estimate_all:
             fitted = contenders(fitted, self.problem.target, self.problem.target_rate)
         measured = self.pool.map(partial(estimate, self.problem), fitted)
@@ -279,7 +280,7 @@ def find_colocated_plan(
 def find_plan(
     spec: DisaggServingSpec, profile: LatencyProfile | None = None, *, workers: int | None = None,
     progress: Callable[[int, int], None] | None = None, seed: int = 0, affinity: Affinity | None = None,
-    deadline_s: float | None = None, estimate_all: bool = False,
+    deadline_s: float | None = None, estimate_all: bool = False, bisect_counts: bool = False,
 ) -> Plan:
     """The plan of the serving mode with the highest per-GPU goodput (spec.mode; see modes.py).
 
@@ -292,15 +293,17 @@ def find_plan(
     evaluated mode has goodput, PlannerError for an unusable profile. With `deadline_s` the search runs in a
     child process stopped at the deadline (PlanningTimeout; see deadline.py). `estimate_all` estimates the
     goodput of every candidate simulated whole, not only of those the choice among them can pick: the same
-    plan at a higher cost (the reference the tests hold the faster path to).
+    plan at a higher cost (the reference the tests hold the faster path to). `bisect_counts` fits replica
+    counts by bisection alone, not trying the capacity bound's count first (system._shrink; the reference).
     """
     if deadline_s is not None:
         from .deadline import plan_within
 
         return plan_within(find_plan, spec, profile, deadline_s=deadline_s, progress=progress, workers=workers,
-                           seed=seed, affinity=affinity, estimate_all=estimate_all)
+                           seed=seed, affinity=affinity, estimate_all=estimate_all,
+                           bisect_counts=bisect_counts)
     session = _open(spec, profile, workers, progress, seed)
-    session.estimate_all = estimate_all
+    session.estimate_all, session.bisect_counts = estimate_all, bisect_counts
     problem = session.problem
     with session.pool:
         shapes = session.shapes()

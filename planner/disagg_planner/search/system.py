@@ -143,13 +143,14 @@ class Fitted:
         return self.attainment_at_target >= target
 
 
-def fit(problem: SearchProblem, layout: Layout, candidate: Candidate) -> Fitted | None:
-    """Fit the candidate's counts to the target rate (see the module doc). None if it does not pack."""
+def fit(problem: SearchProblem, layout: Layout, candidate: Candidate, bisect: bool = False) -> Fitted | None:
+    """Fit the candidate's counts to the target rate (see the module doc; `bisect`: see _shrink). None if it
+    does not pack."""
     placement = place(candidate, layout)
     if placement is None:
         return None
     fitting = _Fit(candidate, placement, SystemCurve(problem, config(problem, candidate, placement)))
-    fitting = _shrink(problem, layout, fitting) if _passes(problem, fitting) else _grow(problem, layout, fitting)
+    fitting = _shrink(problem, layout, fitting, bisect) if _passes(problem, fitting) else _grow(problem, layout, fitting)
     curve = fitting.curve
     return Fitted(fitting.candidate, fitting.placement, curve.cfg, dict(curve.seen), curve(problem.target_rate),
                   fitting.earlier)
@@ -230,20 +231,36 @@ def _count(c: Candidate, phase: str) -> int:
     return c.n_decode if phase == "decode" else c.n_prefill
 
 
-def _shrink(problem: SearchProblem, layout: Layout, fit: _Fit) -> _Fit:
-    """Bisect each phase's count down (most slack first) to the fewest that still meet the target."""
+def _shrink(problem: SearchProblem, layout: Layout, fit: _Fit, bisect: bool = False) -> _Fit:
+    """Fit each phase's count down (most slack first) to the fewest that still meet the target.
+
+    The capacity bound's count is tried first: most candidates pass there, and then no count below can, so
+    one run replaces the bisection's ~log2(range). When it misses, the bisection runs as before, reusing
+    that run should it probe the same count. `bisect` is the reference path: bisection only. The two agree
+    wherever attainment at target rises with the count; where it does not, the first path keeps a passing
+    count no larger than the bisection's (tests/planner/test_search_reference_paths.py).
+    """
     least_p, least_d = _least_counts(problem, fit)
     for phase in reversed(_phase_order(problem, fit)):
         lo, hi = max(1, least_d if phase == "decode" else least_p), _count(fit.candidate, phase)
+        tried: dict[int, _Fit | None] = {}
+        if not bisect and lo < hi:
+            first = tried[lo] = _fitted(problem, layout, _set(fit.candidate, phase, lo))
+            if first is not None and _passes(problem, first):
+                fit = fit.keep(first)
+                continue
         while lo < hi:  # hi passes; below the capacity bound's count nothing can
             mid = (lo + hi) // 2
-            trial = _fitted(problem, layout, _set(fit.candidate, phase, mid))
+            trial = tried.pop(mid) if mid in tried else _fitted(problem, layout, _set(fit.candidate, phase, mid))
             if trial is not None and _passes(problem, trial):
                 fit, hi = fit.keep(trial), mid
             else:
                 if trial is not None:
                     fit.drop(trial)
                 lo = mid + 1
+        for unused in tried.values():
+            if unused is not None:
+                fit.drop(unused)
     return fit
 
 
