@@ -146,7 +146,10 @@ class RelayHub:
             await response.prepare(request)
             await conn.serve(response, self.heartbeat_s)
             await response.write_eof()
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
+            # The router went away (or closed the stream as it shut down): nothing is left to write to.
+            log.info("relay connection %s closed by the router", relay_id)
+        except asyncio.CancelledError:
             log.info("relay connection %s closed by the router", relay_id)
             raise
         finally:
