@@ -149,7 +149,9 @@ async def cluster():
 
     yield start
     for r in reversed(runners):
-        await r.cleanup()
+        # In a task of its own: awaited inline, the cleanup after a frozen decode fake (its /decode handler
+        # never returns) hung in about half the runs; in a task it always finishes. Bounded either way.
+        await asyncio.wait_for(asyncio.ensure_future(r.cleanup()), 30)
 
 
 async def sse_events(resp) -> list:
