@@ -9,6 +9,7 @@ import pytest
 import torch
 from disagg_runtime.engine import Engine, GenerationRequest, SamplingParams, StepLayout
 from disagg_runtime.engine.gpu import CAPTURE_SIZES, FusedLlama, GpuAttentionBackend, GpuStepRunner
+from disagg_runtime.engine.preemption import preempt, resume
 from disagg_runtime.models.testing import write_random_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -187,8 +188,8 @@ def test_preemption_on_the_fused_graph_path(tmp_path):
         tight.decode()
     seq = tight._seqs["x0"]
     before = tight.cache.read(seq.block_table, seq.num_cached)
-    tight._preempt(seq)
+    preempt(tight, seq)
     assert seq.swapped is not None and seq.swapped.keys[0].is_pinned()
-    tight._resume()
+    resume(tight)
     after = tight.cache.read(seq.block_table, seq.num_cached)
     assert all(torch.equal(x, y) for x, y in zip(before[0] + before[1], after[0] + after[1], strict=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from disagg_runtime.engine import Engine, GenerationRequest, SamplingParams
-from disagg_runtime.engine.preemption import HostSwapSpace
+from disagg_runtime.engine.preemption import HostSwapSpace, preempt, resume
 
 
 def _req(rid: str, n: int, max_tokens: int, *, seed: int = 0, temperature: float = 0.0,
@@ -85,11 +85,11 @@ def test_swap_round_trip_is_bit_exact(llama_dir):
         engine.decode()
     seq = engine._seqs["a"]
     before = engine.cache.read(seq.block_table, seq.num_cached)
-    engine._preempt(seq)
+    preempt(engine, seq)
     assert seq.preempted and seq.block_table == [] and engine.free_blocks == 16
     filler = engine.allocator.allocate(4)  # the old blocks get reused and overwritten meanwhile
     engine.cache.write(filler, *[[torch.randn_like(t) for t in kv] for kv in before])
-    engine._resume()
+    resume(engine)
     after = engine.cache.read(seq.block_table, seq.num_cached)
     assert not seq.preempted and engine.swap_space.used_bytes == 0
     assert all(torch.equal(x, y) for x, y in zip(before[0] + before[1], after[0] + after[1], strict=True))
@@ -102,9 +102,9 @@ def test_recompute_rebuilds_the_kv_of_prompt_and_outputs(llama_dir):
         engine.decode()
     seq = engine._seqs["a"]
     before = engine.cache.read(seq.block_table, seq.num_cached)
-    engine._preempt(seq)
+    preempt(engine, seq)
     assert seq.num_cached == 0 and engine.free_blocks == 16
-    engine._resume()
+    resume(engine)
     assert seq.num_cached == 10 + 5 and engine.preemption_stats.recomputed_tokens == 15
     after = engine.cache.read(seq.block_table, seq.num_cached)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(before[0] + before[1], after[0] + after[1],

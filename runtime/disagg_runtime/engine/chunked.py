@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionBackend, LayerKV, StepLayout
 from .kv_cache import blocks_for
+from .preemption import grow_or_preempt, resume
 from .types import DuplicateRequest, GenerationRequest, InvalidRequest, KVCacheFull, StepOutput
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def admit(engine: Engine, request: GenerationRequest) -> None:
     """Admit a request for chunked prefill: its prompt's blocks, no token computed yet.
 
     The same rule as `Engine.can_admit`: the prompt's blocks fit with the watermark free and no preempted
-    request waits; decode blocks then grow on demand (Engine._grow_or_preempt). Raises what `Engine.prefill`
+    request waits; decode blocks then grow on demand (preemption.grow_or_preempt). Raises what `Engine.prefill`
     raises for a bad request, and KVCacheFull when the engine would not admit it now.
     """
     engine._validate(request)
@@ -113,8 +114,8 @@ def mixed_step(engine: Engine, chunks: Seq[PrefillChunk]) -> list[StepOutput]:
     earlier = engine.take_completed()
     engine._release_finished()
     chunk_seqs = _check_chunks(engine, chunks)
-    engine._grow_or_preempt()  # the decode tokens' blocks, preempting the latest admitted as Engine.decode does
-    engine._resume()
+    grow_or_preempt(engine)  # the decode tokens' blocks, preempting the latest admitted as Engine.decode does
+    resume(engine)
     decoding = engine._running()
     if not decoding and not chunk_seqs:
         return earlier

@@ -36,6 +36,8 @@ from .preemption import (
     HostSwapSpace,
     PreemptionMode,
     PreemptionStats,
+    grow_or_preempt,
+    resume,
 )
 from .sampler import sample
 from .sequence import Sequence
@@ -286,8 +288,8 @@ class Engine:
             return outputs + self._decode_step()
         self._release_finished()
         if prev is None:  # host state is settled: preempt and resume as a plain step would
-            self._grow_or_preempt()
-            self._resume()
+            grow_or_preempt(self)
+            resume(self)
         else:
             for seq in overlap.launchable(self):
                 self.blocks.grow(seq, seq.num_cached + 1)
@@ -310,8 +312,8 @@ class Engine:
 
     def _decode_step(self) -> list[StepOutput]:
         self._release_finished()
-        self._grow_or_preempt()
-        self._resume()
+        grow_or_preempt(self)
+        resume(self)
         running = self._running()
         if not running:
             return []
@@ -465,76 +467,6 @@ class Engine:
     def _running(self) -> list[Sequence]:
         # A prompt still being prefilled in chunks holds its prompt's blocks and takes no decode step.
         return [s for s in self._seqs.values() if s.decodable and not s.preempted and not s.prefilling]
-
-    def _grow_or_preempt(self) -> None:
-        """Give every running sequence the block its next token goes into, preempting the latest admitted."""
-        running = self._running()
-        while running and self.blocks.total_growth(running) > self.allocator.free:
-            victim = max(running, key=lambda s: s.admitted)
-            running.remove(victim)
-            self._preempt(victim)
-        for seq in running:
-            self.blocks.grow(seq, seq.num_cached + 1)
-
-    def _preempt(self, seq: Sequence) -> None:
-        kv = None
-        if self.preemption == "swap":
-            kv = self.swap_space.swap_out(self.cache, seq.block_table, seq.num_cached)
-        self.preemption_stats.preemptions += 1
-        if kv is not None:
-            self.preemption_stats.swapped_tokens += kv.num_tokens
-        else:
-            seq.num_cached = 0  # recompute from scratch on resume (no swap, or the swap space is full)
-        seq.swapped = kv
-        seq.preempted = True
-        self._num_preempted += 1
-        self.blocks.free_seq(seq)
-
-    def _resume(self) -> None:
-        """Bring back preempted sequences, oldest admitted first, while their blocks fit."""
-        waiting = sorted((s for s in self._seqs.values() if s.preempted), key=lambda s: s.admitted)
-        if not waiting:
-            return
-        # With nothing running, nothing else can grow into the watermark: resume without it, or a
-        # sequence whose whole life needs every block would never come back.
-        spare = self.watermark_blocks if self._running() else 0
-        recompute: list[Sequence] = []
-        for seq in waiting:
-            tokens = seq.swapped.num_tokens if seq.swapped is not None else self._context_len(seq)
-            need = blocks_for(tokens + 1, self.block_size)  # + the slot of this step's token
-            if need + spare > self.allocator.free:
-                break
-            seq.block_table = self.allocator.allocate(need)
-            seq.preempted = False
-            self._num_preempted -= 1
-            if seq.swapped is not None:
-                self.swap_space.swap_in(self.cache, seq.block_table, seq.swapped)
-                seq.swapped = None
-            else:
-                recompute.append(seq)
-            spare = self.watermark_blocks
-        if recompute:
-            self._recompute(recompute)
-
-    @staticmethod
-    def _context_len(seq: Sequence) -> int:
-        """Tokens whose KV a decode step needs: the prompt and every output token but the last (the input)."""
-        return seq.prompt_len + len(seq.output_ids) - 1
-
-    def _recompute(self, seqs: list[Sequence]) -> None:
-        """Rebuild the KV of preempted sequences with one packed prefill; its logits are dropped."""
-        contexts = [s.request.prompt_ids + s.output_ids[:-1] for s in seqs]
-        lens = [len(c) for c in contexts]
-        layout = StepLayout(
-            is_prefill=True, seq_lens=lens, context_lens=lens, block_tables=[s.block_table for s in seqs],
-            slot_mapping=[slot for s, n in zip(seqs, lens, strict=True) for slot in self.cache.slots(s.block_table, 0, n)],
-            block_size=self.block_size)
-        tokens = [t for c in contexts for t in c]
-        positions = [p for n in lens for p in range(n)]
-        self._run(tokens, positions, layout, [lens[0] - 1])
-        for s, n in zip(seqs, lens, strict=True):
-            s.num_cached = n
-        self.preemption_stats.recomputed_tokens += sum(lens)
 
     def _run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int],
              backend: AttentionBackend | None = None,

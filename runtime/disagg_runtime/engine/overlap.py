@@ -80,7 +80,7 @@ def launchable(engine: Engine) -> list[Sequence]:
 def launch(engine: Engine, prev: InFlightStep | None) -> InFlightStep | None:
     """Build and launch one decode step over `launchable` sequences; None when there is nothing to run.
 
-    Blocks must already be grown (`Engine._grow_or_preempt`). Rows whose input is `prev`'s sampled id
+    Blocks must already be grown (`preemption.grow_or_preempt`). Rows whose input is `prev`'s sampled id
     take it on the device.
     """
     seqs = launchable(engine)

@@ -19,11 +19,16 @@ Two ways to give the memory back, chosen by `PreemptionMode`:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .kv_cache import PagedKVCache
+from .attention import StepLayout
+from .kv_cache import PagedKVCache, blocks_for
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .sequence import Sequence
 
 PreemptionMode = Literal["swap", "recompute"]
 PREEMPTION_MODES: tuple[PreemptionMode, ...] = ("swap", "recompute")
@@ -92,3 +97,81 @@ def _to_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host
+
+
+# ---- the policy, run on an engine's state -----------------------------------------------------
+
+
+def grow_or_preempt(engine: Engine) -> None:
+    """Give every running sequence the block its next token goes into, preempting the latest admitted."""
+    running = engine._running()
+    while running and engine.blocks.total_growth(running) > engine.allocator.free:
+        victim = max(running, key=lambda s: s.admitted)
+        running.remove(victim)
+        preempt(engine, victim)
+    for seq in running:
+        engine.blocks.grow(seq, seq.num_cached + 1)
+
+
+def preempt(engine: Engine, seq: Sequence) -> None:
+    """Take `seq`'s blocks back: its KV swapped to host memory, or dropped to be recomputed on resume."""
+    kv = None
+    if engine.preemption == "swap":
+        kv = engine.swap_space.swap_out(engine.cache, seq.block_table, seq.num_cached)
+    engine.preemption_stats.preemptions += 1
+    if kv is not None:
+        engine.preemption_stats.swapped_tokens += kv.num_tokens
+    else:
+        seq.num_cached = 0  # recompute from scratch on resume (no swap, or the swap space is full)
+    seq.swapped = kv
+    seq.preempted = True
+    engine._num_preempted += 1
+    engine.blocks.free_seq(seq)
+
+
+def resume(engine: Engine) -> None:
+    """Bring back preempted sequences, oldest admitted first, while their blocks fit."""
+    waiting = sorted((s for s in engine._seqs.values() if s.preempted), key=lambda s: s.admitted)
+    if not waiting:
+        return
+    # With nothing running, nothing else can grow into the watermark: resume without it, or a
+    # sequence whose whole life needs every block would never come back.
+    spare = engine.watermark_blocks if engine._running() else 0
+    recompute: list[Sequence] = []
+    for seq in waiting:
+        tokens = seq.swapped.num_tokens if seq.swapped is not None else _context_len(seq)
+        need = blocks_for(tokens + 1, engine.block_size)  # + the slot of this step's token
+        if need + spare > engine.allocator.free:
+            break
+        seq.block_table = engine.allocator.allocate(need)
+        seq.preempted = False
+        engine._num_preempted -= 1
+        if seq.swapped is not None:
+            engine.swap_space.swap_in(engine.cache, seq.block_table, seq.swapped)
+            seq.swapped = None
+        else:
+            recompute.append(seq)
+        spare = engine.watermark_blocks
+    if recompute:
+        _recompute(engine, recompute)
+
+
+def _context_len(seq: Sequence) -> int:
+    """Tokens whose KV a decode step needs: the prompt and every output token but the last (the input)."""
+    return seq.prompt_len + len(seq.output_ids) - 1
+
+
+def _recompute(engine: Engine, seqs: list[Sequence]) -> None:
+    """Rebuild the KV of preempted sequences with one packed prefill; its logits are dropped."""
+    contexts = [s.request.prompt_ids + s.output_ids[:-1] for s in seqs]
+    lens = [len(c) for c in contexts]
+    layout = StepLayout(
+        is_prefill=True, seq_lens=lens, context_lens=lens, block_tables=[s.block_table for s in seqs],
+        slot_mapping=[slot for s, n in zip(seqs, lens, strict=True) for slot in engine.cache.slots(s.block_table, 0, n)],
+        block_size=engine.block_size)
+    tokens = [t for c in contexts for t in c]
+    positions = [p for n in lens for p in range(n)]
+    engine._run(tokens, positions, layout, [lens[0] - 1])
+    for s, n in zip(seqs, lens, strict=True):
+        s.num_cached = n
+    engine.preemption_stats.recomputed_tokens += sum(lens)

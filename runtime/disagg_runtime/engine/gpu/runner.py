@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..attention import StepLayout
+from ..overlap import gathered
 from .fused_llama import FusedLlama
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -171,8 +172,7 @@ class GpuStepRunner:
             tables[i, :len(table)] = table
         ids = self._tensor(tokens)
         if gather is not None:
-            src = self._tensor(gather[1])
-            ids = torch.where(src >= 0, gather[0][src.clamp(min=0)], ids)
+            ids = gathered(ids, *gather)
         return self.fused.decode_logits(ids, self._tensor(positions),
                                         self._tensor(layout.slot_mapping),
                                         torch.from_numpy(tables).to(self.device),
