@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 from disagg_runtime.router.pool import NoCapacity, NoWorkers, Worker, WorkerPool
+from disagg_runtime.router.resolve import EndpointResolver
 from disagg_runtime.workers.protocol import WorkerStats
 
 
@@ -83,3 +87,44 @@ async def test_endpoints_file_is_reread_so_replans_reach_the_router(tmp_path):
         await pool.refresh()  # a half-written file keeps the last good list
         assert sorted(pool.workers) == ["http://127.0.0.1:10", "http://127.0.0.1:11", "http://127.0.0.1:8"]
     assert {w.role for w in pool.workers.values() if w.url.endswith(":11")} == {"decode"}
+
+
+async def test_a_slow_name_lookup_delays_no_poll_and_counts_once_it_finishes():
+    """A rollout lists pods before they exist; their names may take a resolver's whole timeout to fail."""
+    started: list[str] = []
+    answer = asyncio.Event()
+
+    async def lookup(host: str, port: int) -> list[str]:
+        started.append(host)
+        await answer.wait()  # a nameserver that does not answer until told
+        return ["127.0.0.2"]
+
+    async def stats_handler(request):
+        role = "decode" if request.url.port == ports[0] else "prefill"
+        return web.Response(body=stats(role).model_dump_json(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/stats", stats_handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sites = [web.TCPSite(runner, host, 0) for host in ("127.0.0.1", "127.0.0.2")]
+    for site in sites:
+        await site.start()
+    ports = [site._server.sockets[0].getsockname()[1] for site in sites]
+    try:
+        async with aiohttp.ClientSession() as session:
+            pool = WorkerPool(session, prefill=[f"new-pod-0.new-pods:{ports[1]}"], decode=[f"127.0.0.1:{ports[0]}"],
+                              resolver=EndpointResolver(wait_s=0.2, lookup=lookup))
+            for _ in range(3):
+                t = time.monotonic()
+                await pool.refresh()
+                assert time.monotonic() - t < 2.0
+                assert pool.ready("decode"), "the worker with an address was not polled"
+                assert not pool.ready("prefill")
+            assert started == ["new-pod-0.new-pods"], "a second lookup started while the first was running"
+            answer.set()
+            await pool.refresh()
+            assert [w.url for w in pool.ready("prefill")] == [f"http://127.0.0.2:{ports[1]}"]
+            await pool.close()
+    finally:
+        await runner.cleanup()

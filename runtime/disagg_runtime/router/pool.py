@@ -10,11 +10,9 @@ the last poll.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import math
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from ..workers.protocol import WorkerStats
+from .resolve import EndpointResolver, split_endpoint
 
 log = logging.getLogger(__name__)
 Role = Literal["prefill", "decode", "colocated"]
@@ -71,13 +70,6 @@ class Worker:
         return self.healthy and self.stats is not None and self.stats.ready and not self.stats.draining
 
 
-def _split(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.split("://", 1)[-1].rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"worker endpoint {endpoint!r} must be host:port")
-    return host.strip("[]"), int(port)
-
-
 def read_endpoints(path: str | Path) -> dict[Role, list[str]]:
     """{"prefill": [...], "decode": [...]} (plus "colocated" when listed) from the operator's endpoints.json.
 
@@ -89,13 +81,14 @@ def read_endpoints(path: str | Path) -> dict[Role, list[str]]:
         out["colocated"] = []
     for role in out:
         for endpoint in doc.get(role, []):
-            _split(endpoint)
+            split_endpoint(endpoint)
             out[role].append(str(endpoint))
     return out
 
 
 class WorkerPool:
-    """Polls `/stats` of every endpoint; DNS names are re-resolved each poll (headless services).
+    """Polls `/stats` of every endpoint; DNS names are re-resolved each poll (headless services), and a
+    slow lookup delays no poll (resolve.py).
 
     With `endpoints_file` (the operator's ConfigMap) the endpoint list is re-read every poll too, so a
     re-plan that adds or removes instances reaches the router without a restart.
@@ -103,9 +96,9 @@ class WorkerPool:
 
     def __init__(self, session: aiohttp.ClientSession, *, prefill: list[str], decode: list[str],
                  colocated: Sequence[str] = (), endpoints_file: str | None = None, poll_s: float = 0.5,
-                 poll_timeout_s: float = 2.0) -> None:
+                 poll_timeout_s: float = 2.0, resolver: EndpointResolver | None = None) -> None:
         for e in [*prefill, *decode, *colocated]:
-            _split(e)
+            split_endpoint(e)
         self.session = session
         self.static: dict[Role, list[str]] = {"prefill": list(prefill), "decode": list(decode),
                                               "colocated": list(colocated)}
@@ -114,6 +107,7 @@ class WorkerPool:
         self.workers: dict[str, Worker] = {}
         self.poll_s = poll_s
         self.poll_timeout_s = poll_timeout_s
+        self.resolver = resolver or EndpointResolver(wait_s=min(1.0, poll_timeout_s))
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -124,6 +118,7 @@ class WorkerPool:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self.resolver.close()
 
     async def _loop(self) -> None:
         while True:
@@ -132,20 +127,6 @@ class WorkerPool:
                 await self.refresh()
             except Exception:  # a poll failure must never stop polling
                 log.exception("worker poll failed")
-
-    async def _resolve(self, endpoint: str) -> list[str]:
-        host, port = _split(endpoint)
-        try:
-            ipaddress.ip_address(host)
-            return [f"http://{host}:{port}"]
-        except ValueError:
-            pass
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError:
-            return [f"http://{host}:{port}"]  # keep polling by name; it reports unhealthy until it resolves
-        addrs = sorted({i[4][0] for i in infos})
-        return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addrs]
 
     async def _reload(self) -> None:
         if self.endpoints_file is None:
@@ -161,10 +142,11 @@ class WorkerPool:
     async def refresh(self) -> None:
         """Re-read the endpoint list, resolve it, and poll every worker once."""
         await self._reload()
+        resolved = await self.resolver.resolve_all(e for eps in self.endpoints.values() for e in eps)
         seen: set[str] = set()
         for role, endpoints in self.endpoints.items():
             for endpoint in endpoints:
-                for url in await self._resolve(endpoint):
+                for url in resolved[endpoint]:
                     seen.add(url)
                     self.workers.setdefault(url, Worker(role=role, url=url))
         for url in list(self.workers):
