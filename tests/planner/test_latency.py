@@ -62,6 +62,25 @@ def test_fit_is_robust_to_measurement_noise() -> None:
     assert model.decode_time(1, 1, 64, 64 * 800) == pytest.approx(DEC[0] + DEC[1] * 64 + DEC[2] * 64 * 800, rel=0.03)
 
 
+def test_a_sample_the_form_cannot_explain_is_left_out_and_counted() -> None:
+    """One prefill caught slow (a clock ramp, another process) must not bend the fit for every step."""
+    tokens = np.array([256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192], dtype=float)
+    seconds = PRE[0] + PRE[1] * tokens + PRE[2] * tokens**2
+    clean = fit_linear(tokens, tokens**2, seconds, "clean")
+    assert clean.outliers == 0
+    slow = seconds.copy()
+    slow[0] *= 1.4
+    fit = fit_linear(tokens, tokens**2, slow, "one slow sample")
+    assert fit.outliers == 1 and fit.rms_relative_error < 1e-9
+    assert (fit.a, fit.b, fit.c) == pytest.approx(PRE, rel=1e-6)
+    # Noise everywhere is not an outlier: nothing is left out of a uniformly noisy profile.
+    noisy = seconds * (1 + 0.03 * np.random.default_rng(3).standard_normal(len(seconds)))
+    assert fit_linear(tokens, tokens**2, noisy, "noisy").outliers == 0
+    # However bad the samples, at most a fifth of them is left out.
+    wild = seconds * np.array([1, 2, 0.5, 1, 3, 1, 0.3, 1, 1, 2.5])
+    assert fit_linear(tokens, tokens**2, wild, "wild").outliers <= 2
+
+
 def test_fit_never_returns_negative_coefficients() -> None:
     x1 = np.arange(1, 50, dtype=float)
     x2 = x1**2

@@ -1,4 +1,5 @@
-"""Served-path overheads in a profile: LatencyModel adds exactly them to every step; old profiles load."""
+"""Served-path overheads in a profile: LatencyModel adds exactly them where they are paid (decode steps,
+each request's latency); old profiles load."""
 
 from __future__ import annotations
 
@@ -47,18 +48,37 @@ def models(mode: str | None = None, **served: ServedOverhead) -> tuple[LatencyMo
 def test_overheads_lengthen_each_step_by_exactly_the_profiled_amount():
     bare, served = models("colocated", colocated=COLOCATED)
     o = COLOCATED
-    for lengths in ([512], [128, 900, 64]):
-        gap = served.prefill_time(1, 1, lengths) - bare.prefill_time(1, 1, lengths)
-        assert gap == pytest.approx(o.prefill_s * len(lengths), rel=1e-9)
+    for lengths in ([512], [128, 900, 64]):  # the hops delay the request, they do not occupy the engine
+        assert served.prefill_time(1, 1, lengths) == bare.prefill_time(1, 1, lengths)
+    assert served.request_latency_s == o.prefill_s and bare.request_latency_s == 0
     for batch, context in ((1, 700), (32, 32 * 900)):
         gap = served.decode_time(1, 1, batch, context) - bare.decode_time(1, 1, batch, context)
         assert gap == pytest.approx(o.decode_step_s + o.decode_per_seq_s * batch, rel=1e-9)
         assert served.decode_coefficients(1, 1, batch)[1] == bare.decode_coefficients(1, 1, batch)[1]
-    # A chunked-prefill step pays one decode step's overhead plus one prompt's per chunk, not both twice.
+    # A chunked-prefill step pays one decode step's overhead; its chunks' requests pay their hops as latency.
     gap = served.mixed_stage_time(1, 1, 16, 16 * 500, 2, 512, 300_000) - bare.mixed_stage_time(
         1, 1, 16, 16 * 500, 2, 512, 300_000)
-    assert gap == pytest.approx(2 * o.prefill_s + o.decode_step_s + 16 * o.decode_per_seq_s, rel=1e-9)
+    assert gap == pytest.approx(o.decode_step_s + 16 * o.decode_per_seq_s, rel=1e-9)
     assert served.kv_handoff_s == 0 and bare.kv_handoff_s == 0
+
+
+@pytest.mark.parametrize("mode", ["colocated", "colocated_chunked", "disaggregated"])
+def test_the_request_latency_moves_every_token_of_every_request_and_no_step(mode):
+    """Under load as alone: TTFT and end-to-end time grow by exactly prefill_s, TPOT and KV do not change
+    (a latency charged to the engine's steps would have slowed the queue behind every prefill)."""
+    hops = ServedOverhead(prefill_s=0.02)
+    served_mode = "disaggregated" if mode == "disaggregated" else "colocated"
+    bare, served = models(served_mode, **{served_mode: hops})
+    trace = [SimRequest(0.01 * k, 300 + 37 * (k % 5), 20 + k % 7) for k in range(120)]
+    one = sim.PhaseShape(1, 1, 1)
+    run = {"colocated": lambda m: sim.simulate_colocated(sim.ColocatedConfig(one, 2048), m, trace),
+           "colocated_chunked": lambda m: sim.simulate_colocated_chunked(sim.ChunkedColocatedConfig(one, 512), m, trace),
+           "disaggregated": lambda m: sim.simulate_disaggregated(sim.DisaggConfig(one, one, 300.0), m, trace)}[mode]
+    a, b = run(bare), run(served)
+    assert b.ttfts == pytest.approx(a.ttfts + 0.02, abs=1e-12)
+    assert b.tpots == pytest.approx(a.tpots, abs=1e-12)
+    assert [r.e2e for r in b.results] == pytest.approx([r.e2e + 0.02 for r in a.results], abs=1e-12)
+    assert b.peak_kv_tokens == a.peak_kv_tokens
 
 
 def test_a_pipelined_step_pays_the_overhead_once_not_per_stage():

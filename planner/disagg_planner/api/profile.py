@@ -92,14 +92,15 @@ class ServedProbe(ApiModel):
 class ServedOverhead(ApiModel):
     """What the served path adds to the engine's steps, measured through the real router and workers.
 
-    The latency model adds it to every simulated step, as DistServe's simulator adds its fixed per-step
-    Ray overhead: a prefill step of B prompts takes B·prefillS longer; a decode step of B sequences takes
-    decodeStepS + B·decodePerSeqS longer; a disaggregated request starts decoding kvHandoffS later than
-    its KV transfer alone would allow.
+    The latency model adds each part where it is paid: a decode step of B sequences takes
+    decodeStepS + B·decodePerSeqS longer (as DistServe's simulator adds its fixed per-step Ray overhead);
+    each request's tokens reach its client prefillS later (TTFT and end-to-end time, not the engine's
+    steps); a disaggregated request starts decoding kvHandoffS later than its KV transfer alone would allow.
     """
 
-    prefill_s: float = Field(default=0.0, ge=0, description="Added to each prefill request: TTFT of the router "
-                             "and worker hops, the relay of the first token and the hand-offs between them.")
+    prefill_s: float = Field(default=0.0, ge=0, description="Added to each request's TTFT (and end-to-end "
+                             "time): the router and worker hops, the relay of the first token and the hand-offs "
+                             "between them. Latency only: the engine runs other steps meanwhile.")
     decode_step_s: float = Field(default=0.0, ge=0, description="Added to each decode step (TPOT), whatever its batch.")
     decode_per_seq_s: float = Field(default=0.0, ge=0, description="Added to each decode step per sequence in it: "
                                     "the relay's per-token work.")

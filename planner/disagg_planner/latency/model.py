@@ -39,11 +39,14 @@ class LatencyModel:
     stage's share of layers, and the new shape's all-reduce time is added back. Without a profile
     (`analytic`), the roofline of `analytic.py` is used.
 
-    `served` (the profile's served-path overheads, see `ServedOverhead`) is added to every step, as
-    DistServe's simulator adds its fixed per-step overhead to each simulated step: prefill steps pay
-    `prefill_s` per prompt, decode steps `decode_step_s + decode_per_seq_s·batch`, mixed steps both. The
-    overhead is paid once per step, not per pipeline stage, so a stage time carries 1/pp of it (a step
-    through pp stages lasts about pp stage-times).
+    `served` (the profile's served-path overheads, see `ServedOverhead`) is added where it is paid. Decode
+    steps pay `decode_step_s + decode_per_seq_s·batch` (the engine thread's per-step work, as DistServe's
+    simulator adds its fixed per-step overhead to each step), once per step, not per pipeline stage, so a
+    stage time carries 1/pp of it (a step through pp stages lasts about pp stage-times). The prefill
+    overhead `prefill_s` is the hops a request's first token crosses (router, worker HTTP, relay): it
+    delays that request (`request_latency_s`, which the simulators add to its TTFT and end-to-end time)
+    but not the engine, which runs its next step meanwhile; charging it to the step time would make the
+    engine look busier than it is exactly where attainment turns (the knee).
     """
 
     def __init__(
@@ -131,6 +134,11 @@ class LatencyModel:
 
     # -- served-path overheads -----------------------------------------------------------------------
     @property
+    def request_latency_s(self) -> float:
+        """Seconds the served path adds to each request's first (and so last) token, not to any step."""
+        return self.served.prefill_s if self.served is not None else 0.0
+
+    @property
     def kv_handoff_s(self) -> float:
         """Fixed seconds a disaggregated request's KV hand-off adds before it can decode (0 unprofiled)."""
         return (self.served.kv_handoff_s or 0.0) if self.served is not None else 0.0
@@ -154,9 +162,7 @@ class LatencyModel:
         if self.source == "analytic":
             return analytic.prefill_stage_time(stage, self.gpu, self.intra_node_gbps, batch, sum_tokens, sum_sq_tokens)
         key, fit = self._nearest(self.prefill_fits, tp, pp)
-        measured = fit(sum_tokens, sum_sq_tokens)
-        served = self.served.prefill_s * batch / pp if self.served is not None else 0.0
-        return self._rescale(key, stage, measured, sum_tokens) + served
+        return self._rescale(key, stage, fit(sum_tokens, sum_sq_tokens), sum_tokens)
 
     def decode_coefficients(self, tp: int, pp: int, batch: int) -> tuple[float, float]:
         """(base, per-context-token) seconds of ONE stage's decode step: time = base + per_ctx·Σcontext."""
@@ -180,7 +186,8 @@ class LatencyModel:
                          chunk_tokens: int, chunk_attention: int) -> float:
         """ONE stage's time for a chunked-prefill step: decode tokens plus prompt chunks (latency/mixed.py).
 
-        The served overhead is added once: each chunk pays a prompt's, the decode tokens a decode step's.
+        The decode tokens pay a decode step's served overhead; a chunk's request pays its hops in its
+        latency (`request_latency_s`), not here.
         """
         if self.served is None:
             return mixed_stage_time(self, tp, pp, decode_batch, decode_context, chunks, chunk_tokens, chunk_attention)
@@ -188,7 +195,7 @@ class LatencyModel:
                                   chunk_attention)
         o = self.served
         decode = o.decode_step_s + o.decode_per_seq_s * decode_batch if decode_batch > 0 else 0.0
-        return engine + (o.prefill_s * chunks + decode) / pp
+        return engine + decode / pp
 
     @staticmethod
     def micro_batches(pp: int, sequences: int) -> int:

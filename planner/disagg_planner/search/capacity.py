@@ -39,10 +39,10 @@ class LengthStats:
 
 
 def unloaded_ttft(latency: LatencyModel, shape: Shape, prompt: int, stage_link_gbps: float) -> float:
-    """TTFT of one prompt alone on an idle prefill instance."""
+    """TTFT of one prompt alone on an idle prefill instance (with the served path's hops)."""
     stage = latency.prefill_time(shape.tp, shape.pp, [prompt])
     act = prompt * latency.stage(shape.tp, shape.pp).hidden_bytes_per_token
-    return latency.pipeline_latency(stage, shape.pp, int(act), stage_link_gbps)
+    return latency.pipeline_latency(stage, shape.pp, int(act), stage_link_gbps) + latency.request_latency_s
 
 
 def unloaded_tpot(latency: LatencyModel, shape: Shape, context: float, stage_link_gbps: float) -> float:

@@ -68,7 +68,8 @@ def simulate_colocated_chunked(
     batches = [replica.run(list(range(r, len(trace.inputs), shape.instances))) for r in range(shape.instances)]
     peaks = [b.ledger.peak * b.ledger.bs for b in batches]
     return trace.result(first, last, peaks, capacity, preemptions=sum(b.preemptions for b in batches),
-                        preempted_tokens=sum(b.preempted_tokens for b in batches))
+                        preempted_tokens=sum(b.preempted_tokens for b in batches),
+                        request_latency_s=latency.request_latency_s)
 
 
 class _ChunkedReplica:

@@ -51,4 +51,5 @@ def simulate_disaggregated(cfg: DisaggConfig, latency: LatencyModel, requests: S
     )
     peaks = [b.ledger.peak * b.ledger.bs for b in batches]
     return trace.result(first, last, peaks, decode_cap, preemptions=sum(b.preemptions for b in batches),
-                        preempted_tokens=sum(b.preempted_tokens for b in batches))
+                        preempted_tokens=sum(b.preempted_tokens for b in batches),
+                        request_latency_s=latency.request_latency_s)

@@ -54,13 +54,17 @@ class Trace:
 
     def result(
         self, first_token: np.ndarray, last_token: np.ndarray, peaks: list[int], capacity: int,
-        preemptions: int = 0, preempted_tokens: int = 0,
+        preemptions: int = 0, preempted_tokens: int = 0, request_latency_s: float = 0.0,
     ) -> SimResult:
-        """Latencies from the first/last token times (arrival order), returned in the caller's order."""
+        """Latencies from the first/last token times (arrival order), returned in the caller's order.
+
+        `request_latency_s` (the served path's hops, `LatencyModel.request_latency_s`) delays every token's
+        arrival at the client alike: TTFT and end-to-end time grow by it, TPOT does not change.
+        """
         arrivals = np.asarray(self.arrivals)
         outputs = np.asarray(self.outputs)
-        ttft = first_token - arrivals
-        e2e = last_token - arrivals
+        ttft = first_token - arrivals + request_latency_s
+        e2e = last_token - arrivals + request_latency_s
         tpot = np.where(outputs > 1, (e2e - ttft) / np.maximum(outputs - 1, 1), 0.0)
         back = np.empty_like(self.order)
         back[self.order] = np.arange(len(self.order))
