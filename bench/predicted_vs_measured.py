@@ -108,7 +108,7 @@ def profile(model_dir: Path, device: str, blocks: int, budget: int, inputs: Leng
     while batch <= max_decode_batch:
         try:
             part = profile_engine(engine, prefill_lengths=[lo], prefill_batches=[1], decode_batches=[batch],
-                                  contexts=contexts, repeats=3).shapes[0].decode
+                                  contexts=contexts, repeats=3, warmup_tokens=0).shapes[0].decode  # warm already
         except RuntimeError:  # no context fits the KV cache at this batch
             break
         decode += part

@@ -42,6 +42,23 @@ def test_points_that_do_not_fit_are_skipped_and_named(llama_dir):
         run_profile(engine, prefill_lengths=[8], prefill_batches=[1], decode_batches=[1], contexts=[8], repeats=0)
 
 
+def test_a_warm_up_runs_before_the_grid_at_its_largest_fitting_prompt(llama_dir):
+    """A GPU fresh from idle runs its first second slow; the warm-up is a token count (every TP rank runs
+    the same steps), at the grid's largest prompt the cache holds, and leaves the engine idle."""
+    engine = Engine.load(llama_dir, num_blocks=12, block_size=4)  # 48 tokens of KV: 2x40 does not fit
+    said: list[str] = []
+    run = run_profile(engine, prefill_lengths=[8, 40], prefill_batches=[1, 2], decode_batches=[1], contexts=[8],
+                      repeats=1, warmup_tokens=400, log=said.append)
+    [warm] = [m for m in said if m.startswith("warm-up")]
+    assert warm.startswith("warm-up: 10 x 1 x 40-token prefills"), warm
+    assert said.index(warm) == 0, "the warm-up must come before the first timed point"
+    assert run.profile.shapes[0].prefill and engine.request_ids == [] and engine.free_blocks == engine.total_blocks
+    said.clear()
+    run_profile(engine, prefill_lengths=[8], prefill_batches=[1], decode_batches=[1], contexts=[8], repeats=1,
+                log=said.append)
+    assert not any(m.startswith("warm-up") for m in said), "a CPU engine needs no warm-up by default"
+
+
 def _cli(argv: list[str]) -> int:
     from disagg_cli import profile
 
