@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ..kv.payload import KVMismatchError, KVPayload
+from ..kv.payload import KVPayload
 from ..models import CausalLM, load_config, load_model
 from ..tokenizer import Tokenizer
-from . import chunked, overlap
+from . import chunked, kv_import, overlap
 from .attention import AttentionBackend, AttentionContext, StepLayout, TorchAttentionBackend
 from .block_manager import DEFAULT_WATERMARK, BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -371,29 +371,7 @@ class Engine:
         Raises KVMismatchError (payload does not fit this engine or this prompt), RequestTooLarge,
         KVCacheFull (retry later), InvalidRequest (already finished at its first token).
         """
-        self._validate(request)
-        kv.check()
-        kv.check_compatible(model_id=self.model_id, num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
-                            head_dim=self.head_dim, dtype=self.dtype_name)
-        if kv.header.num_tokens != len(request.prompt_ids):
-            raise KVMismatchError(f"request {request.request_id}: KV holds {kv.header.num_tokens} tokens, the "
-                                  f"prompt has {len(request.prompt_ids)}")
-        if not 0 <= first_token < self.config.vocab_size:
-            raise InvalidRequest(f"first_token {first_token} is outside the vocabulary")
-        reserved = self._reserved.get(request.request_id)
-        need = blocks_for(len(request.prompt_ids), self.block_size)
-        if reserved is None and need > self.allocator.free:
-            raise KVCacheFull(f"need {need} KV blocks, {self.allocator.free} of {self.total_blocks} free")
-        seq = self._new_sequence(request)
-        # Replaying the first token puts the detokenizer where the prefill side left it (same text held back).
-        seq.append(first_token, self.eos_token_ids)
-        if seq.finished:
-            raise InvalidRequest(f"request {request.request_id} already finished at its first token "
-                                 f"({seq.finish_reason}); there is nothing to decode")
-        seq.block_table = self._reserved.pop(request.request_id, None) or self.allocator.allocate(need)
-        self.cache.write(seq.block_table, kv.keys, kv.values)
-        seq.num_cached = seq.prompt_len
-        self._enter(seq)
+        kv_import.import_kv(self, request, kv, first_token)
 
     def reserve(self, request_id: str, prompt_tokens: int) -> bool:
         """Set aside the prompt's blocks for a request whose KV is on its way; False if `can_admit` says no.
@@ -401,12 +379,7 @@ class Engine:
         `import_kv` of that request uses them; `abort` gives them back. Reserving on the engine's own
         thread keeps decode steps from growing into blocks a pull in flight was promised.
         """
-        if request_id in self._reserved or request_id in self._seqs:
-            raise DuplicateRequest(f"request {request_id!r} is already in this engine")
-        if not self.can_admit(prompt_tokens):
-            return False
-        self._reserved[request_id] = self.allocator.allocate(blocks_for(prompt_tokens, self.block_size))
-        return True
+        return kv_import.reserve(self, request_id, prompt_tokens)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def release(self, request_id: str) -> None:
