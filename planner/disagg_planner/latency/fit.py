@@ -8,7 +8,8 @@ short steps weigh as much as long ones.
 
 A sample the form cannot explain (a step caught by a clock ramp or another process, a kernel that is
 slow at one odd size) would bend the fit for every step: with one such prefill sample in a 16-sample
-H200 profile the fit was 9% slow at the workload's prompt length, and the simulated knee 34 points off.
+H200 profile the fit was 9% slow at the workload's prompt length, enough to move the simulated
+knee by a few req/s.
 So samples are tried as outliers one at a time (at most a fifth of them): one is left out when the fit
 made without it misses it by more than `OUTLIER_RESIDUAL` and by more than `OUTLIER_SPREAD` standard
 errors of that fit's prediction there (an externally studentised residual). The fit says how many it
