@@ -11,7 +11,7 @@ cannot fit the model context or the KV cache are skipped and reported in `Profil
 Before the grid, a GPU is brought out of idle: `warmup_tokens` prompt tokens are prefilled untimed at the
 grid's largest prompt. An H200 that had sat idle at 345 MHz ran the first second of prefills 1.3-1.5x
 slow (a 351-token prompt in 28.8 ms, 17.8 ms once warm); those samples, the first of the grid, bent the
-prefill fit 16% slow at the workload's prompts. The warm-up is a token count, not a time, so every
+prefill fit about 30% slow at the workload's prompts. The warm-up is a token count, not a time, so every
 tensor-parallel rank runs the same steps.
 
 With tensor parallelism every rank must call `profile_engine` with the same arguments: prompts
