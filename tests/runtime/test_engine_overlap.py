@@ -10,6 +10,7 @@ import torch
 from disagg_runtime.engine import Engine, GenerationRequest, SamplingParams
 from disagg_runtime.engine.gpu import FusedLlama, GpuStepRunner
 from disagg_runtime.engine.overlap import gathered
+from disagg_runtime.engine.testing import run_fcfs
 from disagg_runtime.models.testing import write_random_model
 
 
@@ -95,14 +96,7 @@ def test_preemption_under_overlap_keeps_the_tokens(llama_dir, mode):
     results = []
     for overlap_decode in (False, True):
         engine = Engine.load(llama_dir, num_blocks=14, preemption=mode, overlap_decode=overlap_decode)
-        out: dict[str, list[int]] = {r.request_id: [] for r in reqs}
-        waiting = list(reqs)
-        while waiting or engine.has_decode_work:
-            while waiting and engine.can_admit(len(waiting[0].prompt_ids)):
-                for o in engine.prefill([waiting.pop(0)]):
-                    out[o.request_id].append(o.token_id)
-            for o in engine.decode():
-                out[o.request_id].append(o.token_id)
+        out = run_fcfs(engine, reqs)
         assert engine.preemption_stats.preemptions > 0
         assert engine.free_blocks == engine.total_blocks
         results.append(out)

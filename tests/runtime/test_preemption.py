@@ -6,6 +6,7 @@ import pytest
 import torch
 from disagg_runtime.engine import Engine, GenerationRequest, SamplingParams
 from disagg_runtime.engine.preemption import HostSwapSpace, preempt, resume
+from disagg_runtime.engine.testing import run_fcfs
 
 
 def _req(rid: str, n: int, max_tokens: int, *, seed: int = 0, temperature: float = 0.0,
@@ -13,19 +14,6 @@ def _req(rid: str, n: int, max_tokens: int, *, seed: int = 0, temperature: float
     ids = torch.randint(4, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=sample_seed, ignore_eos=True)
     return GenerationRequest(rid, ids, params)
-
-
-def _run_all(engine: Engine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
-    """Admit every request as soon as `can_admit` allows (FCFS), decode to completion."""
-    out: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    waiting = list(requests)
-    while waiting or engine.num_running:
-        while waiting and engine.can_admit(len(waiting[0].prompt_ids)):
-            for o in engine.prefill([waiting.pop(0)]):
-                out[o.request_id].append(o.token_id)
-        for o in engine.decode():
-            out[o.request_id].append(o.token_id)
-    return out
 
 
 def _solo(model_dir, requests: list[GenerationRequest]) -> dict[str, list[int]]:
@@ -58,7 +46,7 @@ def test_preemption_never_changes_the_tokens(llama_dir, mode, sampling):
     requests = [_req(f"r{i}", 12 + 3 * i, 60, seed=10 + i, temperature=temperature,
                      sample_seed=None if seed is None else seed + i) for i in range(6)]
     engine = Engine.load(llama_dir, num_blocks=12, block_size=8, preemption=mode)  # 96 tokens for 6 x ~75
-    got = _run_all(engine, requests)
+    got = run_fcfs(engine, requests)
     stats = engine.preemption_stats
     assert stats.preemptions > 0
     assert (stats.swapped_tokens > 0) == (mode == "swap") and (stats.recomputed_tokens > 0) == (mode == "recompute")
@@ -114,7 +102,7 @@ def test_recompute_rebuilds_the_kv_of_prompt_and_outputs(llama_dir):
 def test_a_full_swap_space_falls_back_to_recompute(llama_dir):
     engine = Engine.load(llama_dir, num_blocks=8, block_size=4, swap_space_bytes=1)
     requests = [_req("a", 8, 20, seed=1), _req("b", 8, 20, seed=2)]
-    got = _run_all(engine, requests)
+    got = run_fcfs(engine, requests)
     assert engine.preemption_stats.preemptions > 0 and engine.preemption_stats.swapped_tokens == 0
     assert engine.preemption_stats.recomputed_tokens > 0
     assert got == _solo(llama_dir, requests)

@@ -21,6 +21,9 @@ from .payload import KVHeader
 from .reshard import KVSlice
 
 log = logging.getLogger(__name__)
+# What a refused pull or release answers, first match (the peer's channel.py maps the codes back).
+_ERROR_CODES: tuple[tuple[type[Exception], str], ...] = (
+    (KVForbidden, "forbidden"), (KVNotFound, "not_found"), (KVMismatchError, "mismatch"), (KVChannelError, "internal"))
 
 
 @dataclass
@@ -132,18 +135,8 @@ class KVServer:
                 lease = await self.source.checkout(msg["requestId"], ticket)
             else:
                 lease = await self.source.checkout_slice(msg["requestId"], _slice(msg["slice"]), ticket)
-        except KVForbidden as e:
-            log.warning("refused a pull from %s: %s", channel.stream.peer, e)
-            await channel.send_error("forbidden", str(e))
-            return
-        except KVNotFound as e:
-            await channel.send_error("not_found", str(e))
-            return
-        except KVMismatchError as e:
-            await channel.send_error("mismatch", str(e))
-            return
-        except KVChannelError as e:
-            await channel.send_error("internal", str(e))
+        except (KVForbidden, KVNotFound, KVMismatchError, KVChannelError) as e:
+            await self._refuse(channel, "pull", e)
             return
         ok = False
         try:
@@ -157,14 +150,18 @@ class KVServer:
     async def _release(self, channel: KVChannel, request_id: str, ticket: str | None) -> None:
         try:
             await self.source.release_pulled(request_id, ticket)
-        except KVForbidden as e:
-            log.warning("refused a release from %s: %s", channel.stream.peer, e)
-            await channel.send_error("forbidden", str(e))
-            return
-        except KVNotFound as e:
-            await channel.send_error("not_found", str(e))
+        except (KVForbidden, KVNotFound) as e:
+            await self._refuse(channel, "release", e)
             return
         await channel.stream.send_json({"type": "released"})
+
+    @staticmethod
+    async def _refuse(channel: KVChannel, what: str, error: Exception) -> None:
+        """Answer a pull or release the source refused with the error code its peer maps back to the error."""
+        code = next(c for kind, c in _ERROR_CODES if isinstance(error, kind))
+        if code == "forbidden":
+            log.warning("refused a %s from %s: %s", what, channel.stream.peer, error)
+        await channel.send_error(code, str(error))
 
     async def close(self) -> None:
         if self._server is not None:

@@ -93,29 +93,21 @@ class TokenBuffer:
 class RelayLink:
     """One open relay stream to one instance and the buffers of the requests whose tokens it carries."""
 
-    def __init__(self, worker: Worker, relay_id: str, response: aiohttp.ClientResponse, *,
-                 heartbeat_timeout_s: float, max_buffered_tokens: int, coalesce_after_tokens: int,
-                 listed: Callable[[Worker], bool], on_overflow: Callable[[Worker, str], None],
-                 on_dead: Callable[[RelayLink, UpstreamError], None]) -> None:
+    def __init__(self, worker: Worker, relay_id: str, response: aiohttp.ClientResponse, hub: RelayHub) -> None:
         self.worker = worker
         self.id = relay_id
         self.who = f"{worker.role} instance {worker.url}"
         self.alive = True
         self._response = response
         self._streams: dict[str, TokenBuffer] = {}
-        self._timeout = heartbeat_timeout_s
-        self._max_buffered = max_buffered_tokens
-        self._coalesce_after = coalesce_after_tokens
-        self._listed = listed
-        self._on_overflow = on_overflow
-        self._on_dead = on_dead
+        self._hub = hub  # its limits, and what to tell it (overflow, death); it created this link
         self._reader = asyncio.create_task(self._read(), name=f"relay {worker.url}")
 
     def open(self, request_id: str) -> TokenBuffer:
         """A buffer for a request about to be submitted on this link (before, so no token can be missed)."""
         if not self.alive:
             raise UpstreamError(502, f"{self.who} failed mid-request: its relay stream is closed")
-        buffer = self._streams[request_id] = TokenBuffer(self._coalesce_after)
+        buffer = self._streams[request_id] = TokenBuffer(self._hub.coalesce_after_tokens)
         return buffer
 
     def close(self, request_id: str) -> None:
@@ -126,16 +118,16 @@ class RelayLink:
         error = UpstreamError(502, f"{self.who} failed mid-request: the router's relay reader failed")
         try:
             while True:
-                line = await asyncio.wait_for(self._response.content.readline(), self._timeout)
+                line = await asyncio.wait_for(self._response.content.readline(), self._hub.heartbeat_timeout_s)
                 if not line:
                     error = UpstreamError(502, f"{self.who} failed mid-request: it closed its relay stream")
                     return
                 self._frame(json.loads(line))
-                if not self._streams and not self._listed(self.worker):  # gone from the endpoints: let go
+                if not self._streams and not self._hub.listed(self.worker):  # gone from the endpoints: let go
                     error = UpstreamError(503, f"{self.who} is no longer listed")
                     return
         except asyncio.TimeoutError:
-            error = WorkerSilent(504, f"{self.who} sent nothing (not even a heartbeat) for {self._timeout:g}s")
+            error = WorkerSilent(504, f"{self.who} sent nothing (not even a heartbeat) for {self._hub.heartbeat_timeout_s:g}s")
         except (aiohttp.ClientError, ConnectionError) as e:
             error = UpstreamError(502, f"{self.who} failed mid-request: {type(e).__name__}: {e}")
         except (ValueError, TypeError, AttributeError) as e:
@@ -157,11 +149,11 @@ class RelayLink:
                 buffer.push(ids, texts, reason)
                 if reason is not None:
                     del streams[rid]
-                elif len(buffer) > self._max_buffered:
+                elif len(buffer) > self._hub.max_buffered_tokens:
                     del streams[rid]
                     buffer.fail(UpstreamError(500, f"the client fell {len(buffer)} tokens behind this stream; "
                                                    "it was ended so the others go on"))
-                    self._on_overflow(self.worker, rid)
+                    self._hub.link_overflowed(self.worker, rid)
         errors = frame.get("errors")
         if errors:
             for rid, (code, message) in errors.items():
@@ -175,7 +167,7 @@ class RelayLink:
         streams, self._streams = self._streams, {}
         for buffer in streams.values():
             buffer.fail(error)
-        self._on_dead(self, error)
+        self._hub.link_died(self, error)
 
     async def close_all(self) -> None:
         self._reader.cancel()
@@ -195,7 +187,7 @@ class RelayHub:
         self.coalesce_after_tokens = coalesce_after_tokens
         self._abort = abort
         self._mark_failed = mark_failed
-        self._listed = listed
+        self.listed = listed  # whether the pool still lists a worker
         self.links: dict[str, RelayLink] = {}
         self._opening: dict[str, asyncio.Task[RelayLink]] = {}
 
@@ -234,18 +226,15 @@ class RelayHub:
         except BaseException:
             response.close()
             raise
-        link = RelayLink(worker, relay_id, response, heartbeat_timeout_s=self.heartbeat_timeout_s,
-                         max_buffered_tokens=self.max_buffered_tokens,
-                         coalesce_after_tokens=self.coalesce_after_tokens, listed=self._listed, on_overflow=self._overflowed,
-                         on_dead=self._died)
+        link = RelayLink(worker, relay_id, response, self)
         self.links[worker.url] = link
         return link
 
-    def _overflowed(self, worker: Worker, request_id: str) -> None:
+    def link_overflowed(self, worker: Worker, request_id: str) -> None:
         log.warning("request %s: its client is not reading; ended and aborted on %s", request_id, worker.url)
         self._abort(worker.url, request_id)
 
-    def _died(self, link: RelayLink, error: UpstreamError) -> None:
+    def link_died(self, link: RelayLink, error: UpstreamError) -> None:
         if self.links.get(link.worker.url) is link:
             del self.links[link.worker.url]
         if error.status in (502, 504):  # broken or silent: stop choosing it until it polls healthy
