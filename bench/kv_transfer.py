@@ -5,6 +5,8 @@ after its forward, engine/kv_export.py); this process pulls them through the rea
 worker does, and times each pull from the request to the last layer placed. Channels: tcp, nccl (gloo on
 CPU), ipc (CUDA IPC on a GPU; on CPU the same path through shared memory), each raw and with FP8. The
 per-pull fixed cost is the intercept of a least-squares line through (bytes, seconds) over the sizes.
+On ipc the table also has `ipc-direct`: direct reads of the same staged payloads out of the server's
+staging arena (kv/arena.py), which is what a decode worker on the prefill's node does.
 
 Full path: a router, a prefill and a decode worker as processes (`disagg serve --local`), the Llama-1B
 shape (hidden 2048, 16 layers, 32/8 heads, FFN 8192, vocab 32000, bf16; random weights) with 1024-token
@@ -58,6 +60,8 @@ SERVER = textwrap.dedent(
     """
     import asyncio, sys, json, torch, torch.multiprocessing as mp
     from disagg_runtime.kv import Endpoint, KVLease, KVServer, StagedKV
+    from disagg_runtime.kv.arena import ArenaPool
+    from disagg_runtime.kv.staged import staged_nbytes
     from disagg_runtime.kv.testing import make_payload
     device, tokens, shape = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     if device == "cpu":
@@ -66,13 +70,22 @@ SERVER = textwrap.dedent(
     class Parked:
         # Keeps each staged payload after a pull, so the benchmark can pull it again.
         def __init__(self):
-            self.staged = {}
+            # Staged in an arena, as a prefill engine stages them, so a direct read can map it.
+            self.pool = ArenaPool(device, 4 << 30)
+            self.staged, self.where = {}, {}
             for n in sorted({1, *tokens}):
                 p = make_payload(f"t{n}", tokens=n, layers=shape["layers"], heads=shape["heads"],
                                  dim=shape["dim"], dtype=shape["dtype"])
-                p.keys = [k.to(device) for k in p.keys]
-                p.values = [v.to(device) for v in p.values]
-                self.staged[p.header.request_id] = StagedKV.of(p)
+                where = self.pool.alloc(staged_nbytes(p.header))
+                staged = StagedKV(p.header, device, buffer=where.tensor)
+                for i, (k, v) in enumerate(zip(p.keys, p.values)):
+                    staged.stage(i, k.to(device), v.to(device))
+                staged.mark_ready(p.header.num_layers)
+                self.staged[p.header.request_id] = staged
+                self.where[p.header.request_id] = (where.arena.id, where.offset)
+        def arena(self, arena_id):
+            arena = self.pool.get(arena_id)
+            return None if arena is None else arena.buffer
         async def checkout(self, rid, ticket=None):
             s = self.staged[rid]
             async def release(ok):
@@ -81,9 +94,12 @@ SERVER = textwrap.dedent(
 
     async def main():
         gpu = None if device == "cpu" else "bench-gpu"
-        server = KVServer(Parked(), local=Endpoint("bench-node", gpu), device=device, host="127.0.0.1",
+        parked = Parked()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        server = KVServer(parked, local=Endpoint("bench-node", gpu), device=device, host="127.0.0.1",
                           timeout=120)
-        print(await server.start(), flush=True)
+        print(await server.start(), json.dumps(parked.where), flush=True)
         await asyncio.sleep(3600)
     asyncio.run(main())
     """
@@ -127,6 +143,38 @@ async def pull_times(port: int, device: str, channel: str, codec: str, tokens: l
                          "wire_bytes": stats[-1].wire_bytes, "seconds_median": med, "seconds_min": min(seconds),
                          "raw_gb_per_s": raw / med / 1e9, "us_per_token": med / n * 1e6})
             del payload
+    finally:
+        await puller.close()
+    return rows
+
+
+async def direct_times(port: int, device: str, where: dict, tokens: list[int], repeats: int) -> list[dict]:
+    """Direct reads (kv/puller.py `read_direct`) of the staged payloads: the arena is mapped by the first."""
+    from disagg_runtime.kv import KVHeader
+
+    gpu = None if device == "cpu" else "bench-gpu"
+    puller = KVPuller(local=Endpoint("bench-node", gpu), device=device, channel="ipc", timeout=120)
+    address = KVAddress("127.0.0.1", port)
+    rows = []
+
+    def header(n: int) -> KVHeader:
+        return KVHeader(request_id=f"t{n}", model_id="m", num_layers=SHAPE["layers"], num_kv_heads=SHAPE["heads"],
+                        head_dim=SHAPE["dim"], dtype=SHAPE["dtype"], num_tokens=n)
+
+    try:
+        for n, count in [(1, FIXED_REPEATS), *((n, repeats) for n in tokens)]:
+            arena, offset = where[f"t{n}"]
+            await puller.read_direct(address, header(n), arena, offset)  # maps the arena (once)
+            seconds = []
+            for _ in range(count):
+                t0 = time.perf_counter()
+                await puller.read_direct(address, header(n), arena, offset)
+                seconds.append(time.perf_counter() - t0)
+            raw = header(n).nbytes
+            med = statistics.median(seconds)
+            rows.append({"channel": "ipc-direct", "codec": "none", "tokens": n, "raw_bytes": raw, "wire_bytes": raw,
+                         "seconds_median": med, "seconds_min": min(seconds), "raw_gb_per_s": raw / med / 1e9,
+                         "us_per_token": med / n * 1e6, **({"fixed_cost_probe": True} if n == 1 else {})})
     finally:
         await puller.close()
     return rows
@@ -267,11 +315,15 @@ def main() -> int:
         proc = subprocess.Popen([sys.executable, "-c", SERVER, args.device, json.dumps(tokens),
                                  json.dumps(SHAPE)], stdout=subprocess.PIPE, text=True)
         try:
-            port = int(proc.stdout.readline())
+            port_text, where_text = proc.stdout.readline().split(" ", 1)
+            port, where = int(port_text), json.loads(where_text)
             for channel in channels:
                 for codec in ("none", "fp8"):
                     rows += asyncio.run(pull_times(port, args.device, channel, codec, tokens, args.repeats))
                     print(f"  {channel}/{codec} done", flush=True)
+                if channel == "ipc":
+                    rows += asyncio.run(direct_times(port, args.device, where, tokens, args.repeats))
+                    print("  ipc direct reads done", flush=True)
         finally:
             proc.kill()
             proc.wait()
@@ -288,8 +340,9 @@ def main() -> int:
                       f"{r['wire_bytes'] / 2**20:.1f}", f"{r['seconds_median'] * 1e3:.2f}",
                       f"{r['raw_gb_per_s']:.2f}", f"{r['us_per_token']:.1f}")
     console = Console(width=120)
-    fixed = {c: fixed_cost(rows, c) for c in channels}
-    lines = {c: intercept(rows, c) for c in channels}
+    kinds = [*channels, *(["ipc-direct"] if "ipc" in channels else [])]
+    fixed = {c: fixed_cost(rows, c) for c in kinds}
+    lines = {c: intercept(rows, c) for c in kinds}
     if rows:
         console.print(table)
         console.print("per-pull fixed cost (1-token pull, median of "
@@ -312,14 +365,17 @@ def main() -> int:
                "per_pull_fixed_cost_s": fixed.get(path_channel) if path_channel else None,
                "per_pull_fixed_cost_s_by_channel": fixed,
                "size_fit_intercept_s_by_channel": lines,
-               "path_channel": args.path_channel}
+               "path_channel": args.path_channel,
+               "path_transfer_kinds": None if path is None else path["channels"]}
     doc = {"benchmark": "kv_transfer", "summary": summary, "shape": SHAPE, "device": args.device,
            "device_name": device_name, "cpus": os.cpu_count(),
            "load_avg_1m_before_after": [load_before[0], os.getloadavg()[0]],
            "torch": torch.__version__, "repeats": args.repeats,
-           "method": "channel table: KVServer with staged payloads in a child process, KVPuller here; time from "
-                     "pull request to the last layer placed on the receiving device. full path: LocalCluster, "
-                     "sequential requests, decode worker's KV pull seconds over the client's end-to-end seconds",
+           "method": "channel table: KVServer with payloads staged in an arena in a child process, KVPuller here; "
+                     "time from pull request to the last layer placed on the receiving device (ipc-direct: from "
+                     "the read call to the bytes placed, the arena mapped by an earlier read). full path: "
+                     "LocalCluster, sequential requests, decode worker's KV transfer seconds (a pull, or a direct "
+                     "read plus whatever of its release outlasts the import) over the client's end-to-end seconds",
            "rows": rows, "path": path, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"kv_transfer-cuda-{_gpu_slug(device_name)}.json" if gpu else "kv_transfer-cpu.json"

@@ -9,6 +9,7 @@ import torch
 from disagg_runtime.engine import Engine, GenerationRequest, SamplingParams
 from disagg_runtime.kv import KVAddress, KVPuller, KVServer
 from disagg_runtime.kv.links import Endpoint
+from disagg_runtime.kv.staged import staged_nbytes
 from disagg_runtime.kv.testing import DictSource
 
 LENGTHS = (3, 17, 40, 64)  # within one block, across blocks, exactly 4 blocks of 16
@@ -85,7 +86,7 @@ def test_requests_over_the_staging_budget_are_gathered_when_pulled(llama_dir):
     engine = Engine.load(llama_dir, num_blocks=64)
     reqs = _requests()
     header = engine.kv_export.header("x", LENGTHS[0])
-    engine.kv_export.budget_bytes = header.nbytes  # room for the 3-token prompt only
+    engine.kv_export.budget_bytes = staged_nbytes(header)  # room for the 3-token prompt only
     engine.prefill(reqs, reserve_decode=False)
     assert engine.kv_export.get("r0") is not None
     assert [engine.kv_export.get(r.request_id) for r in reqs[1:]] == [None] * 3

@@ -8,7 +8,9 @@ At the end of prefill the payload is complete; a pull that is already waiting sh
 come. The copy is the same gather `PagedKVCache.read` does, so the bytes are identical.
 
 Staging is extra device memory next to the paged cache, so it is bounded (`budget_bytes`): a request
-that does not fit is exported the old way, by `gather`, when it is pulled.
+that does not fit is exported the old way, by `gather`, when it is pulled. Stagings are ranges of a few
+large arenas (kv/arena.py), so a decode end on the same node maps an arena once and then reads each
+request's KV straight out of it (a direct read, `location`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..kv.arena import ArenaPool, ArenaRange
 from ..kv.payload import KVHeader, KVPayload
-from ..kv.staged import StagedKV
+from ..kv.staged import StagedKV, staged_nbytes
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -48,6 +51,8 @@ class KVExporter:
         self.engine = engine
         self.budget_bytes = budget_bytes  # None: decided at the first staging, once the cache is allocated
         self._staged: dict[str, StagedKV] = {}
+        self._where: dict[str, ArenaRange] = {}
+        self._pool: ArenaPool | None = None
         self._pass: list[_Staging] = []
 
     @property
@@ -59,9 +64,28 @@ class KVExporter:
         """The request's staging (complete, or being filled by a running forward), or None."""
         return self._staged.get(request_id)
 
+    def location(self, request_id: str) -> tuple[str, int] | None:
+        """(arena id, byte offset) of the request's staging once it is complete and written on the device
+        (what a direct read needs), else None."""
+        staged, where = self._staged.get(request_id), self._where.get(request_id)
+        if staged is None or where is None or not staged.complete:
+            return None
+        event = staged.event(staged.header.num_layers)
+        if event is not None and not event.query():
+            return None  # copies still queued: a pull, which waits on the event, is the safe way
+        return where.arena.id, where.offset
+
+    def arena(self, arena_id: str) -> torch.Tensor | None:
+        """The whole buffer of a live arena, for a decode end to map (None if there is no such arena)."""
+        arena = self._pool.get(arena_id) if self._pool is not None else None
+        return None if arena is None else arena.buffer
+
     def drop(self, request_id: str) -> None:
         """Free the request's staging (it was pulled, aborted or expired)."""
         self._staged.pop(request_id, None)
+        where = self._where.pop(request_id, None)
+        if where is not None and self._pool is not None:
+            self._pool.free(where)
 
     def header(self, request_id: str, num_tokens: int) -> KVHeader:
         e = self.engine
@@ -113,14 +137,17 @@ class KVExporter:
     def _begin(self, seqs: Sequence[Seq]) -> list[_Staging]:
         cache = self.engine.cache
         device = cache.layers[0].keys.device
-        room = self._budget() - self.staged_bytes
+        budget = self._budget()
+        if self._pool is None or (self._pool.budget_bytes != budget and not self._where):
+            self._pool = ArenaPool(device, budget)  # a changed budget applies once nothing is staged
         out = []
         for seq in seqs:
             header = self.header(seq.request_id, seq.prompt_len)
-            if header.nbytes > room:
-                continue  # exported by `gather` when pulled
-            staged = StagedKV(header, device)
-            room -= staged.nbytes
+            where = self._pool.alloc(staged_nbytes(header))
+            if where is None:
+                continue  # over the budget: exported by `gather` when pulled
+            staged = StagedKV(header, device, buffer=where.tensor)
+            self._where[seq.request_id] = where
             slots = torch.tensor(cache.slots(seq.block_table, 0, seq.prompt_len), dtype=torch.long, device=device)
             self._staged[seq.request_id] = staged
             out.append(_Staging(staged, slots))

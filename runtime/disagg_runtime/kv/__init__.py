@@ -2,7 +2,7 @@
 
 from .channel import ChannelKind, KVChannel, TransferStats, payload_layers
 from .codec import Fp8Codec, RawCodec, make_codec
-from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound, KVTimeout
+from .errors import DirectReadUnavailable, KVChannelError, KVForbidden, KVMismatchError, KVNotFound, KVTimeout
 from .links import Endpoint, choose_channel
 from .payload import KVHeader, KVPayload
 from .puller import KVAddress, KVPuller
@@ -10,7 +10,7 @@ from .server import KVLease, KVServer, KVSource
 from .staged import StagedKV
 
 __all__ = [
-    "ChannelKind", "Endpoint", "Fp8Codec", "KVAddress", "KVChannel", "KVChannelError", "KVForbidden", "KVHeader", "KVLease",
+    "ChannelKind", "DirectReadUnavailable", "Endpoint", "Fp8Codec", "KVAddress", "KVChannel", "KVChannelError", "KVForbidden", "KVHeader", "KVLease",
     "KVMismatchError", "KVNotFound", "KVPayload", "KVPuller", "KVServer", "KVSource", "KVTimeout", "RawCodec",
     "StagedKV",
     "TransferStats", "choose_channel", "make_codec", "payload_layers",

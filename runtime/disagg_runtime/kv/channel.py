@@ -46,6 +46,7 @@ class TransferStats:
     raw_bytes: int
     seconds: float
     batches: int = 1
+    direct: bool = False  # read out of the prefill's staging arena (kv/arena.py), not sent by it
 
 
 @dataclass(frozen=True)

@@ -25,4 +25,8 @@ class KVForbidden(KVChannelError, PermissionError):
     """A pull without the ticket the prefill worker issued with that request's KV (the link stays usable)."""
 
 
-__all__ = ["KVChannelError", "KVForbidden", "KVMismatchError", "KVNotFound", "KVPeerClosed", "KVTimeout"]
+class DirectReadUnavailable(KVChannelError):
+    """A direct read cannot be made on this link (not an IPC link, or the arena is gone): pull instead."""
+
+
+__all__ = ["DirectReadUnavailable", "KVChannelError", "KVForbidden", "KVMismatchError", "KVNotFound", "KVPeerClosed", "KVTimeout"]

@@ -17,6 +17,14 @@ the tensors a copy still reads or writes until it knows the copy is done: the se
 receiver acks after syncing a copy that waited on the sender's event), the receiver until its sync; a
 failed pull, and `close`, synchronise the link's stream before letting them go.
 
+A direct read (kv/puller.py) skips the staging buffer and the round trip: the receiver maps the
+prefill engine's staging arena once (`map_arena`, answered by `share_arena`) and copies a request's
+bytes out of it at the offset the prefill worker published with its first token.
+
+Landing buffers are allocated on the link's copy stream, so the caching allocator only ever hands them
+memory last used by that stream: memory freed by the engine's stream may still be read or written by
+kernels queued there, and the copy stream does not wait for those.
+
 Only the mapping message is pickled (torch.multiprocessing's reductions turn the CUDA tensor into an IPC
 handle); it is read only on a link whose peer proved the internal token (kv/auth.py), like every frame.
 """
@@ -29,10 +37,12 @@ from multiprocessing.reduction import ForkingPickler
 import torch
 import torch.multiprocessing as torch_mp
 
-from .channel import KVChannel
+from .channel import KVChannel, _remote_error
 from .errors import KVChannelError, KVMismatchError
 
 _MIN_STAGING = 1 << 20
+# Arenas a receiver keeps mapped per link (a prefill worker rarely has more than two live).
+_MAX_MAPPED_ARENAS = 4
 
 
 def _shareable(t: torch.Tensor) -> bool:
@@ -54,6 +64,7 @@ class CudaIpcKVChannel(KVChannel):
         self._peer_event: torch.cuda.Event | None = None
         self._copy_stream: torch.cuda.Stream | None = None
         self._in_flight: list[torch.Tensor] = []  # sources of the sender's copies of the current pull
+        self._arenas: dict[str, torch.Tensor] = {}  # receiver: the peer's staging arenas, mapped, by id
 
     def _stream_on(self, device: torch.device) -> torch.cuda.Stream:
         if self._copy_stream is None or self._copy_stream.device != device:
@@ -100,9 +111,62 @@ class CudaIpcKVChannel(KVChannel):
             handle = self._event.ipc_handle() if self._event is not None else None
             await self.stream.send_bytes(bytes(ForkingPickler.dumps((self._staging, handle))))
 
+    async def share_arena(self, arena_id: str, buffer: torch.Tensor) -> None:
+        """Sender: answer a `map` request with the arena's buffer (an IPC handle, not bytes)."""
+        if not _shareable(buffer):
+            await self.send_error("mismatch", f"staging arena on {buffer.device} cannot be shared over IPC")
+            return
+        self.stream.queue_json({"type": "arena", "arena": arena_id, "bytes": buffer.numel()})
+        await self.stream.send_bytes(bytes(ForkingPickler.dumps(buffer)))
+
     # ---- receiver -----------------------------------------------------------------------------------
     def _landing(self, nbytes: int, device: torch.device) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        if device.type != "cuda":
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        with torch.cuda.stream(self._stream_on(device)):
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    async def map_arena(self, arena_id: str) -> torch.Tensor:
+        """Receiver: the peer's staging arena `arena_id`, mapped on first use (KVNotFound once it is gone)."""
+        mapped = self._arenas.get(arena_id)
+        if mapped is not None:
+            return mapped
+        await self.stream.send_json({"type": "map", "arena": arena_id})
+        reply = await self.stream.recv_json()
+        if reply.get("type") == "error":
+            raise _remote_error(reply)
+        if reply.get("type") != "arena" or reply.get("arena") != arena_id:
+            raise KVChannelError(f"KV server {self.stream.peer} answered {reply.get('type')!r} to a map of {arena_id}")
+        data = await self.stream.recv_bytes()
+        try:
+            buffer = pickle.loads(data)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means the handle is unusable here
+            raise KVChannelError(f"cannot map the prefill's staging arena on this node: {e}") from e
+        if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.dim() != 1 \
+                or buffer.numel() != reply.get("bytes"):
+            raise KVMismatchError("IPC arena message is not a staging arena")
+        if len(self._arenas) >= _MAX_MAPPED_ARENAS:
+            self._quiesce()  # no copy still reads the one being unmapped
+            self._arenas.pop(next(iter(self._arenas)))
+        self._arenas[arena_id] = buffer
+        return buffer
+
+    async def read_direct(self, arena_id: str, offset: int, nbytes: int, device: torch.device) -> torch.Tensor:
+        """Receiver: bytes [offset, offset + nbytes) of the peer's arena, copied into a new buffer on `device`."""
+        arena = await self.map_arena(arena_id)
+        if offset < 0 or nbytes < 1 or offset + nbytes > arena.numel():
+            raise KVMismatchError(f"bytes [{offset}, {offset + nbytes}) are outside the {arena.numel()}-byte "
+                                  f"staging arena {arena_id}")
+        out = self._landing(nbytes, device)
+        source = arena[offset:offset + nbytes]
+        if out.is_cuda or source.is_cuda:
+            side = self._stream_on(out.device if out.is_cuda else source.device)
+            with torch.cuda.stream(side):
+                out.copy_(source, non_blocking=True)
+            side.synchronize()
+        else:
+            out.copy_(source)
+        return out
 
     async def _map(self) -> None:
         data = await self.stream.recv_bytes()
@@ -159,5 +223,6 @@ class CudaIpcKVChannel(KVChannel):
         await super().close()
         self._quiesce()  # then the staging buffer and the mapping can go
         self._staging = self._mapped = None
+        self._arenas.clear()
         self._event = self._peer_event = None
         self._copy_stream = None

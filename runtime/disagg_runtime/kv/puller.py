@@ -12,13 +12,21 @@ import torch
 
 from ..security.tokens import InternalToken
 from .auth import prove_to_server
-from .channel import KVChannel, TransferStats, _remote_error
-from .codec import CodecName
-from .errors import KVChannelError, KVForbidden, KVMismatchError, KVNotFound, KVPeerClosed
+from .channel import KVChannel, TransferStats, _layers_of, _remote_error
+from .codec import CodecName, make_codec
+from .errors import (
+    DirectReadUnavailable,
+    KVChannelError,
+    KVForbidden,
+    KVMismatchError,
+    KVNotFound,
+    KVPeerClosed,
+)
 from .framing import FramedStream
 from .links import ChannelChoice, Endpoint, open_link
 from .payload import KVHeader, KVPayload
 from .reshard import KVSlice
+from .staged import staged_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +127,52 @@ class KVPuller:
             return await channel.recv(expect=check, device=self.device)
         except (KVNotFound, KVForbidden):
             raise
+        except BaseException:
+            channel.broken = True
+            raise
+
+    async def read_direct(self, address: KVAddress, header: KVHeader, arena: str, offset: int,
+                          expect: Callable[[KVHeader], None] | None = None) -> tuple[KVPayload, TransferStats]:
+        """Copy a request's staged KV straight out of the prefill's staging arena (kv/arena.py), which the
+        link maps the first time it sees the arena: no message to the prefill worker after that.
+
+        `header` and the arena location come from the prefill worker's answer (the router passes them on).
+        The caller must `release` the KV afterwards: only a successful release proves that the bytes were
+        still this request's while they were copied (a prefill worker frees unpulled KV after its TTL).
+        Raises KVMismatchError (from `expect`) for a header this end cannot use, DirectReadUnavailable when
+        the read cannot be made (not an ipc link, the arena is gone, a location outside it: the caller pulls
+        instead); does not report to `on_transfer`.
+        """
+        if expect is not None:
+            expect(header)
+        link = self._links.setdefault(address, _Link())
+        async with link.lock:
+            start = time.perf_counter()
+            reused = link.channel is not None and not link.channel.broken
+            try:
+                placed = await self._read_on(address, link, header, arena, offset)
+            except KVPeerClosed:
+                if not reused:
+                    raise
+                placed = await self._read_on(address, link, header, arena, offset)  # as in `pull`
+            seconds = time.perf_counter() - start
+        codec = make_codec("none")
+        keys, values = _layers_of(placed, header, codec, codec.part_specs(header))
+        stats = TransferStats(header.request_id, "ipc", "none", header.num_layers, placed.numel(), header.nbytes,
+                              seconds, batches=1, direct=True)
+        return KVPayload(header, keys, values), stats
+
+    async def _read_on(self, address: KVAddress, link: _Link, header: KVHeader, arena: str,
+                       offset: int) -> torch.Tensor:
+        channel = await self._channel(address, link)
+        read = getattr(channel, "read_direct", None)
+        if read is None:
+            raise DirectReadUnavailable(f"the KV link to {address} is {channel.kind}; direct reads need ipc")
+        try:
+            return await read(arena, offset, staged_nbytes(header), self.device)
+        except (KVNotFound, KVMismatchError) as e:
+            # Refused, or a location this end cannot use; the link is fine, and a pull is always possible.
+            raise DirectReadUnavailable(str(e)) from e
         except BaseException:
             channel.broken = True
             raise

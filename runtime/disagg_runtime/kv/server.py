@@ -51,6 +51,10 @@ class KVSource(Protocol):
         """Every slice of the request reached its decode ranks: free its KV (KVNotFound if unknown here)."""
         ...
 
+    def arena(self, arena_id: str) -> torch.Tensor | None:
+        """The staging arena a direct read names (kv/arena.py), or None if there is no such arena here."""
+        ...
+
 
 class KVServer:
     """Accepts links from decode ends and answers their pulls, one at a time per link.
@@ -123,10 +127,13 @@ class KVServer:
                 return
 
     async def _answer(self, channel: KVChannel, msg: dict) -> None:
+        if msg.get("type") == "map":
+            await self._map(channel, msg.get("arena"))
+            return
         ticket = msg.get("ticket")
         if (msg.get("type") not in ("pull", "release") or not isinstance(msg.get("requestId"), str)
                 or not isinstance(ticket, str | None)):
-            raise KVChannelError(f"expected a pull or a release, got {msg!r}")
+            raise KVChannelError(f"expected a pull, a release or a map, got {msg!r}")
         if msg["type"] == "release":
             await self._release(channel, msg["requestId"], ticket)
             return
@@ -154,6 +161,22 @@ class KVServer:
             await self._refuse(channel, "release", e)
             return
         await channel.stream.send_json({"type": "released"})
+
+    async def _map(self, channel: KVChannel, arena_id: object) -> None:
+        """Share a staging arena with a decode end on this node, so that it reads staged KV directly."""
+        if not isinstance(arena_id, str):
+            raise KVChannelError(f"a map names an arena id, got {arena_id!r}")
+        share = getattr(channel, "share_arena", None)
+        if share is None:
+            await channel.send_error("mismatch", f"direct reads need an ipc KV link; this one is {channel.kind}")
+            return
+        lookup = getattr(self.source, "arena", None)
+        buffer = lookup(arena_id) if lookup is not None else None
+        if buffer is None:
+            await channel.send_error("not_found", f"no staging arena {arena_id} here (the prefill worker "
+                                     "restarted, or the arena was let go)")
+            return
+        await share(arena_id, buffer)
 
     @staticmethod
     async def _refuse(channel: KVChannel, what: str, error: Exception) -> None:

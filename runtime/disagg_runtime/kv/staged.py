@@ -70,6 +70,12 @@ def unpack_layers(buffer: torch.Tensor, layers: int,
     return out
 
 
+def staged_nbytes(header: KVHeader) -> int:
+    """Bytes of a raw staging (and of its wire form) for `header`: every layer's K and V, each part padded."""
+    n, h, d = header.layer_shape
+    return header.num_layers * 2 * padded(n * h * d * TORCH_DTYPES[header.dtype].itemsize)
+
+
 class StagedKV:
     """One request's raw KV in the wire layout, filled layer by layer on one thread and sent from another.
 
@@ -77,7 +83,8 @@ class StagedKV:
     calls `mark_ready(i + 1)`; senders await `wait_ready` and, on a GPU, `device_wait` before reading.
     """
 
-    def __init__(self, header: KVHeader, device: torch.device | str) -> None:
+    def __init__(self, header: KVHeader, device: torch.device | str, *, buffer: torch.Tensor | None = None) -> None:
+        """`buffer`: uint8 memory of exactly `staged_nbytes(header)` bytes to stage into (else allocated)."""
         self.header = header
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[header.dtype]
@@ -85,7 +92,11 @@ class StagedKV:
         self.part_bytes = n * h * d * self.dtype.itemsize
         self.part_stride = padded(self.part_bytes)
         self.layer_bytes = 2 * self.part_stride
-        self.buffer = torch.empty(header.num_layers * self.layer_bytes, dtype=torch.uint8, device=self.device)
+        nbytes = header.num_layers * self.layer_bytes
+        if buffer is not None and (buffer.dtype != torch.uint8 or buffer.numel() != nbytes
+                                   or buffer.device.type != self.device.type):
+            raise ValueError(f"a staging buffer for {header.request_id} must be {nbytes} uint8 bytes on {self.device}")
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if buffer is None else buffer
         self._ready = 0
         self._error: BaseException | None = None
         self._events: list[torch.cuda.Event] = []

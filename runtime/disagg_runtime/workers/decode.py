@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 
+import torch
 from aiohttp import web
 
 from ..engine import (
@@ -25,7 +27,18 @@ from ..engine import (
     RequestTooLarge,
     SamplingParams,
 )
-from ..kv import Endpoint, KVAddress, KVChannelError, KVHeader, KVMismatchError, KVPuller, TransferStats
+from ..kv import (
+    DirectReadUnavailable,
+    Endpoint,
+    KVAddress,
+    KVChannelError,
+    KVHeader,
+    KVMismatchError,
+    KVNotFound,
+    KVPayload,
+    KVPuller,
+    TransferStats,
+)
 from .decoding import DecodingWorker
 from .engine_thread import EngineThreadStopped
 from .http import BadRequest, error_response, read_model
@@ -64,6 +77,7 @@ class DecodeWorker(DecodingWorker):
         self._wakeup = asyncio.Event()
         self._admitter: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._retiring: deque[tuple[torch.cuda.Event, KVPayload]] = deque()  # see _retire
 
     async def _on_start(self) -> None:
         self._admitter = asyncio.create_task(self._admit_forever())
@@ -160,11 +174,15 @@ class DecodeWorker(DecodingWorker):
             if job.ref is not None and self.sharded_kv.applies(job.ref):
                 await self.sharded_kv.pull_and_import(job.request, job.ref, job.first_token, self.thread.submit)
             else:
-                payload = await self.puller.pull(job.source, rid, expect=self._expect(job),
-                                                  ticket=job.ref.ticket if job.ref else None)
+                payload, direct = await self._fetch(job)
                 if job.aborted:
+                    if direct is not None:
+                        self._release_quietly(job)  # read, not pulled: the prefill worker still holds it
                     return
-                await self.thread.submit(lambda: self.engine.import_kv(job.request, payload, job.first_token))
+                if direct is None:
+                    self._retire(await self.thread.submit(lambda: self._import(job, payload)), payload)
+                else:
+                    await self._import_confirmed(job, payload, direct)
             imported = True
             job.state = "running"
             if job.aborted:  # aborted while importing: free what import took
@@ -182,8 +200,83 @@ class DecodeWorker(DecodingWorker):
             self._end(job)
         finally:
             if not imported:
-                self._forget(rid)  # the reservation made before the pull
+                self._forget(rid)  # the reservation made before the pull, or the sequence an import made
             self._wakeup.set()
+
+    async def _fetch(self, job: _Job) -> tuple[KVPayload, TransferStats | None]:
+        """The request's KV, read directly out of the prefill's staging arena when the prefill worker said
+        where it is and the link allows it (then with the read's stats, recorded once it is confirmed), else
+        pulled (the puller records the pull)."""
+        rid = job.request.request_id
+        staged = job.ref.staged if job.ref is not None else None
+        if staged is not None:
+            header = KVHeader(request_id=rid, **staged.model_dump(exclude={"arena", "offset"}))
+            try:
+                return await self.puller.read_direct(job.source, header, staged.arena, staged.offset,
+                                                     expect=self._expect(job))
+            except DirectReadUnavailable as e:
+                log.debug("request %s: no direct KV read from %s (%s); pulling it", rid, job.source, e)
+        payload = await self.puller.pull(job.source, rid, expect=self._expect(job),
+                                         ticket=job.ref.ticket if job.ref else None)
+        return payload, None
+
+    async def _import_confirmed(self, job: _Job, payload: KVPayload, read: TransferStats) -> None:
+        """Import directly read KV while the prefill worker confirms (and frees) it.
+
+        The release doubles as the proof that the bytes were still this request's while they were copied:
+        a prefill worker frees KV only on a release, an abort or its TTL, and the last two make the release
+        fail. Both run at once, so the confirmation costs the request only what outlasts the import.
+        """
+        rid = job.request.request_id
+        ticket = job.ref.ticket if job.ref else None
+
+        async def confirm() -> float:
+            await self.puller.release(job.source, rid, ticket=ticket)
+            return time.perf_counter()
+
+        imported, confirmed = await asyncio.gather(self.thread.submit(lambda: self._import(job, payload)), confirm(),
+                                                   return_exceptions=True)
+        if isinstance(imported, BaseException):
+            raise imported
+        self._retire(imported, payload)
+        if isinstance(confirmed, BaseException):
+            if isinstance(confirmed, KVNotFound):
+                raise KVChannelError(f"the prefill worker freed the KV of {rid} (expired or aborted) before "
+                                     "its direct read was confirmed") from confirmed
+            raise KVChannelError(f"the direct read of {rid} could not be confirmed: {confirmed}") from confirmed
+        waited = max(0.0, confirmed - imported[1])
+        self._transferred(replace(read, seconds=read.seconds + waited))
+
+    def _release_quietly(self, job: _Job) -> None:
+        async def release() -> None:
+            try:
+                await self.puller.release(job.source, job.request.request_id,
+                                          ticket=job.ref.ticket if job.ref else None)
+            except KVChannelError as e:
+                log.info("request %s: releasing its KV after an abort failed: %s", job.request.request_id, e)
+
+        task = asyncio.create_task(release())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _import(self, job: _Job, payload: KVPayload) -> tuple[torch.cuda.Event | None, float]:
+        """On the engine thread: place the KV; an event that completes when the copies out of the payload ran
+        (None off the GPU), and when the import returned."""
+        self.engine.import_kv(job.request, payload, job.first_token)
+        done = None
+        if payload.keys[0].is_cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(payload.keys[0].device))
+        return done, time.perf_counter()
+
+    def _retire(self, imported: tuple[torch.cuda.Event | None, float], payload: KVPayload) -> None:
+        """Keep a landed payload until the engine's copies out of it ran: its memory belongs to the KV link's
+        copy stream, which would reuse it without waiting for the engine's stream."""
+        while self._retiring and self._retiring[0][0].query():
+            self._retiring.popleft()
+        done = imported[0]
+        if done is not None:
+            self._retiring.append((done, payload))
 
     # ---- HTTP -----------------------------------------------------------------------------------
     def _job(self, msg: DecodeRequest) -> _Job:
@@ -237,4 +330,5 @@ class DecodeWorker(DecodingWorker):
         super().fail_in_flight(message)
 
     def _transferred(self, stats: TransferStats) -> None:
-        self.metrics.transferred(channel=stats.channel, wire_bytes=stats.wire_bytes, seconds=stats.seconds)
+        channel = f"{stats.channel}-direct" if stats.direct else stats.channel
+        self.metrics.transferred(channel=channel, wire_bytes=stats.wire_bytes, seconds=stats.seconds)

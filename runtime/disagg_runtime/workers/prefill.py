@@ -25,7 +25,15 @@ from .base import Worker
 from .engine_thread import EngineThreadStopped
 from .http import BadRequest, error_response, read_model
 from .prefill_queue import PrefillQueue, QueueFull
-from .protocol import ErrorEvent, KVRankRef, KVSourceRef, PrefillRequest, PrefillResult, TokenEvent
+from .protocol import (
+    ErrorEvent,
+    KVRankRef,
+    KVSourceRef,
+    PrefillRequest,
+    PrefillResult,
+    StagedKVRef,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +176,7 @@ class PrefillWorker(Worker):
             shape = getattr(self.engine, "shape", None)
             kv = KVSourceRef(host=self.config.advertise_host or "", port=self.kv_server.port,
                              tp=shape.tp if shape else 1, pp=shape.pp if shape else 1, ranks=self.kv_ranks,
-                             ticket=parked.ticket)
+                             ticket=parked.ticket, staged=self._staged_ref(out.request_id))
         first = TokenEvent(token_id=out.token_id, text=out.text, finished=out.finished,
                            finish_reason=out.finish_reason)
         yield PrefillResult(request_id=out.request_id, prompt_ids=prompt_ids, first=first, kv=kv)
@@ -210,6 +218,25 @@ class PrefillWorker(Worker):
             parked.leased = False
             raise
         return KVLease(payload.header, payload_layers(payload), release)
+
+    def _staged_ref(self, request_id: str) -> StagedKVRef | None:
+        """Where a decode worker on this node may read the request's staged KV directly (None: it pulls)."""
+        staged = self._staged(request_id)
+        where = self.engine.kv_export.location(request_id) if staged is not None else None
+        if where is None:
+            return None
+        h = staged.header
+        return StagedKVRef(arena=where[0], offset=where[1], model_id=h.model_id, dtype=h.dtype,
+                           num_layers=h.num_layers, num_kv_heads=h.num_kv_heads, head_dim=h.head_dim,
+                           num_tokens=h.num_tokens)
+
+    def arena(self, arena_id: str):
+        """A staging arena of this engine, for a decode end's direct reads (kv/server.py `map`)."""
+        exporter = getattr(self.engine, "kv_export", None)
+        shape = getattr(self.engine, "shape", None)
+        if exporter is None or (shape is not None and shape.world > 1):
+            return None
+        return exporter.arena(arena_id)
 
     def _staged(self, request_id: str) -> StagedKV | None:
         exporter = getattr(self.engine, "kv_export", None)

@@ -40,6 +40,20 @@ class KVRankRef(WireModel):
     port: int = Field(ge=1, le=65535)
 
 
+class StagedKVRef(WireModel):
+    """Where a single-rank prefill engine keeps a request's staged KV (kv/arena.py), and its shape: a decode
+    worker on the same node with an ipc link reads it directly instead of pulling."""
+
+    arena: str = Field(min_length=1, max_length=64, pattern="^[0-9a-f]+$")
+    offset: int = Field(ge=0)
+    model_id: str = Field(min_length=1, max_length=1024)
+    dtype: Literal["bfloat16", "float16", "float32"]
+    num_layers: int = Field(ge=1, le=4096)
+    num_kv_heads: int = Field(ge=1, le=4096)
+    head_dim: int = Field(ge=1, le=4096)
+    num_tokens: int = Field(ge=1)
+
+
 class KVSourceRef(WireModel):
     """Where the decode worker pulls a request's KV from (rank 0's KV server; `ranks` when tp x pp > 1)."""
 
@@ -50,6 +64,7 @@ class KVSourceRef(WireModel):
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
     ranks: list[KVRankRef] = Field(default_factory=list, description="every rank's KV server, rank order")
+    staged: StagedKVRef | None = Field(default=None, description="set when a direct read is possible")
 
     @model_validator(mode="after")
     def _ranks_match(self) -> KVSourceRef:
