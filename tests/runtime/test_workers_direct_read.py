@@ -15,7 +15,6 @@ from disagg_runtime.serve.inprocess import InProcessDeployment
 from disagg_runtime.workers.base import WorkerConfig
 from disagg_runtime.workers.decode import DecodeWorker
 from disagg_runtime.workers.prefill import PrefillWorker
-
 from test_workers import complete, prompts_of, reference
 
 
