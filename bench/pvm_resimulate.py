@@ -24,6 +24,7 @@ import numpy as np
 from disagg_planner.api import LatencyProfile, LengthHistogram, WorkloadSpec
 from disagg_planner.workloads import sample_requests
 from predicted_vs_measured import (
+    engine_tpot_ratio,
     gpu_for_capacity,
     kv_link,
     model_for,
@@ -42,6 +43,7 @@ def resimulate(measured: dict, prof: LatencyProfile) -> dict:
     slo = (measured["slo"]["ttft_s"], measured["slo"]["tpot_s"])
     budget, link = measured["prefill_token_budget"], kv_link(prof)
     modes, goodput = {}, {}
+    engine = model_for(prof, gpu, None)
     for mode, res in measured["modes"].items():
         latency = model_for(prof, gpu, mode)
         points = []
@@ -49,14 +51,16 @@ def resimulate(measured: dict, prof: LatencyProfile) -> dict:
             trace = sample_requests(spec.model_copy(update={"rate": p["rate"]}), p["rate"], w["requests_per_rate"],
                                     w["seed"])
             sim = simulate(mode, latency, trace, budget, link)
-            points.append({**p, "predicted": sim.attainment(*slo), "predicted_ttft_p50": float(np.median(sim.ttfts)),
+            engine_only = simulate(mode, engine, trace, budget, link)
+            points.append({**p, "engine_only_tpot_p50": float(np.median(engine_only.tpots)),
+                           "tpot_p50_over_engine": engine_tpot_ratio(p["measured_tpot_p50"], engine_only),
+                           "predicted": sim.attainment(*slo), "predicted_ttft_p50": float(np.median(sim.ttfts)),
                            "predicted_tpot_p50": float(np.median(sim.tpots)), "predicted_ttft_p90": sim.p90_ttft,
                            "predicted_tpot_p90": sim.p90_tpot, "predicted_band": [], "band_step_error": None})
         served = prof.served.get(mode)
         modes[mode] = {"served_overhead": served.model_dump(mode="json", exclude={"probes"}) if served else {},
                        "points": points}
         goodput[mode] = predicted_goodput(mode, latency, spec, slo, budget, link, n=w["requests_per_rate"])
-    engine = model_for(prof, gpu, None)
     return {
         "benchmark": "predicted_vs_measured (re-simulated)", "goal": measured["goal"],
         "summary": summary_of(modes, goodput), "device": measured["device"], "shape": measured["shape"],

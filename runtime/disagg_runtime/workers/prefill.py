@@ -256,11 +256,22 @@ class PrefillWorker(Worker):
         return slice_lease(payload, held, kv_slice)
 
     async def release_pulled(self, request_id: str, ticket: str | None) -> None:
-        """Every decode rank has its slices: free the request's KV (on every rank of this instance)."""
+        """Every decode rank has its slices, or a direct read has the bytes: free the request's KV (on every
+        rank of this instance).
+
+        Answered once the KV is no longer parked; the engine thread frees its blocks and staging right after.
+        A direct read's confirmation waits for this answer, and needs only that the KV was still here when
+        the release came, not the engine thread's turn.
+        """
         if request_id not in self.parked:
             raise KVNotFound(f"prefill worker holds no KV for {request_id}")
         _check_ticket(self.parked[request_id], request_id, ticket)
-        await self._free(request_id)
+        self.parked.pop(request_id)
+        try:
+            freed = self.thread.submit(lambda: self.engine.abort(request_id))
+        except EngineThreadStopped:
+            return  # the engine is gone, and its memory with it
+        freed.add_done_callback(_log_failed_free)
 
     def fail_in_flight(self, message: str) -> None:
         """The instance is out of service: every queued request ends with `message`, parked KV is dropped."""
@@ -291,6 +302,12 @@ class PrefillWorker(Worker):
                     log.warning("freeing KV of %s: no decode worker pulled it within %.0fs", rid,
                                 self.config.kv_ttl_s)
                     await self._free(rid)
+
+
+def _log_failed_free(freed: asyncio.Future) -> None:
+    if not freed.cancelled() and freed.exception() is not None and not isinstance(freed.exception(),
+                                                                                   EngineThreadStopped):
+        log.error("freeing released KV failed: %s", freed.exception())
 
 
 def _check_ticket(parked: _Parked, request_id: str, ticket: str | None) -> None:
