@@ -5,7 +5,9 @@ Mixed steps (chunked prefill) are timed with `batch` decoding sequences plus one
 chunks (at offset 0 and at offset chunk), so the fit sees chunk attention over an earlier chunk's KV.
 Decode is timed with `batch` sequences whose prompt KV is imported as zeros: the step reads and
 computes exactly what it would with real KV, and no long prefill is spent building it. Every
-shape is run once untimed first (allocator, kernels, CUDA graphs warm up). Grid points that
+shape is run once untimed first (allocator, kernels, CUDA graphs warm up). Prefill points are timed in
+passes over the whole prefill grid, not one point after another, so a slow stretch of the host or the
+GPU moves one sample of each point's median rather than every sample of a few points. Grid points that
 cannot fit the model context or the KV cache are skipped and reported in `ProfileRun.skipped`.
 
 Before the grid, a GPU is brought out of idle: `warmup_tokens` prompt tokens are prefilled untimed at the
@@ -97,17 +99,19 @@ def run_profile(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batch
         warmup_tokens = GPU_WARMUP_TOKENS if engine.device.type == "cuda" else 0
     _warm_up(engine, prefill_lengths, prefill_batches, warmup_tokens, say)
     skipped: list[str] = []
-    prefill: list[PrefillSample] = []
+    points = []
     for length in prefill_lengths:
         for batch in prefill_batches:
             why = _prefill_unfit(engine, length, batch)
             if why:
                 skipped.append(f"prefill {batch}x{length}: {why}")
-                continue
-            seconds = _time_prefill(engine, length, batch, repeats)
-            prefill.append(PrefillSample(batch_size=batch, sum_tokens=batch * length,
-                                         sum_sq_tokens=batch * length * length, seconds=seconds))
-            say(f"prefill batch {batch:>3} x {length:>5} tokens: {seconds * 1e3:9.2f} ms")
+            else:
+                points.append((length, batch))
+    prefill: list[PrefillSample] = []
+    for (length, batch), seconds in zip(points, _time_prefills(engine, points, repeats), strict=True):
+        prefill.append(PrefillSample(batch_size=batch, sum_tokens=batch * length,
+                                     sum_sq_tokens=batch * length * length, seconds=seconds))
+        say(f"prefill batch {batch:>3} x {length:>5} tokens: {seconds * 1e3:9.2f} ms")
     decode: list[DecodeSample] = []
     for context in contexts:
         for batch in decode_batches:
@@ -173,7 +177,7 @@ def _mixed_unfit(engine: Engine, context: int, batch: int, chunk: int, repeats: 
     return None
 
 
-GPU_WARMUP_TOKENS = 65536  # about 1.5 s of Llama-3-8B prefill on an H200: past its clocks' ramp from idle
+GPU_WARMUP_TOKENS = 131072  # about 3 s of Llama-3-8B prefill on an H200: past its clocks' ramp from idle
 WARMUP_STEP_TOKENS = 8192
 
 
@@ -189,8 +193,8 @@ def _warm_up(engine: Engine, lengths: Sequence[int], batches: Sequence[int], tok
     length, batch = max(fitting, key=lambda lb: (lb[0] * lb[1], lb[0]))
     steps = max(3, -(-tokens // (length * batch)))
     start = time.perf_counter()
-    for _ in range(steps):
-        _time_prefill(engine, length, batch, repeats=1)
+    for step in range(steps):
+        _prefill_once(engine, length, batch, run=step)
     say(f"warm-up: {steps} x {batch} x {length}-token prefills in {time.perf_counter() - start:.2f} s")
 
 
@@ -204,20 +208,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_prefill(engine: Engine, length: int, batch: int, repeats: int) -> float:
+def _time_prefills(engine: Engine, points: Sequence[tuple[int, int]], repeats: int) -> list[float]:
+    """Median seconds of each (length, batch) prefill, timed in `repeats` passes over all the points after
+    one untimed pass: a stretch of slow steps (clocks, a busy host) then costs each point one sample of
+    its median, instead of every sample of the points timed during it."""
+    times: list[list[float]] = [[] for _ in points]
+    for run in range(repeats + 1):  # run 0 warms up every shape
+        for i, (length, batch) in enumerate(points):
+            seconds = _prefill_once(engine, length, batch, run)
+            if run:
+                times[i].append(seconds)
+    return [statistics.median(t) for t in times]
+
+
+def _prefill_once(engine: Engine, length: int, batch: int, run: int) -> float:
     params = SamplingParams(max_tokens=1, ignore_eos=True)
-    times = []
-    for run in range(repeats + 1):  # run 0 warms up
-        reqs = [GenerationRequest(f"profile-p{length}x{batch}-{run}-{i}", ids, params)
-                for i, ids in enumerate(_prompts(engine, length, batch, seed=length * 1000 + batch))]
-        _sync(engine.device)
-        start = time.perf_counter()
-        engine.prefill(reqs, reserve_decode=False)
-        _sync(engine.device)
-        times.append(time.perf_counter() - start)
-        for r in reqs:
-            engine.release(r.request_id)
-    return statistics.median(times[1:])
+    reqs = [GenerationRequest(f"profile-p{length}x{batch}-{run}-{i}", ids, params)
+            for i, ids in enumerate(_prompts(engine, length, batch, seed=length * 1000 + batch))]
+    _sync(engine.device)
+    start = time.perf_counter()
+    engine.prefill(reqs, reserve_decode=False)
+    _sync(engine.device)
+    seconds = time.perf_counter() - start
+    for r in reqs:
+        engine.release(r.request_id)
+    return seconds
 
 
 def _zero_kv(engine: Engine, context: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

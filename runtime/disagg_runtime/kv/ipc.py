@@ -157,15 +157,16 @@ class CudaIpcKVChannel(KVChannel):
         if offset < 0 or nbytes < 1 or offset + nbytes > arena.numel():
             raise KVMismatchError(f"bytes [{offset}, {offset + nbytes}) are outside the {arena.numel()}-byte "
                                   f"staging arena {arena_id}")
-        out = self._landing(nbytes, device)
         source = arena[offset:offset + nbytes]
-        if out.is_cuda or source.is_cuda:
-            side = self._stream_on(out.device if out.is_cuda else source.device)
-            with torch.cuda.stream(side):
-                out.copy_(source, non_blocking=True)
-            side.synchronize()
-        else:
+        if device.type != "cuda":
+            out = torch.empty(nbytes, dtype=torch.uint8, device=device)
             out.copy_(source)
+            return out
+        side = self._stream_on(device)
+        with torch.cuda.stream(side):  # the landing is the copy stream's memory (see the module docstring)
+            out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            out.copy_(source, non_blocking=True)
+        side.synchronize()
         return out
 
     async def _map(self) -> None:

@@ -29,6 +29,7 @@ from .reshard import KVSlice
 from .staged import staged_nbytes
 
 log = logging.getLogger(__name__)
+_RAW = make_codec("none")  # a direct read moves the staged bytes as they are
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,7 @@ class KVPuller:
                     raise
                 placed = await self._read_on(address, link, header, arena, offset)  # as in `pull`
             seconds = time.perf_counter() - start
-        codec = make_codec("none")
-        keys, values = _layers_of(placed, header, codec, codec.part_specs(header))
+        keys, values = _layers_of(placed, header, _RAW, _RAW.part_specs(header))
         stats = TransferStats(header.request_id, "ipc", "none", header.num_layers, placed.numel(), header.nbytes,
                               seconds, batches=1, direct=True)
         return KVPayload(header, keys, values), stats

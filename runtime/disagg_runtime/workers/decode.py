@@ -210,7 +210,10 @@ class DecodeWorker(DecodingWorker):
         rid = job.request.request_id
         staged = job.ref.staged if job.ref is not None else None
         if staged is not None:
-            header = KVHeader(request_id=rid, **staged.model_dump(exclude={"arena", "offset"}))
+            # Fields validated as the request came in (StagedKVRef's bounds are KVHeader's, or tighter).
+            header = KVHeader.model_construct(request_id=rid, model_id=staged.model_id, num_layers=staged.num_layers,
+                                              num_kv_heads=staged.num_kv_heads, head_dim=staged.head_dim,
+                                              dtype=staged.dtype, num_tokens=staged.num_tokens)
             try:
                 return await self.puller.read_direct(job.source, header, staged.arena, staged.offset,
                                                      expect=self._expect(job))
