@@ -13,6 +13,7 @@ from disagg_planner.api import (
     ShapeProfile,
 )
 from disagg_planner.latency import LatencyModel, ProfileError, ShapeError, fit_linear, kv_transfer_time
+from disagg_planner.latency.fit import fit_decode
 from disagg_planner.latency.shape import allreduce_time
 
 A100 = GPU_PRESETS["A100-80GB"]
@@ -79,6 +80,42 @@ def test_a_sample_the_form_cannot_explain_is_left_out_and_counted() -> None:
     # However bad the samples, at most a fifth of them is left out.
     wild = seconds * np.array([1, 2, 0.5, 1, 3, 1, 0.3, 1, 1, 2.5])
     assert fit_linear(tokens, tokens**2, wild, "wild").outliers <= 2
+
+
+def _decode_samples(step, batches=(1, 4, 16, 32, 64, 128, 256), contexts=(512, 1024, 2048)):
+    return [DecodeSample(batch_size=b, sum_context=b * ctx, seconds=step(b) + 2.7e-8 * b * ctx)
+            for b in batches for ctx in contexts]
+
+
+def test_decode_follows_the_profiled_batch_curve_where_a_line_cannot() -> None:
+    """GPU decode is flat in the batch while the weights dominate, then steeper: the H200 shape of it."""
+    def step(b):  # seconds at no context: flat to 32, then 17 us per sequence
+        return 0.0046 + 2e-6 * b + 17e-6 * max(0, b - 32)
+
+    samples = _decode_samples(step)
+    line = fit_linear([s.batch_size for s in samples], [s.sum_context for s in samples],
+                      [s.seconds for s in samples], "line")
+    fit = fit_decode(samples, "curve")
+    misses = [abs(line(s.batch_size, s.sum_context) / s.seconds - 1) for s in samples]
+    assert max(misses) > 0.04  # what the plain line does to this shape
+    for s in samples:
+        assert fit(s.batch_size, s.sum_context) == pytest.approx(s.seconds, rel=2e-3)
+    assert fit.rms_relative_error < 2e-3
+    # Between profiled batches: on the segment; past the largest: along the last one.
+    assert fit.base(48) == pytest.approx((step(32) + step(64)) / 2, rel=1e-3)
+    assert fit.base(512) == pytest.approx(step(256) + (step(256) - step(128)) * 2, rel=1e-3)
+    model = LatencyModel.from_profile(profile_of(ShapeProfile(tp=1, pp=1, prefill=synthetic_shape(1, PRE, DEC).prefill,
+                                                              decode=samples)), A100, 300.0)
+    assert model.decode_time(1, 1, 64, 64 * 800) == pytest.approx(step(64) + 2.7e-8 * 64 * 800, rel=2e-3)
+
+
+def test_decode_bases_never_fall_with_the_batch() -> None:
+    def step(b):
+        return 0.005 * (0.97 if b == 8 else 1.0) + 1e-5 * b  # batch 8 caught fast
+
+    fit = fit_decode(_decode_samples(step, batches=(1, 4, 8, 16)), "noisy")
+    bases = [y for _, y in fit.bases]
+    assert bases == sorted(bases)
 
 
 def test_fit_never_returns_negative_coefficients() -> None:

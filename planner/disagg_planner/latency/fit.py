@@ -1,6 +1,13 @@
 """Least-squares fit of the step-time forms to a runtime profile's samples.
 
-prefill(batch) = a + b·Σlen + c·Σlen²      decode(step) = a + b·batch + c·Σcontext
+prefill(batch) = a + b·Σlen + c·Σlen²      decode(step) = base(batch) + c·Σcontext
+
+A decode step's time at no context is not linear in the batch on a GPU: flat while the weights' bytes
+dominate, then steeper as the GEMMs fill (an H200's Llama-3-8B profile: the line a + b·batch was 2% fast
+at batch 4-16, 5-6% slow at 64 and 4-5% fast at 256, and near the knee a few percent of TPOT move
+attainment by tens of points). So `base` is the profile's own per-batch time with the context term taken
+out (one intercept per batch and a shared context term, fitted together), interpolated between the profiled batches (and extended past them along the last segment); the line
+a + b·batch is kept for a profile that has only one batch size.
 
 Coefficients are constrained non-negative (a negative coefficient would predict negative or
 shrinking times outside the sampled range) and fitted on relative error, as DistServe does, so that
@@ -18,9 +25,10 @@ left out (`outliers`).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -74,8 +82,40 @@ def nnls(matrix: np.ndarray, target: np.ndarray) -> np.ndarray:
     return best
 
 
+@dataclass(frozen=True)
+class DecodeFit(LinearFit):
+    """decode(step) = base(batch) + c·Σcontext; `bases` are (batch, seconds at no context) at the profiled
+    batch sizes, non-decreasing in the batch."""
+
+    bases: tuple[tuple[int, float], ...] = ()
+
+    def base(self, batch: float) -> float:
+        """Seconds of a decode step of `batch` sequences, before its context term."""
+        pts = self.bases
+        if len(pts) < 2:
+            return self.a + self.b * batch
+        xs = [x for x, _ in pts]
+        i = bisect.bisect_right(xs, batch)
+        if i == 0:  # below the smallest profiled batch: along the fitted slope
+            return max(pts[0][1] - self.b * (xs[0] - batch), 0.0)
+        if i == len(pts):  # past the largest: along the last segment (steps only get steeper)
+            (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        else:
+            (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        return y0 + (y1 - y0) * (batch - x0) / (x1 - x0)
+
+    def __call__(self, x1: float, x2: float) -> float:
+        return self.base(x1) + self.c * x2
+
+
 def fit_linear(x1: Sequence[float], x2: Sequence[float], seconds: Sequence[float], what: str) -> LinearFit:
     """Fit a + b·x1 + c·x2 to `seconds` minimising Σ((pred - t) / t)² with a, b, c >= 0."""
+    return _fit_linear(x1, x2, seconds, what)[0]
+
+
+def _fit_linear(x1: Sequence[float], x2: Sequence[float], seconds: Sequence[float],
+                what: str) -> tuple[LinearFit, np.ndarray]:
+    """`fit_linear`, and which samples it kept."""
     if len(seconds) < MIN_SAMPLES:
         raise ProfileError(f"{what}: need at least {MIN_SAMPLES} samples to fit 3 coefficients, got {len(seconds)}")
     t = np.asarray(seconds, dtype=float)
@@ -89,7 +129,7 @@ def fit_linear(x1: Sequence[float], x2: Sequence[float], seconds: Sequence[float
         j, coef, rel = found
         keep[j] = False
     return LinearFit(float(coef[0]), float(coef[1]), float(coef[2]), float(np.sqrt(np.mean(rel**2))),
-                     int((~keep).sum()))
+                     int((~keep).sum())), keep
 
 
 def _worst_outlier(design: np.ndarray, t: np.ndarray, keep: np.ndarray,
@@ -133,7 +173,26 @@ def fit_prefill(samples: Sequence[PrefillSample], what: str) -> LinearFit:
     )
 
 
-def fit_decode(samples: Sequence[DecodeSample], what: str) -> LinearFit:
-    return fit_linear(
-        [s.batch_size for s in samples], [s.sum_context for s in samples], [s.seconds for s in samples], what
-    )
+def fit_decode(samples: Sequence[DecodeSample], what: str) -> DecodeFit:
+    """The decode line (which picks the outliers and serves a one-batch profile), then each profiled batch's
+    own base with a shared context term refitted, the bases made non-decreasing in the batch."""
+    batch = np.asarray([s.batch_size for s in samples], dtype=float)
+    context = np.asarray([s.sum_context for s in samples], dtype=float)
+    t = np.asarray([s.seconds for s in samples], dtype=float)
+    line, keep = _fit_linear(batch, context, t, what)
+    sizes = sorted({int(b) for b in batch[keep]})
+    # One intercept per batch size and a shared context term, on relative error like the line: the line's
+    # own context term absorbs some of its misfit in the batch.
+    design = np.column_stack([*(batch[keep] == b for b in sizes), context[keep]]).astype(float)
+    sol, _, rank, _ = np.linalg.lstsq(design / t[keep][:, None], np.ones(int(keep.sum())), rcond=None)
+    per_context = float(sol[-1])
+    if rank < design.shape[1] or per_context < 0:
+        # One context per batch (the context term cannot be told from the batch's own), or a context term
+        # the samples contradict: the line's context term, and each batch's median of what is left.
+        per_context = line.c
+        sol = np.array([float(np.median((t - per_context * context)[keep & (batch == b)])) for b in sizes] + [0.0])
+    bases = np.maximum.accumulate(np.maximum(sol[:-1], 0.0)).tolist()
+    fit = DecodeFit(line.a, line.b, per_context, line.rms_relative_error, line.outliers,
+                    tuple(zip(sizes, bases, strict=True)))
+    rel = [(fit(b, c) - s) / s for b, c, s in zip(batch[keep], context[keep], t[keep], strict=True)]
+    return replace(fit, rms_relative_error=float(np.sqrt(np.mean(np.square(rel)))))

@@ -11,7 +11,7 @@ from ..api.cluster import GPUSpec
 from ..api.model import ModelSpec
 from ..api.profile import LatencyProfile, ServedMode, ServedOverhead
 from . import analytic
-from .fit import LinearFit, ProfileError, fit_decode, fit_prefill
+from .fit import DecodeFit, LinearFit, ProfileError, fit_decode, fit_prefill
 from .memory import kv_capacity_tokens
 from .mixed import MixedFit, fit_mixed_shapes, mixed_stage_time
 from .shape import StageShape, allreduce_time, stage_shape
@@ -172,7 +172,8 @@ class LatencyModel:
         if self.source == "analytic":
             return analytic.decode_stage_coefficients(stage, self.gpu, self.intra_node_gbps, batch)
         key, fit = self._nearest(self.decode_fits, tp, pp)
-        base = self._rescale(key, stage, fit.a + fit.b * batch, batch)
+        base = self._rescale(key, stage, fit.base(batch) if isinstance(fit, DecodeFit) else fit.a + fit.b * batch,
+                             batch)
         if self.served is not None:
             base += (self.served.decode_step_s + self.served.decode_per_seq_s * batch) / pp
         return base, fit.c * self._compute_scale(key, stage)

@@ -49,6 +49,24 @@ from .sharded_kv import ShardedKVImport
 log = logging.getLogger(__name__)
 
 
+class _HeldTokens:
+    """A sink that keeps a request's tokens until `replay` (while a direct read is being confirmed)."""
+
+    def __init__(self) -> None:
+        self._calls: list[tuple[str, tuple]] = []
+
+    def token(self, request_id: str, token_id: int, text: str, finish_reason: str | None) -> None:
+        self._calls.append(("token", (request_id, token_id, text, finish_reason)))
+
+    def error(self, request_id: str, code: int, message: str) -> None:
+        self._calls.append(("error", (request_id, code, message)))
+
+    def replay(self, sink: TokenSink) -> None:
+        for name, args in self._calls:
+            getattr(sink, name)(*args)
+        self._calls.clear()
+
+
 @dataclass
 class _Job:
     request: GenerationRequest
@@ -184,7 +202,8 @@ class DecodeWorker(DecodingWorker):
                 else:
                     await self._import_confirmed(job, payload, direct)
             imported = True
-            job.state = "running"
+            if job.state != "done":  # its last token may have gone out already
+                job.state = "running"
             if job.aborted:  # aborted while importing: free what import took
                 await self.thread.submit(lambda: self.engine.abort(rid))
             else:
@@ -237,12 +256,19 @@ class DecodeWorker(DecodingWorker):
             await self.puller.release(job.source, rid, ticket=ticket)
             return time.perf_counter()
 
-        imported, confirmed = await asyncio.gather(self.thread.submit(lambda: self._import(job, payload)), confirm(),
-                                                   return_exceptions=True)
+        # Decode steps may run on the imported KV before the confirmation comes; their tokens wait here.
+        sink, job.sink = job.sink, _HeldTokens()
+        try:
+            imported, confirmed = await asyncio.gather(self.thread.submit(lambda: self._import(job, payload)),
+                                                       confirm(), return_exceptions=True)
+        finally:
+            held, job.sink = job.sink, sink
         if isinstance(imported, BaseException):
             raise imported
         self._retire(imported, payload)
-        if isinstance(confirmed, BaseException):
+        if not isinstance(confirmed, BaseException):
+            held.replay(sink)
+        else:
             if isinstance(confirmed, KVNotFound):
                 raise KVChannelError(f"the prefill worker freed the KV of {rid} (expired or aborted) before "
                                      "its direct read was confirmed") from confirmed
