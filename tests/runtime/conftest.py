@@ -20,6 +20,17 @@ MODEL_VARIANTS: dict[str, tuple[str, int, dict]] = {
 }
 
 
+@pytest.fixture
+def file_system_sharing():
+    """CPU tensors travel between processes by name: the IPC plane's CUDA code path, without a GPU."""
+    import torch.multiprocessing as torch_mp
+
+    before = torch_mp.get_sharing_strategy()
+    torch_mp.set_sharing_strategy("file_system")
+    yield
+    torch_mp.set_sharing_strategy(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -6,9 +6,10 @@ On CPU the IPC plane shares memory by name (torch's file_system strategy), the s
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import pytest
 import torch
-import torch.multiprocessing as torch_mp
 from disagg_runtime.kv import (
     DirectReadUnavailable,
     Endpoint,
@@ -30,14 +31,6 @@ def assert_bit_exact(got, want) -> None:
     assert got.header == want.header
     for a, b in zip(got.keys + got.values, want.keys + want.values, strict=True):
         assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
-@pytest.fixture
-def file_system_sharing():
-    before = torch_mp.get_sharing_strategy()
-    torch_mp.set_sharing_strategy("file_system")
-    yield
-    torch_mp.set_sharing_strategy(before)
 
 
 # ---- the allocator ---------------------------------------------------------------------------------
@@ -109,18 +102,23 @@ class ArenaSource:
         return None if arena is None else arena.buffer
 
 
-async def _serving(source):
+@asynccontextmanager
+async def linked(channel: str = "ipc"):
+    """A KV server over an ArenaSource, and a puller with `channel` links to it: (source, puller, address)."""
+    source = ArenaSource()
     server = KVServer(source, local=HERE, host="127.0.0.1", timeout=5.0)
     await server.start()
-    return server, KVAddress("127.0.0.1", server.port)
+    puller = KVPuller(local=HERE, channel=channel, timeout=5.0)
+    try:
+        yield source, puller, KVAddress("127.0.0.1", server.port)
+    finally:
+        await puller.close()
+        await server.close()
 
 
 async def test_a_direct_read_equals_the_staged_kv_and_maps_each_arena_once(file_system_sharing):
-    source = ArenaSource()
-    server, addr = await _serving(source)
-    puller = KVPuller(local=HERE, channel="ipc", timeout=5.0)
-    payloads = [make_payload(f"r{i}", tokens=20 + 7 * i, layers=3, heads=2, dim=8, seed=i) for i in range(4)]
-    try:
+    async with linked() as (source, puller, addr):
+        payloads = [make_payload(f"r{i}", tokens=20 + 7 * i, layers=3, heads=2, dim=8, seed=i) for i in range(4)]
         for p in payloads:
             arena, offset = source.stage(p)
             got, stats = await puller.read_direct(addr, p.header, arena, offset)
@@ -130,17 +128,11 @@ async def test_a_direct_read_equals_the_staged_kv_and_maps_each_arena_once(file_
         channel = puller._links[addr].channel
         assert list(channel._arenas) == [arena]  # one arena, mapped by the first read only
         assert source.staged == {}  # every release freed its range
-    finally:
-        await puller.close()
-        await server.close()
 
 
 async def test_a_released_range_reused_by_another_request_fails_the_late_reads_release(file_system_sharing):
-    source = ArenaSource()
-    server, addr = await _serving(source)
-    puller = KVPuller(local=HERE, channel="ipc", timeout=5.0)
-    first = make_payload("old", tokens=16, layers=2, heads=2, dim=8, seed=1)
-    try:
+    async with linked() as (source, puller, addr):
+        first = make_payload("old", tokens=16, layers=2, heads=2, dim=8, seed=1)
         arena, offset = source.stage(first)
         source.free("old")  # expired on the prefill side before the decode end got to it
         second = make_payload("new", tokens=16, layers=2, heads=2, dim=8, seed=2)
@@ -150,38 +142,23 @@ async def test_a_released_range_reused_by_another_request_fails_the_late_reads_r
         with pytest.raises(KVNotFound):  # and its release says so, which is what the decode worker checks
             await puller.release(addr, "old")
         assert "new" in source.staged  # the other request's KV is untouched
-    finally:
-        await puller.close()
-        await server.close()
 
 
 async def test_a_direct_read_that_cannot_be_made_leaves_the_link_usable_for_a_pull(file_system_sharing):
-    source = ArenaSource()
-    server, addr = await _serving(source)
-    puller = KVPuller(local=HERE, channel="ipc", timeout=5.0)
-    p = make_payload("r", tokens=24, layers=3, heads=2, dim=8)
-    try:
+    async with linked() as (source, puller, addr):
+        p = make_payload("r", tokens=24, layers=3, heads=2, dim=8)
         arena, offset = source.stage(p)
         with pytest.raises(DirectReadUnavailable, match="no staging arena"):
             await puller.read_direct(addr, p.header, "00ff00ff00ff00ff", offset)
         with pytest.raises(DirectReadUnavailable, match="outside"):
             await puller.read_direct(addr, p.header, arena, source.pool.get(arena).capacity - 16)
         assert_bit_exact(await puller.pull(addr, "r"), p)  # the same link, still in step
-    finally:
-        await puller.close()
-        await server.close()
 
 
 async def test_a_tcp_link_pulls_instead(file_system_sharing):
-    source = ArenaSource()
-    server, addr = await _serving(source)
-    puller = KVPuller(local=HERE, channel="tcp", timeout=5.0)
-    p = make_payload("r", tokens=24, layers=3, heads=2, dim=8)
-    try:
+    async with linked("tcp") as (source, puller, addr):
+        p = make_payload("r", tokens=24, layers=3, heads=2, dim=8)
         arena, offset = source.stage(p)
         with pytest.raises(DirectReadUnavailable, match="tcp"):
             await puller.read_direct(addr, p.header, arena, offset)
         assert_bit_exact(await puller.pull(addr, "r"), p)
-    finally:
-        await puller.close()
-        await server.close()

@@ -8,7 +8,6 @@ import threading
 
 import pytest
 import torch
-import torch.multiprocessing as torch_mp
 from disagg_runtime.kv import Endpoint, KVAddress, KVChannelError, KVLease, KVPuller, KVServer, StagedKV
 from disagg_runtime.kv.codec import RawCodec
 from disagg_runtime.kv.ipc import CudaIpcKVChannel
@@ -146,14 +145,6 @@ async def test_a_stale_link_is_retried_once_on_a_fresh_connection():
     finally:
         await puller.close()
         await server.close()
-
-
-@pytest.fixture
-def file_system_sharing():
-    before = torch_mp.get_sharing_strategy()
-    torch_mp.set_sharing_strategy("file_system")  # CPU tensors travel by name: the IPC plane without a GPU
-    yield
-    torch_mp.set_sharing_strategy(before)
 
 
 async def test_ipc_maps_the_staging_buffer_once_per_link_and_frees_it_on_close(file_system_sharing):

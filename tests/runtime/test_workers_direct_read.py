@@ -8,7 +8,6 @@ import asyncio
 
 import aiohttp
 import pytest
-import torch.multiprocessing as torch_mp
 from disagg_runtime.engine import Engine
 from disagg_runtime.router.app import RouterConfig
 from disagg_runtime.serve.inprocess import InProcessDeployment
@@ -24,14 +23,6 @@ def model_dir(tmp_path_factory):
     from disagg_runtime.models.testing import write_random_model
 
     return write_random_model(tmp_path_factory.mktemp("model") / "tiny", seed=3)
-
-
-@pytest.fixture
-def file_system_sharing():
-    before = torch_mp.get_sharing_strategy()
-    torch_mp.set_sharing_strategy("file_system")  # CPU tensors travel by name: the IPC plane without a GPU
-    yield
-    torch_mp.set_sharing_strategy(before)
 
 
 def _samples(worker, name: str) -> dict[tuple, float]:
