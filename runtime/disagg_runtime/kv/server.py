@@ -51,16 +51,13 @@ class KVSource(Protocol):
         """Every slice of the request reached its decode ranks: free its KV (KVNotFound if unknown here)."""
         ...
 
-    def arena(self, arena_id: str) -> torch.Tensor | None:
-        """The staging arena a direct read names (kv/arena.py), or None if there is no such arena here."""
-        ...
-
 
 class KVServer:
     """Accepts links from decode ends and answers their pulls, one at a time per link.
 
     With `token`, a connection that does not prove it holds the internal token is closed before its
-    first control message is read (kv/auth.py).
+    first control message is read (kv/auth.py). A source that also has `arena(arena_id) -> tensor | None`
+    (kv/arena.py; the prefill worker) lets decode ends on ipc links map its staging arenas for direct reads.
     """
 
     def __init__(self, source: KVSource, *, local: Endpoint, device: torch.device | str = "cpu",
