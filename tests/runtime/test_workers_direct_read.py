@@ -31,6 +31,14 @@ def _samples(worker, name: str) -> dict[tuple, float]:
                                       if s.name.endswith("_total") or s.name.endswith("_count")}
 
 
+async def _until(condition, what: str, timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.002)):
+        if condition():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 async def test_an_ipc_link_reads_staged_kv_directly_and_releases_it(model_dir, file_system_sharing):
     prompts = prompts_of(model_dir, 6)
     want = reference(model_dir, prompts, max_tokens=10)
@@ -40,24 +48,15 @@ async def test_an_ipc_link_reads_staged_kv_directly_and_releases_it(model_dir, f
     async with InProcessDeployment([p], [d], RouterConfig(prefill=[], decode=[])) as dep, \
             aiohttp.ClientSession() as s:
         got = await asyncio.gather(*(complete(s, dep.url, prompt, 10) for prompt in prompts))
-        for _ in range(100):  # releases are confirmed while the decode worker imports
-            if not p.parked:
-                break
-            await asyncio.sleep(0.01)
+        # Releases are confirmed while the decode worker imports; the prefill engine frees right after.
+        await _until(lambda: not p.parked and p.engine.free_blocks == p.engine.total_blocks,
+                     "the prefill worker to free every released request")
     assert [g["choices"][0]["token_ids"] for g in got] == want
     reads = _samples(d, "disagg_kv_transfer_seconds")
     assert sum(v for k, v in reads.items() if ("channel", "ipc-direct") in k) == len(prompts)
     assert not _samples(p, "disagg_kv_transfer_seconds")  # the prefill worker sent no payload
     assert not p.parked and p.engine.kv_export.staged_bytes == 0
     assert p.engine.free_blocks == p.engine.total_blocks and d.engine.free_blocks == d.engine.total_blocks
-
-
-async def _until(condition, what: str, timeout_s: float = 10.0) -> None:
-    for _ in range(int(timeout_s / 0.002)):
-        if condition():
-            return
-        await asyncio.sleep(0.002)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class SlowReleases(PrefillWorker):
