@@ -59,10 +59,9 @@ FIXED_REPEATS = 50
 SERVER = textwrap.dedent(
     """
     import asyncio, sys, json, torch, torch.multiprocessing as mp
-    from disagg_runtime.kv import Endpoint, KVLease, KVServer, StagedKV
+    from disagg_runtime.kv import Endpoint, KVLease, KVServer
     from disagg_runtime.kv.arena import ArenaPool
-    from disagg_runtime.kv.staged import staged_nbytes
-    from disagg_runtime.kv.testing import make_payload
+    from disagg_runtime.kv.testing import make_payload, stage_in_arena
     device, tokens, shape = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     if device == "cpu":
         mp.set_sharing_strategy("file_system")  # lets the ipc path share CPU tensors by name
@@ -76,16 +75,13 @@ SERVER = textwrap.dedent(
             for n in sorted({1, *tokens}):
                 p = make_payload(f"t{n}", tokens=n, layers=shape["layers"], heads=shape["heads"],
                                  dim=shape["dim"], dtype=shape["dtype"])
-                where = self.pool.alloc(staged_nbytes(p.header))
-                staged = StagedKV(p.header, device, buffer=where.tensor)
-                for i, (k, v) in enumerate(zip(p.keys, p.values)):
-                    staged.stage(i, k.to(device), v.to(device))
-                staged.mark_ready(p.header.num_layers)
+                p.keys = [k.to(device) for k in p.keys]
+                p.values = [v.to(device) for v in p.values]
+                staged, where = stage_in_arena(self.pool, p)
                 self.staged[p.header.request_id] = staged
                 self.where[p.header.request_id] = (where.arena.id, where.offset)
         def arena(self, arena_id):
-            arena = self.pool.get(arena_id)
-            return None if arena is None else arena.buffer
+            return self.pool.buffer(arena_id)
         async def checkout(self, rid, ticket=None):
             s = self.staged[rid]
             async def release(ok):

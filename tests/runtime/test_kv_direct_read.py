@@ -21,8 +21,7 @@ from disagg_runtime.kv import (
     StagedKV,
 )
 from disagg_runtime.kv.arena import MIN_ARENA_BYTES, ArenaPool, StagingArena
-from disagg_runtime.kv.staged import staged_nbytes
-from disagg_runtime.kv.testing import make_payload
+from disagg_runtime.kv.testing import make_payload, stage_in_arena
 
 HERE = Endpoint(node="node-a")
 
@@ -70,11 +69,7 @@ class ArenaSource:
         self.staged: dict[str, tuple[StagedKV, object]] = {}
 
     def stage(self, payload) -> tuple[str, int]:
-        where = self.pool.alloc(staged_nbytes(payload.header))
-        staged = StagedKV(payload.header, "cpu", buffer=where.tensor)
-        for i, (k, v) in enumerate(zip(payload.keys, payload.values, strict=True)):
-            staged.stage(i, k, v)
-        staged.mark_ready(payload.header.num_layers)
+        staged, where = stage_in_arena(self.pool, payload)
         self.staged[payload.header.request_id] = (staged, where)
         return where.arena.id, where.offset
 
@@ -98,8 +93,7 @@ class ArenaSource:
         self.pool.free(self.staged.pop(request_id)[1])
 
     def arena(self, arena_id):
-        arena = self.pool.get(arena_id)
-        return None if arena is None else arena.buffer
+        return self.pool.buffer(arena_id)
 
 
 @asynccontextmanager

@@ -46,8 +46,7 @@ SERVER = textwrap.dedent(
     import asyncio, json, sys, torch, torch.multiprocessing as mp
     from disagg_runtime.kv import Endpoint, KVLease, KVServer, StagedKV
     from disagg_runtime.kv.arena import ArenaPool
-    from disagg_runtime.kv.staged import staged_nbytes
-    from disagg_runtime.kv.testing import DictSource, make_payload
+    from disagg_runtime.kv.testing import DictSource, make_payload, stage_in_arena
     device = sys.argv[1]
 
     class Staged(DictSource):
@@ -62,17 +61,12 @@ SERVER = textwrap.dedent(
             super().__init__(payloads)
             self.pool, self.where = ArenaPool(device, 1 << 30), {}
             for p in payloads:
-                where = self.pool.alloc(staged_nbytes(p.header))
-                staged = StagedKV(p.header, device, buffer=where.tensor)
-                for i, (k, v) in enumerate(zip(p.keys, p.values)):
-                    staged.stage(i, k, v)
-                staged.mark_ready(p.header.num_layers)
+                _, where = stage_in_arena(self.pool, p)
                 self.where[p.header.request_id] = (where.arena.id, where.offset)
             if device != "cpu":
                 torch.cuda.synchronize()  # staged before anyone is told where
         def arena(self, arena_id):
-            arena = self.pool.get(arena_id)
-            return None if arena is None else arena.buffer
+            return self.pool.buffer(arena_id)
         async def release_pulled(self, rid, ticket=None):
             self.on_release(rid)
 

@@ -66,7 +66,11 @@ class LatencyModel:
         self.intra_node_gbps = intra_node_gbps
         self.source: Literal["profile", "analytic"] = source
         self.prefill_fits: dict[Shape, LinearFit] = dict(prefill_fits or {})
-        self.decode_fits: dict[Shape, LinearFit] = dict(decode_fits or {})
+        # A plain line a + b·batch + c·Σcontext is a DecodeFit without per-batch bases.
+        self.decode_fits: dict[Shape, DecodeFit] = {
+            key: fit if isinstance(fit, DecodeFit) else DecodeFit(fit.a, fit.b, fit.c, fit.rms_relative_error,
+                                                                  fit.outliers)
+            for key, fit in (decode_fits or {}).items()}
         if source == "profile" and not (self.prefill_fits and self.decode_fits):
             raise ProfileError("a profile-based latency model needs prefill and decode fits")
         self.mixed_fits: dict[Shape, MixedFit] = {}  # measured chunked-prefill steps (latency/mixed.py)
@@ -94,7 +98,7 @@ class LatencyModel:
                 "profile this GPU type or drop the profile to use the analytic model"
             )
         prefill: dict[Shape, LinearFit] = {}
-        decode: dict[Shape, LinearFit] = {}
+        decode: dict[Shape, DecodeFit] = {}
         for shape in profile.shapes:
             key = (shape.tp, shape.pp)
             where = f"profile shape tp={shape.tp} pp={shape.pp}"
@@ -172,8 +176,7 @@ class LatencyModel:
         if self.source == "analytic":
             return analytic.decode_stage_coefficients(stage, self.gpu, self.intra_node_gbps, batch)
         key, fit = self._nearest(self.decode_fits, tp, pp)
-        base = self._rescale(key, stage, fit.base(batch) if isinstance(fit, DecodeFit) else fit.a + fit.b * batch,
-                             batch)
+        base = self._rescale(key, stage, fit.base(batch), batch)
         if self.served is not None:
             base += (self.served.decode_step_s + self.served.decode_per_seq_s * batch) / pp
         return base, fit.c * self._compute_scale(key, stage)

@@ -77,8 +77,7 @@ class KVExporter:
 
     def arena(self, arena_id: str) -> torch.Tensor | None:
         """The whole buffer of a live arena, for a decode end to map (None if there is no such arena)."""
-        arena = self._pool.get(arena_id) if self._pool is not None else None
-        return None if arena is None else arena.buffer
+        return None if self._pool is None else self._pool.buffer(arena_id)
 
     def drop(self, request_id: str) -> None:
         """Free the request's staging (it was pulled, aborted or expired)."""

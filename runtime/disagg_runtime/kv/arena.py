@@ -117,6 +117,11 @@ class ArenaPool:
         """The live arena with this id (None once it has been let go, or if it never was)."""
         return self._arenas.get(arena_id)
 
+    def buffer(self, arena_id: str) -> torch.Tensor | None:
+        """The whole buffer of a live arena, for a decode end to map (what a KV source's `arena` answers)."""
+        arena = self._arenas.get(arena_id)
+        return None if arena is None else arena.buffer
+
     def alloc(self, nbytes: int) -> ArenaRange | None:
         """A range of `nbytes` in the current arena, or in a new larger one; None when over the budget."""
         if self._current is not None:

@@ -157,14 +157,12 @@ class CudaIpcKVChannel(KVChannel):
         if offset < 0 or nbytes < 1 or offset + nbytes > arena.numel():
             raise KVMismatchError(f"bytes [{offset}, {offset + nbytes}) are outside the {arena.numel()}-byte "
                                   f"staging arena {arena_id}")
-        source = arena[offset:offset + nbytes]
+        source, out = arena[offset:offset + nbytes], self._landing(nbytes, device)
         if device.type != "cuda":
-            out = torch.empty(nbytes, dtype=torch.uint8, device=device)
             out.copy_(source)
             return out
         side = self._stream_on(device)
-        with torch.cuda.stream(side):  # the landing is the copy stream's memory (see the module docstring)
-            out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        with torch.cuda.stream(side):
             out.copy_(source, non_blocking=True)
         side.synchronize()
         return out

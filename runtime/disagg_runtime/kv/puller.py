@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import torch
 
@@ -29,6 +30,7 @@ from .reshard import KVSlice
 from .staged import staged_nbytes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _RAW = make_codec("none")  # a direct read moves the staged bytes as they are
 
 
@@ -105,20 +107,25 @@ class KVPuller:
             msg["slice"] = kv_slice.model_dump()
         async with link.lock:
             start = time.perf_counter()
-            reused = link.channel is not None and not link.channel.broken
-            try:
-                payload, stats = await self._pull_on(address, link, msg, check)
-            except KVPeerClosed as e:
-                if not reused:
-                    raise
-                # A link kept from earlier pulls whose peer has gone away since (restarted, or dropped the
-                # idle connection): nothing of this pull was used, so it runs once more on a fresh link.
-                log.info("KV link to %s was closed by the peer (%s); reconnecting", address, e)
-                payload, stats = await self._pull_on(address, link, msg, check)
+            payload, stats = await self._once_more_if_stale(address, link,
+                                                            lambda: self._pull_on(address, link, msg, check))
             stats = replace(stats, seconds=time.perf_counter() - start)  # the whole pull, as the caller waits
         if self.on_transfer is not None:
             self.on_transfer(stats)
         return payload
+
+    @staticmethod
+    async def _once_more_if_stale(address: KVAddress, link: _Link, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()`, run again on a fresh link if it failed because a link kept from earlier pulls was
+        closed by its peer since (restarted, or dropped the idle connection): nothing of it was used."""
+        reused = link.channel is not None and not link.channel.broken
+        try:
+            return await attempt()
+        except KVPeerClosed as e:
+            if not reused:
+                raise
+            log.info("KV link to %s was closed by the peer (%s); reconnecting", address, e)
+            return await attempt()
 
     async def _pull_on(self, address: KVAddress, link: _Link, msg: dict,
                        check: Callable[[KVHeader], None]) -> tuple[KVPayload, TransferStats]:
@@ -149,13 +156,8 @@ class KVPuller:
         link = self._links.setdefault(address, _Link())
         async with link.lock:
             start = time.perf_counter()
-            reused = link.channel is not None and not link.channel.broken
-            try:
-                placed = await self._read_on(address, link, header, arena, offset)
-            except KVPeerClosed:
-                if not reused:
-                    raise
-                placed = await self._read_on(address, link, header, arena, offset)  # as in `pull`
+            placed = await self._once_more_if_stale(address, link,
+                                                    lambda: self._read_on(address, link, header, arena, offset))
             seconds = time.perf_counter() - start
         keys, values = _layers_of(placed, header, _RAW, _RAW.part_specs(header))
         stats = TransferStats(header.request_id, "ipc", "none", header.num_layers, placed.numel(), header.nbytes,

@@ -6,11 +6,13 @@ import asyncio
 
 import torch
 
+from .arena import ArenaPool, ArenaRange
 from .channel import payload_layers
 from .errors import KVNotFound
 from .framing import FramedStream
 from .payload import TORCH_DTYPES, KVHeader, KVPayload
 from .server import KVLease
+from .staged import StagedKV, staged_nbytes
 
 
 def make_payload(request_id: str = "r1", *, layers: int = 3, tokens: int = 37, heads: int = 2, dim: int = 8,
@@ -23,6 +25,19 @@ def make_payload(request_id: str = "r1", *, layers: int = 3, tokens: int = 37, h
     keys = [torch.randn(tokens, heads, dim, generator=g).to(t) for _ in range(layers)]
     values = [torch.randn(tokens, heads, dim, generator=g).to(t) for _ in range(layers)]
     return KVPayload(header, keys, values)
+
+
+def stage_in_arena(pool: ArenaPool, payload: KVPayload) -> tuple[StagedKV, ArenaRange]:
+    """A complete staging of `payload` in a range of `pool`'s arenas, as a prefill engine stages KV (its
+    copies enqueued on the current stream)."""
+    where = pool.alloc(staged_nbytes(payload.header))
+    if where is None:
+        raise ValueError(f"{payload.header.request_id}: {payload.header.nbytes} bytes do not fit the arena budget")
+    staged = StagedKV(payload.header, pool.device, buffer=where.tensor)
+    for i, (k, v) in enumerate(zip(payload.keys, payload.values, strict=True)):
+        staged.stage(i, k, v)
+    staged.mark_ready(payload.header.num_layers)
+    return staged, where
 
 
 class DictSource:

@@ -198,7 +198,7 @@ class DecodeWorker(DecodingWorker):
                         self._release_quietly(job)  # read, not pulled: the prefill worker still holds it
                     return
                 if direct is None:
-                    self._retire(await self.thread.submit(lambda: self._import(job, payload)), payload)
+                    self._retire((await self.thread.submit(lambda: self._import(job, payload)))[0], payload)
                 else:
                     await self._import_confirmed(job, payload, direct)
             imported = True
@@ -265,7 +265,7 @@ class DecodeWorker(DecodingWorker):
             held, job.sink = job.sink, sink
         if isinstance(imported, BaseException):
             raise imported
-        self._retire(imported, payload)
+        self._retire(imported[0], payload)
         if not isinstance(confirmed, BaseException):
             held.replay(sink)
         else:
@@ -298,12 +298,11 @@ class DecodeWorker(DecodingWorker):
             done.record(torch.cuda.current_stream(payload.keys[0].device))
         return done, time.perf_counter()
 
-    def _retire(self, imported: tuple[torch.cuda.Event | None, float], payload: KVPayload) -> None:
-        """Keep a landed payload until the engine's copies out of it ran: its memory belongs to the KV link's
-        copy stream, which would reuse it without waiting for the engine's stream."""
+    def _retire(self, done: torch.cuda.Event | None, payload: KVPayload) -> None:
+        """Keep a landed payload until `done` (the engine's copies out of it ran): its memory belongs to the KV
+        link's copy stream, which would reuse it without waiting for the engine's stream."""
         while self._retiring and self._retiring[0][0].query():
             self._retiring.popleft()
-        done = imported[0]
         if done is not None:
             self._retiring.append((done, payload))
 

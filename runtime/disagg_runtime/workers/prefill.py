@@ -219,31 +219,31 @@ class PrefillWorker(Worker):
             raise
         return KVLease(payload.header, payload_layers(payload), release)
 
+    def _single_rank_export(self):
+        """The engine's KV exporter (engine/kv_export.py), or None for a multi-rank instance, whose whole
+        pulls go through the engine's lockstep export."""
+        shape = getattr(self.engine, "shape", None)
+        return None if shape is not None and shape.world > 1 else getattr(self.engine, "kv_export", None)
+
+    def _staged(self, request_id: str) -> StagedKV | None:
+        exporter = self._single_rank_export()
+        return None if exporter is None else exporter.get(request_id)
+
     def _staged_ref(self, request_id: str) -> StagedKVRef | None:
         """Where a decode worker on this node may read the request's staged KV directly (None: it pulls)."""
-        staged = self._staged(request_id)
-        where = self.engine.kv_export.location(request_id) if staged is not None else None
+        exporter = self._single_rank_export()
+        where = None if exporter is None else exporter.location(request_id)
         if where is None:
             return None
-        h = staged.header
+        h = exporter.get(request_id).header
         return StagedKVRef(arena=where[0], offset=where[1], model_id=h.model_id, dtype=h.dtype,
                            num_layers=h.num_layers, num_kv_heads=h.num_kv_heads, head_dim=h.head_dim,
                            num_tokens=h.num_tokens)
 
     def arena(self, arena_id: str):
         """A staging arena of this engine, for a decode end's direct reads (kv/server.py `map`)."""
-        exporter = getattr(self.engine, "kv_export", None)
-        shape = getattr(self.engine, "shape", None)
-        if exporter is None or (shape is not None and shape.world > 1):
-            return None
-        return exporter.arena(arena_id)
-
-    def _staged(self, request_id: str) -> StagedKV | None:
-        exporter = getattr(self.engine, "kv_export", None)
-        shape = getattr(self.engine, "shape", None)
-        if exporter is None or (shape is not None and shape.world > 1):
-            return None  # a multi-rank instance's whole pulls go through the engine's lockstep export
-        return exporter.get(request_id)
+        exporter = self._single_rank_export()
+        return None if exporter is None else exporter.arena(arena_id)
 
     async def checkout_slice(self, request_id: str, kv_slice: KVSlice, ticket: str | None) -> KVLease:
         """A slice of this rank's KV of a parked request; the request stays parked until `release_pulled`."""
@@ -266,12 +266,9 @@ class PrefillWorker(Worker):
         if request_id not in self.parked:
             raise KVNotFound(f"prefill worker holds no KV for {request_id}")
         _check_ticket(self.parked[request_id], request_id, ticket)
-        self.parked.pop(request_id)
-        try:
-            freed = self.thread.submit(lambda: self.engine.abort(request_id))
-        except EngineThreadStopped:
-            return  # the engine is gone, and its memory with it
-        freed.add_done_callback(_log_failed_free)
+        freed = self._unpark(request_id)
+        if freed is not None:
+            freed.add_done_callback(_log_failed_free)
 
     def fail_in_flight(self, message: str) -> None:
         """The instance is out of service: every queued request ends with `message`, parked KV is dropped."""
@@ -281,13 +278,24 @@ class PrefillWorker(Worker):
                 _fail(job.done, RuntimeError(message))
         self.parked.clear()
 
-    async def _free(self, request_id: str) -> None:
+    def _unpark(self, request_id: str) -> asyncio.Future | None:
+        """The request's KV is no longer parked; the engine thread frees it next (the future of that, or None
+        if nothing was parked or the engine is gone, and its memory with it)."""
         if self.parked.pop(request_id, None) is None:
+            return None
+        try:
+            return self.thread.submit(lambda: self.engine.abort(request_id))
+        except EngineThreadStopped:
+            return None
+
+    async def _free(self, request_id: str) -> None:
+        freed = self._unpark(request_id)
+        if freed is None:
             return
         try:
-            await self.thread.submit(lambda: self.engine.abort(request_id))
+            await freed
         except EngineThreadStopped:
-            pass  # the engine is gone, and its memory with it
+            pass  # the engine stopped before it got to it: its memory is gone with it
 
     def _transferred(self, stats: TransferStats) -> None:
         self.metrics.transferred(channel=stats.channel, wire_bytes=stats.wire_bytes, seconds=stats.seconds)
