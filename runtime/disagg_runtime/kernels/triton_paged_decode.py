@@ -114,13 +114,15 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
                                   num_stages: int | None = None) -> torch.Tensor:
     """Triton launch; shapes as in `reference.paged_decode_attention_ref`. Returns [B, Hq, D] in q's dtype.
 
-    `num_stages` defaults to 4 for batches 64-127 (one split per sequence: deeper pipelining keeps more
-    K/V bytes in flight per program; on an H200 the 8B decode step at batch 64 went from 6.46 to 6.10 ms)
-    and 2 elsewhere (at batch 128 the step went from 7.97 to 8.16 ms with 4: fewer programs fit an SM)."""
+    `num_stages` defaults to 4 from 64 sequences on (one split per sequence: deeper pipelining keeps more K/V
+    bytes in flight per program) and 2 below. On an H200, 32 layers' calls in one CUDA graph at context 512
+    (bench/kernel_variants.py): batch 128 went from 78.3 to 68.5 us a layer (94% of the copy bandwidth), the
+    whole 8B decode step from 8.16 to 8.05-8.09 ms. At batch 32 the best tile alone (128 tokens, 8 warps,
+    4 stages: 24.0 -> 21.5 us) made the whole step slower (5.49 -> 5.68-5.76 ms), so the small tile stays."""
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if num_stages is None:
-        num_stages = 4 if 64 <= batch < 128 else 2
+        num_stages = 4 if batch >= 64 else 2
     group = num_q_heads // num_kv_heads
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, q.device)
