@@ -83,7 +83,7 @@ def time_decode(batch: int, context: int, bw: float) -> dict:
 
         def step(kw=kw, layers=layers, s=var["splits"]):
             return [paged_decode_attention_triton(q, k, v, tables, lens, scale, s, **kw)
-                    for q, (k, v) in zip(qs, layers)]
+                    for q, (k, v) in zip(qs, layers, strict=True)]
 
         try:
             first = step()[0]
@@ -134,8 +134,13 @@ def time_gemms(rows: int, bw: float) -> dict:
         x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16, generator=gen)
         nbytes = LAYERS * n * k * 2
         res = {}
-        for variant, fn in (("linear", lambda: [torch.nn.functional.linear(x, w) for w in ws]),
-                            ("mm_t", lambda: [x @ w for w in wts])):
+        def linear(x=x, ws=ws):
+            return [torch.nn.functional.linear(x, w) for w in ws]
+
+        def mm_t(x=x, wts=wts):
+            return [x @ w for w in wts]
+
+        for variant, fn in (("linear", linear), ("mm_t", mm_t)):
             fn()
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -145,7 +150,6 @@ def time_gemms(rows: int, bw: float) -> dict:
             res[variant] = {"per_call_us": t * 1e6 / LAYERS, "fraction": nbytes / bw / t}
             del graph
         out[name] = res
-        del ws, wts
     torch.cuda.empty_cache()
     print(f"gemm rows {rows:4}: " + "  ".join(
         f"{name} {r['linear']['per_call_us']:6.1f}/{r['mm_t']['per_call_us']:6.1f} us "

@@ -87,7 +87,7 @@ def split_call(engine, tokens: int, vocab: int) -> dict:
         counts[family(e.name)] += 1
     gaps = []
     end = kernels[0].time_range.end
-    for prev, e in zip(kernels, kernels[1:]):
+    for prev, e in zip(kernels, kernels[1:], strict=False):
         end = max(end, prev.time_range.end)
         if e.time_range.start > end:
             gaps.append((e.time_range.start - end, prev.name[:60], e.name[:60], end))

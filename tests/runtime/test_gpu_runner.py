@@ -50,6 +50,16 @@ def test_fused_runner_gives_torch_path_tokens_with_requests_joining(tmp_path, ar
     assert sorted(got) == ["late0", "late1", "r0", "r1", "r2"] and all(len(v) == 8 for v in got.values())
 
 
+def test_only_models_whose_every_kernel_is_fused_are_captured_in_graphs(tmp_path):
+    # A head dim of 16 sends RoPE to the torch reference, whose boolean indexing cannot be captured: such a
+    # model runs eager steps rather than failing to load on a GPU.
+    tiny = Engine.load(write_random_model(tmp_path / "tiny", arch="llama", seed=1))
+    assert tiny.config.head_dim < 32
+    assert not FusedLlama(tiny.model, tiny.cache.layers, tiny.max_context).graph_safe
+    gpu_shaped = Engine.load(write_random_model(tmp_path / "gpu", arch="llama", seed=1, **GPU_SHAPE))
+    assert FusedLlama(gpu_shaped.model, gpu_shaped.cache.layers, gpu_shaped.max_context).graph_safe
+
+
 def test_fusing_shares_storage_with_the_named_parameters(tmp_path):
     engine = Engine.load(write_random_model(tmp_path, arch="llama", seed=1))
     before = sum(p.numel() for p in engine.model.parameters())
@@ -193,3 +203,47 @@ def test_preemption_on_the_fused_graph_path(tmp_path):
     resume(tight)
     after = tight.cache.read(seq.block_table, seq.num_cached)
     assert all(torch.equal(x, y) for x, y in zip(before[0] + before[1], after[0] + after[1], strict=True))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("lengths", [[5], [32], [7, 90, 33], [200, 180, 132], [30] * 17, [600]])
+def test_prefill_graphs_match_the_eager_prefill_and_write_only_the_prompts_slots(tmp_path, lengths):
+    engine = Engine.load(write_random_model(tmp_path, arch="llama", seed=8, **GPU_SHAPE), device="cuda",
+                         dtype=torch.bfloat16, num_blocks=GPU_BLOCKS)
+    runner, bs = engine.gpu_runner, engine.block_size
+    graphs = runner.prefill_graphs
+    assert graphs is not None
+    assert graphs.fits(sum(lengths), len(lengths)) == (sum(lengths) <= 512 and len(lengths) <= 16)
+    prompts = [r.prompt_ids for r in _requests(lengths, seed=len(lengths))]
+    tables, slots, start = [], [], 1  # block 0 stays unused: nothing may be written there
+    for p in prompts:
+        table = list(range(start, start + -(-len(p) // bs)))
+        start += len(table)
+        tables.append(table)
+        slots += [table[i // bs] * bs + i % bs for i in range(len(p))]
+    lens = [len(p) for p in prompts]
+    layout = StepLayout(is_prefill=True, seq_lens=lens, context_lens=lens, block_tables=tables,
+                        slot_mapping=slots, block_size=bs)
+    tokens, positions = [t for p in prompts for t in p], [i for n in lens for i in range(n)]
+    rows = [sum(lens[:i + 1]) - 1 for i in range(len(lens))]
+
+    def prefill():
+        for layer in engine.cache.layers:
+            layer.keys.zero_()
+            layer.values.zero_()
+        logits = runner.run(tokens, positions, layout, rows).clone()
+        kv = [engine.cache.read(t, n) for t, n in zip(tables, lens, strict=True)]
+        untouched = all(not layer.keys[start:].any() and not layer.values[start:].any()
+                        and not layer.keys[0].any() for layer in engine.cache.layers)
+        return logits, kv, untouched
+
+    graphed, kv_graphed, untouched = prefill()
+    assert untouched  # padding rows (slot -1) stored nothing, outside the prompts' blocks or inside
+    runner.prefill_graphs = None
+    eager, kv_eager, _ = prefill()
+    assert graphed.shape == eager.shape == (len(lengths), engine.config.vocab_size)
+    assert _rel(graphed, eager) < 1e-2
+    for (kg, vg), (ke, ve) in zip(kv_graphed, kv_eager, strict=True):
+        for a, b in zip(kg + vg, ke + ve, strict=True):
+            assert _rel(a, b) < 1e-2

@@ -11,6 +11,7 @@ from disagg_runtime.kv import KVAddress, KVPuller, KVServer
 from disagg_runtime.kv.links import Endpoint
 from disagg_runtime.kv.staged import staged_nbytes
 from disagg_runtime.kv.testing import DictSource
+from disagg_runtime.models.testing import write_random_model
 
 LENGTHS = (3, 17, 40, 64)  # within one block, across blocks, exactly 4 blocks of 16
 
@@ -227,3 +228,23 @@ def test_fused_gpu_prefill_stages_the_bytes_of_the_whole_export(llama_dir):
     for req in reqs:
         engine.release(req.request_id)
     assert exporter.staged_bytes == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_prefill_replayed_from_a_graph_stages_the_bytes_of_the_whole_export(tmp_path):
+    # A graph calls no per-layer hook: the staging is filled after the forward, with the same bytes.
+    path = write_random_model(tmp_path, arch="llama", seed=9, num_hidden_layers=2, hidden_size=256,
+                              intermediate_size=512, num_attention_heads=2, num_key_value_heads=1)  # head dim 128
+    engine = Engine.load(path, device="cuda", dtype=torch.bfloat16, num_blocks=64)
+    reqs = _requests()
+    graphs = engine.gpu_runner.prefill_graphs
+    assert graphs is not None and graphs.fits(sum(len(r.prompt_ids) for r in reqs), len(reqs))
+    engine.prefill(reqs, reserve_decode=False)
+    torch.cuda.synchronize()
+    exporter = engine.kv_export
+    for req in reqs:
+        staged = exporter.get(req.request_id)
+        assert staged.complete and staged.buffer.is_cuda
+        blocks = engine._seqs[req.request_id].block_table
+        _bit_equal(engine.export_kv(req.request_id), exporter.gather(blocks, req.request_id, len(req.prompt_ids)))

@@ -97,6 +97,15 @@ class FusedLlama:
         return isinstance(model, LlamaForCausalLM) and tp_size == 1
 
     @property
+    def graph_safe(self) -> bool:
+        """Whether every kernel of a step takes the fused Triton path, so a step can be captured in a CUDA
+        graph: RoPE needs a power-of-two half head dim of 16 or more, the paged decode attention whole query
+        groups. The torch references it falls back to otherwise index with boolean masks, which wait for
+        the device and so cannot be captured."""
+        half = self.head_dim // 2
+        return half >= 16 and half & (half - 1) == 0 and self.num_heads % self.num_kv_heads == 0
+
+    @property
     def device(self) -> torch.device:
         return self.lm_head.device
 

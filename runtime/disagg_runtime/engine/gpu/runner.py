@@ -4,8 +4,8 @@ A decode step of an 8B model on an H100 is ~5 ms of weight streaming split over 
 one by one from Python the launches alone take longer than the GPU work. So each decode batch size in
 `CAPTURE_SIZES` is captured once as a CUDA graph over static input buffers; a step pads its batch to
 the next captured size (padding rows: slot -1 stores nothing, context 0 attends to nothing), copies its
-inputs into the buffers with one host-to-device copy, and replays. Prefill stays eager: its kernels are
-large enough that launches hide behind them.
+inputs into the buffers with one host-to-device copy, and replays. Prefills of up to 512 tokens replay
+graphs too (prefill_graphs.py); longer ones run eager, where the launches hide behind the GPU work.
 
 Overlapped decoding (engine/overlap.py) launches a step before the one before it has run, so the host
 side of every asynchronous copy is double-buffered: the buffer a step fills is never one whose copy may
@@ -24,6 +24,7 @@ import torch
 from ..attention import StepLayout
 from ..overlap import gathered
 from .fused_llama import FusedLlama
+from .prefill_graphs import PREFILL_GRAPH_TOKENS, PrefillGraphs, no_gc
 
 # Up to the planner's largest profiled decode batch: an eager step at batch 256 of Llama-3-8B took 20-26 ms
 # on an H200 against 16 ms replayed, and those samples bent the profile's decode fit ~10% slow at batch
@@ -41,17 +42,20 @@ class GpuStepRunner:
     """Runs the engine's steps (a `StepLayout` plus token ids and positions) on a `FusedLlama`."""
 
     def __init__(self, fused: FusedLlama, *, block_size: int, max_context: int, cuda_graphs: bool = True,
-                 capture_sizes: tuple[int, ...] = CAPTURE_SIZES) -> None:
+                 capture_sizes: tuple[int, ...] = CAPTURE_SIZES,
+                 prefill_buckets: tuple[int, ...] = PREFILL_GRAPH_TOKENS) -> None:
         self.fused = fused
         self.device = fused.device
         self.block_size = block_size
         self.max_blocks = -(-max_context // block_size)
-        self.sizes = sorted(capture_sizes) if cuda_graphs and self.device.type == "cuda" else []
+        self.sizes = sorted(capture_sizes) if cuda_graphs and self.device.type == "cuda" and fused.graph_safe else []
         self._graphs: dict[int, _Graph] = {}
         self._last_size: int | None = None
         self._prefill_inputs = _HostInputs(self.device)
         if self.sizes:
             self._capture()
+        self.prefill_graphs = PrefillGraphs(fused, token_buckets=prefill_buckets) \
+            if self.sizes and prefill_buckets else None
 
     # ---- static buffers and capture ---------------------------------------------------------------
     def _capture(self) -> None:
@@ -77,7 +81,7 @@ class GpuStepRunner:
                 self.fused.decode_logits(*args)  # compiles the Triton kernels outside the capture
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+            with no_gc(), torch.cuda.graph(graph, pool=pool), torch.inference_mode():
                 logits = self.fused.decode_logits(*args)
             self._graphs[size] = _Graph(graph, logits)
         torch.cuda.synchronize(self.device)
@@ -185,6 +189,8 @@ class GpuStepRunner:
     def _prefill(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int]) -> torch.Tensor:
         if layout.context_lens != layout.seq_lens:
             raise ValueError("the GPU runner prefills whole prompts only (no cached prefix)")
+        if self.prefill_graphs is not None and self.prefill_graphs.fits(len(tokens), len(layout.seq_lens)):
+            return self.prefill_graphs.run(tokens, positions, layout, rows)
         n, r, s = len(tokens), len(rows), len(layout.seq_lens)
         # One host buffer, one copy: four pageable copies each left the GPU idle for 0.1-0.5 ms before the
         # first layer on an H200 (bench/prefill_breakdown.py), up to 1.5 ms of a 4k-token prefill.

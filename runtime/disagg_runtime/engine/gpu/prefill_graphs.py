@@ -1,0 +1,135 @@
+"""Short prefills replayed from CUDA graphs at bucketed token counts.
+
+A prefill of a few hundred tokens is bound by its ~330 launches, not by the GPU: on an H200 an 8B model's
+prefill took 14-15 ms at 128-512 tokens (bench/results/engine_h200.json's profile), against ~4-12 ms of
+kernels, because the host spends ~40 us launching each cuBLAS call and ~20 us each Triton kernel. So, as
+for decode, each bucket in `PREFILL_GRAPH_TOKENS` is captured once over static inputs, and a prefill whose
+packed prompts fit a bucket (at most `PREFILL_GRAPH_SEQS` prompts) pads to it and replays. Padding rows
+attend to nothing (they are in no prompt of `cu_seqlens`), store nothing (slot -1) and every other kernel
+is row-wise, so they cannot reach a real row; padding prompts have length 0. At these sizes a step reads
+every weight once whatever its token count, so the padding costs little. Longer prefills run eager: their
+launches hide behind the GPU work.
+
+A graph runs no per-layer hook, so a prefill-only request's KV is staged after the forward
+(`KVExporter._finish`), not layer by layer; for a prompt this short the whole forward takes a few ms.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..attention import StepLayout
+from .fused_llama import FusedLlama
+
+# Every 32 tokens up to 512 (vLLM stops capturing at 512 tokens by default too): at most 31 padding tokens.
+PREFILL_GRAPH_TOKENS = tuple(range(32, 513, 32))
+PREFILL_GRAPH_SEQS = 16
+
+
+@contextmanager
+def no_gc() -> Iterator[None]:
+    """No garbage collection inside a capture: a collection there can free another engine's CUDA graph, and
+    destroying a graph while a stream captures invalidates the capture (seen in the GPU tests, one process
+    loading engine after engine)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # static output [PREFILL_GRAPH_SEQS, vocab], float32
+
+
+class PrefillGraphs:
+    """Captured prefill forwards of a `FusedLlama`, one per token bucket, and their replay."""
+
+    def __init__(self, fused: FusedLlama, *, token_buckets: tuple[int, ...] = PREFILL_GRAPH_TOKENS,
+                 max_seqs: int = PREFILL_GRAPH_SEQS) -> None:
+        self.fused = fused
+        self.device = fused.device
+        self.buckets = sorted(token_buckets)
+        self.max_seqs = max_seqs
+        t, s = self.buckets[-1], max_seqs
+        # One int64 buffer: ids, positions, slots (t each), logit rows (s), cu_seqlens (s + 1); host side pinned
+        # and double-buffered like the decode runner's, so a fill never races a copy still queued.
+        self._offsets = (0, t, 2 * t, 3 * t, 3 * t + s, 3 * t + 2 * s + 1)
+        self._hosts = [torch.zeros(self._offsets[-1], dtype=torch.long).pin_memory() for _ in range(2)]
+        self._turn = 0
+        self._inputs = torch.zeros(self._offsets[-1], dtype=torch.long, device=self.device)
+        self._graphs: dict[int, _Graph] = {}
+        self._capture()
+
+    def _views(self, tokens: int) -> tuple[torch.Tensor, ...]:
+        o = self._offsets
+        ids, pos, slots = (self._inputs[o[i]:o[i] + tokens] for i in range(3))
+        return ids, pos, slots, self._inputs[o[3]:o[4]], self._inputs[o[4]:o[5]]
+
+    def _capture(self) -> None:
+        host = self._hosts[0].numpy()
+        pool = torch.cuda.graph_pool_handle()
+        for tokens in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool memory
+            self._fill(host, [0] * tokens, list(range(tokens)), [-1] * tokens, [tokens], [tokens - 1])
+            self._inputs.copy_(self._hosts[0])
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream), torch.inference_mode():
+                self._forward(tokens)  # compiles and autotunes outside the capture
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with no_gc(), torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+                logits = self._forward(tokens)
+            self._graphs[tokens] = _Graph(graph, logits)
+        torch.cuda.synchronize(self.device)
+
+    def _forward(self, tokens: int) -> torch.Tensor:
+        ids, pos, slots, rows, cu = self._views(tokens)
+        # max_seqlen = the bucket: attention's grid is fixed; programs past a prompt's end return at once.
+        return self.fused.prefill_logits(ids, pos, slots, cu.to(torch.int32), tokens, rows)
+
+    def _fill(self, host: np.ndarray, tokens: list[int], positions: list[int], slots: list[int],
+              seq_lens: list[int], rows: list[int]) -> None:
+        o, n, r = self._offsets, len(tokens), len(rows)
+        bucket = self._bucket(n)
+        host[o[0]:o[0] + n] = tokens
+        host[o[1]:o[1] + n] = positions
+        host[o[2]:o[2] + n] = slots
+        host[o[0] + n:o[0] + bucket] = 0
+        host[o[1] + n:o[1] + bucket] = 0
+        host[o[2] + n:o[2] + bucket] = -1
+        host[o[3]:o[3] + r] = rows
+        host[o[3] + r:o[4]] = 0
+        cu = host[o[4]:o[5]]
+        cu[0] = 0
+        np.cumsum(seq_lens, out=cu[1:1 + len(seq_lens)])
+        cu[1 + len(seq_lens):] = n  # padding prompts: empty, after the last real one
+
+    def _bucket(self, tokens: int) -> int:
+        return self.buckets[bisect.bisect_left(self.buckets, tokens)]
+
+    def fits(self, num_tokens: int, num_seqs: int) -> bool:
+        """Whether a prefill of this many packed tokens and prompts has a graph."""
+        return 0 < num_tokens <= self.buckets[-1] and num_seqs <= self.max_seqs
+
+    def run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int]) -> torch.Tensor:
+        """Float32 logits [len(rows), vocab] of a prefill that `fits` (whole prompts, no cached prefix)."""
+        bucket = self._bucket(len(tokens))
+        self._turn ^= 1
+        host = self._hosts[self._turn]
+        self._fill(host.numpy(), tokens, positions, layout.slot_mapping, layout.seq_lens, rows)
+        self._inputs.copy_(host, non_blocking=True)
+        g = self._graphs[bucket]
+        g.graph.replay()
+        return g.logits[:len(rows)]
