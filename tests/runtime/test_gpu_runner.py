@@ -207,10 +207,12 @@ def test_preemption_on_the_fused_graph_path(tmp_path):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("lengths", [[5], [32], [7, 90, 33], [200, 180, 132], [30] * 17, [600]])
-def test_prefill_graphs_match_the_eager_prefill_and_write_only_the_prompts_slots(tmp_path, lengths):
-    engine = Engine.load(write_random_model(tmp_path, arch="llama", seed=8, **GPU_SHAPE), device="cuda",
-                         dtype=torch.bfloat16, num_blocks=GPU_BLOCKS)
+@pytest.mark.parametrize("lengths,context", [([5], 512), ([32], 512), ([7, 90, 33], 512), ([200, 180, 132], 512),
+                                            ([30] * 17, 512), ([600], 1024),
+                                            ([100, 120, 90], 128)])  # a context under the largest bucket
+def test_prefill_graphs_match_the_eager_prefill_and_write_only_the_prompts_slots(tmp_path, lengths, context):
+    engine = Engine.load(write_random_model(tmp_path, arch="llama", seed=8, max_position_embeddings=context,
+                                            **GPU_SHAPE), device="cuda", dtype=torch.bfloat16, num_blocks=GPU_BLOCKS)
     runner, bs = engine.gpu_runner, engine.block_size
     graphs = runner.prefill_graphs
     assert graphs is not None
@@ -247,3 +249,4 @@ def test_prefill_graphs_match_the_eager_prefill_and_write_only_the_prompts_slots
     for (kg, vg), (ke, ve) in zip(kv_graphed, kv_eager, strict=True):
         for a, b in zip(kg + vg, ke + ve, strict=True):
             assert _rel(a, b) < 1e-2
+

@@ -81,7 +81,8 @@ class PrefillGraphs:
         host = self._hosts[0].numpy()
         pool = torch.cuda.graph_pool_handle()
         for tokens in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool memory
-            self._fill(host, [0] * tokens, list(range(tokens)), [-1] * tokens, [tokens], [tokens - 1])
+            # Placeholder inputs: position 0 is in any model's RoPE table, slot -1 stores nothing.
+            self._fill(host, [0] * tokens, [0] * tokens, [-1] * tokens, [tokens], [tokens - 1])
             self._inputs.copy_(self._hosts[0])
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
