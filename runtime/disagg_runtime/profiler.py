@@ -142,7 +142,8 @@ def run_profile(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batch
         model=cfg.to_model_spec(engine.model_id, engine.dtype_name),
         gpu=gpu or gpu_type_name(engine.device), device=device_description(engine.device),
         runtime=f"disagg engine ({engine.backend.name} attention)",
-        shapes=[ShapeProfile(tp=engine.tp_size, pp=1, prefill=prefill, decode=decode, mixed=mixed)],
+        shapes=[ShapeProfile(tp=engine.tp_size, pp=1, prefill=prefill, decode=decode, mixed=mixed,
+                             overlapped_decode=engine.overlap_decode and engine.step_runner is None)],
     )
     return ProfileRun(profile=profile, skipped=skipped)
 

@@ -140,6 +140,16 @@ def test_unprofiled_shape_scales_compute_and_adds_allreduce() -> None:
     assert LatencyModel.pipeline_latency(t_pp, 2, 1000, 100.0) == pytest.approx(2 * t_pp + 1000 / 100e9)
 
 
+def test_only_shapes_profiled_as_overlapped_choose_their_next_step_a_round_ahead() -> None:
+    overlapped = synthetic_shape(1, PRE, DEC).model_copy(update={"overlapped_decode": True})
+    model = LatencyModel.from_profile(profile_of(overlapped, synthetic_shape(2, PRE, DEC)), A100, 300.0)
+    assert model.overlaps_decode(1, 1)
+    assert not model.overlaps_decode(2, 1) and not model.overlaps_decode(4, 1)  # profiled plain; derived
+    assert not LatencyModel.analytic(OPT13, A100, 300.0).overlaps_decode(1, 1)
+    reloaded = LatencyProfile.model_validate_json(profile_of(overlapped).model_dump_json(by_alias=True))
+    assert reloaded.shapes[0].overlapped_decode
+
+
 def test_profiled_shapes_are_used_as_measured() -> None:
     pre2 = (0.0134, 6.23e-5, 2.2e-9)
     profile = profile_of(synthetic_shape(1, PRE, DEC), synthetic_shape(2, pre2, DEC))

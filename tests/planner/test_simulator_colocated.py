@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from disagg_planner.api import GPU_PRESETS, MODEL_PRESETS, WorkloadSpec
 from disagg_planner.latency import LatencyModel
@@ -47,6 +49,42 @@ def test_prefill_has_priority_over_running_decodes() -> None:
     res = simulate_colocated(ONE, LAT, [decoding, arriving]).results[1]
     # It waits at most for the decode round in progress, then prefills alone.
     assert res.ttft <= LAT.prefill_time(1, 1, [100]) + LAT.decode_time(1, 1, 1, 2000)
+
+
+def _overlapped(latency: LatencyModel) -> LatencyModel:
+    """The same model for an engine that overlaps decode steps (ShapeProfile.overlapped_decode)."""
+    m = copy.copy(latency)
+    m.overlapped_shapes = {(1, 1)}
+    return m
+
+
+def test_an_overlapped_engine_prefills_an_arrival_one_decode_round_later() -> None:
+    decoding, arriving = SimRequest(0.0, 100, 1000), SimRequest(1.0, 100, 1)
+    plain = simulate_colocated(ONE, LAT, [decoding, arriving]).results[1]
+    over = simulate_colocated(ONE, _overlapped(LAT), [decoding, arriving]).results[1]
+    # The round in flight when it arrives was launched with the one after it: that one runs first.
+    one_round = LAT.decode_time(1, 1, 1, 100 + int(1.0 / LAT.decode_time(1, 1, 1, 200)))
+    assert over.ttft - plain.ttft == pytest.approx(one_round, rel=0.02)
+
+
+def test_an_overlapped_engine_prefills_at_once_when_no_decode_round_runs() -> None:
+    # Idle, or right after a prefill (the host waits for its first tokens), nothing was launched ahead.
+    idle = [SimRequest(1.0, 300, 1)]
+    after_prefill = [SimRequest(0.0, 4000, 1), SimRequest(0.001, 100, 1)]
+    for trace in (idle, after_prefill):
+        plain = simulate_colocated(ONE, LAT, trace).results
+        over = simulate_colocated(ONE, _overlapped(LAT), trace).results
+        assert [r.ttft for r in over] == pytest.approx([r.ttft for r in plain])
+
+
+def test_an_overlapped_decode_instance_starts_a_landed_request_one_round_later() -> None:
+    cfg = DisaggConfig(PhaseShape(1, 1, 1), PhaseShape(1, 1, 1), kv_link_gbps=25.0)
+    trace = [SimRequest(0.0, 100, 2000), SimRequest(1.0, 100, 50)]
+    plain = simulate_disaggregated(cfg, LAT, trace).results[1]
+    over = simulate_disaggregated(cfg, _overlapped(LAT), trace).results[1]
+    assert over.ttft == pytest.approx(plain.ttft)  # its first token comes from the prefill instance
+    one_round = LAT.decode_time(1, 1, 1, 100 + int(1.0 / LAT.decode_time(1, 1, 1, 200)))
+    assert over.e2e - plain.e2e == pytest.approx(one_round, rel=0.05)
 
 
 def test_kv_memory_bounds_the_running_batch() -> None:

@@ -109,3 +109,8 @@ def test_an_overlapping_engine_is_timed_in_steady_state_and_left_empty(llama_dir
         (1, 17), (1, 18), (4, 68), (4, 72)]
     assert engine.request_ids == [] and engine.free_blocks == engine.total_blocks
     assert not engine.decode_in_flight
+    # The planner's simulators then choose what follows a decode step when that step starts, as this engine does.
+    assert profile.shapes[0].overlapped_decode
+    plain = profile_engine(Engine.load(llama_dir, num_blocks=128, overlap_decode=False), prefill_lengths=[8],
+                           prefill_batches=[1], decode_batches=[1], contexts=[16], repeats=1)
+    assert not plain.shapes[0].overlapped_decode

@@ -69,6 +69,10 @@ class ShapeProfile(ApiModel):
     mixed: list[MixedSample] = Field(
         default_factory=list, description="Chunked-prefill steps; without them the planner derives mixed steps "
         "from the prefill and decode fits.")
+    overlapped_decode: bool = Field(
+        default=False, description="The engine launches each decode step before the host has read the one "
+        "before (overlapped scheduling). What runs after a decode step is then chosen when that step starts, "
+        "so a prompt arriving during a decode step waits one more step before its prefill.")
 
 
 class ServedProbe(ApiModel):

@@ -74,6 +74,9 @@ class LatencyModel:
         if source == "profile" and not (self.prefill_fits and self.decode_fits):
             raise ProfileError("a profile-based latency model needs prefill and decode fits")
         self.mixed_fits: dict[Shape, MixedFit] = {}  # measured chunked-prefill steps (latency/mixed.py)
+        # Profiled shapes whose engine overlaps decode steps (ShapeProfile.overlapped_decode); a derived or
+        # analytic shape is taken to run each step whole.
+        self.overlapped_shapes: set[Shape] = set()
         self.served = served
         self._stages: dict[Shape, StageShape] = {}
         self._capacity: dict[tuple[int, int, float], int] = {}
@@ -114,6 +117,7 @@ class LatencyModel:
         fitted = cls(profile.model, gpu, intra_node_gbps, "profile", prefill, decode,
                      served=served_overhead(profile, served_mode))
         fitted.mixed_fits = fit_mixed_shapes(profile.shapes)
+        fitted.overlapped_shapes = {(shape.tp, shape.pp) for shape in profile.shapes if shape.overlapped_decode}
         return fitted
 
     # -- shapes and memory --------------------------------------------------------------------------
@@ -131,6 +135,10 @@ class LatencyModel:
         if found is None:
             found = self._capacity[key] = kv_capacity_tokens(self.model, self.gpu, tp, pp, mem_util)
         return found
+
+    def overlaps_decode(self, tp: int, pp: int) -> bool:
+        """Whether the (tp, pp) engine chooses the step after a decode step when that step starts."""
+        return (tp, pp) in self.overlapped_shapes
 
     def fits(self, tp: int, pp: int) -> bool:
         """True when the shape is valid and leaves KV room for at least one full-context sequence."""

@@ -9,6 +9,11 @@ newest is preempted (its swap or recompute cost added to the round) and resumes 
 for every prefill batch, which is the interference disaggregation removes. Requests go to replicas
 round-robin in arrival order, so replicas are independent and simulated one after another.
 
+An engine that overlaps decode steps (`LatencyModel.overlaps_decode`, engine/overlap.py in the runtime)
+launches each decode round when the round before ends, so what follows a decode round is chosen from the
+queue as it was when that round started: a prompt arriving during a decode round is prefilled one round
+later than a synchronous engine would. A prefill is never overlapped (the host waits for its first tokens).
+
 With pp > 1 a prefill batch crosses the stages alone (no overlap with decode micro-batches), and decode
 rounds are micro-batched over the stages as in the disaggregated decode instances.
 """
@@ -73,6 +78,7 @@ class _Replica:
         self.first, self.last = first, last
         self.policy = cfg.kv
         self.costs = preemption_costs(latency, self.tp, self.pp, self.link, cfg.kv)
+        self.overlapped = latency.overlaps_decode(self.tp, self.pp)
 
     def prefill_step(self, tokens: int, batch: int, sum_sq: int) -> float:
         stage = self.latency.prefill_stage_time(self.tp, self.pp, batch, tokens, sum_sq)
@@ -87,9 +93,13 @@ class _Replica:
         ledger = kv.ledger
         waiting: deque[int] = deque()
         t = 0.0
+        # Arrivals up to `seen` are in the queue the next step is chosen from. That is `t`, except right after
+        # decode rounds on an overlapped engine: it launched the round it is now ending when the round before
+        # ended, so it chose what follows when this round started.
+        seen = 0.0
         ptr, m = 0, len(mine)
         while True:
-            while ptr < m and arrivals[ptr] <= t:
+            while ptr < m and arrivals[ptr] <= seen:
                 waiting.append(mine[ptr])
                 ptr += 1
             if waiting and kv.can_admit(inputs[waiting[0]]):
@@ -106,6 +116,7 @@ class _Replica:
                     blocks += ledger.blocks(inputs[j])
                 ledger.take(blocks)
                 t += self.prefill_step(tokens, len(members), sum_sq)
+                seen = t  # the host waits for a prefill's first tokens: nothing runs ahead of it
                 for j in members:
                     first[j] = t
                     if outputs[j] == 1:
@@ -117,16 +128,23 @@ class _Replica:
             if kv.batch or kv.num_preempted:
                 t += kv.prepare_round()  # blocks for this round: preempt the newest or resume the oldest
                 if not kv.batch:
+                    seen = t
                     continue  # everything left is preempted and cannot resume yet
                 k = min(kv.rounds_to_next_finish(), kv.rounds_until_short())
                 if waiting and kv.can_admit(inputs[waiting[0]]):
                     k = 1  # resumes just cleared the way: the engine prefills right after this round
                 elif not waiting and ptr < m:  # an arrival triggers a prefill at the next boundary after it
-                    k = min(k, cost.rounds_until(kv.batch, kv.sum_context, arrivals[ptr] - t))
+                    if self.overlapped and arrivals[ptr] <= t:
+                        k = 1  # arrived during the round just launched ahead of it: that round runs first
+                    else:  # overlapped, the boundary after the arrival has its next round launched already
+                        k = min(k, cost.rounds_until(kv.batch, kv.sum_context, arrivals[ptr] - t) + self.overlapped)
+                start_of_last = t + cost.elapsed(kv.batch, kv.sum_context, k - 1)
                 t += cost.elapsed(kv.batch, kv.sum_context, k)
                 kv.advance_and_stamp(k, t, last)
+                seen = start_of_last if self.overlapped else t
                 continue
             if ptr < m:
                 t = max(t, arrivals[ptr])
+                seen = t
                 continue
             return kv

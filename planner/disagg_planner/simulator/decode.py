@@ -5,7 +5,8 @@ plus waiting), and waits there FCFS. The instance pulls the head's KV when the e
 prompt's blocks fit with the watermark to spare and no preempted request waits (`kv_blocks`); meanwhile
 the KV stays in prefill memory (the paper's pull model). The prompt's blocks are reserved when the pull
 starts. Transfers on one instance's link run one after another. A transferred request joins the running
-batch at the next round boundary; every round gives each running request one token and the blocks it
+batch at the next round boundary (on an engine that overlaps decode rounds, the one after: the round
+in flight was launched without it); every round gives each running request one token and the blocks it
 grows into; when they run out, the newest is preempted (swap or recompute, its cost added to the round)
 and resumes later. A request leaves after output_len - 1 rounds of decoding (its first token came from
 prefill).
@@ -55,11 +56,14 @@ def simulate_decode(
     finish: np.ndarray,
     policy: KVPolicy | None = None,
     costs: tuple[Callable[[int], float], Callable[[int], float]] = (lambda _t: 0.0, lambda _t: 0.0),
+    overlapped: bool = False,
 ) -> list[OnDemandBatch]:
     """Fill `finish[j]` (time of the last token) for every request in `order` (sorted by `ready`).
 
     `costs` are the (preempt, resume) seconds of a sequence by its cached tokens. Returns each
-    instance's batch state (its ledger holds the peak blocks; it counts the preemptions).
+    instance's batch state (its ledger holds the peak blocks; it counts the preemptions). `overlapped`:
+    the engine launches each round when the round before ends, so a transfer joins at a boundary only if
+    it landed before the round ending there started (else one round later).
     """
     policy = policy or KVPolicy()
     pool = [_DecodeInstance(OnDemandBatch(BlockLedger(capacity, policy), policy, *costs)) for _ in range(instances)]
@@ -118,11 +122,14 @@ def simulate_decode(
     def boundary(d: int, t: float) -> None:
         inst = pool[d]
         kv = inst.kv
+        seen = t
         if kv.batch:
+            if overlapped:  # the round ending at t was launched when the one before ended
+                seen = inst.now + cost.elapsed(kv.batch, kv.sum_context, max(inst.wake_rounds - 1, 0))
             kv.advance_and_stamp(inst.wake_rounds, t, finish)
         inst.now = t  # an idle instance starts its first round when the first transfer lands
         pull(inst, t)
-        admit_landed(inst, t)
+        admit_landed(inst, seen)
         if kv.batch or kv.num_preempted:
             inst.now += kv.prepare_round()  # blocks for the coming round: preempt or resume
             if kv.num_preempted == 0:

@@ -48,6 +48,7 @@ def simulate_disaggregated(cfg: DisaggConfig, latency: LatencyModel, requests: S
         finish=last,
         policy=cfg.kv,
         costs=preemption_costs(latency, cfg.decode.tp, cfg.decode.pp, link, cfg.kv),
+        overlapped=latency.overlaps_decode(cfg.decode.tp, cfg.decode.pp),
     )
     peaks = [b.ledger.peak * b.ledger.bs for b in batches]
     return trace.result(first, last, peaks, decode_cap, preemptions=sum(b.preemptions for b in batches),
