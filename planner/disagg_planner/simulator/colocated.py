@@ -138,10 +138,10 @@ class _Replica:
                         k = 1  # arrived during the round just launched ahead of it: that round runs first
                     else:  # overlapped, the boundary after the arrival has its next round launched already
                         k = min(k, cost.rounds_until(kv.batch, kv.sum_context, arrivals[ptr] - t) + self.overlapped)
-                start_of_last = t + cost.elapsed(kv.batch, kv.sum_context, k - 1)
+                start = t
                 t += cost.elapsed(kv.batch, kv.sum_context, k)
+                seen = start + cost.elapsed(kv.batch, kv.sum_context, k - 1) if self.overlapped else t
                 kv.advance_and_stamp(k, t, last)
-                seen = start_of_last if self.overlapped else t
                 continue
             if ptr < m:
                 t = max(t, arrivals[ptr])
