@@ -189,7 +189,9 @@ class GpuStepRunner:
     def _prefill(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int]) -> torch.Tensor:
         if layout.context_lens != layout.seq_lens:
             raise ValueError("the GPU runner prefills whole prompts only (no cached prefix)")
-        if self.prefill_graphs is not None and self.prefill_graphs.fits(len(tokens), len(layout.seq_lens)):
+        # A graph has one logits row per prompt slot: a caller asking for more rows runs eager.
+        if self.prefill_graphs is not None and self.prefill_graphs.fits(len(tokens), max(len(layout.seq_lens),
+                                                                                         len(rows))):
             return self.prefill_graphs.run(tokens, positions, layout, rows)
         n, r, s = len(tokens), len(rows), len(layout.seq_lens)
         # One host buffer, one copy: four pageable copies each left the GPU idle for 0.1-0.5 ms before the
