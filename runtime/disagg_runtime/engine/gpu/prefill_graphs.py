@@ -6,9 +6,9 @@ kernels, because the host spends ~40 us launching each cuBLAS call and ~20 us ea
 for decode, each bucket in `PREFILL_GRAPH_TOKENS` is captured once over static inputs, and a prefill whose
 packed prompts fit a bucket (at most `PREFILL_GRAPH_SEQS` prompts) pads to it and replays. Padding rows
 attend to nothing (they are in no prompt of `cu_seqlens`), store nothing (slot -1) and every other kernel
-is row-wise, so they cannot reach a real row; padding prompts have length 0. At these sizes a step reads
-every weight once whatever its token count, so the padding costs little. Longer prefills run eager: their
-launches hide behind the GPU work.
+is row-wise, so they cannot reach a real row; padding prompts have length 0. Up to a few hundred tokens
+a prefill costs about one read of the weights whatever its token count; at 512 the at most 31 padding
+tokens add up to 6% of the work. Longer prefills run eager: their launches hide behind the GPU work.
 
 A graph runs no per-layer hook, so a prefill-only request's KV is staged after the forward
 (`KVExporter._finish`), not layer by layer; for a prompt this short the whole forward takes a few ms.
