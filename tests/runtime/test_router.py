@@ -138,7 +138,9 @@ async def cluster():
 
     async def start(prefills, decodes, **config):
         for w in prefills + decodes:
-            runner, port = await start_site(w.app(), "127.0.0.1", 0)
+            # A fake may hold a handler open for good (FrozenDecode): its cleanup cancels it after 2 s,
+            # not aiohttp's 60, which outlasted the 30 s bound below in one full-suite run.
+            runner, port = await start_site(w.app(), "127.0.0.1", 0, shutdown_timeout=2.0)
             runners.append(runner)
             w.url = f"127.0.0.1:{port}"
         router = Router(RouterConfig(prefill=[w.url for w in prefills], decode=[w.url for w in decodes],
@@ -150,7 +152,7 @@ async def cluster():
     yield start
     for r in reversed(runners):
         # In a task of its own: awaited inline, the cleanup after a frozen decode fake (its /decode handler
-        # never returns) hung in about half the runs; in a task it always finishes. Bounded either way.
+        # never returns) hung in about half the runs. Bounded either way.
         await asyncio.wait_for(asyncio.ensure_future(r.cleanup()), 30)
 
 

@@ -14,10 +14,14 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start serving `app`; returns the runner and the bound port (`port` 0 picks a free one)."""
+async def start_site(app: web.Application, host: str, port: int, *,
+                     shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, int]:
+    """Start serving `app`; returns the runner and the bound port (`port` 0 picks a free one).
+
+    `shutdown_timeout`: how long the runner's cleanup waits for handlers still running before it cancels
+    them (aiohttp's default)."""
     # handler_cancellation: a client that disconnects cancels its handler, which aborts the request.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
