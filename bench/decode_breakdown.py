@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_ceilings import gpu_tag  # noqa: E402
+
 
 def family(name: str) -> str:
     n = name.lower()
@@ -84,7 +87,7 @@ def main() -> int:
         for r in reqs:
             engine.abort(r.request_id)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"decode_breakdown-{torch.cuda.get_device_name().split()[-1].lower()}.json").write_text(
+    (args.out / f"decode_breakdown-{gpu_tag(result['device'])}.json").write_text(
         json.dumps(result, indent=1))
     return 0
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_ceilings import LlamaShape, measure_copy_bandwidth, measure_matmul_rate, time_cuda  # noqa: E402
+from gpu_ceilings import LlamaShape, gpu_tag, measure_copy_bandwidth, measure_matmul_rate, time_cuda  # noqa: E402
 from hf_baseline import (  # noqa: E402
     build_random_hf_llama,
     llama_config_dict,
@@ -39,14 +39,6 @@ PREFILL_LENGTHS = (512, 1024, 2048, 4096)
 DECODE_BATCHES = (1, 8, 32, 64, 128)
 CONTEXT = 512
 T0 = time.perf_counter()
-
-
-def gpu_tag(device_name: str) -> str:
-    """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100': the file name says which GPU ran it."""
-    for word in device_name.replace("-", " ").split():
-        if any(c.isdigit() for c in word) and any(c.isalpha() for c in word) and not word.upper().endswith("GB"):
-            return word.lower()
-    return "gpu"
 
 
 def log(*parts) -> None:

@@ -65,6 +65,14 @@ class LlamaShape:
         return {**asdict(self), "total_params": self.total_params, "kv_bytes_per_token": self.kv_bytes_per_token}
 
 
+def gpu_tag(device_name: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100': the file name says which GPU ran it."""
+    for word in device_name.replace("-", " ").split():
+        if any(c.isdigit() for c in word) and any(c.isalpha() for c in word) and not word.upper().endswith("GB"):
+            return word.lower()
+    return "gpu"
+
+
 def time_cuda(fn, *, warmup: int = 3, repeats: int = 10) -> list[float]:
     """Seconds per call of `fn`, each timed with CUDA events after `warmup` untimed calls."""
     for _ in range(warmup):

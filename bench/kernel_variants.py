@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_ceilings import measure_copy_bandwidth, measure_matmul_rate, time_cuda  # noqa: E402
+from gpu_ceilings import gpu_tag, measure_copy_bandwidth, measure_matmul_rate, time_cuda  # noqa: E402
 
 HEADS, KV_HEADS, DIM, BLOCK, LAYERS = 32, 8, 128, 16, 32
 
@@ -219,8 +219,7 @@ def main() -> int:
     if "decode" in args.parts:
         res["decode"] = [time_decode(b, args.context, bw) for b in args.batches]
     args.out.mkdir(parents=True, exist_ok=True)
-    name = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
-    (args.out / f"kernel_variants-{name}-{'-'.join(args.parts)}.json").write_text(json.dumps(res, indent=1))
+    (args.out / f"kernel_variants-{gpu_tag(res['device'])}-{'-'.join(args.parts)}.json").write_text(json.dumps(res, indent=1))
     return 0
 
 

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_ceilings import gpu_tag  # noqa: E402
+
 
 def family(name: str) -> str:
     n = name.lower()
@@ -156,8 +159,7 @@ def main() -> int:
     result["host_profile_1024"] = host_profile(engine, 1024, vocab)
     print(result["host_profile_1024"][:3000], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
-    (args.out / f"prefill_breakdown-{name}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"prefill_breakdown-{gpu_tag(result['device'])}.json").write_text(json.dumps(result, indent=1))
     return 0
 
 

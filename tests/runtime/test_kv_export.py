@@ -22,6 +22,18 @@ def _requests(prefix: str = "r", lengths=LENGTHS) -> list[GenerationRequest]:
                               SamplingParams(max_tokens=4)) for i, n in enumerate(lengths)]
 
 
+def _assert_staged_as_gathered(engine, reqs, on_cuda: bool = False) -> None:
+    """Every request's staging is complete (on the GPU, if `on_cuda`) and holds the bytes a gather of its
+    blocks reads (the old export_kv)."""
+    for req in reqs:
+        staged = engine.kv_export.get(req.request_id)
+        assert staged is not None and staged.complete
+        assert staged.buffer.is_cuda or not on_cuda
+        blocks = engine._seqs[req.request_id].block_table
+        _bit_equal(engine.export_kv(req.request_id), engine.kv_export.gather(blocks, req.request_id,
+                                                                             len(req.prompt_ids)))
+
+
 def _bit_equal(a, b) -> None:
     assert a.header == b.header
     for x, y in zip(a.keys + a.values, b.keys + b.values, strict=True):
@@ -34,12 +46,7 @@ def test_layerwise_export_has_the_bytes_of_the_whole_export(model_dirs, variant)
     engine = Engine.load(model_dirs[variant], num_blocks=64)
     reqs = _requests()
     engine.prefill(reqs, reserve_decode=False)
-    for req in reqs:
-        staged = engine.kv_export.get(req.request_id)
-        assert staged is not None and staged.complete
-        seq_blocks = engine._seqs[req.request_id].block_table
-        whole = engine.kv_export.gather(seq_blocks, req.request_id, len(req.prompt_ids))  # the old export_kv
-        _bit_equal(engine.export_kv(req.request_id), whole)
+    _assert_staged_as_gathered(engine, reqs)
     # A decodable prefill (a colocated engine) stages nothing: its export is the gather, same bytes.
     other = Engine.load(model_dirs[variant], num_blocks=64)
     other.prefill(_requests(), reserve_decode=True)
@@ -220,11 +227,7 @@ def test_fused_gpu_prefill_stages_the_bytes_of_the_whole_export(llama_dir):
     torch.cuda.synchronize()
     assert calls == list(range(engine.num_layers))  # staged from inside the forward, layer by layer
     assert engine.gpu_runner.fused.after_prefill_layer is None  # decode steps never call it
-    for req in reqs:
-        staged = exporter.get(req.request_id)
-        assert staged.complete and staged.buffer.is_cuda
-        blocks = engine._seqs[req.request_id].block_table
-        _bit_equal(engine.export_kv(req.request_id), exporter.gather(blocks, req.request_id, len(req.prompt_ids)))
+    _assert_staged_as_gathered(engine, reqs, on_cuda=True)
     for req in reqs:
         engine.release(req.request_id)
     assert exporter.staged_bytes == 0
@@ -242,9 +245,4 @@ def test_a_prefill_replayed_from_a_graph_stages_the_bytes_of_the_whole_export(tm
     assert graphs is not None and graphs.fits(sum(len(r.prompt_ids) for r in reqs), len(reqs))
     engine.prefill(reqs, reserve_decode=False)
     torch.cuda.synchronize()
-    exporter = engine.kv_export
-    for req in reqs:
-        staged = exporter.get(req.request_id)
-        assert staged.complete and staged.buffer.is_cuda
-        blocks = engine._seqs[req.request_id].block_table
-        _bit_equal(engine.export_kv(req.request_id), exporter.gather(blocks, req.request_id, len(req.prompt_ids)))
+    _assert_staged_as_gathered(engine, reqs, on_cuda=True)

@@ -17,15 +17,13 @@ A graph runs no per-layer hook, so a prefill-only request's KV is staged after t
 from __future__ import annotations
 
 import bisect
-import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..attention import StepLayout
+from .capture import capture
 from .fused_llama import FusedLlama
 
 # Every 32 tokens up to 512 (vLLM stops capturing at 512 tokens by default too): at most 31 padding tokens.
@@ -33,18 +31,24 @@ PREFILL_GRAPH_TOKENS = tuple(range(32, 513, 32))
 PREFILL_GRAPH_SEQS = 16
 
 
-@contextmanager
-def no_gc() -> Iterator[None]:
-    """No garbage collection inside a capture: a collection there can free another engine's CUDA graph, and
-    destroying a graph while a stream captures invalidates the capture (seen in the GPU tests, one process
-    loading engine after engine)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+def pack_prefill_inputs(host: np.ndarray, offsets: tuple[int, ...], tokens: list[int], positions: list[int],
+                        slots: list[int], seq_lens: list[int], rows: list[int]) -> None:
+    """A prefill's int64 inputs laid out for one host-to-device copy: ids, positions, slots, logit rows and
+    cu_seqlens from `offsets[0..4]` (`offsets[5]` ends it). Where a region is longer than its values the
+    rest is padding: id and position 0, slot -1 (stores nothing), row 0, and empty prompts after the last."""
+    o, n, r = offsets, len(tokens), len(rows)
+    host[o[0]:o[0] + n] = tokens
+    host[o[1]:o[1] + n] = positions
+    host[o[2]:o[2] + n] = slots
+    host[o[0] + n:o[1]] = 0
+    host[o[1] + n:o[2]] = 0
+    host[o[2] + n:o[3]] = -1
+    host[o[3]:o[3] + r] = rows
+    host[o[3] + r:o[4]] = 0
+    cu = host[o[4]:o[5]]
+    cu[0] = 0
+    np.cumsum(seq_lens, out=cu[1:1 + len(seq_lens)])
+    cu[1 + len(seq_lens):] = n
 
 
 @dataclass
@@ -72,50 +76,22 @@ class PrefillGraphs:
         self._graphs: dict[int, _Graph] = {}
         self._capture()
 
-    def _views(self, tokens: int) -> tuple[torch.Tensor, ...]:
-        o = self._offsets
-        ids, pos, slots = (self._inputs[o[i]:o[i] + tokens] for i in range(3))
-        return ids, pos, slots, self._inputs[o[3]:o[4]], self._inputs[o[4]:o[5]]
-
     def _capture(self) -> None:
         host = self._hosts[0].numpy()
         pool = torch.cuda.graph_pool_handle()
         for tokens in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool memory
             # Placeholder inputs: position 0 is in any model's RoPE table, slot -1 stores nothing.
-            self._fill(host, [0] * tokens, [0] * tokens, [-1] * tokens, [tokens], [tokens - 1])
+            pack_prefill_inputs(host, self._offsets, [0] * tokens, [0] * tokens, [-1] * tokens, [tokens], [tokens - 1])
             self._inputs.copy_(self._hosts[0])
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream), torch.inference_mode():
-                self._forward(tokens)  # compiles and autotunes outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with no_gc(), torch.cuda.graph(graph, pool=pool), torch.inference_mode():
-                logits = self._forward(tokens)
-            self._graphs[tokens] = _Graph(graph, logits)
+            self._graphs[tokens] = _Graph(*capture(lambda tokens=tokens: self._forward(tokens), self.device, pool))
         torch.cuda.synchronize(self.device)
 
     def _forward(self, tokens: int) -> torch.Tensor:
-        ids, pos, slots, rows, cu = self._views(tokens)
+        o = self._offsets
+        ids, pos, slots = (self._inputs[o[i]:o[i] + tokens] for i in range(3))
         # max_seqlen = the bucket: attention's grid is fixed; programs past a prompt's end return at once.
-        return self.fused.prefill_logits(ids, pos, slots, cu.to(torch.int32), tokens, rows)
-
-    def _fill(self, host: np.ndarray, tokens: list[int], positions: list[int], slots: list[int],
-              seq_lens: list[int], rows: list[int]) -> None:
-        o, n, r = self._offsets, len(tokens), len(rows)
-        bucket = self._bucket(n)
-        host[o[0]:o[0] + n] = tokens
-        host[o[1]:o[1] + n] = positions
-        host[o[2]:o[2] + n] = slots
-        host[o[0] + n:o[0] + bucket] = 0
-        host[o[1] + n:o[1] + bucket] = 0
-        host[o[2] + n:o[2] + bucket] = -1
-        host[o[3]:o[3] + r] = rows
-        host[o[3] + r:o[4]] = 0
-        cu = host[o[4]:o[5]]
-        cu[0] = 0
-        np.cumsum(seq_lens, out=cu[1:1 + len(seq_lens)])
-        cu[1 + len(seq_lens):] = n  # padding prompts: empty, after the last real one
+        return self.fused.prefill_logits(ids, pos, slots, self._inputs[o[4]:o[5]].to(torch.int32), tokens,
+                                         self._inputs[o[3]:o[4]])
 
     def _bucket(self, tokens: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, tokens)]
@@ -126,11 +102,11 @@ class PrefillGraphs:
 
     def run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int]) -> torch.Tensor:
         """Float32 logits [len(rows), vocab] of a prefill that `fits` (whole prompts, no cached prefix)."""
-        bucket = self._bucket(len(tokens))
         self._turn ^= 1
         host = self._hosts[self._turn]
-        self._fill(host.numpy(), tokens, positions, layout.slot_mapping, layout.seq_lens, rows)
+        pack_prefill_inputs(host.numpy(), self._offsets, tokens, positions, layout.slot_mapping, layout.seq_lens,
+                            rows)
         self._inputs.copy_(host, non_blocking=True)
-        g = self._graphs[bucket]
+        g = self._graphs[self._bucket(len(tokens))]
         g.graph.replay()
         return g.logits[:len(rows)]

@@ -23,8 +23,9 @@ import torch
 
 from ..attention import StepLayout
 from ..overlap import gathered
+from .capture import capture
 from .fused_llama import FusedLlama
-from .prefill_graphs import PREFILL_GRAPH_TOKENS, PrefillGraphs, no_gc
+from .prefill_graphs import PREFILL_GRAPH_TOKENS, PrefillGraphs, pack_prefill_inputs
 
 # Up to the planner's largest profiled decode batch: an eager step at batch 256 of Llama-3-8B took 20-26 ms
 # on an H200 against 16 ms replayed, and those samples bent the profile's decode fit ~10% slow at batch
@@ -75,15 +76,8 @@ class GpuStepRunner:
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
             args = self._static_args(size)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream), torch.inference_mode():
-                self.fused.decode_logits(*args)  # compiles the Triton kernels outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with no_gc(), torch.cuda.graph(graph, pool=pool), torch.inference_mode():
-                logits = self.fused.decode_logits(*args)
-            self._graphs[size] = _Graph(graph, logits)
+            self._graphs[size] = _Graph(*capture(lambda args=args: self.fused.decode_logits(*args), self.device,
+                                                 pool))
         torch.cuda.synchronize(self.device)
 
     def _select(self, turn: int) -> None:
@@ -196,17 +190,12 @@ class GpuStepRunner:
         n, r, s = len(tokens), len(rows), len(layout.seq_lens)
         # One host buffer, one copy: four pageable copies each left the GPU idle for 0.1-0.5 ms before the
         # first layer on an H200 (bench/prefill_breakdown.py), up to 1.5 ms of a 4k-token prefill.
-        host = self._prefill_inputs.take(3 * n + r + s + 1)
-        h = host.numpy()
-        h[:n] = tokens
-        h[n:2 * n] = positions
-        h[2 * n:3 * n] = layout.slot_mapping
-        h[3 * n:3 * n + r] = rows
-        h[3 * n + r] = 0
-        np.cumsum(layout.seq_lens, out=h[3 * n + r + 1:])
+        o = (0, n, 2 * n, 3 * n, 3 * n + r, 3 * n + r + s + 1)
+        host = self._prefill_inputs.take(o[-1])
+        pack_prefill_inputs(host.numpy(), o, tokens, positions, layout.slot_mapping, layout.seq_lens, rows)
         dev = self._prefill_inputs.upload(host)
-        return self.fused.prefill_logits(dev[:n], dev[n:2 * n], dev[2 * n:3 * n], dev[3 * n + r:].to(torch.int32),
-                                         max(layout.seq_lens), dev[3 * n:3 * n + r])
+        return self.fused.prefill_logits(dev[o[0]:o[1]], dev[o[1]:o[2]], dev[o[2]:o[3]], dev[o[4]:].to(torch.int32),
+                                         max(layout.seq_lens), dev[o[3]:o[4]])
 
 
 class _HostInputs:
