@@ -157,117 +157,6 @@ def time_gemms(rows: int, bw: float) -> dict:
     return out
 
 
-GEMV_CONFIGS = [(16, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 3), (32, 128, 4, 4), (16, 128, 4, 5),
-                (64, 128, 4, 3)]
-
-
-def _decode_layers(rows: int, gen: torch.Generator) -> list[dict]:
-    dev = torch.device("cuda")
-    out = []
-    for _ in range(LAYERS):
-        layer = {name: torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen) / 64
-                 for name, (n, k) in GEMM_SHAPES.items()}
-        layer["input_norm"] = 1 + torch.randn(4096, device=dev, dtype=torch.bfloat16, generator=gen) / 8
-        layer["post_norm"] = 1 + torch.randn(4096, device=dev, dtype=torch.bfloat16, generator=gen) / 8
-        out.append(layer)
-    return out
-
-
-def time_gemv(rows: int, bw: float) -> dict:
-    """The decode layer's projections at batch <= 16 over 32 layers in one graph, attention left out (its
-    input is the q slice of the qkv output): cuBLAS with the separate RMSNorm and SwiGLU kernels, as the
-    step runs them today, against the fused Triton GEMVs (kernels/triton_gemv.py) without and with
-    programmatic dependent launch; then each projection alone per tile config. Judged by the weight bytes."""
-    from disagg_runtime.kernels import rms_norm, silu_and_mul
-    from disagg_runtime.kernels.triton_gemv import GemvConfig, gemv, sum_squares
-
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(rows)
-    layers = _decode_layers(rows, gen)
-    h0 = torch.randn(rows, 4096, device=dev, dtype=torch.bfloat16, generator=gen)
-    nbytes = LAYERS * sum(n * k * 2 for n, k in GEMM_SHAPES.values())
-    eps = 1e-5
-
-    def unfused():
-        h, residual = h0, None
-        for w in layers:
-            x, residual = rms_norm(h, w["input_norm"], eps, residual)
-            a = torch.nn.functional.linear(x, w["qkv"])[:, :4096]
-            h = torch.nn.functional.linear(a, w["o"])
-            x, residual = rms_norm(h, w["post_norm"], eps, residual)
-            h = torch.nn.functional.linear(silu_and_mul(torch.nn.functional.linear(x, w["gate_up"])), w["down"])
-        return h + residual
-
-    def fused(pdl: bool):
-        def run():
-            ss = torch.zeros(2 * LAYERS + 1, rows, device=dev, dtype=torch.float32)
-            s = h0.clone()
-            sum_squares(s, ss[0])
-            for i, w in enumerate(layers):
-                a = gemv(s, w["qkv"], norm=(ss[2 * i], w["input_norm"], eps), pdl=pdl)[:, :4096]
-                s = gemv(a, w["o"], residual=(s, ss[2 * i + 1]), pdl=pdl)
-                act = gemv(s, w["gate_up"], norm=(ss[2 * i + 1], w["post_norm"], eps), swiglu=True, pdl=pdl)
-                s = gemv(act, w["down"], residual=(s, ss[2 * i + 2]), pdl=pdl)
-            return s
-        return run
-
-    res: dict = {"rows": rows, "weight_bytes": nbytes, "chain": {}}
-    ref = unfused().float()
-    for name, fn in (("cublas", unfused), ("fused", fused(False)), ("fused_pdl", fused(True))):
-        try:
-            got = fn().float()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            t = statistics.median(time_cuda(graph.replay, warmup=3, repeats=20))
-        except Exception as e:  # noqa: BLE001 - report a variant that does not compile or capture, go on
-            print(f"  chain {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        res["chain"][name] = {"per_layer_us": t * 1e6 / LAYERS, "fraction": nbytes / bw / t,
-                              "rel_err": ((got - ref).norm() / ref.norm()).item()}
-        del graph
-    print(f"gemv rows {rows:3} chain: " + "  ".join(f"{k} {v['per_layer_us']:6.1f} us/layer ({v['fraction']:.0%}, "
-                                                      f"err {v['rel_err']:.1e})" for k, v in res["chain"].items()),
-          flush=True)
-
-    res["alone"] = {}
-    if rows not in (1, 16):  # the tile sweep at the two ends of the range
-        layers.clear()
-        return res
-    x = {name: torch.randn(rows, k, device=dev, dtype=torch.bfloat16, generator=gen) for name, (n, k) in
-         GEMM_SHAPES.items()}
-    for name, (n, k) in GEMM_SHAPES.items():
-        per = {}
-        ws = [w[name] for w in layers]
-        for cfg in GEMV_CONFIGS:
-            c = GemvConfig(*cfg)
-            for pdl in (False, True):
-                def call(c=c, pdl=pdl, xin=x[name], ws=ws, name=name):
-                    return [gemv(xin, w, swiglu=name == "gate_up", config=c, pdl=pdl) for w in ws]
-                try:
-                    call()
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        call()
-                    t = statistics.median(time_cuda(graph.replay, warmup=3, repeats=20))
-                except Exception as e:  # noqa: BLE001
-                    print(f"  {name} {cfg} pdl={pdl} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                per[f"{cfg}{'+pdl' if pdl else ''}"] = {"per_call_us": t * 1e6 / LAYERS,
-                                                        "fraction": LAYERS * n * k * 2 / bw / t}
-                del graph
-        best = min(per.items(), key=lambda kv: kv[1]["per_call_us"]) if per else None
-        res["alone"][name] = {"best": best, "all": per}
-        if best:
-            print(f"    {name:8} best {best[0]}: {best[1]['per_call_us']:6.1f} us ({best[1]['fraction']:.0%})",
-                  flush=True)
-    layers.clear()
-    torch.cuda.empty_cache()
-    return res
-
-
 PREFILL_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3),
                    (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3),
                    (128, 64, 4, 3), (64, 32, 4, 3)]
@@ -315,7 +204,7 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64, 128])
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--prefill", type=int, nargs="*", default=[1024, 2048, 4096])
-    ap.add_argument("--parts", nargs="*", choices=("gemm", "gemv", "prefill", "decode"), default=["gemm", "prefill", "decode"])
+    ap.add_argument("--parts", nargs="*", choices=("gemm", "prefill", "decode"), default=["gemm", "prefill", "decode"])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -325,8 +214,6 @@ def main() -> int:
     res = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bw, "matmul_flops_per_s": mm}
     if "gemm" in args.parts:
         res["gemm"] = {str(b): time_gemms(b, bw) for b in args.batches}
-    if "gemv" in args.parts:
-        res["gemv"] = [time_gemv(b, bw) for b in args.batches if b <= 16]
     if "prefill" in args.parts:
         res["prefill"] = [time_prefill(t, mm) for t in args.prefill]
     if "decode" in args.parts:

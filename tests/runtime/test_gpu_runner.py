@@ -250,30 +250,3 @@ def test_prefill_graphs_match_the_eager_prefill_and_write_only_the_prompts_slots
         for a, b in zip(kg + vg, ke + ve, strict=True):
             assert _rel(a, b) < 1e-2
 
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("batch", [1, 5, 16])
-def test_fused_gemv_decode_matches_the_unfused_layers(tmp_path, batch):
-    """Small decode steps run the fused GEMV layers; the logits (and so the greedy tokens) are those of the
-    cuBLAS + separate norm/SwiGLU layers to bf16 rounding."""
-    engine = Engine.load(write_random_model(tmp_path, arch="llama", seed=6, **GPU_SHAPE), device="cuda",
-                         dtype=torch.bfloat16, num_blocks=GPU_BLOCKS)
-    fused = engine.gpu_runner.fused
-    assert fused.gemv_max_rows >= 16
-    prompts = [p.prompt_ids for p in _requests([4 + 7 * i for i in range(batch)], seed=batch)]
-    logits, tables = _prefill_direct(fused, prompts, engine.block_size)
-    layout = _decode_layout(prompts, tables, engine.block_size)
-    dev = fused.device
-    width = max(map(len, tables))
-    args = (torch.tensor(logits.argmax(-1).tolist(), device=dev), torch.tensor([len(p) for p in prompts], device=dev),
-            torch.tensor(layout.slot_mapping, device=dev),
-            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            torch.tensor(layout.context_lens, device=dev))
-    with torch.inference_mode():
-        with_gemv = fused.decode_logits(*args)
-        fused.gemv_max_rows = 0
-        without = fused.decode_logits(*args)
-    assert _rel(with_gemv, without) < 1e-2
-    agree = (with_gemv.argmax(-1) == without.argmax(-1)).float().mean().item()
-    assert agree == 1.0 or batch > 1 and agree >= 0.8  # a near-tie may flip under another summation order

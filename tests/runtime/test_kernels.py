@@ -219,50 +219,6 @@ def test_triton_rms_norm_matches_reference(rows, cols, residual):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("rows,k,n,bias", [(1, 4096, 6144, False), (5, 1000, 300, True), (16, 256, 4096, False)])
-@pytest.mark.parametrize("pdl", [False, True])
-def test_triton_gemv_fusions_match_the_unfused_references(rows, k, n, bias, pdl):
-    from disagg_runtime.kernels.triton_gemv import gemv, sum_squares
-
-    dev, bf = "cuda", torch.bfloat16
-    stream = torch.randn(rows, k, device=dev, dtype=bf)
-    norm_w = 1 + 0.1 * torch.randn(k, device=dev, dtype=bf)
-    w = torch.randn(n, k, device=dev, dtype=bf) / k ** 0.5
-    w2 = torch.randn(2 * n, k, device=dev, dtype=bf) / k ** 0.5
-    b = torch.randn(n, device=dev, dtype=bf) if bias else None
-    b2 = torch.randn(2 * n, device=dev, dtype=bf) if bias else None
-    sums = sum_squares(stream, torch.empty(rows, device=dev))
-    assert _rel(sums, stream.double().pow(2).sum(-1)) < 1e-5
-    normed, _ = ref.rms_norm_ref(stream, norm_w, 1e-5)
-    # Prologue RMSNorm (qkv), plain (o without the residual), SwiGLU epilogue (gate|up).
-    assert _rel(gemv(stream, w, b, norm=(sums, norm_w, 1e-5), pdl=pdl), F.linear(normed, w, b)) < 1e-2
-    assert _rel(gemv(stream, w, b, pdl=pdl), F.linear(stream, w, b)) < 1e-2
-    want = ref.silu_and_mul_ref(F.linear(normed, w2, b2))
-    assert _rel(gemv(stream, w2, b2, norm=(sums, norm_w, 1e-5), swiglu=True, pdl=pdl), want) < 1e-2
-    # Residual epilogue: the new stream, and its sum of squares added to what the accumulator held.
-    square = torch.randn(k, k, device=dev, dtype=bf) / k ** 0.5
-    acc = torch.full((rows,), 3.0, device=dev)
-    new = gemv(stream, square, residual=(stream, acc), pdl=pdl)
-    want = (F.linear(stream, square).float() + stream.float()).to(bf)
-    assert _rel(new, want) < 1e-2
-    assert _rel(acc - 3.0, want.double().pow(2).sum(-1)) < 1e-3
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_triton_gemv_refuses_what_it_does_not_fuse():
-    from disagg_runtime.kernels.triton_gemv import MAX_ROWS, gemv
-
-    x = torch.randn(MAX_ROWS + 1, 256, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="at most"):
-        gemv(x, w)
-    with pytest.raises(ValueError, match="not both"):
-        gemv(x[:2], w, swiglu=True, residual=(x[:2, :32], torch.zeros(2, device="cuda")))
-
-
-@pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("rows,ffn", [(1, 14336), (300, 1000)])
 def test_triton_silu_and_mul_matches_reference(rows, ffn):
     from disagg_runtime.kernels.triton_elementwise import silu_and_mul_triton

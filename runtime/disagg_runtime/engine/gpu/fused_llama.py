@@ -22,7 +22,6 @@ from ...kernels import (
     rope_and_store_kv,
     rope_tables,
     silu_and_mul,
-    triton_available,
     varlen_causal_attention,
 )
 from ...models.llama import LlamaForCausalLM
@@ -91,13 +90,6 @@ class FusedLlama:
         # Set by engine/kv_export.py while a prefill stages its KV for export: called with the layer index
         # once the layer stored its KV. Decode steps (and their CUDA graphs) never call it.
         self.after_prefill_layer: Callable[[int], None] | None = None
-        # Decode steps of at most this many rows run the fused GEMV layers (kernels/triton_gemv.py); 0: never.
-        self.gemv_max_rows = 0
-        if self.device.type == "cuda" and triton_available() and self.lm_head.dtype in (torch.bfloat16,
-                                                                                         torch.float16):
-            from ...kernels.triton_gemv import MAX_ROWS
-
-            self.gemv_max_rows = MAX_ROWS
 
     @staticmethod
     def supports(model: nn.Module, tp_size: int) -> bool:
@@ -140,26 +132,7 @@ class FusedLlama:
             h = F.linear(silu_and_mul(F.linear(x, w.gate_up, w.gate_up_bias)), w.down, w.down_bias)
         return h, residual
 
-    def _gemv_layers(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                     attend) -> torch.Tensor:
-        """All decoder layers of a small decode step as fused GEMVs (kernels/triton_gemv.py); returns the
-        residual stream after the last layer. Each projection's epilogue accumulates the new stream's
-        per-row sum of squares, which the next projection's prologue normalises with."""
-        from ...kernels.triton_gemv import gemv, sum_squares
-
-        s = F.embedding(ids, self.embed)
-        sums = torch.zeros(2 * len(self.layers) + 1, s.shape[0], dtype=torch.float32, device=s.device)
-        sum_squares(s, sums[0])
-        for i, (w, cache) in enumerate(zip(self.layers, self.caches, strict=True)):
-            q, k, v = self._split(gemv(s, w.qkv, w.qkv_bias, norm=(sums[2 * i], w.input_norm, self.eps)))
-            rope_and_store_kv(q, k, v, positions, self.cos, self.sin, cache.keys, cache.values, slots)
-            a = attend(i, q, k, v, cache)
-            s = gemv(a.reshape(a.shape[0], -1), w.o, w.o_bias, residual=(s, sums[2 * i + 1]))
-            act = gemv(s, w.gate_up, w.gate_up_bias, norm=(sums[2 * i + 1], w.post_norm, self.eps), swiglu=True)
-            s = gemv(act, w.down, w.down_bias, residual=(s, sums[2 * i + 2]))
-        return s
-
-    def _logits(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         x, _ = rms_norm(h, self.final_norm, self.eps, residual)
         return F.linear(x, self.lm_head).float()
 
@@ -182,6 +155,4 @@ class FusedLlama:
             return paged_decode_attention(q, cache.keys, cache.values, block_tables, context_lens, self.scale,
                                           num_splits)
 
-        if ids.shape[0] <= self.gemv_max_rows:
-            return self._logits(self._gemv_layers(ids, positions, slots, attend), None)
         return self._logits(*self._layers(ids, positions, slots, attend))
