@@ -219,6 +219,46 @@ def test_triton_rms_norm_matches_reference(rows, cols, residual):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_kernels_launched_with_pdl_give_the_same_bits_in_a_replayed_graph(monkeypatch):
+    """A chain of dependent kernels (each reads what the one before wrote) captured with and without
+    programmatic dependent launch: the waits keep the order, so the outputs are bit-identical."""
+    from disagg_runtime.kernels.pdl import pdl_enabled
+    from disagg_runtime.kernels.triton_elementwise import rms_norm_triton, silu_and_mul_triton
+    from disagg_runtime.kernels.triton_paged_decode import paged_decode_attention_triton
+
+    gen = torch.Generator().manual_seed(11)
+    q, kc, vc, bt, ctx = _paged_case(gen, [300, 17, 64, 1], 2, 4, 128, 16, torch.bfloat16, "cuda")
+    w = 1 + 0.1 * torch.randn(8 * 128, device="cuda", dtype=torch.bfloat16)
+    fresh = torch.randn(q.shape, generator=gen).to(q)
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("DISAGG_PDL", flag)
+        x = q.clone()
+
+        def chain(x=x):
+            y = x
+            for _ in range(8):
+                a = paged_decode_attention_triton(y, kc, vc, bt, ctx, 0.1, num_splits=4)
+                n, _ = rms_norm_triton(a.reshape(a.shape[0], -1), w, 1e-5)
+                y = silu_and_mul_triton(torch.cat([n, n], -1)).view_as(y)
+            return y
+
+        chain()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        x.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        outs[flag] = (out.clone(), chain().clone())
+    assert torch.equal(outs["0"][0], outs["1"][0]) and torch.equal(outs["0"][0], outs["0"][1])
+    monkeypatch.setenv("DISAGG_PDL", "0")
+    assert not pdl_enabled(torch.device("cuda")) and not pdl_enabled(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("rows,ffn", [(1, 14336), (300, 1000)])
 def test_triton_silu_and_mul_matches_reference(rows, ffn):
     from disagg_runtime.kernels.triton_elementwise import silu_and_mul_triton

@@ -11,11 +11,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from .pdl import launch_options
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_r, stride_o, stride_s,
-                     n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -42,12 +47,15 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
         x, residual if residual is not None else x, weight, out, summed,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), summed.stride(0),
         cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)),
+        **launch_options(x.device),
     )
     return out, summed
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -65,7 +73,7 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, n, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n,
-                                                         BLOCK=block, num_warps=4)
+                                                         BLOCK=block, num_warps=4, **launch_options(gate_up.device))
     return out
 
 
@@ -74,7 +82,10 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, v
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_cos, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
                        NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
-                       KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                       KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
@@ -129,5 +140,5 @@ def rope_and_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads,
         Q_HEADS_PAD=triton.next_power_of_2(num_q_heads), KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HALF=head_dim // 2, BLOCK_SIZE=k_cache.shape[1], num_warps=4,
+        HALF=head_dim // 2, BLOCK_SIZE=k_cache.shape[1], num_warps=4, **launch_options(q.device),
     )
