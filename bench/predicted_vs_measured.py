@@ -338,9 +338,13 @@ def print_table(doc: dict) -> None:
     for mode, summ in doc["summary"].items():
         o = summ["served_overhead"]
         handoff = f", KV hand-off +{o['kv_handoff_s'] * 1e3:.2f} ms" if o.get("kv_handoff_s") is not None else ""
+        by_batch = o.get("decode_by_batch") or []
+        added = "/".join(f"{p['seconds'] * 1e3:.2f}" for p in by_batch)
+        batches = "/".join(str(p["batch_size"]) for p in by_batch)
+        table = f" (decode +{added} ms at batch {batches})" if by_batch else ""
         console.print(f"{mode}: served-path overhead in the profile: prefill +{o['prefill_s'] * 1e3:.2f} ms/request, "
                       f"decode step +{o['decode_step_s'] * 1e3:.2f} ms + {o['decode_per_seq_s'] * 1e3:.3f} ms/sequence"
-                      f"{handoff}; max |gap| {summ['max_abs_gap_pts']:.1f} pts")
+                      f"{table}{handoff}; max |gap| {summ['max_abs_gap_pts']:.1f} pts")
 
 
 def kv_link(prof: LatencyProfile) -> float:

@@ -11,10 +11,13 @@ step:
   shared CPU, which an engine under load never sees), TTFT against one engine prefill of the prompt;
 - decode: bursts of B requests sent together, for B in the decode batches; the inter-token gaps while all
   B decode together (after the last joined, before the first finished; see `steady_gaps`) against one
-  engine decode step of B sequences at that context; `decode_step_s + decode_per_seq_s·B` is fitted to
-  those differences (`robust_line`);
+  engine decode step of B sequences at that context. The differences, clamped at 0, become the per-batch
+  table `decode_by_batch` through a non-decreasing least-squares fit (`isotonic`): the overhead is not a
+  line (on an H200 ~0 up to 32 sequences, then 0.13/0.25/0.86 ms at 64/128/256), and a line fitted to
+  mostly small batches under-charges the large ones 3-5x. The line
+  `decode_step_s + decode_per_seq_s·B` is still fitted (`robust_line`), as the table's summary;
 - KV hand-off (disaggregated): the singles' gap from the first to the second token, less the served
-  decode step, fitted as fixed + per-token over prompts of two lengths: the fixed part is `kv_handoff_s`,
+  decode step (the engine's step of one sequence plus the table's overhead at batch 1), fitted as fixed + per-token over prompts of two lengths: the fixed part is `kv_handoff_s`,
   the per-token part the link bandwidth the pulls saw.
 """
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from disagg_planner.api import LatencyProfile, ServedMode, ServedOverhead, ServedProbe
+from disagg_planner.api import DecodeOverheadPoint, LatencyProfile, ServedMode, ServedOverhead, ServedProbe
 from disagg_planner.latency.fit import LinearFit, fit_decode, fit_prefill, nnls
 from disagg_planner.workloads import SimRequest
 
@@ -187,6 +190,38 @@ def robust_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     return max(0.0, float(np.median([yi - slope * xi for xi, yi in zip(x, y, strict=True)]))), slope
 
 
+def isotonic(y: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence closest to `y` in weighted least squares (pool-adjacent-violators): each
+    run that falls is replaced by its weighted mean, so a dip between two probes is shared by them rather
+    than kept."""
+    if len(y) != len(weights) or min(weights, default=1.0) <= 0:
+        raise ValueError(f"isotonic needs one positive weight per value, got {len(weights)} for {len(y)}")
+    blocks: list[tuple[float, float, int]] = []  # (mean, weight, values) of pooled runs, means increasing
+    for value, weight in zip(y, weights, strict=True):
+        mean, total, count = float(value), float(weight), 1
+        while blocks and blocks[-1][0] > mean:
+            prev, prev_total, prev_count = blocks.pop()
+            mean = (prev * prev_total + mean * total) / (prev_total + total)
+            total, count = prev_total + total, prev_count + count
+        blocks.append((mean, total, count))
+    return [mean for mean, _, count in blocks for _ in range(count)]
+
+
+def decode_table(batches: Sequence[int], differences: Sequence[float]) -> list[DecodeOverheadPoint]:
+    """The per-batch decode overhead from the probes' measured - engine differences: clamped at 0 (the
+    served path cannot make a step faster), probes at one batch pooled, then fitted non-decreasing in batch
+    (`isotonic`) so that one noisy probe cannot make the overhead fall as the batch grows."""
+    by_batch: dict[int, list[float]] = {}
+    for batch, difference in zip(batches, differences, strict=True):
+        by_batch.setdefault(batch, []).append(max(0.0, difference))
+    ordered = sorted(by_batch)
+    # One weight per probe, not per `samples`: a probe's samples are the gaps of all B requests, which see
+    # the same engine steps, so a wider burst has more samples but no more independent measurements, and
+    # weighting by them would let its noise drag the narrower bursts' values along.
+    fitted = isotonic([statistics.fmean(by_batch[b]) for b in ordered], [len(by_batch[b]) for b in ordered])
+    return [DecodeOverheadPoint(batch_size=b, seconds=s) for b, s in zip(ordered, fitted, strict=True)]
+
+
 def _nonneg_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """(a, b) >= 0 minimising Σ(a + b·x - y)²; a constant when there is one point."""
     if len(x) == 1:
@@ -206,14 +241,18 @@ def overhead_from_probes(probes: Sequence[ServedProbe], first_gaps: dict[int, li
         raise ServedProfileError(f"need prefill and decode probes, got {len(prefill)} and {len(decode)}")
     main = prefill[0]
     prefill_s = max(0.0, main.measured_seconds - main.engine_seconds)
-    step_s, per_seq_s = robust_line([p.batch_size for p in decode],
-                                    [p.measured_seconds - p.engine_seconds for p in decode])
+    batches = [p.batch_size for p in decode]
+    differences = [p.measured_seconds - p.engine_seconds for p in decode]
+    step_s, per_seq_s = robust_line(batches, differences)
+    decode_only = ServedOverhead(decode_step_s=step_s, decode_per_seq_s=per_seq_s,
+                                 decode_by_batch=decode_table(batches, differences))
     extra: list[ServedProbe] = []
     kv_handoff_s = kv_link_gbps = None
     if mode == "disaggregated":
         lengths, rests = [], []
         for tokens, gaps in first_gaps.items():
-            served_step = engine.decode_s(1, tokens) + step_s + per_seq_s
+            # The served step as the simulator charges it, so the hand-off is what is left beyond that.
+            served_step = engine.decode_s(1, tokens) + decode_only.decode_overhead_s(1)
             gap = statistics.median(gaps)
             extra.append(ServedProbe(kind="kv_handoff", batch_size=1, tokens=tokens, samples=len(gaps),
                                      measured_seconds=gap, engine_seconds=served_step))
@@ -223,7 +262,16 @@ def overhead_from_probes(probes: Sequence[ServedProbe], first_gaps: dict[int, li
             kv_handoff_s, per_token = _nonneg_line(lengths, rests)
             kv_link_gbps = kv_bytes_per_token / per_token / 1e9 if per_token > 0 else None
     return ServedOverhead(prefill_s=prefill_s, decode_step_s=step_s, decode_per_seq_s=per_seq_s,
-                          kv_handoff_s=kv_handoff_s, kv_link_gbps=kv_link_gbps, probes=[*probes, *extra])
+                          decode_by_batch=decode_only.decode_by_batch, kv_handoff_s=kv_handoff_s,
+                          kv_link_gbps=kv_link_gbps, probes=[*probes, *extra])
+
+
+def decode_by_batch_text(table: Sequence[DecodeOverheadPoint]) -> str:
+    """The per-batch decode overhead in one short phrase, e.g. `decode +0.00/0.13 ms at batch 32/64`."""
+    if not table:
+        return "no per-batch decode table"
+    added = "/".join(f"{p.seconds * 1e3:.2f}" for p in table)
+    return f"decode +{added} ms at batch {'/'.join(str(p.batch_size) for p in table)}"
 
 
 async def probe_served(url: str, engine_profile: LatencyProfile, mode: ServedMode, plan: ServedProbePlan, *,
@@ -242,7 +290,7 @@ async def probe_served(url: str, engine_profile: LatencyProfile, mode: ServedMod
         say(f"served {mode} {p.kind:>10} batch {p.batch_size:>4} x {p.tokens:>5} tokens: measured "
             f"{p.measured_seconds * 1e3:9.2f} ms, engine {p.engine_seconds * 1e3:9.2f} ms")
     say(f"served {mode}: prefill +{served.prefill_s * 1e3:.2f} ms/request, decode step +{served.decode_step_s * 1e3:.2f}"
-        f" ms + {served.decode_per_seq_s * 1e3:.3f} ms/sequence"
+        f" ms + {served.decode_per_seq_s * 1e3:.3f} ms/sequence ({decode_by_batch_text(served.decode_by_batch)})"
         + (f", KV hand-off +{served.kv_handoff_s * 1e3:.2f} ms" if served.kv_handoff_s is not None else ""))
     return served
 

@@ -1,5 +1,5 @@
 """Served-path overheads in a profile: LatencyModel adds exactly them where they are paid (decode steps,
-each request's latency); old profiles load."""
+each request's latency; the decode step's per-batch table where there is one); old profiles load."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from disagg_planner import simulator as sim
 from disagg_planner.api import (
     GPU_PRESETS,
     MODEL_PRESETS,
+    DecodeOverheadPoint,
     DecodeSample,
     LatencyProfile,
     PrefillSample,
@@ -18,6 +19,7 @@ from disagg_planner.api import (
 )
 from disagg_planner.latency import LatencyModel, ProfileError
 from disagg_planner.workloads import SimRequest
+from pydantic import ValidationError
 
 A100 = GPU_PRESETS["A100-80GB"]
 PRE = (0.0165, 9.26e-5, 6.47e-9)  # DistServe's OPT-13B A100 fits, seconds
@@ -123,3 +125,83 @@ def test_a_profile_without_the_served_section_still_loads(tmp_path):
     written.save(tmp_path / "v2.json")
     assert LatencyProfile.load(tmp_path / "v2.json") == written
     assert "kvHandoffS" in (tmp_path / "v2.json").read_text()
+
+
+# The H200 run's served decode overhead (bench/predicted_vs_measured.py, llama-8b, colocated): ~0 up to 32
+# sequences, then far above the line the repeated median fits through the many small batches.
+KNEE = [DecodeOverheadPoint(batch_size=b, seconds=s)
+        for b, s in ((32, 0.0), (64, 0.13e-3), (128, 0.25e-3), (256, 0.86e-3))]
+KNEE_LINE = {"decode_step_s": 0.016e-3, "decode_per_seq_s": 0.0006e-3}
+
+
+def test_a_decode_step_pays_the_per_batch_table_not_the_line():
+    table = ServedOverhead(decode_by_batch=KNEE, **KNEE_LINE)
+    bare, served = models("colocated", colocated=table)
+    tail = (0.86e-3 - 0.25e-3) / 128  # the last segment's per-sequence growth
+
+    def step_gap(batch: int, pp: int = 1) -> float:
+        return served.decode_time(1, pp, batch, batch * 800) - bare.decode_time(1, pp, batch, batch * 800)
+
+    assert step_gap(128) == pytest.approx(0.25e-3, rel=1e-9)  # not the line's 0.09 ms
+    assert step_gap(96) == pytest.approx((0.13e-3 + 0.25e-3) / 2, rel=1e-9)  # halfway between 64 and 128
+    assert step_gap(200) == pytest.approx(0.25e-3 + tail * 72, rel=1e-9)
+    assert step_gap(512) == pytest.approx(0.86e-3 + tail * 256, rel=1e-9)  # past the last point: its slope goes on
+    assert step_gap(8) == step_gap(1) == pytest.approx(0.0, abs=1e-15)  # below the first point: its value
+    assert step_gap(128, pp=4) == pytest.approx(0.25e-3 / 4, rel=1e-9)  # once per step, not per stage
+    mixed = served.mixed_stage_time(1, 1, 128, 128 * 500, 2, 512, 300_000) - bare.mixed_stage_time(
+        1, 1, 128, 128 * 500, 2, 512, 300_000)
+    assert mixed == pytest.approx(0.25e-3, rel=1e-9)
+
+
+def test_without_a_table_the_line_is_charged_and_one_point_grows_by_the_line_slope():
+    line = ServedOverhead(**KNEE_LINE)
+    assert line.decode_overhead_s(128) == pytest.approx(0.016e-3 + 128 * 0.0006e-3, rel=1e-12)
+    one = ServedOverhead(decode_by_batch=[KNEE[2]], **KNEE_LINE)
+    assert one.decode_overhead_s(16) == 0.25e-3
+    assert one.decode_overhead_s(228) == pytest.approx(0.25e-3 + 100 * 0.0006e-3, rel=1e-12)
+
+
+@pytest.mark.parametrize(("points", "message"), [
+    ([(64, 0.2e-3), (128, 0.1e-3)], "must not fall as the batch grows"),
+    ([(128, 0.1e-3), (64, 0.2e-3)], "strictly increasing batchSize"),
+    ([(64, 0.1e-3), (64, 0.2e-3)], "strictly increasing batchSize"),
+    ([(64, -0.1e-3)], "greater than or equal to 0"),
+])
+def test_a_table_that_is_unsorted_or_falls_is_refused(points, message):
+    wire = {"decodeByBatch": [{"batchSize": b, "seconds": s} for b, s in points]}
+    with pytest.raises(ValidationError, match=message):
+        ServedOverhead.model_validate(wire)
+
+
+def test_the_table_travels_in_camel_case_and_loads_back(tmp_path):
+    written = profile(colocated=ServedOverhead(decode_by_batch=KNEE, **KNEE_LINE))
+    written.save(tmp_path / "p.json")
+    text = (tmp_path / "p.json").read_text()
+    assert '"decodeByBatch"' in text and '"batchSize": 256' in text
+    assert LatencyProfile.load(tmp_path / "p.json") == written
+
+
+def test_the_merged_overhead_of_two_modes_is_at_least_each_and_the_max_where_probed():
+    colocated = ServedOverhead(decode_by_batch=KNEE, **KNEE_LINE)
+    # Disaggregated: a line above the knee's table at 256 but rising more slowly, so the table's continued
+    # slope overtakes it past the last probed batch (at ~361 sequences).
+    disagg = ServedOverhead(decode_step_s=1.0e-3, decode_per_seq_s=1e-6)
+    other = ServedOverhead(decode_by_batch=[DecodeOverheadPoint(batch_size=b, seconds=s)
+                                            for b, s in ((16, 0.05e-3), (48, 0.3e-3), (96, 0.3e-3))])
+    for modes in ((colocated, disagg), (colocated, other)):
+        both = profile(colocated=modes[0], disaggregated=modes[1])
+        merged = LatencyModel.from_profile(both, A100, 300.0).served
+        assert merged is not None and merged.decode_by_batch
+
+        def top(batch: int, modes=modes) -> float:
+            return max(o.decode_overhead_s(batch) for o in modes)
+
+        for batch in range(1, 4097):
+            assert merged.decode_overhead_s(batch) >= top(batch) - 1e-15, batch
+        probed = {p.batch_size for o in modes for p in o.decode_by_batch}
+        for batch in (*probed, 400, 1000, 4096):
+            assert merged.decode_overhead_s(batch) == pytest.approx(top(batch), rel=1e-9), batch
+    # The simulator's steps pay it too: a step of 128 under the merged model pays the larger mode's overhead.
+    bare, served = models(None, colocated=colocated, disaggregated=disagg)
+    gap = served.decode_time(1, 1, 128, 128 * 800) - bare.decode_time(1, 1, 128, 128 * 800)
+    assert gap == pytest.approx(max(colocated.decode_overhead_s(128), disagg.decode_overhead_s(128)), rel=1e-9)

@@ -6,7 +6,7 @@ import argparse
 import os
 
 import pytest
-from disagg_planner.api import GPU_PRESETS, LatencyProfile
+from disagg_planner.api import GPU_PRESETS, LatencyProfile, ServedOverhead, ServedProbe
 from disagg_planner.latency import LatencyModel
 from disagg_runtime.benchclient.client import RequestRecord
 from disagg_runtime.serve.affinity import parse_cpu_affinity
@@ -42,6 +42,9 @@ def test_served_overheads_appear_in_a_profile_written_on_cpu(llama_dir, tmp_path
         # The values are the probes' measured - engine differences, fitted as documented.
         main = next(p for p in served.probes if p.kind == "prefill" and p.tokens == 24)
         assert served.prefill_s == pytest.approx(max(0.0, main.measured_seconds - main.engine_seconds))
+        table = served.decode_by_batch
+        assert [p.batch_size for p in table] == sorted(set(decode)), mode
+        assert [p.seconds for p in table] == sorted(p.seconds for p in table), mode
     assert profile.served["colocated"].kv_handoff_s is None
     handoffs = {p.tokens for p in profile.served["disaggregated"].probes if p.kind == "kv_handoff"}
     assert handoffs == {24, 48} and profile.served["disaggregated"].kv_handoff_s is not None
@@ -131,3 +134,57 @@ def test_the_decode_overhead_line_shrugs_off_one_spiked_point():
     assert robust_line(batches, spiked) == pytest.approx((0.001, 0.0002))
     assert robust_line([1, 4], [0.002, 0.001]) == (pytest.approx(0.0015), 0.0)  # never a falling line
     assert robust_line([4], [-0.001]) == (0.0, 0.0)
+
+
+def _decode_probes(differences: dict[int, float]) -> list[ServedProbe]:
+    """A single and a burst per batch, each burst `differences[batch]` slower than the engine step, with as
+    many gaps as a real burst of 24 tokens leaves (so a wide burst has far more samples than a narrow one)."""
+    single = ServedProbe(kind="prefill", batch_size=1, tokens=763, samples=6, measured_seconds=0.026,
+                         engine_seconds=0.022)
+    return [single, *(ServedProbe(kind="decode", batch_size=b, tokens=763, samples=344 * b,
+                                  measured_seconds=0.0045 + 3.6e-5 * b + d, engine_seconds=0.0045 + 3.6e-5 * b)
+                       for b, d in differences.items())]
+
+
+def _overhead(probes: list[ServedProbe]) -> ServedOverhead:
+    from disagg_planner.latency.fit import LinearFit
+    from disagg_runtime.served_profiler import _EngineTimes, overhead_from_probes
+
+    engine = _EngineTimes(prefill=LinearFit(0.0165, 9.3e-5, 6.5e-9, 0.0), decode=LinearFit(0.0045, 3.6e-5, 0.0, 0.0))
+    return overhead_from_probes(probes, {}, "colocated", engine, kv_bytes_per_token=131072)
+
+
+def test_the_decode_table_reproduces_a_knee_the_line_misses():
+    from disagg_runtime.served_profiler import decode_by_batch_text, robust_line
+
+    # The H200 run's shape; -2 µs at 32 is the engine fit running a hair slow, which the served path cannot undo.
+    knee = {16: 0.0, 32: -0.002e-3, 64: 0.13e-3, 128: 0.25e-3, 256: 0.86e-3}
+    served = _overhead(_decode_probes(knee))
+    assert [p.batch_size for p in served.decode_by_batch] == [16, 32, 64, 128, 256]
+    assert [p.seconds for p in served.decode_by_batch] == pytest.approx([0.0, 0.0, 0.13e-3, 0.25e-3, 0.86e-3],
+                                                                        abs=1e-12)
+    assert served.decode_overhead_s(128) == pytest.approx(0.25e-3, abs=1e-12)
+    # The line is still written, as before, as the table's summary.
+    probes = [p for p in served.probes if p.kind == "decode"]
+    line = robust_line([p.batch_size for p in probes], [p.measured_seconds - p.engine_seconds for p in probes])
+    assert (served.decode_step_s, served.decode_per_seq_s) == pytest.approx(line)
+    assert decode_by_batch_text(served.decode_by_batch) == "decode +0.00/0.00/0.13/0.25/0.86 ms at batch 16/32/64/128/256"
+
+
+def test_a_noisy_dip_is_pooled_so_the_table_never_falls():
+    served = _overhead(_decode_probes({16: 0.0, 32: 0.0, 64: 0.2e-3, 128: 0.1e-3, 256: 0.86e-3}))
+    seconds = [p.seconds for p in served.decode_by_batch]
+    assert seconds == sorted(seconds)
+    # Least squares pools the two probes that disagree to their mean, one weight each: the burst of 128's
+    # twice-as-many samples are the same engine steps seen by twice the requests, not twice the evidence.
+    assert seconds == pytest.approx([0.0, 0.0, 0.15e-3, 0.15e-3, 0.86e-3], abs=1e-12)
+    assert served.decode_overhead_s(96) == pytest.approx(0.15e-3, abs=1e-12)
+
+
+def test_bursts_that_peaked_at_the_same_batch_share_one_point():
+    # Disaggregated, the bursts of 24 and 32 can both plateau at 20 decoding together (see `steady_gaps`).
+    probes = _decode_probes({8: 0.01e-3, 20: 0.04e-3})
+    probes.append(probes[-1].model_copy(update={"measured_seconds": probes[-1].measured_seconds + 0.02e-3}))
+    served = _overhead(probes)
+    assert [(p.batch_size, p.seconds) for p in served.decode_by_batch] == [
+        (8, pytest.approx(0.01e-3, abs=1e-12)), (20, pytest.approx(0.05e-3, abs=1e-12))]

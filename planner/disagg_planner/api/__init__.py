@@ -6,6 +6,7 @@ from .deploy import ConfigMapKeyRef, ProfileRef, ReplanSpec, RuntimeSpec, Schedu
 from .model import MODEL_PRESETS, ModelRef, ModelSpec
 from .plan import GoodputInterval, InstancePlacement, ModeAlternative, PhasePlan, Plan, ServingMode
 from .profile import (
+    DecodeOverheadPoint,
     DecodeSample,
     LatencyProfile,
     MixedSample,
@@ -21,7 +22,7 @@ from .spec import DisaggServingSpec
 from .workload import LengthHistogram, WorkloadSpec
 
 __all__ = [
-    "ApiModel", "ClusterSpec", "ConfigMapKeyRef", "DecodeSample", "DisaggServingSpec", "GPUSpec", "GPU_PRESETS",
+    "ApiModel", "ClusterSpec", "ConfigMapKeyRef", "DecodeOverheadPoint", "DecodeSample", "DisaggServingSpec", "GPUSpec", "GPU_PRESETS",
     "GoodputInterval", "InstancePlacement", "InternalTokenSpec", "LatencyProfile", "LengthHistogram",
     "MODEL_PRESETS", "MixedSample", "ModeAlternative", "ModelRef", "ModelSpec", "NetworkPolicySpec", "PeerSelector",
     "PhasePlan", "Plan", "ProfileRef", "PrefillSample", "ReplanSpec", "RouterSpec", "RuntimeSpec", "SLOSpec",

@@ -7,16 +7,19 @@ however many configurations were timed.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
+import itertools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .base import ApiModel
 from .model import ModelSpec
 
-PROFILE_VERSION = 2  # 2: the optional `served` section (version-1 files load unchanged)
+# 2: the optional `served` section; 3: its optional decodeByBatch table (older files load unchanged)
+PROFILE_VERSION = 3
 
 ServedMode = Literal["colocated", "disaggregated"]
 
@@ -93,27 +96,84 @@ class ServedProbe(ApiModel):
     engine_seconds: float = Field(ge=0, description="The profile's engine fit at the same step.")
 
 
+class DecodeOverheadPoint(ApiModel):
+    """What the served path adds to one decode step of `batch_size` sequences (seconds)."""
+
+    batch_size: int = Field(ge=1)
+    seconds: float = Field(ge=0)
+
+
 class ServedOverhead(ApiModel):
     """What the served path adds to the engine's steps, measured through the real router and workers.
 
     The latency model adds each part where it is paid: a decode step of B sequences takes
-    decodeStepS + B·decodePerSeqS longer (as DistServe's simulator adds its fixed per-step Ray overhead);
-    each request's tokens reach its client prefillS later (TTFT and end-to-end time, not the engine's
-    steps); a disaggregated request starts decoding kvHandoffS later than its KV transfer alone would allow.
+    `decode_overhead_s(B)` longer (as DistServe's simulator adds its fixed per-step Ray overhead): the
+    decodeByBatch table where there is one, else decodeStepS + B·decodePerSeqS; each request's tokens reach
+    its client prefillS later (TTFT and end-to-end time, not the engine's steps); a disaggregated request
+    starts decoding kvHandoffS later than its KV transfer alone would allow.
     """
 
     prefill_s: float = Field(default=0.0, ge=0, description="Added to each request's TTFT (and end-to-end "
                              "time): the router and worker hops, the relay of the first token and the hand-offs "
                              "between them. Latency only: the engine runs other steps meanwhile.")
-    decode_step_s: float = Field(default=0.0, ge=0, description="Added to each decode step (TPOT), whatever its batch.")
-    decode_per_seq_s: float = Field(default=0.0, ge=0, description="Added to each decode step per sequence in it: "
-                                    "the relay's per-token work.")
+    decode_step_s: float = Field(default=0.0, ge=0, description="Added to each decode step (TPOT), whatever its "
+                                 "batch, where decodeByBatch is empty.")
+    decode_per_seq_s: float = Field(default=0.0, ge=0, description="Added to each decode step per sequence in it "
+                                    "(the relay's per-token work) where decodeByBatch is empty; with a one-point "
+                                    "table, the growth past that point.")
+    decode_by_batch: list[DecodeOverheadPoint] = Field(
+        default_factory=list, description="The decode-step overhead at each probed batch, batch strictly "
+        "increasing and seconds non-decreasing; interpolated between points, the first point's value below "
+        "the first batch, the last segment's slope continued past the last. It grows faster than a line at "
+        "large batch (on an H200: ~0 up to 32 sequences, then 0.13/0.25/0.86 ms at 64/128/256), which a "
+        "line fitted through mostly small batches under-charges by 3-5x there. Empty (older profiles): "
+        "decodeStepS + B·decodePerSeqS, which stays written as a summary either way.")
     kv_handoff_s: float | None = Field(default=None, ge=0, description="Disaggregated: fixed cost of each "
                                        "request's KV hand-off (hop to the decode worker, pull handshakes, import), "
                                        "beyond the bytes over the link.")
     kv_link_gbps: float | None = Field(default=None, gt=0, description="Disaggregated: the pulls' bandwidth "
                                        "seen by the probes (GB/s), where prompts of two lengths were sent.")
     probes: list[ServedProbe] = Field(default_factory=list, description="The measurements the values come from.")
+
+    @field_validator("decode_by_batch")
+    @classmethod
+    def _table_rises_with_batch(cls, table: list[DecodeOverheadPoint]) -> list[DecodeOverheadPoint]:
+        # Interpolation needs sorted, distinct batches. An overhead that falls as the batch grows is probe
+        # noise (the profiler's isotonic fit pools it away); kept, it would make a larger batch cheaper.
+        for before, after in itertools.pairwise(table):
+            if after.batch_size <= before.batch_size:
+                raise ValueError(f"decodeByBatch must list strictly increasing batchSize, got {after.batch_size} "
+                                 f"after {before.batch_size}; sort the points and merge duplicates")
+            if after.seconds < before.seconds:
+                raise ValueError(f"decodeByBatch seconds must not fall as the batch grows, got {after.seconds:.3g} s "
+                                 f"at batch {after.batch_size} after {before.seconds:.3g} s at batch "
+                                 f"{before.batch_size}; refit the probes (served_profiler.overhead_from_probes "
+                                 "pools such dips)")
+        return table
+
+    @property
+    def decode_tail_per_seq_s(self) -> float:
+        """Seconds each sequence past the table's last batch adds to a decode step: the last segment's slope;
+        with one point or none, `decode_per_seq_s`."""
+        table = self.decode_by_batch
+        if len(table) < 2:
+            return self.decode_per_seq_s
+        lo, hi = table[-2], table[-1]
+        return (hi.seconds - lo.seconds) / (hi.batch_size - lo.batch_size)
+
+    def decode_overhead_s(self, batch: int) -> float:
+        """Seconds the served path adds to one decode step of `batch` sequences (see `decode_by_batch`)."""
+        table = self.decode_by_batch
+        if not table:
+            return self.decode_step_s + self.decode_per_seq_s * batch
+        first, last = table[0], table[-1]
+        if batch <= first.batch_size:
+            return first.seconds
+        if batch >= last.batch_size:
+            return last.seconds + self.decode_tail_per_seq_s * (batch - last.batch_size)
+        at = bisect.bisect_right(table, batch, key=lambda p: p.batch_size)
+        lo, hi = table[at - 1], table[at]
+        return lo.seconds + (hi.seconds - lo.seconds) * (batch - lo.batch_size) / (hi.batch_size - lo.batch_size)
 
 
 class LatencyProfile(ApiModel):

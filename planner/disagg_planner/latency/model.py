@@ -9,7 +9,7 @@ from typing import Literal
 
 from ..api.cluster import GPUSpec
 from ..api.model import ModelSpec
-from ..api.profile import LatencyProfile, ServedMode, ServedOverhead
+from ..api.profile import DecodeOverheadPoint, LatencyProfile, ServedMode, ServedOverhead
 from . import analytic
 from .fit import DecodeFit, LinearFit, ProfileError, fit_decode, fit_prefill
 from .memory import kv_capacity_tokens
@@ -40,8 +40,10 @@ class LatencyModel:
     (`analytic`), the roofline of `analytic.py` is used.
 
     `served` (the profile's served-path overheads, see `ServedOverhead`) is added where it is paid. Decode
-    steps pay `decode_step_s + decode_per_seq_s·batch` (the engine thread's per-step work, as DistServe's
-    simulator adds its fixed per-step overhead to each step), once per step, not per pipeline stage, so a
+    steps pay `served.decode_overhead_s(batch)` (the engine thread's per-step work and the relay's per-token
+    work, as DistServe's simulator adds its fixed per-step overhead to each step): the profile's per-batch
+    table, interpolated, where it has one (the overhead grows faster than a line at large batch), else the
+    line `decode_step_s + decode_per_seq_s·batch`. A step pays it once, not per pipeline stage, so a
     stage time carries 1/pp of it (a step through pp stages lasts about pp stage-times). The prefill
     overhead `prefill_s` is the hops a request's first token crosses (router, worker HTTP, relay): it
     delays that request (`request_latency_s`, which the simulators add to its TTFT and end-to-end time)
@@ -186,7 +188,7 @@ class LatencyModel:
         key, fit = self._nearest(self.decode_fits, tp, pp)
         base = self._rescale(key, stage, fit.base(batch), batch)
         if self.served is not None:
-            base += (self.served.decode_step_s + self.served.decode_per_seq_s * batch) / pp
+            base += self.served.decode_overhead_s(batch) / pp
         return base, fit.c * self._compute_scale(key, stage)
 
     def decode_time(self, tp: int, pp: int, batch: int, sum_context: int) -> float:
@@ -205,8 +207,7 @@ class LatencyModel:
             return mixed_stage_time(self, tp, pp, decode_batch, decode_context, chunks, chunk_tokens, chunk_attention)
         engine = mixed_stage_time(self._engine_only(), tp, pp, decode_batch, decode_context, chunks, chunk_tokens,
                                   chunk_attention)
-        o = self.served
-        decode = o.decode_step_s + o.decode_per_seq_s * decode_batch if decode_batch > 0 else 0.0
+        decode = self.served.decode_overhead_s(decode_batch) if decode_batch > 0 else 0.0
         return engine + decode / pp
 
     @staticmethod
@@ -263,7 +264,11 @@ class LatencyModel:
 
 
 def served_overhead(profile: LatencyProfile, mode: ServedMode | None) -> ServedOverhead | None:
-    """The profile's served-path overheads for `mode` (see `LatencyModel.from_profile`); None if unprofiled."""
+    """The profile's served-path overheads for `mode` (see `LatencyModel.from_profile`); None if unprofiled.
+
+    Without a mode and with both profiled, one model serves both modes' simulators, so it charges the
+    larger of each value; the decode-step overhead is at least each mode's at every batch (`_merged_decode`).
+    """
     if mode is not None:
         found = profile.served.get(mode)
         if found is None and profile.served:
@@ -277,4 +282,28 @@ def served_overhead(profile: LatencyProfile, mode: ServedMode | None) -> ServedO
     return ServedOverhead(prefill_s=max(o.prefill_s for o in measured),
                           decode_step_s=max(o.decode_step_s for o in measured),
                           decode_per_seq_s=max(o.decode_per_seq_s for o in measured),
+                          decode_by_batch=_merged_decode(measured),
                           kv_handoff_s=max(handoffs) if handoffs else None)
+
+
+def _merged_decode(modes: Sequence[ServedOverhead]) -> list[DecodeOverheadPoint]:
+    """A decode-overhead table that is at least each mode's `decode_overhead_s` at every batch; empty where
+    no mode has a table (the max of each line coefficient already bounds every line).
+
+    Its points are the union of the modes' batches, at the largest mode's value: between two of them each
+    mode is linear, so the interpolated max is the chord over a convex function, above it, and below the
+    first the modes are non-decreasing. Past the last batch every mode continues a line and the table its
+    last slope, so two more points follow: where the steepest line has overtaken all the others (rounded
+    up to a batch) and one batch later, which makes the table continue that line from there.
+    """
+    if not any(o.decode_by_batch for o in modes):
+        return []
+    batches = sorted({p.batch_size for o in modes for p in o.decode_by_batch})
+    last = batches[-1]
+    tails = [(o.decode_overhead_s(last), o.decode_tail_per_seq_s) for o in modes]
+    top_slope = max(slope for _, slope in tails)
+    top_value = max(value for value, slope in tails if slope == top_slope)
+    overtaken = max((last + (value - top_value) / (top_slope - slope) for value, slope in tails if value > top_value),
+                    default=last)
+    batches += [b for b in (math.ceil(overtaken), math.ceil(overtaken) + 1) if b > last]
+    return [DecodeOverheadPoint(batch_size=b, seconds=max(o.decode_overhead_s(b) for o in modes)) for b in batches]
