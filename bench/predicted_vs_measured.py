@@ -35,7 +35,14 @@ from statistics import median
 
 import numpy as np
 from disagg_planner import simulator as sim
-from disagg_planner.api import GPU_PRESETS, GPUSpec, LatencyProfile, LengthHistogram, WorkloadSpec
+from disagg_planner.api import (
+    GPU_PRESETS,
+    DecodeOverheadPoint,
+    GPUSpec,
+    LatencyProfile,
+    LengthHistogram,
+    WorkloadSpec,
+)
 from disagg_planner.latency import LatencyModel
 from disagg_planner.latency.memory import workspace_bytes
 from disagg_planner.latency.shape import stage_shape
@@ -44,6 +51,7 @@ from disagg_runtime.benchclient.client import RequestRecord, run_trace
 from disagg_runtime.benchclient.report import summarize
 from disagg_runtime.serve.affinity import parse_cpu_affinity
 from disagg_runtime.serve.local import LocalCluster
+from disagg_runtime.served_profiler import decode_by_batch_text
 
 RESULTS = Path(__file__).parent / "results"
 MEM_UTIL = 0.9
@@ -338,10 +346,8 @@ def print_table(doc: dict) -> None:
     for mode, summ in doc["summary"].items():
         o = summ["served_overhead"]
         handoff = f", KV hand-off +{o['kv_handoff_s'] * 1e3:.2f} ms" if o.get("kv_handoff_s") is not None else ""
-        by_batch = o.get("decode_by_batch") or []
-        added = "/".join(f"{p['seconds'] * 1e3:.2f}" for p in by_batch)
-        batches = "/".join(str(p["batch_size"]) for p in by_batch)
-        table = f" (decode +{added} ms at batch {batches})" if by_batch else ""
+        by_batch = [DecodeOverheadPoint.model_validate(p) for p in o.get("decode_by_batch") or []]
+        table = f" ({decode_by_batch_text(by_batch)})" if by_batch else ""
         console.print(f"{mode}: served-path overhead in the profile: prefill +{o['prefill_s'] * 1e3:.2f} ms/request, "
                       f"decode step +{o['decode_step_s'] * 1e3:.2f} ms + {o['decode_per_seq_s'] * 1e3:.3f} ms/sequence"
                       f"{table}{handoff}; max |gap| {summ['max_abs_gap_pts']:.1f} pts")
