@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -52,6 +54,7 @@ from disagg_runtime.benchclient.report import summarize
 from disagg_runtime.serve.affinity import parse_cpu_affinity
 from disagg_runtime.serve.local import LocalCluster
 from disagg_runtime.served_profiler import decode_by_batch_text
+from disagg_runtime.workers.step_trace import StepRecord, read_steps
 
 RESULTS = Path(__file__).parent / "results"
 MEM_UTIL = 0.9
@@ -190,6 +193,55 @@ def predicted_goodput(mode: str, latency: LatencyModel, spec: WorkloadSpec, slo:
     return lo
 
 
+class PrefillCounter:
+    """Counts and sums the prefill batches a simulation charges (`_Replica.prefill_step` asks the model once
+    per batch), so the sweep can hold the simulated prefill work against the served worker's step trace."""
+
+    def __init__(self, latency: LatencyModel) -> None:
+        self.model = copy.copy(latency)
+        self.batches = 0
+        self.seconds = 0.0
+        inner = latency.prefill_stage_time
+
+        def counted(tp: int, pp: int, batch: int, sum_tokens: int, sum_sq_tokens: int) -> float:
+            t = inner(tp, pp, batch, sum_tokens, sum_sq_tokens)
+            self.batches += 1
+            self.seconds += t
+            return t
+
+        self.model.prefill_stage_time = counted
+
+
+def step_accounting(steps: list[StepRecord], start: float, end: float, engine: LatencyModel,
+                    latency: LatencyModel, sim_prefill: PrefillCounter) -> dict:
+    """Where a rate's wall time went in the served worker, against the model at the same step sizes.
+
+    Each traced step is charged the latency model's time at the sizes it ran (prefill: the bare engine's fit,
+    as the simulator charges a prefill batch; decode: with the served per-step overhead, as the simulator
+    charges a round); `idle_s` is the window's time outside any step (the engine thread waiting for work, or
+    doing host work between steps). `sim_prefill` is the same trace's prefill batches in the simulation.
+    """
+    mine = [s for s in steps if start <= s.start <= end]
+    out: dict = {"window_s": end - start}
+    for kind in ("prefill", "decode", "mixed"):
+        ks = [s for s in mine if s.kind == kind]
+        if not ks:
+            continue
+        if kind == "prefill":
+            model = sum(engine.prefill_stage_time(1, 1, s.batch, s.tokens, s.sum_sq) for s in ks)
+        elif kind == "decode":
+            model = sum(latency.decode_time(1, 1, s.batch, s.context) for s in ks)
+        else:
+            model = float("nan")  # the chunked scheduler's mixed steps: not what this sweep runs
+        measured = sum(s.seconds for s in ks)
+        out[kind] = {"steps": len(ks), "measured_s": measured, "model_s": model,
+                     "measured_over_model": measured / model if model > 0 else None,
+                     "mean_batch": sum(s.batch for s in ks) / len(ks)}
+    out["idle_s"] = out["window_s"] - sum(s.seconds for s in mine)
+    out["sim_prefill"] = {"batches": sim_prefill.batches, "model_s": sim_prefill.seconds}
+    return out
+
+
 # ---- measurement ------------------------------------------------------------------------------------
 def replay(url: str, trace: list[SimRequest]):
     return asyncio.run(run_trace(url, trace, model=None, prompt_mode="ids", timeout=900))
@@ -264,7 +316,9 @@ def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: La
              link_gbps: float, affinity: dict[str, set[int]]) -> dict:
     inputs, outputs = spec.input_lengths, spec.output_lengths
     mean_context = inputs.mean + outputs.mean / 2
-    cluster = start_cluster(mode, model_dir, worker_args_of(args), devices, affinity)
+    trace_dir = Path(tempfile.mkdtemp(prefix=f"pvm-steps-{mode}-"))
+    cluster = start_cluster(mode, model_dir, worker_args_of(args) + ["--step-trace", str(trace_dir)], devices,
+                            affinity)
     try:
         replay(cluster.url, [SimRequest(0.01 * k, round(inputs.mean), round(outputs.mean)) for k in range(4)])
         # How far the prediction moves if every step is off by the fits' RMS error: near the knee of the
@@ -276,9 +330,12 @@ def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: La
             trace = sample_requests(spec.model_copy(update={"rate": rate}), rate, args.num_requests, args.seed)
             waited = wait_for_quiet(args.quiet_load)
             load_before = os.getloadavg()[0]
+            window_start = time.time()
             records = replay(cluster.url, trace)
+            window_end = time.time()
             measured = summarize(records, rate=rate, ttft_slo=slo[0], tpot_slo=slo[1])
-            raw = simulate(mode, latency, trace, args.budget, link_gbps)
+            counter = PrefillCounter(latency)
+            raw = simulate(mode, counter.model, trace, args.budget, link_gbps)
             engine_only = simulate(mode, engine, trace, args.budget, link_gbps)
             points.append({
                 "rate": rate, "measured": measured.attainment, "predicted": raw.attainment(*slo),
@@ -293,15 +350,27 @@ def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: La
                 "tpot_p50_over_engine": engine_tpot_ratio(measured.tpot_p50, engine_only),
                 "tpot_p50_over_engine_step": engine_step_ratio(records, engine, mean_context),
                 "load_avg_1m_before": load_before, "load_avg_1m": os.getloadavg()[0], "waited_for_quiet_s": waited,
+                "steps": step_accounting(list(read_steps(trace_dir)), window_start, window_end, engine, latency,
+                                         counter),
             })
             ratio = points[-1]["tpot_p50_over_engine"]
             print(f"  {mode:>13} {rate:7.2f} req/s: measured {measured.attainment:6.1%}  predicted "
                   f"{points[-1]['predicted']:6.1%}  TPOT p50 / engine's {ratio or float('nan'):.2f}  "
                   f"load {points[-1]['load_avg_1m']:.2f}", flush=True)
+            print(f"  {'':>13} steps: {steps_text(points[-1]['steps'])}", flush=True)
     finally:
         cluster.stop()
     return {"served_overhead": prof.served[mode].model_dump(mode="json", exclude={"probes"}),
             "kv_link_gbps": link_gbps if mode == "disaggregated" else None, "points": points}
+
+
+def steps_text(acc: dict) -> str:
+    """One line of `step_accounting`: per kind, steps, measured/model seconds; idle; the simulated prefills."""
+    parts = [f"{k} {acc[k]['steps']}x (batch {acc[k]['mean_batch']:.1f}) {acc[k]['measured_s']:.2f}/"
+             f"{acc[k]['model_s']:.2f} s" for k in ("prefill", "decode", "mixed") if k in acc]
+    sim_p = acc["sim_prefill"]
+    return (f"{'; '.join(parts)}; idle {acc['idle_s']:.2f} of {acc['window_s']:.2f} s; simulated prefill "
+            f"{sim_p['batches']}x {sim_p['model_s']:.2f} s (measured/model)")
 
 
 def summary_of(modes: dict[str, dict], goodput: dict[str, float]) -> dict:

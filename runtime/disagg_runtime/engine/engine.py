@@ -193,6 +193,11 @@ class Engine:
         return self.num_running > 0 or self.decode_in_flight
 
     @property
+    def decode_context(self) -> int:
+        """Sum of the context lengths of the sequences a decode step would advance (what its attention reads)."""
+        return sum(s.num_cached for s in self._running())
+
+    @property
     def num_preempted(self) -> int:
         """Requests preempted and waiting for blocks to resume."""
         return self._num_preempted

@@ -119,6 +119,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                       help="colocated: prefill-priority steps, or chunked prefill mixed into decode steps")
     work.add_argument("--chunk-token-budget", type=_positive, default=512,
                       help="colocated chunked prefill: tokens per mixed step, decode tokens included")
+    work.add_argument("--step-trace", metavar="DIR", default=None,
+                      help="append one JSON line per engine step to DIR/<role>-<pid>.jsonl (diagnosis: "
+                           "hold a served run's steps against the latency model)")
 
     router = parser.add_argument_group("router")
     router.add_argument("--prefill-endpoints", type=_endpoints, default=[], metavar="HOST:PORT,...",

@@ -61,7 +61,8 @@ def worker_config(args: argparse.Namespace):
                         max_body_bytes=8 * args.max_body_bytes, body_timeout_s=args.body_timeout, kv_port=args.kv_port, kv_channel=args.kv_channel,
                         kv_compression=args.kv_compression, kv_timeout_s=args.kv_timeout,
                         advertise_host=args.advertise_host, colocated_prefill=args.colocated_prefill,
-                        chunk_token_budget=args.chunk_token_budget, internal_token_file=args.internal_token_file)
+                        chunk_token_budget=args.chunk_token_budget, internal_token_file=args.internal_token_file,
+                        step_trace_dir=args.step_trace)
 
 
 async def _serve_worker(args: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ from .engine_thread import EngineThread
 from .errors import json_errors
 from .http import BadRequest, error_response, stream_ndjson
 from .protocol import PrefillRequest, WorkerStats
+from .step_trace import StepKind, StepTrace
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -54,6 +55,7 @@ class WorkerConfig:
     colocated_prefill: Literal["priority", "chunked"] = "priority"  # colocated workers' scheduler
     chunk_token_budget: int = 512  # chunked: tokens per mixed step, decode tokens included
     internal_token_file: str | None = None  # every route but probes and /metrics, and the KV links, need it
+    step_trace_dir: str | None = None  # one JSON line per engine step there (workers/step_trace.py)
 
 
 class Worker(ABC):
@@ -68,6 +70,7 @@ class Worker(ABC):
         self.token = InternalToken.from_file(config.internal_token_file) if config.internal_token_file else None
         self.metrics = WorkerMetrics.create(self.registry, self.role)
         self.thread = EngineThread(self._step, name=f"{self.role}-engine")
+        self.step_trace = StepTrace.in_dir(config.step_trace_dir, self.role) if config.step_trace_dir else None
         self.draining = False
         self.drained = asyncio.Event()
         self.started = False
@@ -126,6 +129,8 @@ class Worker(ABC):
     async def _cleanup(self, _app: web.Application) -> None:
         await self._on_stop()
         self.thread.stop()
+        if self.step_trace is not None:
+            self.step_trace.close()
 
     # ---- health, stats, drain -------------------------------------------------------------------
     async def healthz(self, _request: web.Request) -> web.Response:
@@ -232,11 +237,20 @@ class Worker(ABC):
             log.exception("prefill batch of %d failed", len(requests))
             on_error(e)
             return None
-        self.metrics.stepped(seconds=time.perf_counter() - start, tokens=sum(len(r.prompt_ids) for r in requests))
+        lens = [len(r.prompt_ids) for r in requests]
+        self._stepped("prefill", start, batch=len(lens), tokens=sum(lens), sum_sq=sum(n * n for n in lens))
         for out in outputs:
             if out.finished:  # done at its first token: free its KV now, nothing will decode or pull it
                 self.engine.release(out.request_id)
         return outputs
+
+    def _stepped(self, kind: StepKind, start: float, *, batch: int, tokens: int, sum_sq: int = 0,
+                 context: int = 0) -> None:
+        """Account one engine step that began at perf_counter() `start`: the metrics, and the trace if on."""
+        seconds = time.perf_counter() - start
+        self.metrics.stepped(seconds=seconds, tokens=tokens)
+        if self.step_trace is not None:
+            self.step_trace.record(kind, start, seconds, batch=batch, tokens=tokens, sum_sq=sum_sq, context=context)
 
     async def _stream(self, request: web.Request, events: AsyncIterator[BaseModel], request_id: str,
                       open_: Callable[[], bool]) -> web.StreamResponse:

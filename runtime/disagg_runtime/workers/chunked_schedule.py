@@ -77,6 +77,7 @@ class ChunkedStepper:
         chunks = plan_chunks(list(self.in_progress), room)
         if not chunks and decoding == 0 and not engine.num_preempted:  # preempted ones resume in a step
             return False
+        context = engine.decode_context if w.step_trace is not None else 0
         start = time.perf_counter()
         try:
             outputs = engine.mixed_step([PrefillChunk(p.job.request.request_id, n) for p, n in chunks])
@@ -88,7 +89,8 @@ class ChunkedStepper:
             self.in_progress.clear()
             w.loop.call_soon_threadsafe(w._fail, failed, f"mixed step failed: {e}")
             return True
-        w.metrics.stepped(seconds=time.perf_counter() - start, tokens=decoding + sum(n for _, n in chunks))
+        w._stepped("mixed", start, batch=decoding, tokens=decoding + sum(n for _, n in chunks),
+                   context=context)
         for p, n in chunks:
             p.done += n
         while self.in_progress and self.in_progress[0].left == 0:

@@ -80,6 +80,7 @@ class DecodingWorker(Worker):
         False when no request could step (all preempted and waiting for blocks): the thread may idle.
         Overlapped (engine/overlap.py), the tokens returned are those of the step launched the call before.
         """
+        context = self.engine.decode_context if self.step_trace is not None else 0  # before: finished ones leave
         start = time.perf_counter()
         try:
             outputs = self.engine.decode()
@@ -93,7 +94,7 @@ class DecodingWorker(Worker):
         self._count_preemptions()
         if not outputs:  # an overlapped step launched whose tokens come next call is work done too
             return self.engine.decode_in_flight
-        self.metrics.stepped(seconds=time.perf_counter() - start, tokens=len(outputs))
+        self._stepped("decode", start, batch=len(outputs), tokens=len(outputs), context=context)
         self.loop.call_soon_threadsafe(self._dispatch, outputs)
         return True
 
