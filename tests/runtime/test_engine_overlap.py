@@ -31,8 +31,12 @@ def _mixed_requests(prefix: str = "r") -> list[GenerationRequest]:
     ]
 
 
-def _drive(engine: Engine, *, abort_at: int | None = None) -> dict[str, tuple[list[int], str, str | None]]:
-    """Prefill a first group, a second group mid-decode, optionally abort one request; run to the end."""
+def _drive(engine: Engine, *, abort_at: int | None = None,
+           during_prefill: list | None = None) -> dict[str, tuple[list[int], str, str | None]]:
+    """Prefill a first group, a second group mid-decode, optionally abort one request; run to the end.
+
+    With `during_prefill`, the mid-decode prefill hands the in-flight step's tokens over as it runs
+    (`on_decoded`), and they are appended to that list too."""
     got: dict[str, list] = {}
 
     def take(outputs):
@@ -47,7 +51,14 @@ def _drive(engine: Engine, *, abort_at: int | None = None) -> dict[str, tuple[li
     step = 0
     while engine.has_decode_work:
         if step == 3:
-            take(engine.prefill(_mixed_requests("b")))
+            if during_prefill is None:
+                take(engine.prefill(_mixed_requests("b")))
+            else:
+                def decoded(outputs):
+                    during_prefill.extend(outputs)
+                    take(outputs)
+
+                take(engine.prefill(_mixed_requests("b"), on_decoded=decoded))
         if abort_at is not None and step == abort_at:
             engine.abort("a0")
         take(engine.decode())
@@ -67,6 +78,21 @@ def test_overlapped_decode_gives_the_same_tokens_text_and_finish_reasons(llama_d
     assert len(got) == 10 and all(reason in ("stop", "length") for _, _, reason in got.values())
     for engine in (plain, overlapped):  # every block is back once the last step is taken
         assert engine.free_blocks == engine.total_blocks and not engine.request_ids
+
+
+def test_a_prefill_hands_over_the_step_in_flight_before_its_own_tokens(llama_dir):
+    plain, overlapped = _engines(llama_dir)
+    early: list = []
+    want, got = _drive(plain), _drive(overlapped, during_prefill=early)
+    assert got == want
+    # The in-flight step's tokens came during the prefill, one per sequence still decoding then.
+    assert early and {o.request_id for o in early} <= {"a0", "a1", "a2", "a4"}
+    assert len({o.request_id for o in early}) == len(early)
+    assert not overlapped.decode_in_flight and overlapped.free_blocks == overlapped.total_blocks
+    # Nothing in flight (a synchronous engine): the callback is not called.
+    calls: list = []
+    plain.prefill([_req("z", 4, 2, seed=9)], on_decoded=calls.append)
+    assert calls == []
 
 
 def test_a_sequence_is_never_stepped_past_max_tokens(llama_dir):

@@ -17,6 +17,7 @@ from disagg_runtime.workers.base import WorkerConfig
 from disagg_runtime.workers.colocated import ColocatedWorker
 from disagg_runtime.workers.protocol import PrefillRequest, SamplingSpec
 from disagg_runtime.workers.relay import TokenLog
+from disagg_runtime.workers.step_trace import read_steps
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +196,24 @@ def test_serve_flags_for_the_colocated_role(monkeypatch):
         check_serve_arguments(_parse("--role", "colocated"))
     with pytest.raises(ServeError, match="goes with --local"):
         check_serve_arguments(_parse("--role", "colocated", "--model-path", "/m", "--colocated"))
+
+
+async def test_an_overlapped_engine_streams_the_same_tokens_with_prefills_between_its_steps(model_dir, tmp_path):
+    # Prompts arrive while others decode, so prefills run with a decode step in flight, whose tokens the
+    # worker streams during the prefill (Engine.prefill's on_decoded) rather than after it.
+    ps = prompts(8)
+    want = reference(model_dir, ps, max_tokens=20)
+    engine = Engine.load(model_dir, num_blocks=512, overlap_decode=True)
+    worker = ColocatedWorker(engine, WorkerConfig(prefill_token_budget=96, step_trace_dir=str(tmp_path)))
+    async with InProcessDeployment([], [], RouterConfig(prefill=[], decode=[]), colocated=[worker]) as dep, \
+            aiohttp.ClientSession() as s:
+        async def later(i: int, p: list[int]):
+            await asyncio.sleep(0.03 * i)
+            return await complete(s, dep.url, p, 20, stream=True, ignore_eos=False)
+
+        got = await asyncio.gather(*(later(i, p) for i, p in enumerate(ps)))
+    assert [status for status, _ in got] == [200] * len(ps)
+    assert [ids for _, ids in got] == want
+    assert engine.free_blocks == engine.total_blocks
+    kinds = [st.kind for st in sorted(read_steps(tmp_path), key=lambda st: st.start)]
+    assert any(a == "decode" and b == "prefill" for a, b in zip(kinds[:-1], kinds[1:], strict=True))  # a prefill mid-decode

@@ -13,6 +13,7 @@ running request by one token and releases the ones that finish.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from itertools import accumulate
 from pathlib import Path
@@ -237,13 +238,18 @@ class Engine:
                                   f"the cache has {self.total_blocks} blocks of {self.block_size} tokens")
 
     # ---- steps ----------------------------------------------------------------------------------
-    def prefill(self, requests: Seq[GenerationRequest], *, reserve_decode: bool = True) -> list[StepOutput]:
+    def prefill(self, requests: Seq[GenerationRequest], *, reserve_decode: bool = True,
+                on_decoded: Callable[[list[StepOutput]], None] | None = None) -> list[StepOutput]:
         """Run the prompts as one packed batch; return each request's first token.
 
         All or nothing: an invalid request raises before any is admitted, and KVCacheFull when the
         prompts' blocks do not fit now with the watermark to spare. Only the prompts' blocks are taken;
         decoding grows them. With `reserve_decode=False` (a prefill-only worker) the requests are never
         decoded here, only exported and released, so no watermark is kept for them.
+
+        With an overlapped decode step in flight, `on_decoded` (if given) gets that step's tokens as soon as
+        the device has them, while it computes the prompts; without it they come with the next `decode()`,
+        a whole prefill later.
         """
         if not requests:
             return []
@@ -268,6 +274,10 @@ class Engine:
         last = [end - 1 for end in accumulate(lens)]
         with self.kv_export.staging(() if reserve_decode else seqs):
             logits = self._run(tokens, positions, layout, last)
+        if on_decoded is not None and self._in_flight is not None:
+            # The step launched before these prompts ends first on the device; its tokens need not wait for them.
+            self.settle()
+            on_decoded(self.take_completed())
         for s in seqs:
             s.num_cached = s.prompt_len
         return self._emit(seqs, logits)

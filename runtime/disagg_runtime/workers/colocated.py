@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..engine import GenerationRequest, SamplingParams, blocks_for
+from ..engine import GenerationRequest, SamplingParams, StepOutput, blocks_for
 from .chunked_schedule import ChunkedStepper
 from .decoding import DecodingWorker
 from .engine_thread import EngineThreadStopped
@@ -119,7 +119,12 @@ class ColocatedWorker(DecodingWorker):
             self.loop.call_soon_threadsafe(self._fail, [j.request.request_id for j in batch],
                                            f"prefill failed: {e}")
 
-        outputs = self._prefill_batch([j.request for j in batch], reserve_decode=True, on_error=fail)
+        def decoded(outputs: list[StepOutput]) -> None:  # the decode step in flight: stream it now
+            if outputs:
+                self.loop.call_soon_threadsafe(self._dispatch, outputs)
+
+        outputs = self._prefill_batch([j.request for j in batch], reserve_decode=True, on_error=fail,
+                                      on_decoded=decoded)
         if outputs is not None:
             self.loop.call_soon_threadsafe(self._dispatch, outputs)
 
