@@ -181,23 +181,34 @@ def test_overlapped_graph_steps_give_the_plain_steps_tokens_on_cuda(tmp_path):
     overlapped = Engine.load(path, device="cuda", num_blocks=512)
     assert overlapped.overlap_decode and overlapped.gpu_runner is not None and overlapped.gpu_runner.sizes
 
+    early: list = []
+
     def run(engine):
         # ignore_eos with lengths that end at different steps: the batches of both runs are the same rows.
         reqs = [_req(f"g{i}", 5 + 3 * i, 4 + (i * 5) % 17, seed=i, ignore_eos=True) for i in range(24)]
         got: dict[str, list[int]] = {}
+        early.clear()
         for o in engine.prefill(reqs[:16]):
             got.setdefault(o.request_id, []).append(o.token_id)
         step = 0
         while engine.has_decode_work:
-            if step == 2:
-                for o in engine.prefill(reqs[16:]):
+            if step == 2:  # with a step in flight on the overlapped engine: its tokens come during the prefill
+                def decoded(outputs):
+                    early.extend(outputs)
+                    for o in outputs:
+                        got.setdefault(o.request_id, []).append(o.token_id)
+
+                for o in engine.prefill(reqs[16:], on_decoded=decoded):
                     got.setdefault(o.request_id, []).append(o.token_id)
             for o in engine.decode():
                 got.setdefault(o.request_id, []).append(o.token_id)
             step += 1
         return got
 
-    want, got = run(plain), run(overlapped)
+    want = run(plain)
+    assert early == []  # nothing in flight on the synchronous engine
+    got = run(overlapped)
+    assert len(early) == 16  # the step launched before the second prefill: one token of each first request
     assert plain.preemption_stats.preemptions == overlapped.preemption_stats.preemptions == 0
     assert {rid: got[rid] for rid in got if got[rid] != want[rid]} == {}
     assert got == want
