@@ -220,6 +220,8 @@ def step_accounting(steps: list[StepRecord], start: float, end: float, engine: L
     as the simulator charges a prefill batch; decode: with the served per-step overhead, as the simulator
     charges a round); `idle_s` is the window's time outside any step (the engine thread waiting for work, or
     doing host work between steps). `sim_prefill` is the same trace's prefill batches in the simulation.
+    An overlapped call waits for the step before it (`StepRecord`), so only `busy` (all kinds) compares
+    like for like; per kind the device time has moved to the call after it.
     """
     mine = [s for s in steps if start <= s.start <= end]
     out: dict = {"window_s": end - start}
@@ -237,7 +239,9 @@ def step_accounting(steps: list[StepRecord], start: float, end: float, engine: L
         out[kind] = {"steps": len(ks), "measured_s": measured, "model_s": model,
                      "measured_over_model": measured / model if model > 0 else None,
                      "mean_batch": sum(s.batch for s in ks) / len(ks)}
-    out["idle_s"] = out["window_s"] - sum(s.seconds for s in mine)
+    out["busy"] = {"measured_s": sum(s.seconds for s in mine),
+                   "model_s": sum(out[k]["model_s"] for k in ("prefill", "decode") if k in out)}
+    out["idle_s"] = out["window_s"] - out["busy"]["measured_s"]
     out["sim_prefill"] = {"batches": sim_prefill.batches, "model_s": sim_prefill.seconds}
     return out
 
@@ -368,7 +372,8 @@ def steps_text(acc: dict) -> str:
     """One line of `step_accounting`: per kind, steps, measured/model seconds; idle; the simulated prefills."""
     parts = [f"{k} {acc[k]['steps']}x (batch {acc[k]['mean_batch']:.1f}) {acc[k]['measured_s']:.2f}/"
              f"{acc[k]['model_s']:.2f} s" for k in ("prefill", "decode", "mixed") if k in acc]
-    sim_p = acc["sim_prefill"]
+    sim_p, busy = acc["sim_prefill"], acc["busy"]
+    parts.append(f"busy {busy['measured_s']:.2f}/{busy['model_s']:.2f} s")
     return (f"{'; '.join(parts)}; idle {acc['idle_s']:.2f} of {acc['window_s']:.2f} s; simulated prefill "
             f"{sim_p['batches']}x {sim_p['model_s']:.2f} s (measured/model)")
 

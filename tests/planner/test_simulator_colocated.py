@@ -77,6 +77,23 @@ def test_an_overlapped_engine_prefills_at_once_when_no_decode_round_runs() -> No
         assert [r.ttft for r in over] == pytest.approx([r.ttft for r in plain])
 
 
+def test_an_overlapped_engine_runs_the_round_launched_behind_a_prefill_before_the_next_prefill() -> None:
+    # A long prompt arrives while one request decodes; a short one arrives during that prompt's prefill.
+    # Overlapped, the decode round after the prefill was launched with it: the short one waits for it.
+    mid_prefill = 1.05 + LAT.prefill_time(1, 1, [4000]) / 2
+    trace = [SimRequest(0.0, 100, 1000), SimRequest(1.0, 4000, 2), SimRequest(mid_prefill, 100, 1)]
+    plain = simulate_colocated(ONE, LAT, trace).results
+    over = simulate_colocated(ONE, _overlapped(LAT), trace).results
+    assert plain[1].ttft + 1.0 > mid_prefill > plain[1].ttft + 1.0 - LAT.prefill_time(1, 1, [4000]) + 0.05
+    ctx = 100 + 1 + int(1.0 / LAT.decode_time(1, 1, 1, 200))  # about where the decoding request is by then
+    two_seq_round = LAT.decode_time(1, 1, 2, ctx + 4001)
+    # The long prompt: prefilled a round later, as any arrival during a decode round.
+    one_round = LAT.decode_time(1, 1, 1, ctx)
+    assert over[1].ttft - plain[1].ttft == pytest.approx(one_round, rel=0.05)
+    # The short one: also after the round both decoding requests take behind the long prefill.
+    assert over[2].ttft - plain[2].ttft == pytest.approx(one_round + two_seq_round, rel=0.05)
+
+
 def test_an_overlapped_decode_instance_starts_a_landed_request_one_round_later() -> None:
     cfg = DisaggConfig(PhaseShape(1, 1, 1), PhaseShape(1, 1, 1), kv_link_gbps=25.0)
     trace = [SimRequest(0.0, 100, 2000), SimRequest(1.0, 100, 50)]

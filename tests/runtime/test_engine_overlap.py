@@ -31,12 +31,13 @@ def _mixed_requests(prefix: str = "r") -> list[GenerationRequest]:
     ]
 
 
-def _drive(engine: Engine, *, abort_at: int | None = None,
-           during_prefill: list | None = None) -> dict[str, tuple[list[int], str, str | None]]:
+def _drive(engine: Engine, *, abort_at: int | None = None, during_prefill: list | None = None,
+           overlapped_prefill: bool = False) -> dict[str, tuple[list[int], str, str | None]]:
     """Prefill a first group, a second group mid-decode, optionally abort one request; run to the end.
 
     With `during_prefill`, the mid-decode prefill hands the in-flight step's tokens over as it runs
-    (`on_decoded`), and they are appended to that list too."""
+    (`on_decoded`), and they are appended to that list too; `overlapped_prefill` leaves each prefill's
+    first tokens in flight for the next decode call."""
     got: dict[str, list] = {}
 
     def take(outputs):
@@ -47,18 +48,18 @@ def _drive(engine: Engine, *, abort_at: int | None = None,
             if o.finished:
                 got[o.request_id][2][0] = o.finish_reason
 
-    take(engine.prefill(_mixed_requests("a")))
+    take(engine.prefill(_mixed_requests("a"), overlapped=overlapped_prefill))
     step = 0
     while engine.has_decode_work:
         if step == 3:
             if during_prefill is None:
-                take(engine.prefill(_mixed_requests("b")))
+                take(engine.prefill(_mixed_requests("b"), overlapped=overlapped_prefill))
             else:
                 def decoded(outputs):
                     during_prefill.extend(outputs)
                     take(outputs)
 
-                take(engine.prefill(_mixed_requests("b"), on_decoded=decoded))
+                take(engine.prefill(_mixed_requests("b"), on_decoded=decoded, overlapped=overlapped_prefill))
         if abort_at is not None and step == abort_at:
             engine.abort("a0")
         take(engine.decode())
@@ -93,6 +94,24 @@ def test_a_prefill_hands_over_the_step_in_flight_before_its_own_tokens(llama_dir
     calls: list = []
     plain.prefill([_req("z", 4, 2, seed=9)], on_decoded=calls.append)
     assert calls == []
+
+
+@pytest.mark.parametrize("abort_at", [None, 3])
+def test_an_overlapped_prefill_leaves_its_first_tokens_to_the_next_step(llama_dir, abort_at):
+    plain, overlapped = _engines(llama_dir)
+    want = _drive(plain, abort_at=abort_at)
+    got = _drive(overlapped, abort_at=abort_at, during_prefill=[], overlapped_prefill=True)
+    assert got == want  # abort_at=3 aborts a0 right after the second prefill, with that prefill in flight
+    assert overlapped.free_blocks == overlapped.total_blocks and not overlapped.request_ids
+
+    engine = Engine.load(llama_dir, overlap_decode=True)
+    assert engine.prefill([_req("x", 6, 4, seed=1, ignore_eos=True)], overlapped=True) == []
+    assert engine.decode_in_flight
+    first = engine.decode()  # launches token 2 from the device's copy of token 1, returns token 1
+    assert [o.request_id for o in first] == ["x"] and engine.decode_in_flight
+    # On a synchronous engine, and for a prefill-only engine, the flag changes nothing.
+    assert len(plain.prefill([_req("y", 6, 4, seed=1)], overlapped=True)) == 1
+    assert len(engine.prefill([_req("z", 6, 4, seed=2)], reserve_decode=False, overlapped=True)) == 1
 
 
 def test_a_sequence_is_never_stepped_past_max_tokens(llama_dir):
@@ -188,7 +207,7 @@ def test_overlapped_graph_steps_give_the_plain_steps_tokens_on_cuda(tmp_path):
         reqs = [_req(f"g{i}", 5 + 3 * i, 4 + (i * 5) % 17, seed=i, ignore_eos=True) for i in range(24)]
         got: dict[str, list[int]] = {}
         early.clear()
-        for o in engine.prefill(reqs[:16]):
+        for o in engine.prefill(reqs[:16], overlapped=True):  # in flight on the overlapped engine
             got.setdefault(o.request_id, []).append(o.token_id)
         step = 0
         while engine.has_decode_work:
@@ -198,7 +217,7 @@ def test_overlapped_graph_steps_give_the_plain_steps_tokens_on_cuda(tmp_path):
                     for o in outputs:
                         got.setdefault(o.request_id, []).append(o.token_id)
 
-                for o in engine.prefill(reqs[16:], on_decoded=decoded):
+                for o in engine.prefill(reqs[16:], on_decoded=decoded, overlapped=True):
                     got.setdefault(o.request_id, []).append(o.token_id)
             for o in engine.decode():
                 got.setdefault(o.request_id, []).append(o.token_id)

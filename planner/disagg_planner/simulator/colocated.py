@@ -10,9 +10,11 @@ for every prefill batch, which is the interference disaggregation removes. Reque
 round-robin in arrival order, so replicas are independent and simulated one after another.
 
 An engine that overlaps decode steps (`LatencyModel.overlaps_decode`, engine/overlap.py in the runtime)
-launches each decode round when the round before ends, so what follows a decode round is chosen from the
-queue as it was when that round started: a prompt arriving during a decode round is prefilled one round
-later than a synchronous engine would. A prefill is never overlapped (the host waits for its first tokens).
+launches each step when the step before ends, so what follows a step is chosen from the queue as it was
+when that step started: a prompt arriving during a decode round is prefilled one round later than a
+synchronous engine would. The colocated worker overlaps its prefills the same way (their first tokens stay
+on the device for the next decode round to gather), so a prompt arriving during a prefill waits for the
+decode round launched behind it, when one runs.
 
 With pp > 1 a prefill batch crosses the stages alone (no overlap with decode micro-batches), and decode
 rounds are micro-batched over the stages as in the disaggregated decode instances.
@@ -115,8 +117,10 @@ class _Replica:
                     sum_sq += inputs[j] * inputs[j]
                     blocks += ledger.blocks(inputs[j])
                 ledger.take(blocks)
+                start = t
                 t += self.prefill_step(tokens, len(members), sum_sq)
-                seen = t  # the host waits for a prefill's first tokens: nothing runs ahead of it
+                # Overlapped, the host chose what follows when it launched the prefill; else it waited for it.
+                seen = start if self.overlapped else t
                 for j in members:
                     first[j] = t
                     if outputs[j] == 1:

@@ -239,7 +239,8 @@ class Engine:
 
     # ---- steps ----------------------------------------------------------------------------------
     def prefill(self, requests: Seq[GenerationRequest], *, reserve_decode: bool = True,
-                on_decoded: Callable[[list[StepOutput]], None] | None = None) -> list[StepOutput]:
+                on_decoded: Callable[[list[StepOutput]], None] | None = None,
+                overlapped: bool = False) -> list[StepOutput]:
         """Run the prompts as one packed batch; return each request's first token.
 
         All or nothing: an invalid request raises before any is admitted, and KVCacheFull when the
@@ -250,6 +251,12 @@ class Engine:
         With an overlapped decode step in flight, `on_decoded` (if given) gets that step's tokens as soon as
         the device has them, while it computes the prompts; without it they come with the next `decode()`,
         a whole prefill later.
+
+        `overlapped=True` on an engine that overlaps decode steps (and keeps the KV for decoding here) returns
+        at once, with the first tokens still on the device: the prefill is then in flight as a decode step
+        would be (`overlap.py`), the next `decode()` launches its step with them gathered on the device and
+        returns them. So no decode step waits for the host to read a prefill's tokens, and a second prefill
+        is prepared while the first computes. Elsewhere it is ignored.
         """
         if not requests:
             return []
@@ -280,6 +287,10 @@ class Engine:
             on_decoded(self.take_completed())
         for s in seqs:
             s.num_cached = s.prompt_len
+        if overlapped and reserve_decode and self.overlap_decode and self.step_runner is None:
+            self.settle()  # one step in flight at a time; without on_decoded its tokens wait in _completed
+            self._in_flight = overlap.sample_in_flight(self, seqs, logits)
+            return []
         return self._emit(seqs, logits)
 
     def decode(self, *, overlapped: bool | None = None) -> list[StepOutput]:

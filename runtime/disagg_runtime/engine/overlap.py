@@ -11,6 +11,11 @@ against a 6-8 ms step. Here a step is split in two:
 - `complete` waits for step n's copy, then appends, detokenizes and decides who finished: while the
   device runs step n+1.
 
+A prefill can end the same way (`Engine.prefill(overlapped=True)`, what the colocated worker runs): its
+first tokens are sampled and copied like a step's, and the next decode step gathers them on the device,
+so the device goes from the prompts straight to the next step instead of idling while the host reads the
+first tokens and prepares that step.
+
 A sequence that finishes at step n by EOS or a stop string is already part of step n+1: that one extra row
 is computed and dropped, as in vLLM's asynchronous scheduling. One that will reach max_tokens is left out
 of the launch (the host can count). Preemption and resumption need settled host state, so when a step
@@ -103,6 +108,17 @@ def launch(engine: Engine, prev: InFlightStep | None) -> InFlightStep | None:
     positions = [s.num_cached for s in seqs]
     gather = (prev.ids, src) if prev is not None and any(i >= 0 for i in src) else None
     logits = engine._run(tokens, positions, layout, list(range(len(seqs))), gather=gather)
+    for s in seqs:
+        s.num_cached += 1
+    return sample_in_flight(engine, seqs, logits)
+
+
+def sample_in_flight(engine: Engine, seqs: list[Sequence], logits: torch.Tensor) -> InFlightStep:
+    """Sample one token per row of `logits` on the device and start its copy to the host; nothing waits.
+
+    What a launched decode step ends with, and what an overlapped prefill (`Engine.prefill(overlapped=True)`)
+    ends with too: the prompts' first tokens are then pending like a decode step's.
+    """
     params = [s.request.sampling for s in seqs]
     ids = sample_ids(logits, params, [s.generated for s in seqs], engine._rng)
     host = engine._pinned_ids.take(len(seqs))
@@ -114,7 +130,6 @@ def launch(engine: Engine, prev: InFlightStep | None) -> InFlightStep | None:
     else:
         host.copy_(ids)
     for s in seqs:
-        s.num_cached += 1
         s.pending += 1
     return InFlightStep(seqs=seqs, ids=ids, host=host, done=done)
 

@@ -226,15 +226,18 @@ class Worker(ABC):
 
     def _prefill_batch(self, requests: list[GenerationRequest], *, reserve_decode: bool,
                        on_error: Callable[[Exception], None],
-                       on_decoded: Callable[[list[StepOutput]], None] | None = None) -> list[StepOutput] | None:
+                       on_decoded: Callable[[list[StepOutput]], None] | None = None,
+                       overlapped: bool = False) -> list[StepOutput] | None:
         """Prefill on the engine thread and free the KV of requests done at their first token.
 
         On an engine error the batch's requests fail (`on_error`), the worker goes on, and None is returned.
-        `on_decoded` gets the tokens of a decode step in flight, during the prefill (`Engine.prefill`).
+        `on_decoded` gets the tokens of a step in flight, during the prefill; `overlapped` leaves this
+        prefill's first tokens in flight, for the next decode step to return (`Engine.prefill`).
         """
         start = time.perf_counter()
         try:
-            outputs = self.engine.prefill(requests, reserve_decode=reserve_decode, on_decoded=on_decoded)
+            outputs = self.engine.prefill(requests, reserve_decode=reserve_decode, on_decoded=on_decoded,
+                                          overlapped=overlapped)
         except Exception as e:  # noqa: BLE001 - the batch's requests fail; the worker goes on
             log.exception("prefill batch of %d failed", len(requests))
             on_error(e)

@@ -119,13 +119,14 @@ class ColocatedWorker(DecodingWorker):
             self.loop.call_soon_threadsafe(self._fail, [j.request.request_id for j in batch],
                                            f"prefill failed: {e}")
 
-        def decoded(outputs: list[StepOutput]) -> None:  # the decode step in flight: stream it now
+        def decoded(outputs: list[StepOutput]) -> None:  # the step in flight before this prefill: stream it now
             if outputs:
                 self.loop.call_soon_threadsafe(self._dispatch, outputs)
 
+        # Overlapped, the first tokens come with the next decode call, which launches its step first.
         outputs = self._prefill_batch([j.request for j in batch], reserve_decode=True, on_error=fail,
-                                      on_decoded=decoded)
-        if outputs is not None:
+                                      on_decoded=decoded, overlapped=True)
+        if outputs:
             self.loop.call_soon_threadsafe(self._dispatch, outputs)
 
     def _on_token(self, job: _Job) -> None:

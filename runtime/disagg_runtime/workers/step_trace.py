@@ -25,9 +25,11 @@ StepKind = Literal["prefill", "decode", "mixed"]
 class StepRecord:
     """One engine step as the worker ran it.
 
-    `start` is wall-clock (time.time()), so a client can cut a trace at its own request windows; for a
-    decode step of an overlapped engine the call's seconds are mostly the wait for the step launched one
-    call earlier, so over a run the calls add up to the device's decode time, not step by step.
+    `start` is wall-clock (time.time()), so a client can cut a trace at its own request windows. On an
+    overlapped engine a call returns once its step is launched and waits for the one before: a decode
+    call's seconds are mostly the previous step's device time, and an overlapped prefill's only its host
+    work (its device time shows in the decode call after it). Over a run the calls add up to the device's
+    busy time; step by step they do not.
     """
 
     kind: StepKind
