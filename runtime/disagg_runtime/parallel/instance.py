@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..engine import Engine, EngineError, GenerationRequest
+from ..engine import Engine, EngineError, GenerationRequest, StepOutput
 from ..kv.payload import KVPayload
 from ..kv.reshard import KVSlice, share_of
 from ..kv.sharded import ShareSpec
@@ -85,7 +85,12 @@ class InstanceEngine:
                 self._fail(f"{descriptor[0]} step: {e}")
                 raise InstanceFailed(self.failure) from e
 
-    def prefill(self, requests: list[GenerationRequest], *, reserve_decode: bool = True):
+    def prefill(self, requests: list[GenerationRequest], *, reserve_decode: bool = True,
+                on_decoded: Callable[[list[StepOutput]], None] | None = None, overlapped: bool = False):
+        """Engine.prefill on every rank. The ranks run it synchronously, as the same command: `on_decoded` and
+        `overlapped` (one rank's hand-over of its step in flight) are not mirrored, so they are not used;
+        a step in flight returns its tokens with the next decode, as on an engine without them."""
+        del on_decoded, overlapped
         requests = list(requests)
         return self._call(("prefill", requests, reserve_decode),
                           lambda: self.engine.prefill(requests, reserve_decode=reserve_decode))
