@@ -116,15 +116,14 @@ def run_profile(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batch
     overlapped = engine.overlap_decode and engine.step_runner is None
     behind: list[PrefillSample] = []
     if overlapped and engine.device.type == "cuda":  # on a CPU nothing runs behind the host
-        pairs = [(n, b) for n, b in points if _prefill_behind_fits(engine, n, b)]
+        pairs = [(n, b) for n, b in points if _prefill_pair_fits(engine, n, b)]
         for (length, batch), seconds in zip(pairs, _time_prefills(engine, pairs, repeats, _prefill_behind_once),
                                             strict=True):
             behind.append(PrefillSample(batch_size=batch, sum_tokens=batch * length,
                                         sum_sq_tokens=batch * length * length, seconds=seconds))
             say(f"prefill batch {batch:>3} x {length:>5} tokens behind a step: {seconds * 1e3:9.2f} ms")
         if len(behind) < MIN_SAMPLES:  # too few to fit: the planner then charges the plain prefill
-            skipped.append(f"prefill behind a step: {len(behind)} points fit beside a decoding batch, "
-                           f"{MIN_SAMPLES} needed")
+            skipped.append(f"prefill behind a step: {len(behind)} points fit the cache twice, {MIN_SAMPLES} needed")
             behind = []
     decode: list[DecodeSample] = []
     for context in contexts:
@@ -253,52 +252,33 @@ def _prefill_once(engine: Engine, length: int, batch: int, run: int) -> float:
     return seconds
 
 
-# The decode step a prefill is timed behind (`_prefill_behind_once`): a small batch at a middling context.
-BEHIND_BATCH, BEHIND_CONTEXT = 8, 512
-
-
-def _behind_context(engine: Engine) -> int:
-    return max(1, min(BEHIND_CONTEXT, engine.max_context - 8))
-
-
-def _prefill_behind_fits(engine: Engine, length: int, batch: int) -> bool:
-    """The prompts and the decoding batch held at once, with the watermark a decodable prefill keeps free."""
-    decoders = BEHIND_BATCH * blocks_for(engine.kv_tokens(_behind_context(engine), 4), engine.block_size)
-    return batch * blocks_for(length, engine.block_size) + decoders + engine.watermark_blocks <= engine.total_blocks
+def _prefill_pair_fits(engine: Engine, length: int, batch: int) -> bool:
+    """Two such batches held at once, with the watermark a decodable prefill keeps free."""
+    return 2 * batch * blocks_for(length, engine.block_size) + engine.watermark_blocks <= engine.total_blocks
 
 
 def _prefill_behind_once(engine: Engine, length: int, batch: int, run: int) -> float:
-    """What a prefill adds on an overlapped engine when launched as the colocated worker launches it: while a
-    decode step computes. Its host work then runs behind that step, and where it outlasts the step the device
-    waits on the prefill's launches.
+    """What a prefill adds behind another on an overlapped engine (the colocated worker's prefills).
 
-    Two decode calls back to back are one step apart; the prefill is launched behind the step the second
-    call left running, and from that call's return to the prefill's tokens is one step plus what the
-    prefill adds.
+    Two overlapped prefills back to back: the second is prepared and launched while the first computes,
+    then the call waits for the first's tokens; from there to the second's tokens is the device time the
+    second adds, its host work already done.
     """
-    decoders = _import_decoders(engine, _behind_context(engine), BEHIND_BATCH, 3, "b")
     params = SamplingParams(max_tokens=1, ignore_eos=True)
-    reqs = [GenerationRequest(f"profile-q{length}x{batch}-{run}-{i}", ids, params)
-            for i, ids in enumerate(_prompts(engine, length, batch, seed=length * 1000 + batch))]
-    try:
-        _sync(engine.device)
-        engine.decode()  # launches the first step
-        start = time.perf_counter()
-        engine.decode()  # launches the second, returns once the first is done
-        running = time.perf_counter()
-        engine.prefill(reqs, overlapped=True, on_decoded=lambda _outputs: None)
-        engine.settle()  # the prefill's first tokens
-        done = time.perf_counter()
-    finally:
-        for rid in decoders:
-            engine.abort(rid)
-        engine.settle()
-        engine.take_completed()
-        for r in reqs:
-            if r.request_id in engine.request_ids:
-                engine.release(r.request_id)
-    step = running - start
-    return max(done - running - step, 1e-6)  # a tiny prefill can hide wholly behind the step
+    groups = [[GenerationRequest(f"profile-q{length}x{batch}-{run}-{g}-{i}", ids, params)
+               for i, ids in enumerate(_prompts(engine, length, batch, seed=length * 1000 + batch + g))]
+              for g in range(2)]
+    _sync(engine.device)
+    for group in groups:
+        engine.prefill(group, overlapped=True)
+    start = time.perf_counter()
+    engine.settle()
+    seconds = time.perf_counter() - start
+    engine.take_completed()
+    for group in groups:
+        for r in group:
+            engine.release(r.request_id)
+    return seconds
 
 
 def _zero_kv(engine: Engine, context: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

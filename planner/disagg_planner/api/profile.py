@@ -78,10 +78,9 @@ class ShapeProfile(ApiModel):
         "before (overlapped scheduling). What runs after a decode step is then chosen when that step starts, "
         "so a prompt arriving during a decode step waits one more step before its prefill.")
     prefill_overlapped: list[PrefillSample] = Field(
-        default_factory=list, description="Prefill steps as an overlapped colocated engine runs them: "
-        "launched while a decode step computes, the time each adds beyond that step (its host work runs "
-        "behind the step, and the device waits only where that work outlasts it). Without them a prefill "
-        "costs `prefill` (the host work and the device time, one after the other) everywhere.")
+        default_factory=list, description="Prefill steps as an overlapped colocated engine runs them behind "
+        "another step: the device time a prefill adds, its host work hidden behind the step before. Without "
+        "them a prefill costs `prefill` (the host work and the device time, one after the other) everywhere.")
 
 
 class ServedProbe(ApiModel):
