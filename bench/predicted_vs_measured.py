@@ -203,8 +203,8 @@ class PrefillCounter:
         self.seconds = 0.0
         inner = latency.prefill_stage_time
 
-        def counted(tp: int, pp: int, batch: int, sum_tokens: int, sum_sq_tokens: int, **kw) -> float:
-            t = inner(tp, pp, batch, sum_tokens, sum_sq_tokens, **kw)
+        def counted(tp: int, pp: int, batch: int, sum_tokens: int, sum_sq_tokens: int) -> float:
+            t = inner(tp, pp, batch, sum_tokens, sum_sq_tokens)
             self.batches += 1
             self.seconds += t
             return t

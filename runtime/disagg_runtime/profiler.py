@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import torch
 from disagg_planner.api import DecodeSample, LatencyProfile, MixedSample, PrefillSample, ShapeProfile
-from disagg_planner.latency.fit import MIN_SAMPLES
 from disagg_planner.latency.mixed import chunk_attention
 
 from .engine import Engine, GenerationRequest, SamplingParams
@@ -113,18 +112,6 @@ def run_profile(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batch
         prefill.append(PrefillSample(batch_size=batch, sum_tokens=batch * length,
                                      sum_sq_tokens=batch * length * length, seconds=seconds))
         say(f"prefill batch {batch:>3} x {length:>5} tokens: {seconds * 1e3:9.2f} ms")
-    overlapped = engine.overlap_decode and engine.step_runner is None
-    behind: list[PrefillSample] = []
-    if overlapped and engine.device.type == "cuda":  # on a CPU nothing runs behind the host
-        pairs = [(n, b) for n, b in points if _prefill_pair_fits(engine, n, b)]
-        for (length, batch), seconds in zip(pairs, _time_prefills(engine, pairs, repeats, _prefill_behind_once),
-                                            strict=True):
-            behind.append(PrefillSample(batch_size=batch, sum_tokens=batch * length,
-                                        sum_sq_tokens=batch * length * length, seconds=seconds))
-            say(f"prefill batch {batch:>3} x {length:>5} tokens behind a step: {seconds * 1e3:9.2f} ms")
-        if len(behind) < MIN_SAMPLES:  # too few to fit: the planner then charges the plain prefill
-            skipped.append(f"prefill behind a step: {len(behind)} points fit the cache twice, {MIN_SAMPLES} needed")
-            behind = []
     decode: list[DecodeSample] = []
     for context in contexts:
         for batch in decode_batches:
@@ -156,7 +143,7 @@ def run_profile(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batch
         gpu=gpu or gpu_type_name(engine.device), device=device_description(engine.device),
         runtime=f"disagg engine ({engine.backend.name} attention)",
         shapes=[ShapeProfile(tp=engine.tp_size, pp=1, prefill=prefill, decode=decode, mixed=mixed,
-                             overlapped_decode=overlapped, prefill_overlapped=behind)],
+                             overlapped_decode=engine.overlap_decode and engine.step_runner is None)],
     )
     return ProfileRun(profile=profile, skipped=skipped)
 
@@ -222,17 +209,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_prefills(engine: Engine, points: Sequence[tuple[int, int]], repeats: int,
-                   once: Callable[[Engine, int, int, int], float] | None = None) -> list[float]:
+def _time_prefills(engine: Engine, points: Sequence[tuple[int, int]], repeats: int) -> list[float]:
     """Median seconds of each (length, batch) prefill, timed in `repeats` passes over all the points after
     one untimed pass: a stretch of slow steps (clocks, a busy host) then costs each point one sample of
-    its median, instead of every sample of the points timed during it. `once` times one (default
-    `_prefill_once`)."""
-    once = once or _prefill_once
+    its median, instead of every sample of the points timed during it."""
     times: list[list[float]] = [[] for _ in points]
     for run in range(repeats + 1):  # run 0 warms up every shape
         for i, (length, batch) in enumerate(points):
-            seconds = once(engine, length, batch, run)
+            seconds = _prefill_once(engine, length, batch, run)
             if run:
                 times[i].append(seconds)
     return [statistics.median(t) for t in times]
@@ -249,35 +233,6 @@ def _prefill_once(engine: Engine, length: int, batch: int, run: int) -> float:
     seconds = time.perf_counter() - start
     for r in reqs:
         engine.release(r.request_id)
-    return seconds
-
-
-def _prefill_pair_fits(engine: Engine, length: int, batch: int) -> bool:
-    """Two such batches held at once, with the watermark a decodable prefill keeps free."""
-    return 2 * batch * blocks_for(length, engine.block_size) + engine.watermark_blocks <= engine.total_blocks
-
-
-def _prefill_behind_once(engine: Engine, length: int, batch: int, run: int) -> float:
-    """What a prefill adds behind another on an overlapped engine (the colocated worker's prefills).
-
-    Two overlapped prefills back to back: the second is prepared and launched while the first computes,
-    then the call waits for the first's tokens; from there to the second's tokens is the device time the
-    second adds, its host work already done.
-    """
-    params = SamplingParams(max_tokens=1, ignore_eos=True)
-    groups = [[GenerationRequest(f"profile-q{length}x{batch}-{run}-{g}-{i}", ids, params)
-               for i, ids in enumerate(_prompts(engine, length, batch, seed=length * 1000 + batch + g))]
-              for g in range(2)]
-    _sync(engine.device)
-    for group in groups:
-        engine.prefill(group, overlapped=True)
-    start = time.perf_counter()
-    engine.settle()
-    seconds = time.perf_counter() - start
-    engine.take_completed()
-    for group in groups:
-        for r in group:
-            engine.release(r.request_id)
     return seconds
 
 

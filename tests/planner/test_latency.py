@@ -140,34 +140,6 @@ def test_unprofiled_shape_scales_compute_and_adds_allreduce() -> None:
     assert LatencyModel.pipeline_latency(t_pp, 2, 1000, 100.0) == pytest.approx(2 * t_pp + 1000 / 100e9)
 
 
-def _behind(shape: ShapeProfile, host_s: float) -> ShapeProfile:
-    """`shape` as an overlapped engine's, its prefills behind a step `host_s` shorter (the hidden host work)."""
-    behind = [p.model_copy(update={"seconds": p.seconds - host_s}) for p in shape.prefill]
-    return shape.model_copy(update={"overlapped_decode": True, "prefill_overlapped": behind})
-
-
-def test_a_prefill_behind_a_step_costs_its_own_profiled_time_where_there_is_one() -> None:
-    shape = _behind(synthetic_shape(1, PRE, DEC), host_s=0.002)
-    prof = profile_of(shape, synthetic_shape(2, PRE, DEC))
-    model = LatencyModel.from_profile(LatencyProfile.model_validate_json(prof.model_dump_json(by_alias=True)),
-                                      A100, 300.0)
-    assert '"prefillOverlapped"' in prof.model_dump_json(by_alias=True)
-    alone = model.prefill_stage_time(1, 1, 2, 1000, 500_000)
-    assert alone == pytest.approx(PRE[0] + PRE[1] * 1000 + PRE[2] * 500_000)
-    assert model.prefill_stage_time(1, 1, 2, 1000, 500_000, behind_step=True) == pytest.approx(alone - 0.002)
-    # tp=2 profiled no such prefills, tp=4 is derived: behind a step they cost the plain prefill.
-    for tp in (2, 4):
-        assert model.prefill_stage_time(tp, 1, 2, 1000, 500_000, behind_step=True) == \
-            model.prefill_stage_time(tp, 1, 2, 1000, 500_000)
-    # A shape not profiled as overlapped ignores them.
-    plain = LatencyModel.from_profile(profile_of(shape.model_copy(update={"overlapped_decode": False})), A100, 300.0)
-    assert plain.prefill_stage_time(1, 1, 2, 1000, 500_000, behind_step=True) == pytest.approx(alone)
-    # Too few of them to fit is a profile error, as for the plain prefills.
-    few = shape.model_copy(update={"prefill_overlapped": shape.prefill_overlapped[:2]})
-    with pytest.raises(ProfileError, match="prefillOverlapped"):
-        LatencyModel.from_profile(profile_of(few), A100, 300.0)
-
-
 def test_only_shapes_profiled_as_overlapped_choose_their_next_step_a_round_ahead() -> None:
     overlapped = synthetic_shape(1, PRE, DEC).model_copy(update={"overlapped_decode": True})
     model = LatencyModel.from_profile(profile_of(overlapped, synthetic_shape(2, PRE, DEC)), A100, 300.0)

@@ -5,15 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from disagg_planner.api import (
-    GPU_PRESETS,
-    MODEL_PRESETS,
-    DecodeSample,
-    LatencyProfile,
-    PrefillSample,
-    ShapeProfile,
-    WorkloadSpec,
-)
+from disagg_planner.api import GPU_PRESETS, MODEL_PRESETS, WorkloadSpec
 from disagg_planner.latency import LatencyModel
 from disagg_planner.simulator import (
     ColocatedConfig,
@@ -100,30 +92,6 @@ def test_an_overlapped_engine_runs_the_round_launched_behind_a_prefill_before_th
     assert over[1].ttft - plain[1].ttft == pytest.approx(one_round, rel=0.05)
     # The short one: also after the round both decoding requests take behind the long prefill.
     assert over[2].ttft - plain[2].ttft == pytest.approx(one_round + two_seq_round, rel=0.05)
-
-
-def test_a_prefill_behind_a_decode_round_costs_the_profiled_time_behind_a_step() -> None:
-    # A profiled overlapped engine whose prefills behind a step take 5 ms less (their host work hidden).
-    def prefills(extra: float) -> list[PrefillSample]:
-        return [PrefillSample(batch_size=1, sum_tokens=n, sum_sq_tokens=n * n, seconds=0.02 + extra + 1e-4 * n)
-                for n in (64, 256, 512, 1024, 2048)]
-
-    decode = [DecodeSample(batch_size=b, sum_context=b * c, seconds=0.02 + 4e-5 * b + 6e-7 * b * c)
-              for b in (1, 8, 32) for c in (64, 512, 1500)]
-    shape = ShapeProfile(prefill=prefills(0.005), decode=decode, overlapped_decode=True,
-                         prefill_overlapped=prefills(0.0))
-    over = LatencyModel.from_profile(LatencyProfile(model=OPT13, gpu="A100-80GB", shapes=[shape]),
-                                     GPU_PRESETS["A100-80GB"], 300.0)
-    plain = copy.copy(over)
-    plain.prefill_overlapped_fits = {}
-    # From idle: the whole prefill. Behind the decoding request's rounds: 5 ms less.
-    idle = simulate_colocated(ONE, over, [SimRequest(0.0, 500, 1)]).results[0]
-    assert idle.ttft == pytest.approx(over.prefill_time(1, 1, [500]))
-    trace = [SimRequest(0.0, 100, 1000), SimRequest(1.0, 500, 1)]
-    behind = simulate_colocated(ONE, over, trace).results
-    whole = simulate_colocated(ONE, plain, trace).results
-    assert behind[1].ttft == pytest.approx(whole[1].ttft - 0.005, abs=1e-9)
-    assert behind[0].e2e == pytest.approx(whole[0].e2e - 0.005, abs=1e-9)  # its decoding waited 5 ms less
 
 
 def test_an_overlapped_decode_instance_starts_a_landed_request_one_round_later() -> None:

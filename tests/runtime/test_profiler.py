@@ -114,26 +114,3 @@ def test_an_overlapping_engine_is_timed_in_steady_state_and_left_empty(llama_dir
     plain = profile_engine(Engine.load(llama_dir, num_blocks=128, overlap_decode=False), prefill_lengths=[8],
                            prefill_batches=[1], decode_batches=[1], contexts=[16], repeats=1)
     assert not plain.shapes[0].overlapped_decode
-    # On a CPU nothing computes behind the host, so there is no prefill-behind-a-step to time.
-    assert profile.shapes[0].prefill_overlapped == []
-
-
-@pytest.mark.gpu
-def test_prefills_behind_a_step_are_timed_on_an_overlapped_gpu_engine(tmp_path):
-    from disagg_runtime.models.testing import write_random_model
-
-    # Head dim 128 as the GPU kernels expect; a fixed cache, or the engine takes 90% of the card.
-    path = write_random_model(tmp_path, arch="llama", seed=3, num_hidden_layers=2, hidden_size=256,
-                              intermediate_size=512, num_attention_heads=2, num_key_value_heads=1)
-    engine = Engine.load(path, device="cuda", num_blocks=512)
-    assert engine.overlap_decode
-    run = run_profile(engine, prefill_lengths=[32, 128, 512], prefill_batches=[1, 4], decode_batches=[1],
-                      contexts=[64], repeats=2)
-    shape = run.profile.shapes[0]
-    plain = {(p.batch_size, p.sum_tokens): p.seconds for p in shape.prefill}
-    behind = {(p.batch_size, p.sum_tokens): p.seconds for p in shape.prefill_overlapped}
-    assert set(behind) == set(plain)  # every point fits the cache twice here
-    # Behind a step the host work is hidden: each costs less than the same prefill alone.
-    assert all(behind[k] < plain[k] for k in plain), (behind, plain)
-    assert engine.request_ids == [] and engine.free_blocks == engine.total_blocks and not engine.decode_in_flight
-    LatencyProfile.model_validate_json(run.profile.model_dump_json(by_alias=True))

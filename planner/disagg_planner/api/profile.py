@@ -18,9 +18,8 @@ from pydantic import Field, field_validator
 from .base import ApiModel
 from .model import ModelSpec
 
-# 2: the optional `served` section; 3: its optional decodeByBatch table; 4: the optional prefillOverlapped
-# samples of a shape (older files load unchanged)
-PROFILE_VERSION = 4
+# 2: the optional `served` section; 3: its optional decodeByBatch table (older files load unchanged)
+PROFILE_VERSION = 3
 
 ServedMode = Literal["colocated", "disaggregated"]
 
@@ -77,10 +76,6 @@ class ShapeProfile(ApiModel):
         default=False, description="The engine launches each decode step before the host has read the one "
         "before (overlapped scheduling). What runs after a decode step is then chosen when that step starts, "
         "so a prompt arriving during a decode step waits one more step before its prefill.")
-    prefill_overlapped: list[PrefillSample] = Field(
-        default_factory=list, description="Prefill steps as an overlapped colocated engine runs them behind "
-        "another step: the device time a prefill adds, its host work hidden behind the step before. Without "
-        "them a prefill costs `prefill` (the host work and the device time, one after the other) everywhere.")
 
 
 class ServedProbe(ApiModel):

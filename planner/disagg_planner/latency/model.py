@@ -79,8 +79,6 @@ class LatencyModel:
         # Profiled shapes whose engine overlaps decode steps (ShapeProfile.overlapped_decode); a derived or
         # analytic shape is taken to run each step whole.
         self.overlapped_shapes: set[Shape] = set()
-        # Prefill behind another step on such an engine (ShapeProfile.prefill_overlapped), where profiled.
-        self.prefill_overlapped_fits: dict[Shape, LinearFit] = {}
         self.served = served
         self._stages: dict[Shape, StageShape] = {}
         self._capacity: dict[tuple[int, int, float], int] = {}
@@ -122,10 +120,6 @@ class LatencyModel:
                      served=served_overhead(profile, served_mode))
         fitted.mixed_fits = fit_mixed_shapes(profile.shapes)
         fitted.overlapped_shapes = {(shape.tp, shape.pp) for shape in profile.shapes if shape.overlapped_decode}
-        fitted.prefill_overlapped_fits = {
-            (shape.tp, shape.pp): fit_prefill(shape.prefill_overlapped,
-                                              f"profile shape tp={shape.tp} pp={shape.pp} prefillOverlapped")
-            for shape in profile.shapes if shape.overlapped_decode and shape.prefill_overlapped}
         return fitted
 
     # -- shapes and memory --------------------------------------------------------------------------
@@ -176,20 +170,11 @@ class LatencyModel:
             raise ValueError("a prefill batch needs at least one prompt")
         return self.prefill_stage_time(tp, pp, len(lengths), sum(lengths), sum(n * n for n in lengths))
 
-    def prefill_stage_time(self, tp: int, pp: int, batch: int, sum_tokens: int, sum_sq_tokens: int, *,
-                           behind_step: bool = False) -> float:
-        """`prefill_time` from the batch's sufficient statistics (what the simulator tracks).
-
-        `behind_step`: the prefill is launched while another step computes, on an engine that overlaps its
-        steps; where that shape profiled such prefills (`prefill_overlapped`) they are what it costs, its
-        host work hidden. Elsewhere, and without them, the prefill as profiled alone.
-        """
+    def prefill_stage_time(self, tp: int, pp: int, batch: int, sum_tokens: int, sum_sq_tokens: int) -> float:
+        """`prefill_time` from the batch's sufficient statistics (what the simulator tracks)."""
         stage = self.stage(tp, pp)
         if self.source == "analytic":
             return analytic.prefill_stage_time(stage, self.gpu, self.intra_node_gbps, batch, sum_tokens, sum_sq_tokens)
-        fit = self.prefill_overlapped_fits.get((tp, pp)) if behind_step else None
-        if fit is not None:
-            return fit(sum_tokens, sum_sq_tokens)
         key, fit = self._nearest(self.prefill_fits, tp, pp)
         return self._rescale(key, stage, fit(sum_tokens, sum_sq_tokens), sum_tokens)
 

@@ -14,9 +14,7 @@ launches each step when the step before ends, so what follows a step is chosen f
 when that step started: a prompt arriving during a decode round is prefilled one round later than a
 synchronous engine would. The colocated worker overlaps its prefills the same way (their first tokens stay
 on the device for the next decode round to gather), so a prompt arriving during a prefill waits for the
-decode round launched behind it, when one runs. A prefill launched while another step computes costs what
-the profile measured for such prefills (`LatencyModel.prefill_stage_time(behind_step=True)`: its host work
-is hidden); one that starts an idle engine costs the whole profiled prefill.
+decode round launched behind it, when one runs.
 
 With pp > 1 a prefill batch crosses the stages alone (no overlap with decode micro-batches), and decode
 rounds are micro-batched over the stages as in the disaggregated decode instances.
@@ -84,9 +82,8 @@ class _Replica:
         self.costs = preemption_costs(latency, self.tp, self.pp, self.link, cfg.kv)
         self.overlapped = latency.overlaps_decode(self.tp, self.pp)
 
-    def prefill_step(self, tokens: int, batch: int, sum_sq: int, behind_step: bool) -> float:
-        stage = self.latency.prefill_stage_time(self.tp, self.pp, batch, tokens, sum_sq,
-                                                behind_step=behind_step and self.overlapped)
+    def prefill_step(self, tokens: int, batch: int, sum_sq: int) -> float:
+        stage = self.latency.prefill_stage_time(self.tp, self.pp, batch, tokens, sum_sq)
         return LatencyModel.pipeline_latency(stage, self.pp, tokens * self.hidden_bytes, self.link)
 
     def run(self, mine: list[int]) -> OnDemandBatch:
@@ -102,7 +99,6 @@ class _Replica:
         # decode rounds on an overlapped engine: it launched the round it is now ending when the round before
         # ended, so it chose what follows when this round started.
         seen = 0.0
-        busy = False  # a step runs up to `t`: an overlapped engine prepares the next one behind it
         ptr, m = 0, len(mine)
         while True:
             while ptr < m and arrivals[ptr] <= seen:
@@ -122,8 +118,7 @@ class _Replica:
                     blocks += ledger.blocks(inputs[j])
                 ledger.take(blocks)
                 start = t
-                t += self.prefill_step(tokens, len(members), sum_sq, busy)
-                busy = True
+                t += self.prefill_step(tokens, len(members), sum_sq)
                 # Overlapped, the host chose what follows when it launched the prefill; else it waited for it.
                 seen = start if self.overlapped else t
                 for j in members:
@@ -149,12 +144,10 @@ class _Replica:
                         k = min(k, cost.rounds_until(kv.batch, kv.sum_context, arrivals[ptr] - t) + self.overlapped)
                 start = t
                 t += cost.elapsed(kv.batch, kv.sum_context, k)
-                busy = True
                 seen = start + cost.elapsed(kv.batch, kv.sum_context, k - 1) if self.overlapped else t
                 kv.advance_and_stamp(k, t, last)
                 continue
             if ptr < m:
-                busy = busy and arrivals[ptr] <= t  # waited for it: the engine idled, nothing hides the host
                 t = max(t, arrivals[ptr])
                 seen = t
                 continue
