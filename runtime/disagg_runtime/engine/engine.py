@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from .detokenizer import IncrementalDetokenizer
 from .gpu import FusedLlama, GpuAttentionBackend, GpuStepRunner
 from .kv_cache import BlockAllocator, PagedKVCache, blocks_for
 from .kv_export import KVExporter
+from .layouts import decode_layout, packed_prompts
 from .memory import plan_num_blocks
 from .preemption import (
     DEFAULT_SWAP_SPACE_BYTES,
@@ -248,15 +248,10 @@ class Engine:
         decoding grows them. With `reserve_decode=False` (a prefill-only worker) the requests are never
         decoded here, only exported and released, so no watermark is kept for them.
 
-        With an overlapped decode step in flight, `on_decoded` (if given) gets that step's tokens as soon as
-        the device has them, while it computes the prompts; without it they come with the next `decode()`,
-        a whole prefill later.
-
-        `overlapped=True` on an engine that overlaps decode steps (and keeps the KV for decoding here) returns
-        at once, with the first tokens still on the device: the prefill is then in flight as a decode step
-        would be (`overlap.py`), the next `decode()` launches its step with them gathered on the device and
-        returns them. So no decode step waits for the host to read a prefill's tokens, and a second prefill
-        is prepared while the first computes. Elsewhere it is ignored.
+        On an engine that overlaps decode steps (`overlap.after_prefill`): `on_decoded` gets the tokens of
+        the step in flight while the device computes the prompts, not with the next `decode()`; and
+        `overlapped=True` (when the KV stays here for decoding) returns [] at once, the first tokens left on
+        the device for the next `decode()` to gather and return.
         """
         if not requests:
             return []
@@ -271,25 +266,12 @@ class Engine:
             raise KVCacheFull(f"prefill batch needs {need} KV blocks (+{spare} watermark), {self.allocator.free} "
                               f"of {self.total_blocks} free")
         seqs = [self._admit(r, decodable=reserve_decode) for r in requests]
-        lens = [s.prompt_len for s in seqs]
-        layout = StepLayout(
-            is_prefill=True, seq_lens=lens, context_lens=lens, block_tables=[s.block_table for s in seqs],
-            slot_mapping=[slot for s in seqs for slot in self.cache.slots(s.block_table, 0, s.prompt_len)],
-            block_size=self.block_size)
-        tokens = [t for s in seqs for t in s.request.prompt_ids]
-        positions = [p for n in lens for p in range(n)]
-        last = [end - 1 for end in accumulate(lens)]
+        batch = packed_prompts(self.cache, seqs, [s.request.prompt_ids for s in seqs])
         with self.kv_export.staging(() if reserve_decode else seqs):
-            logits = self._run(tokens, positions, layout, last)
-        if on_decoded is not None and self._in_flight is not None:
-            # The step launched before these prompts ends first on the device; its tokens need not wait for them.
-            self.settle()
-            on_decoded(self.take_completed())
+            logits = self._run(batch.tokens, batch.positions, batch.layout, batch.last_rows)
         for s in seqs:
             s.num_cached = s.prompt_len
-        if overlapped and reserve_decode and self.overlap_decode and self.step_runner is None:
-            self.settle()  # one step in flight at a time; without on_decoded its tokens wait in _completed
-            self._in_flight = overlap.sample_in_flight(self, seqs, logits)
+        if overlap.after_prefill(self, seqs, logits, on_decoded=on_decoded, overlapped=overlapped and reserve_decode):
             return []
         return self._emit(seqs, logits)
 
@@ -343,14 +325,8 @@ class Engine:
         running = self._running()
         if not running:
             return []
-        layout = StepLayout(
-            is_prefill=False, seq_lens=[1] * len(running), context_lens=[s.num_cached + 1 for s in running],
-            block_tables=[s.block_table for s in running],
-            slot_mapping=[self.cache.slots(s.block_table, s.num_cached, s.num_cached + 1)[0] for s in running],
-            block_size=self.block_size)
-        tokens = [s.output_ids[-1] for s in running]
-        positions = [s.num_cached for s in running]
-        logits = self._run(tokens, positions, layout, list(range(len(running))))
+        layout, positions = decode_layout(self.cache, running)
+        logits = self._run([s.output_ids[-1] for s in running], positions, layout, list(range(len(running))))
         for s in running:
             s.num_cached += 1
         outputs = self._emit(running, logits)

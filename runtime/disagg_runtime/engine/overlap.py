@@ -27,12 +27,13 @@ first, whichever stream writes it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from .attention import StepLayout
+from .layouts import decode_layout
 from .sampler import sample_ids
 
 if TYPE_CHECKING:
@@ -100,17 +101,27 @@ def launch(engine: Engine, prev: InFlightStep | None) -> InFlightStep | None:
         else:
             tokens.append(s.output_ids[-1])
             src.append(-1)
-    layout = StepLayout(
-        is_prefill=False, seq_lens=[1] * len(seqs), context_lens=[s.num_cached + 1 for s in seqs],
-        block_tables=[s.block_table for s in seqs],
-        slot_mapping=[engine.cache.slots(s.block_table, s.num_cached, s.num_cached + 1)[0] for s in seqs],
-        block_size=engine.block_size)
-    positions = [s.num_cached for s in seqs]
+    layout, positions = decode_layout(engine.cache, seqs)
     gather = (prev.ids, src) if prev is not None and any(i >= 0 for i in src) else None
     logits = engine._run(tokens, positions, layout, list(range(len(seqs))), gather=gather)
     for s in seqs:
         s.num_cached += 1
     return sample_in_flight(engine, seqs, logits)
+
+
+def after_prefill(engine: Engine, seqs: list[Sequence], logits: torch.Tensor, *,
+                  on_decoded: Callable[[list[StepOutput]], None] | None, overlapped: bool) -> bool:
+    """A prefill of `seqs` is launched: hand the step in flight (which ends first on the device) to
+    `on_decoded`, and with `overlapped`, on an engine that overlaps its steps, leave the prompts' first
+    tokens in flight. True when they were left there (the prefill then returns no tokens)."""
+    if on_decoded is not None and engine._in_flight is not None:
+        engine.settle()
+        on_decoded(engine.take_completed())
+    if not (overlapped and engine.overlap_decode and engine.step_runner is None):
+        return False
+    engine.settle()  # one step in flight at a time; without on_decoded its tokens wait in _completed
+    engine._in_flight = sample_in_flight(engine, seqs, logits)
+    return True
 
 
 def sample_in_flight(engine: Engine, seqs: list[Sequence], logits: torch.Tensor) -> InFlightStep:

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .attention import StepLayout
 from .kv_cache import PagedKVCache, blocks_for
+from .layouts import packed_prompts
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -165,13 +165,8 @@ def _recompute(engine: Engine, seqs: list[Sequence]) -> None:
     """Rebuild the KV of preempted sequences with one packed prefill; its logits are dropped."""
     contexts = [s.request.prompt_ids + s.output_ids[:-1] for s in seqs]
     lens = [len(c) for c in contexts]
-    layout = StepLayout(
-        is_prefill=True, seq_lens=lens, context_lens=lens, block_tables=[s.block_table for s in seqs],
-        slot_mapping=[slot for s, n in zip(seqs, lens, strict=True) for slot in engine.cache.slots(s.block_table, 0, n)],
-        block_size=engine.block_size)
-    tokens = [t for c in contexts for t in c]
-    positions = [p for n in lens for p in range(n)]
-    engine._run(tokens, positions, layout, [lens[0] - 1])
+    batch = packed_prompts(engine.cache, seqs, contexts)
+    engine._run(batch.tokens, batch.positions, batch.layout, batch.last_rows[:1])
     for s, n in zip(seqs, lens, strict=True):
         s.num_cached = n
     engine.preemption_stats.recomputed_tokens += sum(lens)

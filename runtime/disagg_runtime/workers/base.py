@@ -257,6 +257,10 @@ class Worker(ABC):
         if self.step_trace is not None:
             self.step_trace.record(kind, start, seconds, batch=batch, tokens=tokens, sum_sq=sum_sq, context=context)
 
+    def _traced_context(self) -> int:
+        """The decode context the step trace records; not summed (O(batch)) when no trace is written."""
+        return self.engine.decode_context if self.step_trace is not None else 0
+
     async def _stream(self, request: web.Request, events: AsyncIterator[BaseModel], request_id: str,
                       open_: Callable[[], bool]) -> web.StreamResponse:
         """Stream `events` as NDJSON; abort the request if the stream ends while `open_()` (the router left)."""

@@ -77,7 +77,7 @@ class ChunkedStepper:
         chunks = plan_chunks(list(self.in_progress), room)
         if not chunks and decoding == 0 and not engine.num_preempted:  # preempted ones resume in a step
             return False
-        context = engine.decode_context if w.step_trace is not None else 0
+        context = w._traced_context()
         start = time.perf_counter()
         try:
             outputs = engine.mixed_step([PrefillChunk(p.job.request.request_id, n) for p, n in chunks])

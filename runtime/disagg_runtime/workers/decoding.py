@@ -80,7 +80,7 @@ class DecodingWorker(Worker):
         False when no request could step (all preempted and waiting for blocks): the thread may idle.
         Overlapped (engine/overlap.py), the tokens returned are those of the step launched the call before.
         """
-        context = self.engine.decode_context if self.step_trace is not None else 0  # before: finished ones leave
+        context = self._traced_context()  # before the step: the finished ones leave in it
         start = time.perf_counter()
         try:
             outputs = self.engine.decode()

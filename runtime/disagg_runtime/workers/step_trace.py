@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TextIO
 
@@ -61,7 +61,7 @@ class StepTrace:
             return
         start = time.time() - (time.perf_counter() - started)
         rec = StepRecord(kind, round(start, 6), round(seconds, 7), batch, tokens, sum_sq, context)
-        self._file.write(json.dumps(asdict(rec), separators=(",", ":")) + "\n")
+        self._file.write(json.dumps(vars(rec), separators=(",", ":")) + "\n")
 
     def close(self) -> None:
         if self._file is not None:
