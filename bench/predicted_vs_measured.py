@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -106,7 +107,7 @@ def profile(model_dir: Path, device: str, blocks: int, budget: int, inputs: Leng
     decode grows super-linearly there, which would bend the linear fit where it matters)."""
     import torch
     from disagg_runtime.engine import Engine
-    from disagg_runtime.profiler import profile_engine
+    from disagg_runtime.profiler import decode_step_batches, profile_engine
 
     engine = Engine.load(model_dir, device=device, num_blocks=blocks)
     lo, hi = inputs.edges[0], inputs.max
@@ -117,8 +118,9 @@ def profile(model_dir: Path, device: str, blocks: int, budget: int, inputs: Leng
                             contexts=contexts, repeats=3)
     decode = list(result.shapes[0].decode)
     limit = 2 * tpot_factor * float(np.median([s.seconds for s in decode]))
-    batch = 2
-    while batch <= max_decode_batch:
+    # The batches decode steps run at (an engine with CUDA graphs pads a step to one), else powers of two.
+    sizes = [b for b in decode_step_batches(engine) if b > 1] or [2**k for k in range(1, 20)]
+    for batch in (b for b in sizes if b <= max_decode_batch):
         try:
             part = profile_engine(engine, prefill_lengths=[lo], prefill_batches=[1], decode_batches=[batch],
                                   contexts=contexts, repeats=3, warmup_tokens=0).shapes[0].decode  # warm already
@@ -127,7 +129,6 @@ def profile(model_dir: Path, device: str, blocks: int, budget: int, inputs: Leng
         decode += part
         if float(np.median([s.seconds for s in part])) > limit:
             break
-        batch *= 2
     del engine
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -160,7 +161,8 @@ def profile_served_path(prof: LatencyProfile, model_dir: Path, modes: list[str],
     from disagg_runtime.served_profiler import ServedProbePlan, profile_served
 
     mean_in = round(inputs.mean)
-    batches = sorted({s.batch_size for s in prof.shapes[0].decode})
+    # Powers of two: the served overhead is host work per row, smooth in the batch (interpolated between).
+    batches = sorted({s.batch_size for s in prof.shapes[0].decode if s.batch_size & (s.batch_size - 1) == 0})
     plan = ServedProbePlan(prompt_tokens=[mean_in, max(1, mean_in // 4)], output_tokens=round(outputs.mean),
                            decode_batches=batches)
     return profile_served(model_dir, prof, modes, plan, worker_args=worker_args, role_args=role_devices(devices),
@@ -304,6 +306,8 @@ def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: La
                 "steps": step_accounting(list(read_steps(trace_dir)), window_start, window_end, engine, latency,
                                          counter),
             })
+            if args.dump:
+                dump_requests(args.dump / f"{mode}-{rate:g}.json", trace, records, raw)
             ratio = points[-1]["tpot_p50_over_engine"]
             print(f"  {mode:>13} {rate:7.2f} req/s: measured {measured.attainment:6.1%}  predicted "
                   f"{points[-1]['predicted']:6.1%}  TPOT p50 / engine's {ratio or float('nan'):.2f}  "
@@ -311,8 +315,26 @@ def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: La
             print(f"  {'':>13} steps: {steps_text(points[-1]['steps'])}", flush=True)
     finally:
         cluster.stop()
+        if args.dump:
+            shutil.copytree(trace_dir, args.dump / f"{mode}-steps", dirs_exist_ok=True)
     return {"served_overhead": prof.served[mode].model_dump(mode="json", exclude={"probes"}),
             "kv_link_gbps": link_gbps if mode == "disaggregated" else None, "points": points}
+
+
+def dump_requests(path: Path, trace: list[SimRequest], records: list[RequestRecord], predicted: sim.SimResult) -> None:
+    """Per request of one rate: its trace entry, what the client measured and what the simulation predicted
+    (in the trace's order), to see which requests a prediction misses."""
+    by_index = {r.index: r for r in records}
+    rows = []
+    for i, (req, ttft, tpot) in enumerate(zip(trace, predicted.ttfts, predicted.tpots, strict=True)):
+        rec = by_index.get(i)
+        ok = rec is not None and rec.ok
+        rows.append({"arrival": req.arrival, "input": req.input_len, "output": req.output_len,
+                     "ttft": rec.ttft if ok else None, "tpot": rec.tpot if ok else None,
+                     "first": rec.first_token if ok else None, "last": rec.last_token if ok else None,
+                     "predicted_ttft": float(ttft), "predicted_tpot": float(tpot)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows) + "\n")
 
 
 def summary_of(modes: dict[str, dict], goodput: dict[str, float]) -> dict:
@@ -384,7 +406,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, help="KV blocks of 16 tokens per engine (default 2048 on CPU, "
                         "16384 on a GPU)")
     parser.add_argument("--budget", type=int, help="prefill token budget (default 4x the mean prompt)")
-    parser.add_argument("--num-requests", type=int, default=150, help="requests per rate")
+    parser.add_argument("--num-requests", type=int, help="requests per rate (default 150 on CPU, 600 on a GPU, "
+                        "where a 150-request trace at the knee lasts ~6 s, about two requests' lives: most of its "
+                        "requests then see the load ramp up or down rather than the rate itself)")
+    parser.add_argument("--dump", type=Path, help="write each rate's per-request measured and predicted latencies "
+                        "and the workers' step traces into this directory")
     parser.add_argument("--rates", type=float, nargs="*", help="req/s for every mode (default: --rate-factors of "
                         "each mode's predicted goodput)")
     parser.add_argument("--rate-factors", type=float, nargs="*", default=[0.5, 0.75, 0.9, 1.1, 1.3],
@@ -419,6 +445,7 @@ def main() -> None:
         affinity = parse_cpu_affinity("prefill=0,decode=1,router=0") if not on_gpu and len(os.sched_getaffinity(0)) > 1 else {}
 
     args.blocks = args.blocks or (16384 if on_gpu else 2048)
+    args.num_requests = args.num_requests or (600 if on_gpu else 150)
     args.quiet_load = args.quiet_load if args.quiet_load is not None or on_gpu else 0.8
     model_dir = write_model(shape, args.cache_dir)
     max_context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]

@@ -143,9 +143,16 @@ def run_profile(engine: Engine, *, prefill_lengths: Sequence[int], prefill_batch
         gpu=gpu or gpu_type_name(engine.device), device=device_description(engine.device),
         runtime=f"disagg engine ({engine.backend.name} attention)",
         shapes=[ShapeProfile(tp=engine.tp_size, pp=1, prefill=prefill, decode=decode, mixed=mixed,
-                             overlapped_decode=engine.overlap_decode and engine.step_runner is None)],
+                             overlapped_decode=engine.overlap_decode and engine.step_runner is None,
+                             decode_step_batches=decode_step_batches(engine))],
     )
     return ProfileRun(profile=profile, skipped=skipped)
+
+
+def decode_step_batches(engine: Engine) -> list[int]:
+    """The batch sizes `engine` replays decode steps at (its CUDA graphs); empty where a step runs as is."""
+    runner = engine.gpu_runner
+    return list(runner.sizes) if runner is not None and engine.step_runner is None else []
 
 
 def _prefill_unfit(engine: Engine, length: int, batch: int) -> str | None:

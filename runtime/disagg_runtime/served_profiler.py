@@ -76,7 +76,8 @@ class _EngineTimes:
     @classmethod
     def of(cls, profile: LatencyProfile) -> _EngineTimes:
         shape = profile.shapes[0]
-        return cls(fit_prefill(shape.prefill, "engine profile prefill"), fit_decode(shape.decode, "engine profile decode"))
+        return cls(fit_prefill(shape.prefill, "engine profile prefill"),
+                   fit_decode(shape.decode, "engine profile decode", shape.decode_step_batches))
 
     def prefill_s(self, tokens: int) -> float:
         return self.prefill(tokens, tokens * tokens)

@@ -118,6 +118,51 @@ def test_decode_bases_never_fall_with_the_batch() -> None:
     assert bases == sorted(bases)
 
 
+GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
+
+
+def _padded_step(b):
+    """An engine replaying graphs at GRAPH_SIZES: the weights' part is that of the graph a step runs in."""
+    size = next((g for g in GRAPH_SIZES if g >= b), b)
+    return 0.0046 + 2e-6 * size + 17e-6 * max(0, size - 32)
+
+
+def test_a_step_costs_the_base_of_the_graph_it_is_padded_to() -> None:
+    samples = _decode_samples(_padded_step, batches=GRAPH_SIZES)
+    fit = fit_decode(samples, "graphs", GRAPH_SIZES)
+    for b in (3, 33, 40, 47, 48, 65, 90, 100, 128):
+        assert fit.base(b) == pytest.approx(_padded_step(b), rel=2e-3), b
+    assert fit.base(33) == fit.base(48) > fit.base(32)
+    assert fit.base(160) > fit.base(128)  # past the largest graph: eager, at its own size along the last segment
+    # Without the sizes the same samples interpolate: batch 33 would cost about batch 32's weights.
+    assert fit_decode(samples, "no graphs").base(33) < 0.99 * fit.base(33)
+
+
+def test_samples_between_graph_sizes_are_keyed_by_the_graph_they_ran_in() -> None:
+    samples = _decode_samples(_padded_step, batches=(1, 8, 40, 64, 100, 128))
+    fit = fit_decode(samples, "graphs", GRAPH_SIZES)
+    assert [b for b, _ in fit.bases] == [1, 8, 48, 64, 128]
+    assert fit.base(33) == pytest.approx(_padded_step(40), rel=2e-3)
+
+
+def test_the_latency_model_pads_decode_steps_as_the_profiled_engine_does() -> None:
+    prefill = synthetic_shape(1, PRE, DEC).prefill
+    shape = ShapeProfile(tp=1, pp=1, prefill=prefill, decode=_decode_samples(_padded_step, batches=GRAPH_SIZES),
+                         decode_step_batches=list(GRAPH_SIZES))
+    profile = LatencyProfile.model_validate_json(profile_of(shape).model_dump_json(by_alias=True))
+    assert '"decodeStepBatches"' in profile_of(shape).model_dump_json(by_alias=True)
+    model = LatencyModel.from_profile(profile, A100, 300.0)
+    assert model.decode_time(1, 1, 33, 33 * 800) == pytest.approx(_padded_step(48) + 2.7e-8 * 33 * 800, rel=2e-3)
+    plain = LatencyModel.from_profile(profile_of(shape.model_copy(update={"decode_step_batches": []})), A100, 300.0)
+    assert plain.decode_time(1, 1, 33, 33 * 800) < model.decode_time(1, 1, 33, 33 * 800)
+
+
+@pytest.mark.parametrize("sizes", [[0, 4], [4, 4], [8, 4]])
+def test_decode_step_batches_must_be_positive_and_increasing(sizes) -> None:
+    with pytest.raises(ValueError, match="decodeStepBatches"):
+        ShapeProfile(tp=1, pp=1, decode_step_batches=sizes)
+
+
 def test_fit_never_returns_negative_coefficients() -> None:
     x1 = np.arange(1, 50, dtype=float)
     x2 = x1**2

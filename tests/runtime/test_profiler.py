@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from disagg_planner.api import LatencyProfile
+import torch
+from disagg_planner.api import GPUSpec, LatencyProfile
+from disagg_planner.latency import LatencyModel
 from disagg_runtime.engine import Engine
 from disagg_runtime.profiler import profile_engine, run_profile
 
@@ -27,6 +29,7 @@ def test_profile_round_trips_through_the_planner_format(llama_dir, tmp_path):
     assert sorted((s.batch_size, s.sum_context) for s in shape.decode) == sorted(
         (b, b * (c + k)) for b in (1, 4) for c in (16, 64) for k in (1, 2))
     assert all(s.seconds > 0 for s in shape.prefill + shape.decode)
+    assert shape.decode_step_batches == []  # no CUDA graphs on a CPU: a step runs at its own batch
     assert engine.request_ids == [] and engine.free_blocks == engine.total_blocks
 
 
@@ -114,3 +117,21 @@ def test_an_overlapping_engine_is_timed_in_steady_state_and_left_empty(llama_dir
     plain = profile_engine(Engine.load(llama_dir, num_blocks=128, overlap_decode=False), prefill_lengths=[8],
                            prefill_batches=[1], decode_batches=[1], contexts=[16], repeats=1)
     assert not plain.shapes[0].overlapped_decode
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_graph_replaying_engine_writes_the_batches_its_steps_are_padded_to(tmp_path):
+    from disagg_runtime.engine.gpu import CAPTURE_SIZES
+    from disagg_runtime.models.testing import write_random_model
+
+    model = write_random_model(tmp_path, arch="llama", seed=3, num_hidden_layers=2, hidden_size=256,
+                               intermediate_size=512, num_attention_heads=2, num_key_value_heads=1)
+    engine = Engine.load(model, device="cuda", num_blocks=512)
+    profile = profile_engine(engine, prefill_lengths=[16], prefill_batches=[1], decode_batches=[1, 40],
+                             contexts=[32], repeats=1)
+    shape = profile.shapes[0]
+    assert shape.decode_step_batches == list(CAPTURE_SIZES)
+    fitted = LatencyModel.from_profile(profile, GPUSpec(name=profile.gpu, memory_gib=80, peak_tflops=100,
+                                                        hbm_gbps=1000), 100.0)
+    assert fitted.decode_fits[(1, 1)].bases[-1][0] == 48  # the batch-40 steps ran in the 48 graph

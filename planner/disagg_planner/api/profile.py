@@ -18,8 +18,9 @@ from pydantic import Field, field_validator
 from .base import ApiModel
 from .model import ModelSpec
 
-# 2: the optional `served` section; 3: its optional decodeByBatch table (older files load unchanged)
-PROFILE_VERSION = 3
+# 2: the optional `served` section; 3: its optional decodeByBatch table; 4: decodeStepBatches (older files
+# load unchanged)
+PROFILE_VERSION = 4
 
 ServedMode = Literal["colocated", "disaggregated"]
 
@@ -76,6 +77,17 @@ class ShapeProfile(ApiModel):
         default=False, description="The engine launches each decode step before the host has read the one "
         "before (overlapped scheduling). What runs after a decode step is then chosen when that step starts, "
         "so a prompt arriving during a decode step waits one more step before its prefill.")
+    decode_step_batches: list[int] = Field(
+        default_factory=list, description="The batch sizes the engine runs a decode step at (its CUDA-graph "
+        "sizes): a step of B sequences runs at the smallest one >= B, its padding rows streaming the weights "
+        "with the rest but attending to nothing. Past the largest, and when empty, a step runs at its own size.")
+
+    @field_validator("decode_step_batches")
+    @classmethod
+    def _increasing(cls, sizes: list[int]) -> list[int]:
+        if any(b < 1 for b in sizes) or any(b >= c for b, c in itertools.pairwise(sizes)):
+            raise ValueError(f"decodeStepBatches must be positive and strictly increasing, got {sizes}")
+        return sizes
 
 
 class ServedProbe(ApiModel):

@@ -85,12 +85,19 @@ def nnls(matrix: np.ndarray, target: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class DecodeFit(LinearFit):
     """decode(step) = base(batch) + c·Σcontext; `bases` are (batch, seconds at no context) at the profiled
-    batch sizes, non-decreasing in the batch."""
+    batch sizes, non-decreasing in the batch. With `step_batches` (the engine's CUDA-graph sizes,
+    `ShapeProfile.decode_step_batches`) a step's base is that of the size it is padded to."""
 
     bases: tuple[tuple[int, float], ...] = ()
+    step_batches: tuple[int, ...] = ()
+
+    def padded(self, batch: float) -> float:
+        """The batch a step of `batch` sequences runs at: the smallest step batch >= it, else itself."""
+        return padded_batch(self.step_batches, batch)
 
     def base(self, batch: float) -> float:
         """Seconds of a decode step of `batch` sequences, before its context term."""
+        batch = self.padded(batch)
         pts = self.bases
         if len(pts) < 2:
             return self.a + self.b * batch
@@ -173,10 +180,21 @@ def fit_prefill(samples: Sequence[PrefillSample], what: str) -> LinearFit:
     )
 
 
-def fit_decode(samples: Sequence[DecodeSample], what: str) -> DecodeFit:
+def padded_batch(step_batches: Sequence[int], batch: float) -> float:
+    """The smallest of `step_batches` (increasing) that holds `batch`; `batch` itself past the largest."""
+    i = bisect.bisect_left(step_batches, batch)
+    return step_batches[i] if i < len(step_batches) else batch
+
+
+def fit_decode(samples: Sequence[DecodeSample], what: str, step_batches: Sequence[int] = ()) -> DecodeFit:
     """The decode line (which picks the outliers and serves a one-batch profile), then each profiled batch's
-    own base with a shared context term refitted, the bases made non-decreasing in the batch."""
-    batch = np.asarray([s.batch_size for s in samples], dtype=float)
+    own base with a shared context term refitted, the bases made non-decreasing in the batch.
+
+    A sample is keyed by the batch its step ran at (`padded_batch`): a step of 40 sequences on an engine
+    with graphs at 32 and 48 measured the base of 48.
+    """
+    steps = tuple(step_batches)
+    batch = np.asarray([padded_batch(steps, s.batch_size) for s in samples], dtype=float)
     context = np.asarray([s.sum_context for s in samples], dtype=float)
     t = np.asarray([s.seconds for s in samples], dtype=float)
     line, keep = _fit_linear(batch, context, t, what)
@@ -193,6 +211,6 @@ def fit_decode(samples: Sequence[DecodeSample], what: str) -> DecodeFit:
         sol = np.array([float(np.median((t - per_context * context)[keep & (batch == b)])) for b in sizes] + [0.0])
     bases = np.maximum.accumulate(np.maximum(sol[:-1], 0.0)).tolist()
     fit = DecodeFit(line.a, line.b, per_context, line.rms_relative_error, line.outliers,
-                    tuple(zip(sizes, bases, strict=True)))
+                    tuple(zip(sizes, bases, strict=True)), steps)
     rel = [(fit(b, c) - s) / s for b, c, s in zip(batch[keep], context[keep], t[keep], strict=True)]
     return replace(fit, rms_relative_error=float(np.sqrt(np.mean(np.square(rel)))))

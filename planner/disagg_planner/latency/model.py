@@ -112,7 +112,7 @@ class LatencyModel:
             if shape.prefill:
                 prefill[key] = fit_prefill(shape.prefill, f"{where} prefill")
             if shape.decode:
-                decode[key] = fit_decode(shape.decode, f"{where} decode")
+                decode[key] = fit_decode(shape.decode, f"{where} decode", shape.decode_step_batches)
         if not prefill or not decode:
             missing = "prefill" if not prefill else "decode"
             raise ProfileError(f"profile has no {missing} samples in any shape; the planner needs both phases")
