@@ -60,6 +60,7 @@ from pvm_steps import PrefillCounter, step_accounting, steps_text
 RESULTS = Path(__file__).parent / "results"
 MEM_UTIL = 0.9
 TARGET = 0.9
+LOAD_FACTOR = 0.8  # the served profiler's loaded probe, as a share of the bare engine's predicted goodput
 CHATBOT_MEANS = (763, 176)  # DistServe's ShareGPT trace (context 2048)
 ONE = sim.PhaseShape(1, 1, 1)
 
@@ -155,16 +156,17 @@ def adjusted(prof: LatencyProfile, *, scale: float = 1.0) -> LatencyProfile:
 
 def profile_served_path(prof: LatencyProfile, model_dir: Path, modes: list[str], worker_args: list[str],
                         devices: dict[str, str], affinity: dict[str, set[int]], inputs: LengthHistogram,
-                        outputs: LengthHistogram) -> LatencyProfile:
+                        outputs: LengthHistogram, load_rate: float) -> LatencyProfile:
     """The profile with each mode's served-path overheads, measured by the profiler's served mode at the
-    workload's lengths and the profile's decode batches, on deployments started as the sweep's are."""
+    workload's lengths and the profile's decode batches, on deployments started as the sweep's are; the
+    colocated one also under a Poisson load at `load_rate` (its own seed, not one of the sweep's traces)."""
     from disagg_runtime.served_profiler import ServedProbePlan, profile_served
 
     mean_in = round(inputs.mean)
     # Powers of two: the served overhead is host work per row, smooth in the batch (interpolated between).
     batches = sorted({s.batch_size for s in prof.shapes[0].decode if s.batch_size & (s.batch_size - 1) == 0})
     plan = ServedProbePlan(prompt_tokens=[mean_in, max(1, mean_in // 4)], output_tokens=round(outputs.mean),
-                           decode_batches=batches)
+                           decode_batches=batches, load_rate=load_rate)
     return profile_served(model_dir, prof, modes, plan, worker_args=worker_args, role_args=role_devices(devices),
                           cpu_affinity=affinity, log=lambda msg: print(msg, flush=True))
 
@@ -381,9 +383,11 @@ def print_table(doc: dict) -> None:
         handoff = f", KV hand-off +{o['kv_handoff_s'] * 1e3:.2f} ms" if o.get("kv_handoff_s") is not None else ""
         by_batch = [DecodeOverheadPoint.model_validate(p) for p in o.get("decode_by_batch") or []]
         table = f" ({decode_by_batch_text(by_batch)})" if by_batch else ""
+        behind = (f", prefill behind decode {o['prefill_behind_decode_s'] * 1e3:+.2f} ms"
+                  if o.get("prefill_behind_decode_s") is not None else "")
         console.print(f"{mode}: served-path overhead in the profile: prefill +{o['prefill_s'] * 1e3:.2f} ms/request, "
                       f"decode step +{o['decode_step_s'] * 1e3:.2f} ms + {o['decode_per_seq_s'] * 1e3:.3f} ms/sequence"
-                      f"{table}{handoff}; max |gap| {summ['max_abs_gap_pts']:.1f} pts")
+                      f"{table}{behind}{handoff}; max |gap| {summ['max_abs_gap_pts']:.1f} pts")
 
 
 def kv_link(prof: LatencyProfile) -> float:
@@ -460,7 +464,10 @@ def main() -> None:
     prefill_one = engine.prefill_time(1, 1, [round(inputs.mean)])
     decode_one = engine.decode_time(1, 1, 1, round(inputs.mean + outputs.mean / 2))
     slo = (args.ttft_factor * prefill_one, args.tpot_factor * decode_one)
-    prof = profile_served_path(prof, model_dir, args.modes, worker_args_of(args), devices, affinity, inputs, outputs)
+    # The loaded probe runs below the knee the bare engine predicts: busy, but not a queue that only grows.
+    load_rate = LOAD_FACTOR * predicted_goodput("colocated", engine, spec, slo, args.budget, 1e3, n=args.num_requests)
+    prof = profile_served_path(prof, model_dir, args.modes, worker_args_of(args), devices, affinity, inputs, outputs,
+                               load_rate)
     latency = {m: model_for(prof, gpu, m) for m in args.modes}
     link_gbps = kv_link(prof)
     # Bisected on traces as long as the replayed ones: a short trace builds less queue, so a 600-request

@@ -42,6 +42,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="output tokens of every probe request (default 64)")
     served.add_argument("--served-singles", type=_positive, default=6,
                         help="back-to-back single requests per prompt length (default 6)")
+    served.add_argument("--served-load-rate", type=_positive_float, metavar="REQ_PER_S",
+                        help="colocated: also replay a Poisson load at this rate (req/s, at the probe lengths) with "
+                        "the worker tracing its steps, for the prefills launched behind a decode step and the "
+                        "decode steps as they run under load (a rate below the knee: busy, no growing queue)")
+    served.add_argument("--served-load-requests", type=_positive, default=300, metavar="N",
+                        help="requests of the loaded probe (default 300)")
     served.add_argument("--cpu-affinity", type=_cpu_affinity, metavar="NAME=CORES,...",
                         help="pin the served processes to cores, e.g. prefill=0,decode=1 (as disagg serve --local)")
     parser.set_defaults(run=run)
@@ -52,6 +58,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -137,7 +150,8 @@ def _served_plan(args: argparse.Namespace, engine):
         raise ValueError(f"one probe of {lengths[0]} + {out} tokens needs {per_seq} KV blocks, the cache has "
                          f"{engine.total_blocks}; give --num-blocks or shorter --served-prompt-tokens")
     return ServedProbePlan(prompt_tokens=lengths, output_tokens=out, decode_batches=batches,
-                           singles=args.served_singles)
+                           singles=args.served_singles, load_rate=args.served_load_rate,
+                           load_requests=args.served_load_requests)
 
 
 def _profile_served(args: argparse.Namespace, profile, plan, log, skipped: list[str]):

@@ -16,6 +16,10 @@ step:
   line (on an H200 ~0 up to 32 sequences, then 0.13/0.25/0.86 ms at 64/128/256), and a line fitted to
   mostly small batches under-charges the large ones 3-5x. The line
   `decode_step_s + decode_per_seq_s·B` is still fitted (`robust_line`), as the table's summary;
+- under load (colocated, `ServedProbePlan.load_rate`): a Poisson trace at the workload's lengths, with the
+  worker tracing its steps (served_load.py). Its steady decode steps replace the bursts' point at each
+  probed batch they reach (`decode_loaded`), and the busy stretches give `prefill_behind_decode_s`: what
+  each prefill launched beside decodes added to the engine's busy time beyond its engine prefill;
 - KV hand-off (disaggregated): the singles' gap from the first to the second token, less the served
   decode step (the engine's step of one sequence plus the table's overhead at batch 1), fitted as fixed + per-token over prompts of two lengths: the fixed part is `kv_handoff_s`,
   the per-token part the link bandwidth the pulls saw.
@@ -24,7 +28,10 @@ step:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import statistics
+import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +43,10 @@ from disagg_planner.workloads import SimRequest
 
 from .benchclient.client import RequestRecord, run_trace
 from .serve.local import LocalCluster
+from .served_load import LoadedSteps, loaded_steps, poisson_trace
+from .workers.step_trace import read_steps
+
+MIN_LOADED_SAMPLES = 10  # loaded steps (or prefills) a point needs: a median of fewer is one spike away
 
 
 class ServedProfileError(RuntimeError):
@@ -54,8 +65,13 @@ class ServedProbePlan:
     decode_batches: Sequence[int]
     singles: int = 6
     bursts: int = 2
+    load_rate: float | None = None  # colocated: req/s of the loaded probe (None: no loaded probe)
+    load_requests: int = 300
 
     def __post_init__(self) -> None:
+        if self.load_rate is not None and (self.load_rate <= 0 or self.load_requests < 1):
+            raise ValueError(f"a loaded probe needs load_rate > 0 and load_requests >= 1, got {self.load_rate} "
+                             f"and {self.load_requests}")
         if not self.prompt_tokens or min(self.prompt_tokens) < 1:
             raise ValueError(f"prompt_tokens needs at least one length >= 1, got {list(self.prompt_tokens)}")
         if self.output_tokens < 4:
@@ -178,6 +194,58 @@ async def _bursts(url: str, engine: _EngineTimes, plan: ServedProbePlan, probes:
                                           engine_seconds=engine.decode_s(together, context)))
 
 
+async def _loaded(url: str, plan: ServedProbePlan, trace_dir: Path, timeout: float) -> LoadedSteps:
+    """A Poisson trace at `plan.load_rate`; the steps the worker traced while it ran."""
+    assert plan.load_rate is not None
+    trace = poisson_trace(plan.load_rate, plan.load_requests, plan.prompt_tokens[0], plan.output_tokens, seed=30_000)
+    began = time.time()
+    _ok(await _send(url, trace, seed=30_000, timeout=timeout), "loaded")
+    return loaded_steps(s for s in read_steps(trace_dir) if s.start >= began)
+
+
+def _loaded_decode(engine: _EngineTimes, batches: Sequence[int], loaded: LoadedSteps,
+                   tokens: int) -> list[ServedProbe]:
+    """Per probed batch B, the loaded decode steps of more than the next smaller probed batch and at most B
+    sequences, as their median difference from the engine's step at their own batch and context."""
+    bins: dict[int, list[tuple[float, float]]] = {}
+    for period in loaded.periods:
+        at = bisect.bisect_left(batches, period.batch)
+        if at < len(batches):
+            model = engine.decode(period.batch, period.context)
+            bins.setdefault(batches[at], []).append((period.seconds - model, model))
+    out = []
+    for batch, pairs in sorted(bins.items()):
+        if len(pairs) >= MIN_LOADED_SAMPLES:
+            model = statistics.median(m for _, m in pairs)
+            out.append(ServedProbe(kind="decode_loaded", batch_size=batch, tokens=tokens, samples=len(pairs),
+                                   measured_seconds=max(0.0, model + statistics.median(d for d, _ in pairs)),
+                                   engine_seconds=model))
+    return out
+
+
+def _behind_decode(engine: _EngineTimes, overhead: ServedOverhead, loaded: LoadedSteps) -> ServedProbe | None:
+    """What each loaded prefill launched beside decodes added to the engine's busy time beyond its engine
+    prefill: the busy stretches' time less their decode calls at the served step and their prefills at the
+    engine fit, over those prefills (a stretch's opening prefill, from idle, is charged but not counted)."""
+    left, prefill_s, counted, prompts, tokens = 0.0, 0.0, 0, [], []
+    for st in loaded.stretches:
+        left += st.seconds - sum(engine.decode(b, c) + overhead.decode_overhead_s(b) for b, c in st.decodes)
+        for i, (batch, n, sum_sq) in enumerate(st.prefills):
+            fit = engine.prefill(n, sum_sq)
+            left -= fit
+            if i or not st.from_idle:
+                prefill_s += fit
+                counted += 1
+                prompts.append(batch)
+                tokens.append(n / batch)
+    if counted < MIN_LOADED_SAMPLES:
+        return None
+    mean = prefill_s / counted
+    return ServedProbe(kind="prefill_behind_decode", batch_size=max(1, round(statistics.median(prompts))),
+                       tokens=max(1, round(statistics.median(tokens))), samples=counted,
+                       measured_seconds=max(0.0, mean + left / counted), engine_seconds=mean)
+
+
 def robust_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """(a, b) >= 0 of a + b·x through the points, robust to a point thrown off by another job's load spike:
     Siegel's repeated median (per point, the median slope to the others; their median), then the median
@@ -234,20 +302,30 @@ def _nonneg_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
 
 
 def overhead_from_probes(probes: Sequence[ServedProbe], first_gaps: dict[int, list[float]], mode: ServedMode,
-                         engine: _EngineTimes, kv_bytes_per_token: float) -> ServedOverhead:
-    """The section's values from its probes (see the module doc)."""
+                         engine: _EngineTimes, kv_bytes_per_token: float,
+                         loaded: LoadedSteps | None = None) -> ServedOverhead:
+    """The section's values from its probes and, colocated, the loaded trace's steps (see the module doc)."""
     prefill = [p for p in probes if p.kind == "prefill"]
-    decode = sorted((p for p in probes if p.kind == "decode"), key=lambda p: p.batch_size)
-    if not prefill or not decode:
-        raise ServedProfileError(f"need prefill and decode probes, got {len(prefill)} and {len(decode)}")
+    bursts = sorted((p for p in probes if p.kind == "decode"), key=lambda p: p.batch_size)
+    if not prefill or not bursts:
+        raise ServedProfileError(f"need prefill and decode probes, got {len(prefill)} and {len(bursts)}")
     main = prefill[0]
     prefill_s = max(0.0, main.measured_seconds - main.engine_seconds)
+    extra: list[ServedProbe] = []
+    if loaded is not None:
+        extra += _loaded_decode(engine, sorted({p.batch_size for p in bursts}), loaded, main.tokens)
+    # Where the load reached a probed batch, its steps are what serving sees there; bursts elsewhere.
+    under_load = {p.batch_size for p in extra}
+    decode = [p for p in bursts if p.batch_size not in under_load] + extra
+    decode.sort(key=lambda p: p.batch_size)
     batches = [p.batch_size for p in decode]
     differences = [p.measured_seconds - p.engine_seconds for p in decode]
     step_s, per_seq_s = robust_line(batches, differences)
     decode_only = ServedOverhead(decode_step_s=step_s, decode_per_seq_s=per_seq_s,
                                  decode_by_batch=decode_table(batches, differences))
-    extra: list[ServedProbe] = []
+    behind = _behind_decode(engine, decode_only, loaded) if loaded is not None else None
+    if behind is not None:
+        extra.append(behind)
     kv_handoff_s = kv_link_gbps = None
     if mode == "disaggregated":
         lengths, rests = [], []
@@ -262,9 +340,10 @@ def overhead_from_probes(probes: Sequence[ServedProbe], first_gaps: dict[int, li
         if len(set(lengths)) >= 2:
             kv_handoff_s, per_token = _nonneg_line(lengths, rests)
             kv_link_gbps = kv_bytes_per_token / per_token / 1e9 if per_token > 0 else None
+    behind_s = None if behind is None else float(np.clip(behind.measured_seconds - behind.engine_seconds, -1.0, 1.0))
     return ServedOverhead(prefill_s=prefill_s, decode_step_s=step_s, decode_per_seq_s=per_seq_s,
-                          decode_by_batch=decode_only.decode_by_batch, kv_handoff_s=kv_handoff_s,
-                          kv_link_gbps=kv_link_gbps, probes=[*probes, *extra])
+                          decode_by_batch=decode_only.decode_by_batch, prefill_behind_decode_s=behind_s,
+                          kv_handoff_s=kv_handoff_s, kv_link_gbps=kv_link_gbps, probes=[*probes, *extra])
 
 
 def decode_by_batch_text(table: Sequence[DecodeOverheadPoint]) -> str:
@@ -277,21 +356,36 @@ def decode_by_batch_text(table: Sequence[DecodeOverheadPoint]) -> str:
 
 async def probe_served(url: str, engine_profile: LatencyProfile, mode: ServedMode, plan: ServedProbePlan, *,
                        timeout: float = 900.0, log: Callable[[str], None] | None = None,
-                       skipped: list[str] | None = None) -> ServedOverhead:
-    """Probe the served path at `url` (a router in `mode`) and return its overheads over `engine_profile`."""
+                       skipped: list[str] | None = None, step_trace: Path | None = None) -> ServedOverhead:
+    """Probe the served path at `url` (a router in `mode`) and return its overheads over `engine_profile`.
+
+    With `plan.load_rate`, colocated, also the loaded probe; `step_trace` is the directory its worker traces
+    its steps into (`disagg serve --step-trace`).
+    """
     say = log or (lambda _msg: None)
     engine = _EngineTimes.of(engine_profile)
     probes = _Probes()
     notes = skipped if skipped is not None else []
     await _singles(url, engine, plan, probes, timeout)
     await _bursts(url, engine, plan, probes, timeout, notes)
+    loaded = None
+    if mode == "colocated" and plan.load_rate is not None:
+        if step_trace is None:
+            raise ValueError("a loaded probe reads the worker's step trace: pass the directory it writes to")
+        loaded = await _loaded(url, plan, step_trace, timeout)
+        beside = sum(len(st.prefills) - st.from_idle for st in loaded.stretches)
+        if beside < MIN_LOADED_SAMPLES:
+            notes.append(f"prefill behind decode: {beside} prefills launched beside decodes at {plan.load_rate:g} "
+                         f"req/s, {MIN_LOADED_SAMPLES} needed; raise the load rate or requests")
     served = overhead_from_probes(probes.entries, probes.first_gaps, mode, engine,
-                                  engine_profile.model.kv_bytes_per_token)
+                                  engine_profile.model.kv_bytes_per_token, loaded)
     for p in served.probes:
         say(f"served {mode} {p.kind:>10} batch {p.batch_size:>4} x {p.tokens:>5} tokens: measured "
             f"{p.measured_seconds * 1e3:9.2f} ms, engine {p.engine_seconds * 1e3:9.2f} ms")
     say(f"served {mode}: prefill +{served.prefill_s * 1e3:.2f} ms/request, decode step +{served.decode_step_s * 1e3:.2f}"
         f" ms + {served.decode_per_seq_s * 1e3:.3f} ms/sequence ({decode_by_batch_text(served.decode_by_batch)})"
+        + (f", prefill behind decode {served.prefill_behind_decode_s * 1e3:+.2f} ms"
+           if served.prefill_behind_decode_s is not None else "")
         + (f", KV hand-off +{served.kv_handoff_s * 1e3:.2f} ms" if served.kv_handoff_s is not None else ""))
     return served
 
@@ -305,10 +399,13 @@ def profile_served(model_dir: Path, engine_profile: LatencyProfile, modes: Seque
     (router + workers as child processes, exactly what the pods run) of `model_dir`."""
     served = dict(engine_profile.served)
     for mode in modes:
-        cluster = LocalCluster(model_dir=model_dir, port=0, colocated_workers=1 if mode == "colocated" else 0,
-                               worker_args=list(worker_args), role_args=dict(role_args or {}),
-                               cpu_affinity=dict(cpu_affinity or {}), startup_timeout_s=startup_timeout_s)
-        with cluster:
-            served[mode] = asyncio.run(probe_served(cluster.url, engine_profile, mode, plan, log=log,
-                                                    skipped=skipped))
+        with tempfile.TemporaryDirectory(prefix="disagg-served-steps-") as steps:
+            traced = mode == "colocated" and plan.load_rate is not None
+            cluster = LocalCluster(model_dir=model_dir, port=0, colocated_workers=1 if mode == "colocated" else 0,
+                                   worker_args=[*worker_args, *(["--step-trace", steps] if traced else [])],
+                                   role_args=dict(role_args or {}), cpu_affinity=dict(cpu_affinity or {}),
+                                   startup_timeout_s=startup_timeout_s)
+            with cluster:
+                served[mode] = asyncio.run(probe_served(cluster.url, engine_profile, mode, plan, log=log,
+                                                        skipped=skipped, step_trace=Path(steps) if traced else None))
     return engine_profile.model_copy(update={"served": served})

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 import torch
-from disagg_planner.api import GPUSpec, LatencyProfile
-from disagg_planner.latency import LatencyModel
+from disagg_planner.api import LatencyProfile
+from disagg_planner.latency.fit import fit_decode
 from disagg_runtime.engine import Engine
 from disagg_runtime.profiler import profile_engine, run_profile
 
@@ -132,6 +132,5 @@ def test_a_graph_replaying_engine_writes_the_batches_its_steps_are_padded_to(tmp
                              contexts=[32], repeats=1)
     shape = profile.shapes[0]
     assert shape.decode_step_batches == list(CAPTURE_SIZES)
-    fitted = LatencyModel.from_profile(profile, GPUSpec(name=profile.gpu, memory_gib=80, peak_tflops=100,
-                                                        hbm_gbps=1000), 100.0)
-    assert fitted.decode_fits[(1, 1)].bases[-1][0] == 48  # the batch-40 steps ran in the 48 graph
+    fit = fit_decode(shape.decode, "decode", shape.decode_step_batches)
+    assert [b for b, _ in fit.bases] == [1, 48]  # the batch-40 steps ran in the 48 graph

@@ -26,7 +26,8 @@ def test_served_overheads_appear_in_a_profile_written_on_cpu(llama_dir, tmp_path
     out = tmp_path / "served.json"
     args = _parser().parse_args(["profile", str(llama_dir), "--out", str(out), "--repeats", "1", "--num-blocks", "256",
                                  "--served", "colocated", "disaggregated", "--served-prompt-tokens", "24", "48",
-                                 "--served-output-tokens", "24", "--served-singles", "2"])
+                                 "--served-output-tokens", "24", "--served-singles", "2", "--served-load-rate", "25",
+                                 "--served-load-requests", "60"])
     assert args.run(args) == 0, capsys.readouterr().err
     profile = LatencyProfile.load(out)
     assert set(profile.served) == {"colocated", "disaggregated"}
@@ -46,6 +47,15 @@ def test_served_overheads_appear_in_a_profile_written_on_cpu(llama_dir, tmp_path
         assert [p.batch_size for p in table] == sorted(set(decode)), mode
         assert [p.seconds for p in table] == sorted(p.seconds for p in table), mode
     assert profile.served["colocated"].kv_handoff_s is None
+    # Colocated, the loaded probe: prefills launched beside decodes, and where its steps reached a probed
+    # batch, that point of the table is theirs. Disaggregated workers run no such load.
+    colocated = profile.served["colocated"]
+    behind = [p for p in colocated.probes if p.kind == "prefill_behind_decode"]
+    assert len(behind) == 1 and behind[0].samples >= 10 and behind[0].tokens in range(22, 27)
+    assert colocated.prefill_behind_decode_s == pytest.approx(behind[0].measured_seconds - behind[0].engine_seconds)
+    assert any(p.kind == "decode_loaded" for p in colocated.probes)
+    assert profile.served["disaggregated"].prefill_behind_decode_s is None
+    assert not {p.kind for p in profile.served["disaggregated"].probes} & {"decode_loaded", "prefill_behind_decode"}
     handoffs = {p.tokens for p in profile.served["disaggregated"].probes if p.kind == "kv_handoff"}
     assert handoffs == {24, 48} and profile.served["disaggregated"].kv_handoff_s is not None
     # The planner reads them: every step of the served model is at least the engine's.

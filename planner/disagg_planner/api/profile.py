@@ -97,10 +97,15 @@ class ServedProbe(ApiModel):
     `decode`: the inter-token gap while `batch_size` requests decode together against one engine decode
     step of that batch; `kv_handoff`: the gap from the first to the second token of a disaggregated single,
     less the served decode step (the pull, its handshakes and the router's hop to the decode worker).
-    Values are medians over `samples` measurements.
+    Under a Poisson load of the colocated worker (its step trace; disagg_runtime.served_load):
+    `decode_loaded`: decode steps of up to `batch_size` sequences (down to the next probed batch) against
+    the engine's step at their batch and context; `prefill_behind_decode`: what prefills launched while
+    decodes ran held the decoders for beyond the decode step in flight, against the engine prefill of the
+    same prompts (`batch_size`, `tokens`: the median prefill's prompts and their length).
+    Values are medians over `samples` measurements (of the differences, for the loaded kinds).
     """
 
-    kind: Literal["prefill", "decode", "kv_handoff"]
+    kind: Literal["prefill", "decode", "kv_handoff", "decode_loaded", "prefill_behind_decode"]
     batch_size: int = Field(ge=1)
     tokens: int = Field(ge=1, description="Prompt tokens of each request.")
     samples: int = Field(ge=1)
@@ -121,7 +126,8 @@ class ServedOverhead(ApiModel):
     The latency model adds each part where it is paid: a decode step of B sequences takes
     `decode_overhead_s(B)` longer (as DistServe's simulator adds its fixed per-step Ray overhead): the
     decodeByBatch table where there is one, else decodeStepS + B·decodePerSeqS; each request's tokens reach
-    its client prefillS later (TTFT and end-to-end time, not the engine's steps); a disaggregated request
+    its client prefillS later (TTFT and end-to-end time, not the engine's steps); a colocated prefill
+    launched while decodes run takes prefillBehindDecodeS longer (or shorter); a disaggregated request
     starts decoding kvHandoffS later than its KV transfer alone would allow.
     """
 
@@ -140,6 +146,11 @@ class ServedOverhead(ApiModel):
         "large batch (on an H200: ~0 up to 32 sequences, then 0.13/0.25/0.86 ms at 64/128/256), which a "
         "line fitted through mostly small batches under-charges by 3-5x there. Empty (older profiles): "
         "decodeStepS + B·decodePerSeqS, which stays written as a summary either way.")
+    prefill_behind_decode_s: float | None = Field(
+        default=None, ge=-1.0, le=1.0, description="Colocated: what a prefill launched while decodes run adds to "
+        "the step time the engine profile gives it, measured under load (decode_loaded and "
+        "prefill_behind_decode probes). Negative where part of the profiled time, the host work timed from "
+        "idle, hides behind the decode step in flight (an overlapped engine). None: not measured.")
     kv_handoff_s: float | None = Field(default=None, ge=0, description="Disaggregated: fixed cost of each "
                                        "request's KV hand-off (hop to the decode worker, pull handshakes, import), "
                                        "beyond the bytes over the link.")

@@ -153,6 +153,12 @@ class LatencyModel:
         return self.served.prefill_s if self.served is not None else 0.0
 
     @property
+    def prefill_behind_decode_s(self) -> float:
+        """Seconds a colocated prefill launched while decodes run takes beyond its profiled time (negative:
+        less, its host work hidden behind the decode step in flight); 0 unprofiled."""
+        return (self.served.prefill_behind_decode_s or 0.0) if self.served is not None else 0.0
+
+    @property
     def kv_handoff_s(self) -> float:
         """Fixed seconds a disaggregated request's KV hand-off adds before it can decode (0 unprofiled)."""
         return (self.served.kv_handoff_s or 0.0) if self.served is not None else 0.0

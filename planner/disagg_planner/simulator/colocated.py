@@ -14,7 +14,9 @@ launches each step when the step before ends, so what follows a step is chosen f
 when that step started: a prompt arriving during a decode round is prefilled one round later than a
 synchronous engine would. The colocated worker overlaps its prefills the same way (their first tokens stay
 on the device for the next decode round to gather), so a prompt arriving during a prefill waits for the
-decode round launched behind it, when one runs.
+decode round launched behind it, when one runs. A prefill launched while decodes run takes the served
+profile's `prefillBehindDecodeS` more (its host work, timed from idle in the engine profile, partly hides
+behind the decode step in flight, so on a GPU it is a credit), measured under load by the served profiler.
 
 With pp > 1 a prefill batch crosses the stages alone (no overlap with decode micro-batches), and decode
 rounds are micro-batched over the stages as in the disaggregated decode instances.
@@ -82,9 +84,14 @@ class _Replica:
         self.costs = preemption_costs(latency, self.tp, self.pp, self.link, cfg.kv)
         self.overlapped = latency.overlaps_decode(self.tp, self.pp)
 
-    def prefill_step(self, tokens: int, batch: int, sum_sq: int) -> float:
+    def prefill_step(self, tokens: int, batch: int, sum_sq: int, behind_decode: bool) -> float:
         stage = self.latency.prefill_stage_time(self.tp, self.pp, batch, tokens, sum_sq)
-        return LatencyModel.pipeline_latency(stage, self.pp, tokens * self.hidden_bytes, self.link)
+        step = LatencyModel.pipeline_latency(stage, self.pp, tokens * self.hidden_bytes, self.link)
+        if behind_decode:
+            # What serving adds to (or hides of) a prefill launched while decodes run; never more than half
+            # of it hidden: the device time, most of a prefill at the lengths probed, cannot be.
+            step = max(step + self.latency.prefill_behind_decode_s, 0.5 * step)
+        return step
 
     def run(self, mine: list[int]) -> OnDemandBatch:
         """Simulate the requests `mine` (arrival order); returns the replica's final batch state."""
@@ -118,7 +125,7 @@ class _Replica:
                     blocks += ledger.blocks(inputs[j])
                 ledger.take(blocks)
                 start = t
-                t += self.prefill_step(tokens, len(members), sum_sq)
+                t += self.prefill_step(tokens, len(members), sum_sq, behind_decode=bool(kv.batch))
                 # Overlapped, the host chose what follows when it launched the prefill; else it waited for it.
                 seen = start if self.overlapped else t
                 for j in members:
