@@ -104,6 +104,35 @@ def test_an_overlapped_decode_instance_starts_a_landed_request_one_round_later()
     assert over.e2e - plain.e2e == pytest.approx(one_round, rel=0.05)
 
 
+def _served(latency: LatencyModel, behind_decode_s: float) -> LatencyModel:
+    """`latency` with a served profile whose prefills beside decodes take `behind_decode_s` more."""
+    from disagg_planner.api import ServedOverhead
+
+    m = copy.copy(latency)
+    m.served = ServedOverhead(prefill_behind_decode_s=behind_decode_s)
+    return m
+
+
+def test_a_prefill_beside_decodes_takes_the_served_credit_and_one_from_idle_does_not() -> None:
+    decoding, arriving = SimRequest(0.0, 100, 1000), SimRequest(1.0, 100, 1)
+    credit = 0.2 * LAT.prefill_time(1, 1, [100])
+    base = simulate_colocated(ONE, LAT, [decoding, arriving]).results
+    served = simulate_colocated(ONE, _served(LAT, -credit), [decoding, arriving]).results
+    assert served[0].ttft == pytest.approx(base[0].ttft)  # the first prefill runs from idle: as profiled
+    assert served[1].ttft == pytest.approx(base[1].ttft - credit, rel=1e-3)  # the second beside a decode
+    assert served[0].e2e == pytest.approx(base[0].e2e - credit, rel=1e-3)  # and the decoder waits that less
+    slower = simulate_colocated(ONE, _served(LAT, credit), [decoding, arriving]).results
+    assert slower[1].ttft == pytest.approx(base[1].ttft + credit, rel=1e-3)
+
+
+def test_no_served_credit_hides_more_than_half_a_prefill() -> None:
+    decoding, arriving = SimRequest(0.0, 100, 1000), SimRequest(1.0, 100, 1)
+    prefill = LAT.prefill_time(1, 1, [100])
+    base = simulate_colocated(ONE, LAT, [decoding, arriving]).results[1]
+    capped = simulate_colocated(ONE, _served(LAT, -10 * prefill), [decoding, arriving]).results[1]
+    assert capped.ttft == pytest.approx(base.ttft - prefill / 2, rel=1e-3)
+
+
 def test_kv_memory_bounds_the_running_batch() -> None:
     cfg = ColocatedConfig(PhaseShape(1, 1, 1), mem_util=0.4)
     burst = [SimRequest(0.0, 1000, 1000) for _ in range(40)]

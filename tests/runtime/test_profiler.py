@@ -129,7 +129,7 @@ def test_a_graph_replaying_engine_writes_the_batches_its_steps_are_padded_to(tmp
                                intermediate_size=512, num_attention_heads=2, num_key_value_heads=1)
     engine = Engine.load(model, device="cuda", num_blocks=512)
     profile = profile_engine(engine, prefill_lengths=[16], prefill_batches=[1], decode_batches=[1, 40],
-                             contexts=[32], repeats=1)
+                             contexts=[32, 64], repeats=2)
     shape = profile.shapes[0]
     assert shape.decode_step_batches == list(CAPTURE_SIZES)
     fit = fit_decode(shape.decode, "decode", shape.decode_step_batches)
