@@ -55,6 +55,7 @@ from disagg_runtime.serve.affinity import parse_cpu_affinity
 from disagg_runtime.serve.local import LocalCluster
 from disagg_runtime.served_profiler import decode_by_batch_text
 from disagg_runtime.workers.step_trace import read_steps
+from pvm_dump import dump_requests
 from pvm_steps import PrefillCounter, step_accounting, steps_text
 
 RESULTS = Path(__file__).parent / "results"
@@ -156,17 +157,18 @@ def adjusted(prof: LatencyProfile, *, scale: float = 1.0) -> LatencyProfile:
 
 def profile_served_path(prof: LatencyProfile, model_dir: Path, modes: list[str], worker_args: list[str],
                         devices: dict[str, str], affinity: dict[str, set[int]], inputs: LengthHistogram,
-                        outputs: LengthHistogram, load_rate: float) -> LatencyProfile:
+                        outputs: LengthHistogram, load_rate: float, load_requests: int) -> LatencyProfile:
     """The profile with each mode's served-path overheads, measured by the profiler's served mode at the
     workload's lengths and the profile's decode batches, on deployments started as the sweep's are; the
-    colocated one also under a Poisson load at `load_rate` (its own seed, not one of the sweep's traces)."""
+    colocated one also under a Poisson load of `load_requests` at `load_rate` (its own seed, not one of the
+    sweep's traces)."""
     from disagg_runtime.served_profiler import ServedProbePlan, profile_served
 
     mean_in = round(inputs.mean)
     # Powers of two: the served overhead is host work per row, smooth in the batch (interpolated between).
     batches = sorted({s.batch_size for s in prof.shapes[0].decode if s.batch_size & (s.batch_size - 1) == 0})
     plan = ServedProbePlan(prompt_tokens=[mean_in, max(1, mean_in // 4)], output_tokens=round(outputs.mean),
-                           decode_batches=batches, load_rate=load_rate)
+                           decode_batches=batches, load_rate=load_rate, load_requests=load_requests)
     return profile_served(model_dir, prof, modes, plan, worker_args=worker_args, role_args=role_devices(devices),
                           cpu_affinity=affinity, log=lambda msg: print(msg, flush=True))
 
@@ -323,22 +325,6 @@ def run_mode(mode: str, args, model_dir: Path, prof: LatencyProfile, latency: La
             "kv_link_gbps": link_gbps if mode == "disaggregated" else None, "points": points}
 
 
-def dump_requests(path: Path, trace: list[SimRequest], records: list[RequestRecord], predicted: sim.SimResult) -> None:
-    """Per request of one rate: its trace entry, what the client measured and what the simulation predicted
-    (in the trace's order), to see which requests a prediction misses."""
-    by_index = {r.index: r for r in records}
-    rows = []
-    for i, (req, ttft, tpot) in enumerate(zip(trace, predicted.ttfts, predicted.tpots, strict=True)):
-        rec = by_index.get(i)
-        ok = rec is not None and rec.ok
-        rows.append({"arrival": req.arrival, "input": req.input_len, "output": req.output_len,
-                     "ttft": rec.ttft if ok else None, "tpot": rec.tpot if ok else None,
-                     "first": rec.first_token if ok else None, "last": rec.last_token if ok else None,
-                     "predicted_ttft": float(ttft), "predicted_tpot": float(tpot)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows) + "\n")
-
-
 def summary_of(modes: dict[str, dict], goodput: dict[str, float]) -> dict:
     """The top-level `summary`: per mode, the worst gap and the per-point figures it comes from."""
     out = {}
@@ -467,7 +453,7 @@ def main() -> None:
     # The loaded probe runs below the knee the bare engine predicts: busy, but not a queue that only grows.
     load_rate = LOAD_FACTOR * predicted_goodput("colocated", engine, spec, slo, args.budget, 1e3, n=args.num_requests)
     prof = profile_served_path(prof, model_dir, args.modes, worker_args_of(args), devices, affinity, inputs, outputs,
-                               load_rate)
+                               load_rate, max(20, args.num_requests // 2))
     latency = {m: model_for(prof, gpu, m) for m in args.modes}
     link_gbps = kv_link(prof)
     # Bisected on traces as long as the replayed ones: a short trace builds less queue, so a 600-request

@@ -194,10 +194,9 @@ async def _bursts(url: str, engine: _EngineTimes, plan: ServedProbePlan, probes:
                                           engine_seconds=engine.decode_s(together, context)))
 
 
-async def _loaded(url: str, plan: ServedProbePlan, trace_dir: Path, timeout: float) -> LoadedSteps:
-    """A Poisson trace at `plan.load_rate`; the steps the worker traced while it ran."""
-    assert plan.load_rate is not None
-    trace = poisson_trace(plan.load_rate, plan.load_requests, plan.prompt_tokens[0], plan.output_tokens, seed=30_000)
+async def _loaded(url: str, rate: float, plan: ServedProbePlan, trace_dir: Path, timeout: float) -> LoadedSteps:
+    """A Poisson trace at `rate`; the steps the worker traced while it ran."""
+    trace = poisson_trace(rate, plan.load_requests, plan.prompt_tokens[0], plan.output_tokens, seed=30_000)
     began = time.time()
     _ok(await _send(url, trace, seed=30_000, timeout=timeout), "loaded")
     return loaded_steps(s for s in read_steps(trace_dir) if s.start >= began)
@@ -372,7 +371,7 @@ async def probe_served(url: str, engine_profile: LatencyProfile, mode: ServedMod
     if mode == "colocated" and plan.load_rate is not None:
         if step_trace is None:
             raise ValueError("a loaded probe reads the worker's step trace: pass the directory it writes to")
-        loaded = await _loaded(url, plan, step_trace, timeout)
+        loaded = await _loaded(url, plan.load_rate, plan, step_trace, timeout)
         beside = sum(len(st.prefills) - st.from_idle for st in loaded.stretches)
         if beside < MIN_LOADED_SAMPLES:
             notes.append(f"prefill behind decode: {beside} prefills launched beside decodes at {plan.load_rate:g} "
