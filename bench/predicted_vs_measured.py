@@ -157,7 +157,7 @@ def adjusted(prof: LatencyProfile, *, scale: float = 1.0) -> LatencyProfile:
 
 def profile_served_path(prof: LatencyProfile, model_dir: Path, modes: list[str], worker_args: list[str],
                         devices: dict[str, str], affinity: dict[str, set[int]], inputs: LengthHistogram,
-                        outputs: LengthHistogram, load_rate: float, load_requests: int) -> LatencyProfile:
+                        outputs: LengthHistogram, load_rate: float | None, load_requests: int) -> LatencyProfile:
     """The profile with each mode's served-path overheads, measured by the profiler's served mode at the
     workload's lengths and the profile's decode batches, on deployments started as the sweep's are; the
     colocated one also under a Poisson load of `load_requests` at `load_rate` (its own seed, not one of the
@@ -451,7 +451,8 @@ def main() -> None:
     decode_one = engine.decode_time(1, 1, 1, round(inputs.mean + outputs.mean / 2))
     slo = (args.ttft_factor * prefill_one, args.tpot_factor * decode_one)
     # The loaded probe runs below the knee the bare engine predicts: busy, but not a queue that only grows.
-    load_rate = LOAD_FACTOR * predicted_goodput("colocated", engine, spec, slo, args.budget, 1e3, n=args.num_requests)
+    load_rate = (LOAD_FACTOR * predicted_goodput("colocated", engine, spec, slo, args.budget, 1e3, n=args.num_requests)
+                 if "colocated" in args.modes else None)
     prof = profile_served_path(prof, model_dir, args.modes, worker_args_of(args), devices, affinity, inputs, outputs,
                                load_rate, max(20, args.num_requests // 2))
     latency = {m: model_for(prof, gpu, m) for m in args.modes}

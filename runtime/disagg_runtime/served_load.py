@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
-from disagg_planner.workloads import SimRequest
+from disagg_planner.api import LengthHistogram, WorkloadSpec
+from disagg_planner.workloads import SimRequest, sample_requests
 
 from .workers.step_trace import StepRecord
 
@@ -93,12 +93,11 @@ def poisson_trace(rate: float, requests: int, prompt_tokens: int, output_tokens:
     batch then holds contexts spread as a workload's are, which a burst's do not)."""
     if rate <= 0 or requests < 1:
         raise ValueError(f"a load needs a positive rate and at least one request, got {rate} req/s x {requests}")
-    rng = np.random.default_rng(seed)
-    arrivals = np.cumsum(rng.exponential(1.0 / rate, requests))
 
-    def around(n: int) -> np.ndarray:
+    def around(n: int) -> LengthHistogram:
         half = max(0, round(spread * n))
-        return rng.integers(max(1, n - half), n + half + 1, requests)
+        return LengthHistogram(edges=[max(1, n - half), n + half + 1], counts=[1.0])
 
-    return [SimRequest(float(t), int(i), int(o))
-            for t, i, o in zip(arrivals, around(prompt_tokens), around(output_tokens), strict=True)]
+    spec = WorkloadSpec(rate=1.0, dataset=None, input_lengths=around(prompt_tokens),
+                        output_lengths=around(output_tokens))
+    return sample_requests(spec, rate, requests, seed)

@@ -33,6 +33,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -398,13 +399,13 @@ def profile_served(model_dir: Path, engine_profile: LatencyProfile, modes: Seque
     (router + workers as child processes, exactly what the pods run) of `model_dir`."""
     served = dict(engine_profile.served)
     for mode in modes:
-        with tempfile.TemporaryDirectory(prefix="disagg-served-steps-") as steps:
-            traced = mode == "colocated" and plan.load_rate is not None
+        traced = mode == "colocated" and plan.load_rate is not None
+        with tempfile.TemporaryDirectory(prefix="disagg-served-steps-") if traced else nullcontext() as steps:
+            trace = ["--step-trace", steps] if steps else []
             cluster = LocalCluster(model_dir=model_dir, port=0, colocated_workers=1 if mode == "colocated" else 0,
-                                   worker_args=[*worker_args, *(["--step-trace", steps] if traced else [])],
-                                   role_args=dict(role_args or {}), cpu_affinity=dict(cpu_affinity or {}),
-                                   startup_timeout_s=startup_timeout_s)
+                                   worker_args=[*worker_args, *trace], role_args=dict(role_args or {}),
+                                   cpu_affinity=dict(cpu_affinity or {}), startup_timeout_s=startup_timeout_s)
             with cluster:
                 served[mode] = asyncio.run(probe_served(cluster.url, engine_profile, mode, plan, log=log,
-                                                        skipped=skipped, step_trace=Path(steps) if traced else None))
+                                                        skipped=skipped, step_trace=Path(steps) if steps else None))
     return engine_profile.model_copy(update={"served": served})

@@ -91,13 +91,9 @@ class DecodeFit(LinearFit):
     bases: tuple[tuple[int, float], ...] = ()
     step_batches: tuple[int, ...] = ()
 
-    def padded(self, batch: float) -> float:
-        """The batch a step of `batch` sequences runs at: the smallest step batch >= it, else itself."""
-        return padded_batch(self.step_batches, batch)
-
     def base(self, batch: float) -> float:
         """Seconds of a decode step of `batch` sequences, before its context term."""
-        batch = self.padded(batch)
+        batch = padded_batch(self.step_batches, batch)
         pts = self.bases
         if len(pts) < 2:
             return self.a + self.b * batch
