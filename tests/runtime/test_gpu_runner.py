@@ -208,7 +208,8 @@ def test_preemption_on_the_fused_graph_path(tmp_path):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("lengths,context", [([5], 512), ([32], 512), ([7, 90, 33], 512), ([200, 180, 132], 512),
-                                            ([30] * 17, 512), ([600], 1024),
+                                            ([30] * 17, 512), ([600], 1024), ([700, 500, 300], 2048),
+                                            ([2100], 4096),  # past the largest bucket: eager
                                             ([100, 120, 90], 128)])  # a context under the largest bucket
 def test_prefill_graphs_match_the_eager_prefill_and_write_only_the_prompts_slots(tmp_path, lengths, context):
     engine = Engine.load(write_random_model(tmp_path, arch="llama", seed=8, max_position_embeddings=context,
@@ -216,7 +217,9 @@ def test_prefill_graphs_match_the_eager_prefill_and_write_only_the_prompts_slots
     runner, bs = engine.gpu_runner, engine.block_size
     graphs = runner.prefill_graphs
     assert graphs is not None
-    assert graphs.fits(sum(lengths), len(lengths)) == (sum(lengths) <= 512 and len(lengths) <= 16)
+    assert graphs.fits(sum(lengths), len(lengths)) == (sum(lengths) <= 2048 and len(lengths) <= 16)
+    # A prefill whose KV streams out layer by layer replays only up to 512 tokens.
+    assert graphs.fits(sum(lengths), len(lengths), streamed=True) == (sum(lengths) <= 512 and len(lengths) <= 16)
     prompts = [r.prompt_ids for r in _requests(lengths, seed=len(lengths))]
     tables, slots, start = [], [], 1  # block 0 stays unused: nothing may be written there
     for p in prompts:

@@ -7,11 +7,19 @@ for decode, each bucket in `PREFILL_GRAPH_TOKENS` is captured once over static i
 packed prompts fit a bucket (at most `PREFILL_GRAPH_SEQS` prompts) pads to it and replays. Padding rows
 attend to nothing (they are in no prompt of `cu_seqlens`), store nothing (slot -1) and every other kernel
 is row-wise, so they cannot reach a real row; padding prompts have length 0. Up to a few hundred tokens
-a prefill costs about one read of the weights whatever its token count; at 512 the at most 31 padding
-tokens add up to 6% of the work. Longer prefills run eager: their launches hide behind the GPU work.
+a prefill costs about one read of the weights whatever its token count; from 512 on the padding (at most
+31 tokens to 1024, 63 to 2048) is at most 6%, then 3%, of the work.
 
-A graph runs no per-layer hook, so a prefill-only request's KV is staged after the forward
-(`KVExporter._finish`), not layer by layer; for a prompt this short the whole forward takes a few ms.
+Past 512 tokens an eager prefill's launches mostly hide behind its GPU work, but not all of it: on an H200
+a chatbot-sized prompt (763 tokens) of an 8B model took 2.2-2.5 ms longer started from an idle engine than
+launched behind another prefill (the device waiting on the host at the start, and the tail), and in a
+served colocated worker the engine thread launches them while the event loop competes for the interpreter.
+So buckets go on to 2048 tokens; longer prefills run eager.
+
+A graph runs no per-layer hook, so a prefill-only request's KV would be staged after the forward
+(`KVExporter._finish`), not layer by layer. A prefill whose KV streams out (`streamed`) therefore replays a
+graph only up to `STREAMED_GRAPH_TOKENS`, where the whole forward takes a few ms; past it, it runs eager and
+each layer's KV leaves as soon as it is computed.
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ from ..attention import StepLayout
 from .capture import capture
 from .fused_llama import FusedLlama
 
-# Every 32 tokens up to 512 (vLLM stops capturing at 512 tokens by default too): at most 31 padding tokens.
-PREFILL_GRAPH_TOKENS = tuple(range(32, 513, 32))
+# Every 32 tokens up to 1024, then every 64 up to 2048: at most 31 or 63 padding tokens.
+PREFILL_GRAPH_TOKENS = tuple(range(32, 1025, 32)) + tuple(range(1088, 2049, 64))
 PREFILL_GRAPH_SEQS = 16
+# The longest prefill replayed when its KV streams out layer by layer (see the module doc).
+STREAMED_GRAPH_TOKENS = 512
 
 
 def pack_prefill_inputs(host: np.ndarray, offsets: tuple[int, ...], tokens: list[int], positions: list[int],
@@ -96,9 +106,11 @@ class PrefillGraphs:
     def _bucket(self, tokens: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, tokens)]
 
-    def fits(self, num_tokens: int, num_seqs: int) -> bool:
-        """Whether a prefill of this many packed tokens and prompts has a graph."""
-        return 0 < num_tokens <= self.buckets[-1] and num_seqs <= self.max_seqs
+    def fits(self, num_tokens: int, num_seqs: int, *, streamed: bool = False) -> bool:
+        """Whether a prefill of this many packed tokens and prompts replays a graph; `streamed`: its KV
+        leaves layer by layer, which only an eager prefill does past `STREAMED_GRAPH_TOKENS`."""
+        limit = min(self.buckets[-1], STREAMED_GRAPH_TOKENS) if streamed else self.buckets[-1]
+        return 0 < num_tokens <= limit and num_seqs <= self.max_seqs
 
     def run(self, tokens: list[int], positions: list[int], layout: StepLayout, rows: list[int]) -> torch.Tensor:
         """Float32 logits [len(rows), vocab] of a prefill that `fits` (whole prompts, no cached prefix)."""

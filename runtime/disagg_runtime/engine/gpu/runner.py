@@ -4,8 +4,9 @@ A decode step of an 8B model on an H100 is ~5 ms of weight streaming split over 
 one by one from Python the launches alone take longer than the GPU work. So each decode batch size in
 `CAPTURE_SIZES` is captured once as a CUDA graph over static input buffers; a step pads its batch to
 the next captured size (padding rows: slot -1 stores nothing, context 0 attends to nothing), copies its
-inputs into the buffers with one host-to-device copy, and replays. Prefills of up to 512 tokens replay
-graphs too (prefill_graphs.py); longer ones run eager, where the launches hide behind the GPU work.
+inputs into the buffers with one host-to-device copy, and replays. Prefills of up to 2048 tokens replay
+graphs too (up to 512 when their KV streams out layer by layer; prefill_graphs.py); longer ones run eager,
+where the launches hide behind the GPU work.
 
 Overlapped decoding (engine/overlap.py) launches a step before the one before it has run, so the host
 side of every asynchronous copy is double-buffered: the buffer a step fills is never one whose copy may
@@ -184,8 +185,9 @@ class GpuStepRunner:
         if layout.context_lens != layout.seq_lens:
             raise ValueError("the GPU runner prefills whole prompts only (no cached prefix)")
         # A graph has one logits row per prompt slot: a caller asking for more rows runs eager.
+        streamed = self.fused.after_prefill_layer is not None  # a prefill-only request's KV, layer by layer
         if self.prefill_graphs is not None and self.prefill_graphs.fits(len(tokens), max(len(layout.seq_lens),
-                                                                                         len(rows))):
+                                                                                         len(rows)), streamed=streamed):
             return self.prefill_graphs.run(tokens, positions, layout, rows)
         n, r, s = len(tokens), len(rows), len(layout.seq_lens)
         # One host buffer, one copy: four pageable copies each left the GPU idle for 0.1-0.5 ms before the
