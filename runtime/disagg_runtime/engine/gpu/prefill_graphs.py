@@ -1,7 +1,7 @@
 """Short prefills replayed from CUDA graphs at bucketed token counts.
 
 A prefill of a few hundred tokens is bound by its ~330 launches, not by the GPU: on an H200 an 8B model's
-prefill took 14-15 ms at 128-512 tokens (bench/results/engine_h200.json's profile), against ~4-12 ms of
+prefill took 14-15 ms at 128-512 tokens (bench/results/engine_h200-profile.json), against ~4-12 ms of
 kernels, because the host spends ~40 us launching each cuBLAS call and ~20 us each Triton kernel. So, as
 for decode, each bucket in `PREFILL_GRAPH_TOKENS` is captured once over static inputs, and a prefill whose
 packed prompts fit a bucket (at most `PREFILL_GRAPH_SEQS` prompts) pads to it and replays. Padding rows
@@ -10,11 +10,12 @@ is row-wise, so they cannot reach a real row; padding prompts have length 0. Up 
 a prefill costs about one read of the weights whatever its token count; from 512 on the padding (at most
 31 tokens to 1024, 63 to 2048) is at most 6%, then 3%, of the work.
 
-Past 512 tokens an eager prefill's launches mostly hide behind its GPU work, but not all of it: on an H200
-a chatbot-sized prompt (763 tokens) of an 8B model took 2.2-2.5 ms longer started from an idle engine than
-launched behind another prefill (the device waiting on the host at the start, and the tail), and in a
-served colocated worker the engine thread launches them while the event loop competes for the interpreter.
-So buckets go on to 2048 tokens; longer prefills run eager.
+Past 512 tokens an eager prefill's launches mostly hide behind its GPU work from an idle engine, but not in
+a served colocated worker under load: its engine thread launches them while the event loop competes for
+the interpreter. Traced there, 700-800-token prefills of an 8B model on an H200 took 11-33 ms (10th-90th
+percentile) just to launch, where the whole prefill from an idle engine takes ~20 ms; the slow ones left
+the device idle (bench/NOTES-gpu.md section 10). So buckets go on to 2048 tokens; longer prefills run eager, their GPU work outlasting the
+launches even on a contended host.
 
 A graph runs no per-layer hook, so a prefill-only request's KV would be staged after the forward
 (`KVExporter._finish`), not layer by layer. A prefill whose KV streams out (`streamed`) therefore replays a
