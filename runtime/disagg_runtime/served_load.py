@@ -53,6 +53,11 @@ class BusyStretch:
     prefills: list[tuple[int, int, int]]  # (prompts, tokens, Σ squared prompt lengths) of each prefill
     from_idle: bool  # it opens with a prefill that no decode step ran beside
 
+    @property
+    def beside_decodes(self) -> list[tuple[int, int, int]]:
+        """The prefills launched while decodes ran: all but an opening prefill from idle."""
+        return self.prefills[1:] if self.from_idle else self.prefills
+
 
 @dataclass(frozen=True)
 class LoadedSteps:

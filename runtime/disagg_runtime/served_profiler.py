@@ -230,14 +230,12 @@ def _behind_decode(engine: _EngineTimes, overhead: ServedOverhead, loaded: Loade
     left, prefill_s, counted, prompts, tokens = 0.0, 0.0, 0, [], []
     for st in loaded.stretches:
         left += st.seconds - sum(engine.decode(b, c) + overhead.decode_overhead_s(b) for b, c in st.decodes)
-        for i, (batch, n, sum_sq) in enumerate(st.prefills):
-            fit = engine.prefill(n, sum_sq)
-            left -= fit
-            if i or not st.from_idle:
-                prefill_s += fit
-                counted += 1
-                prompts.append(batch)
-                tokens.append(n / batch)
+        left -= sum(engine.prefill(n, sum_sq) for _, n, sum_sq in st.prefills)
+        for batch, n, sum_sq in st.beside_decodes:
+            prefill_s += engine.prefill(n, sum_sq)
+            counted += 1
+            prompts.append(batch)
+            tokens.append(n / batch)
     if counted < MIN_LOADED_SAMPLES:
         return None
     mean = prefill_s / counted
@@ -373,7 +371,7 @@ async def probe_served(url: str, engine_profile: LatencyProfile, mode: ServedMod
         if step_trace is None:
             raise ValueError("a loaded probe reads the worker's step trace: pass the directory it writes to")
         loaded = await _loaded(url, plan.load_rate, plan, step_trace, timeout)
-        beside = sum(len(st.prefills) - st.from_idle for st in loaded.stretches)
+        beside = sum(len(st.beside_decodes) for st in loaded.stretches)
         if beside < MIN_LOADED_SAMPLES:
             notes.append(f"prefill behind decode: {beside} prefills launched beside decodes at {plan.load_rate:g} "
                          f"req/s, {MIN_LOADED_SAMPLES} needed; raise the load rate or requests")
